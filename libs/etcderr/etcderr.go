@@ -1,0 +1,86 @@
+// Package etcderr holds the errors kvmesh answers with, each with etcd's gRPC code and
+// etcd's exact message: clients such as clientv3 recognise errors by their message text
+// (go.etcd.io/etcd/api/v3/v3rpc/rpctypes), so these strings are part of the API.
+package etcderr
+
+import (
+	"context"
+	"errors"
+
+	"connectrpc.com/connect"
+)
+
+// Error is an etcd API error: a code and a fixed message.
+type Error struct {
+	code connect.Code
+	msg  string
+}
+
+func newError(code connect.Code, msg string) *Error { return &Error{code: code, msg: msg} }
+
+func (e *Error) Error() string { return e.msg }
+
+// Code is the gRPC/Connect status code clients see.
+func (e *Error) Code() connect.Code { return e.code }
+
+// The errors of etcd's rpctypes package that kvmesh answers with.
+var (
+	ErrEmptyKey          = newError(connect.CodeInvalidArgument, "etcdserver: key is not provided")
+	ErrKeyNotFound       = newError(connect.CodeInvalidArgument, "etcdserver: key not found")
+	ErrValueProvided     = newError(connect.CodeInvalidArgument, "etcdserver: value is provided")
+	ErrLeaseProvided     = newError(connect.CodeInvalidArgument, "etcdserver: lease is provided")
+	ErrTooManyOps        = newError(connect.CodeInvalidArgument, "etcdserver: too many operations in txn request")
+	ErrDuplicateKey      = newError(connect.CodeInvalidArgument, "etcdserver: duplicate key given in txn request")
+	ErrInvalidSortOption = newError(connect.CodeInvalidArgument, "etcdserver: invalid sort option")
+	ErrCompacted         = newError(connect.CodeOutOfRange, "etcdserver: mvcc: required revision has been compacted")
+	ErrFutureRev         = newError(connect.CodeOutOfRange, "etcdserver: mvcc: required revision is a future revision")
+	ErrNoSpace           = newError(connect.CodeResourceExhausted, "etcdserver: mvcc: database space exceeded")
+
+	ErrLeaseNotFound    = newError(connect.CodeNotFound, "etcdserver: requested lease not found")
+	ErrLeaseExist       = newError(connect.CodeFailedPrecondition, "etcdserver: lease already exists")
+	ErrLeaseTTLTooLarge = newError(connect.CodeOutOfRange, "etcdserver: too large lease TTL")
+
+	ErrMemberNotFound = newError(connect.CodeNotFound, "etcdserver: member not found")
+
+	ErrRequestTooLarge        = newError(connect.CodeInvalidArgument, "etcdserver: request is too large")
+	ErrRequestTooManyRequests = newError(connect.CodeResourceExhausted, "etcdserver: too many requests")
+
+	ErrNoLeader                   = newError(connect.CodeUnavailable, "etcdserver: no leader")
+	ErrNotLeader                  = newError(connect.CodeFailedPrecondition, "etcdserver: not leader")
+	ErrLeaderChanged              = newError(connect.CodeUnavailable, "etcdserver: leader changed")
+	ErrStopped                    = newError(connect.CodeUnavailable, "etcdserver: server stopped")
+	ErrTimeout                    = newError(connect.CodeUnavailable, "etcdserver: request timed out")
+	ErrTimeoutDueToLeaderFail     = newError(connect.CodeUnavailable, "etcdserver: request timed out, possibly due to previous leader failure")
+	ErrTimeoutDueToConnectionLost = newError(connect.CodeUnavailable, "etcdserver: request timed out, possibly due to connection lost")
+	ErrTimeoutWaitAppliedIndex    = newError(connect.CodeUnavailable, "etcdserver: request timed out, waiting for the applied index took too long")
+	ErrUnhealthy                  = newError(connect.CodeUnavailable, "etcdserver: unhealthy cluster")
+	ErrNotSupportedForLearner     = newError(connect.CodeFailedPrecondition, "etcdserver: rpc not supported for learner")
+
+	ErrCanceled         = newError(connect.CodeCanceled, "etcdserver: request canceled")
+	ErrDeadlineExceeded = newError(connect.CodeDeadlineExceeded, "etcdserver: context deadline exceeded")
+)
+
+// ToConnect turns any error into the *connect.Error a handler returns: etcd errors
+// keep their code and message, context errors become etcd's canceled/deadline errors,
+// errors that already carry a Connect code (for example from an internal call) keep
+// it, and anything else is Unknown, as gRPC reports unexpected errors.
+func ToConnect(err error) error {
+	if err == nil {
+		return nil
+	}
+	var ee *Error
+	var ce *connect.Error
+	switch {
+	case errors.As(err, &ee):
+		return connect.NewError(ee.code, errors.New(ee.msg))
+	case errors.As(err, &ce):
+		// Re-create rather than forward, so an upstream response's metadata never
+		// leaks into ours.
+		return connect.NewError(ce.Code(), errors.New(ce.Message()))
+	case errors.Is(err, context.Canceled):
+		return connect.NewError(ErrCanceled.code, errors.New(ErrCanceled.msg))
+	case errors.Is(err, context.DeadlineExceeded):
+		return connect.NewError(ErrDeadlineExceeded.code, errors.New(ErrDeadlineExceeded.msg))
+	}
+	return connect.NewError(connect.CodeUnknown, err)
+}

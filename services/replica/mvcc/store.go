@@ -1,0 +1,272 @@
+// Package mvcc is the replica's state machine: etcd's multi-version key-value store
+// kept in Pebble. Every write request gets the next revision; every version of every key
+// stays readable until it is compacted.
+//
+// Writes happen only on the apply goroutine, through a Writer over a Pebble batch that
+// the caller commits together with the Raft applied index. Reads run concurrently on
+// Pebble iterators, which are point-in-time views: the current and compacted revisions
+// are stored in the same batches as the data, so an iterator always sees a revision
+// together with exactly the data of that revision, without any lock.
+package mvcc
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+
+	"github.com/cockroachdb/pebble/v2"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+)
+
+// Leases tells the store whether a lease exists, for puts that attach one.
+type Leases interface {
+	Exists(id int64) bool
+}
+
+// NoLeases is the lease table of a store that has no lease service: every lease is
+// unknown, so a put with a lease fails as etcd fails for an unknown lease.
+type NoLeases struct{}
+
+// Exists implements Leases.
+func (NoLeases) Exists(int64) bool { return false }
+
+// Store is the MVCC key-value store.
+type Store struct {
+	db     *pebble.DB
+	log    *slog.Logger
+	leases Leases
+
+	rev        atomic.Int64 // committed current revision
+	compactRev atomic.Int64 // scheduled compaction revision, -1 when never compacted
+
+	compactc    chan int64
+	compactMu   sync.Mutex
+	compacted   int64         // finished compaction revision
+	compactDone chan struct{} // closed and replaced whenever compacted advances
+	stop        chan struct{}
+	stopped     chan struct{}
+}
+
+// Open loads the store kept in db and resumes an interrupted compaction.
+func Open(db *pebble.DB, leases Leases, log *slog.Logger) (*Store, error) {
+	s := &Store{
+		db: db, log: log, leases: leases,
+		compactc:    make(chan int64, 64),
+		compactDone: make(chan struct{}),
+		stop:        make(chan struct{}),
+		stopped:     make(chan struct{}),
+	}
+	rev, err := getInt(db, metaRevKey, 1)
+	if err != nil {
+		return nil, err
+	}
+	compact, err := getInt(db, metaCompactKey, -1)
+	if err != nil {
+		return nil, err
+	}
+	if s.compacted, err = getInt(db, metaCompactedKey, 0); err != nil {
+		return nil, err
+	}
+	s.rev.Store(rev)
+	s.compactRev.Store(compact)
+	go s.compactLoop()
+	if compact > s.compacted {
+		s.log.Info("resuming interrupted compaction", "from", s.compacted, "to", compact)
+		s.compactc <- compact
+	}
+	return s, nil
+}
+
+func getInt(db *pebble.DB, key []byte, def int64) (int64, error) {
+	v, closer, err := db.Get(key)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return def, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("mvcc: read %q: %w", key, err)
+	}
+	defer closer.Close()
+	return decodeInt(v), nil
+}
+
+// Close stops the background compactor.
+func (s *Store) Close() {
+	close(s.stop)
+	<-s.stopped
+}
+
+// Rev is the current (last committed) revision.
+func (s *Store) Rev() int64 { return s.rev.Load() }
+
+// CompactRev is the revision of the last compaction, or -1.
+func (s *Store) CompactRev() int64 { return s.compactRev.Load() }
+
+// view is a point-in-time reading position: revisions and an iterator that agree.
+type view struct {
+	it         *pebble.Iterator
+	rev        int64
+	compactRev int64
+}
+
+// snapshot opens a consistent read view of the committed state.
+func (s *Store) snapshot() (*view, error) {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: spaceLower, UpperBound: spaceUpper})
+	if err != nil {
+		return nil, err
+	}
+	v := &view{it: it, rev: 1, compactRev: -1}
+	if it.SeekGE(metaRevKey) && bytes.Equal(it.Key(), metaRevKey) {
+		v.rev = decodeInt(it.Value())
+	}
+	if it.SeekGE(metaCompactKey) && bytes.Equal(it.Key(), metaCompactKey) {
+		v.compactRev = decodeInt(it.Value())
+	}
+	return v, nil
+}
+
+// Range answers a RangeRequest from the committed state.
+func (s *Store) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeResponse, error) {
+	v, err := s.snapshot()
+	if err != nil {
+		return nil, err
+	}
+	defer v.it.Close()
+	return executeRange(ctx, v.it, v.rev, v.compactRev, r)
+}
+
+// ReadTxn answers a transaction that only reads (see IsTxnReadOnly) from the
+// committed state, without a proposal.
+func (s *Store) ReadTxn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
+	v, err := s.snapshot()
+	if err != nil {
+		return nil, err
+	}
+	defer v.it.Close()
+	t := &txn{s: s, shared: v.it, beginRev: v.rev, compactRev: v.compactRev}
+	return t.txn(ctx, r)
+}
+
+// WaitCompacted blocks until the physical compaction up to rev has finished.
+func (s *Store) WaitCompacted(ctx context.Context, rev int64) error {
+	for {
+		s.compactMu.Lock()
+		done, ch := s.compacted >= rev, s.compactDone
+		s.compactMu.Unlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.stop:
+			return etcderr.ErrStopped
+		}
+	}
+}
+
+// Writer applies write requests into one Pebble batch. It belongs to the apply
+// goroutine; the caller commits the batch and then calls Store.Committed.
+type Writer struct {
+	s          *Store
+	b          *pebble.Batch
+	rev        int64
+	compactRev int64
+	compacted  bool
+}
+
+// NewWriter starts applying into b, which must be an indexed batch (writes read their
+// own earlier writes).
+func (s *Store) NewWriter(b *pebble.Batch) *Writer {
+	return &Writer{s: s, b: b, rev: s.rev.Load(), compactRev: s.compactRev.Load()}
+}
+
+// Rev is the revision after the requests applied so far.
+func (w *Writer) Rev() int64 { return w.rev }
+
+func (w *Writer) begin() *txn {
+	return &txn{s: w.s, b: w.b, beginRev: w.rev, compactRev: w.compactRev}
+}
+
+func (w *Writer) end(t *txn) {
+	if t.changes > 0 {
+		w.rev++
+	}
+}
+
+// Put applies a put request.
+func (w *Writer) Put(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, error) {
+	t := w.begin()
+	if err := t.checkPut(r); err != nil {
+		return nil, err
+	}
+	resp, err := t.put(r)
+	w.end(t)
+	return resp, err
+}
+
+// DeleteRange applies a delete request.
+func (w *Writer) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
+	t := w.begin()
+	resp, err := t.deleteRange(ctx, r)
+	w.end(t)
+	return resp, err
+}
+
+// Txn applies a transaction.
+func (w *Writer) Txn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
+	t := w.begin()
+	resp, err := t.txn(ctx, r)
+	w.end(t)
+	return resp, err
+}
+
+// Compact schedules the compaction of every version older than rev that a read at rev
+// or later cannot see. Reads below rev fail from the moment the batch is committed;
+// the data is deleted in the background (WaitCompacted waits for it).
+func (w *Writer) Compact(r *pb.CompactionRequest) (*pb.CompactionResponse, error) {
+	switch {
+	case r.GetRevision() <= w.compactRev:
+		return nil, etcderr.ErrCompacted
+	case r.GetRevision() > w.rev:
+		return nil, etcderr.ErrFutureRev
+	}
+	w.compactRev = r.GetRevision()
+	w.compacted = true
+	if err := w.b.Set(metaCompactKey, encodeInt(w.compactRev), nil); err != nil {
+		return nil, err
+	}
+	return &pb.CompactionResponse{Header: &pb.ResponseHeader{Revision: w.rev}}, nil
+}
+
+// Finish records the revision reached in the batch. Call it once, before committing.
+func (w *Writer) Finish() error {
+	return w.b.Set(metaRevKey, encodeInt(w.rev), nil)
+}
+
+// Committed publishes what a committed Writer applied.
+func (s *Store) Committed(w *Writer) {
+	s.rev.Store(w.rev)
+	if w.compacted {
+		s.compactRev.Store(w.compactRev)
+		select {
+		case s.compactc <- w.compactRev:
+		default:
+			// The compactor is behind; it always compacts to the latest scheduled
+			// revision, so it catches this one up with the next signal or the
+			// store's restart.
+			go func() {
+				select {
+				case s.compactc <- w.compactRev:
+				case <-s.stop:
+				}
+			}()
+		}
+	}
+}
