@@ -1,0 +1,130 @@
+// Package telemetry sets up what every kvmesh service emits: structured logs (slog),
+// traces (OpenTelemetry, exported over OTLP/HTTP when OTEL_EXPORTER_OTLP_ENDPOINT is
+// set) and metrics (Prometheus text format on /metrics, OpenTelemetry metrics bridged
+// into the same registry), plus the Connect interceptors that trace and measure every
+// RPC.
+package telemetry
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"strings"
+
+	"connectrpc.com/connect"
+	"connectrpc.com/otelconnect"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
+	otelprom "go.opentelemetry.io/otel/exporters/prometheus"
+	"go.opentelemetry.io/otel/propagation"
+	sdkmetric "go.opentelemetry.io/otel/sdk/metric"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	semconv "go.opentelemetry.io/otel/semconv/v1.26.0"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// Config is the telemetry configuration shared by every service (prefix KVMESH_).
+type Config struct {
+	// LogLevel is debug, info, warn or error.
+	LogLevel string `env:"LOG_LEVEL, default=info"`
+	// LogFormat is json or text.
+	LogFormat string `env:"LOG_FORMAT, default=json"`
+}
+
+// Telemetry is one process's logger, tracer provider and metrics registry.
+type Telemetry struct {
+	Log      *slog.Logger
+	Tracer   trace.TracerProvider
+	Registry *prometheus.Registry
+
+	meter    *sdkmetric.MeterProvider
+	shutdown []func(context.Context) error
+}
+
+// New sets up telemetry for the process named service. The OTLP exporter reads the
+// standard OTEL_EXPORTER_OTLP_* variables.
+func New(ctx context.Context, service string, cfg Config, logOut io.Writer) (*Telemetry, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(cfg.LogLevel)); err != nil {
+		return nil, fmt.Errorf("KVMESH_LOG_LEVEL: %q is not debug, info, warn or error", cfg.LogLevel)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	var h slog.Handler
+	switch strings.ToLower(cfg.LogFormat) {
+	case "json":
+		h = slog.NewJSONHandler(logOut, opts)
+	case "text":
+		h = slog.NewTextHandler(logOut, opts)
+	default:
+		return nil, fmt.Errorf("KVMESH_LOG_FORMAT: %q is not json or text", cfg.LogFormat)
+	}
+	t := &Telemetry{Log: slog.New(h).With("service", service), Registry: prometheus.NewRegistry()}
+	t.Registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	res := resource.NewSchemaless(semconv.ServiceName(service))
+	tpOpts := []sdktrace.TracerProviderOption{sdktrace.WithResource(res)}
+	if os.Getenv("OTEL_EXPORTER_OTLP_ENDPOINT") != "" || os.Getenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") != "" {
+		exp, err := otlptracehttp.New(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("OTEL_EXPORTER_OTLP_ENDPOINT: %w", err)
+		}
+		tpOpts = append(tpOpts, sdktrace.WithBatcher(exp))
+	}
+	tp := sdktrace.NewTracerProvider(tpOpts...)
+	t.Tracer = tp
+	t.shutdown = append(t.shutdown, tp.Shutdown)
+	otel.SetTextMapPropagator(propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{}))
+
+	exp, err := otelprom.New(otelprom.WithRegisterer(t.Registry))
+	if err != nil {
+		return nil, fmt.Errorf("metrics exporter: %w", err)
+	}
+	t.meter = sdkmetric.NewMeterProvider(sdkmetric.WithReader(exp), sdkmetric.WithResource(res))
+	t.shutdown = append(t.shutdown, t.meter.Shutdown)
+	return t, nil
+}
+
+// WithTracerProvider replaces the tracer provider, for tests with an in-memory
+// exporter.
+func (t *Telemetry) WithTracerProvider(tp trace.TracerProvider) { t.Tracer = tp }
+
+// Interceptor traces and measures RPCs. Internal links trust the caller's trace so
+// that a request is one trace from the gateway to the apply.
+func (t *Telemetry) Interceptor(internal bool) connect.Option {
+	opts := []otelconnect.Option{
+		otelconnect.WithTracerProvider(t.Tracer),
+		otelconnect.WithMeterProvider(t.meter),
+		otelconnect.WithPropagator(otel.GetTextMapPropagator()),
+	}
+	if internal {
+		opts = append(opts, otelconnect.WithTrustRemote())
+	}
+	i, err := otelconnect.NewInterceptor(opts...)
+	if err != nil {
+		// Only invalid options fail, and ours are fixed.
+		panic(fmt.Sprintf("otelconnect interceptor: %v", err))
+	}
+	return connect.WithInterceptors(i)
+}
+
+// MetricsHandler serves the registry in Prometheus text format.
+func (t *Telemetry) MetricsHandler() http.Handler {
+	return promhttp.HandlerFor(t.Registry, promhttp.HandlerOpts{Registry: t.Registry})
+}
+
+// Shutdown flushes and stops the exporters.
+func (t *Telemetry) Shutdown(ctx context.Context) error {
+	var errs []error
+	for _, f := range t.shutdown {
+		errs = append(errs, f(ctx))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,83 @@
+// Command kvmesh is the all-in-one kvmesh: one replica (a single-member Raft cluster
+// over Pebble) and a gateway serving etcd's API, in one process. It is what a new user
+// starts: `go run ./services/kvmesh` serves etcd clients on 127.0.0.1:2379.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/kvmesh/kvmesh/libs/config"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
+	"github.com/kvmesh/kvmesh/services/gateway"
+	"github.com/kvmesh/kvmesh/services/replica"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "kvmesh:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	var (
+		tcfg telemetry.Config
+		rcfg replica.Config
+		gcfg gateway.Config
+	)
+	if err := config.Load(ctx, "KVMESH_", &tcfg); err != nil {
+		return err
+	}
+	if err := config.Load(ctx, "KVMESH_REPLICA_", &rcfg); err != nil {
+		return err
+	}
+	if err := config.Load(ctx, "KVMESH_GATEWAY_", &gcfg); err != nil {
+		return err
+	}
+	tel, err := telemetry.New(ctx, "kvmesh", tcfg, os.Stderr)
+	if err != nil {
+		return err
+	}
+	defer tel.Shutdown(context.Background())
+
+	rep, err := replica.New(rcfg, tel)
+	if err != nil {
+		return err
+	}
+	if err := rep.Listen(); err != nil {
+		rep.Stop(context.Background())
+		return err
+	}
+	// The gateway reaches its replica over the internal API, as it would in the mesh.
+	gcfg.Replicas = []string{"http://" + rep.Addr()}
+	gw, err := gateway.New(gcfg, tel)
+	if err == nil {
+		err = gw.Listen()
+	}
+	if err != nil {
+		rep.Stop(context.Background())
+		return err
+	}
+	errc := make(chan error, 2)
+	go func() { errc <- rep.Serve() }()
+	go func() { errc <- gw.Serve() }()
+
+	select {
+	case <-ctx.Done():
+		tel.Log.Info("shutting down")
+	case err = <-errc:
+		tel.Log.Error("server failed", "err", err)
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return errors.Join(err, gw.Stop(sctx), rep.Stop(sctx))
+}

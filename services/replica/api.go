@@ -1,0 +1,153 @@
+package replica
+
+import (
+	"context"
+
+	"connectrpc.com/connect"
+	"go.etcd.io/raft/v3"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/services/replica/mvcc"
+)
+
+// kvService serves etcd's KV operations to gateways. It validates requests exactly as
+// etcd's gRPC layer does before anything reaches Raft.
+type kvService struct{ r *Replica }
+
+func (s *kvService) Range(ctx context.Context, req *connect.Request[pb.RangeRequest]) (*connect.Response[pb.RangeResponse], error) {
+	m := req.Msg
+	if err := checkRangeRequest(m); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	if !m.GetSerializable() {
+		if err := s.r.read.linearizable(ctx); err != nil {
+			return nil, etcderr.ToConnect(err)
+		}
+	}
+	resp, err := s.r.kv.Range(ctx, m)
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	s.r.header(resp.Header)
+	return connect.NewResponse(resp), nil
+}
+
+func (s *kvService) Put(ctx context.Context, req *connect.Request[pb.PutRequest]) (*connect.Response[pb.PutResponse], error) {
+	if err := checkPutRequest(req.Msg); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Put{Put: req.Msg}})
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	out := resp.(*pb.PutResponse)
+	s.r.header(out.Header)
+	return connect.NewResponse(out), nil
+}
+
+func (s *kvService) DeleteRange(ctx context.Context, req *connect.Request[pb.DeleteRangeRequest]) (*connect.Response[pb.DeleteRangeResponse], error) {
+	if len(req.Msg.GetKey()) == 0 {
+		return nil, etcderr.ToConnect(etcderr.ErrEmptyKey)
+	}
+	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_DeleteRange{DeleteRange: req.Msg}})
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	out := resp.(*pb.DeleteRangeResponse)
+	s.r.header(out.Header)
+	return connect.NewResponse(out), nil
+}
+
+func (s *kvService) Txn(ctx context.Context, req *connect.Request[pb.TxnRequest]) (*connect.Response[pb.TxnResponse], error) {
+	m := req.Msg
+	if err := checkTxnRequest(m, s.r.cfg.MaxTxnOps); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	if err := checkTxnIntervals(m); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	var out *pb.TxnResponse
+	if mvcc.IsTxnReadOnly(m) {
+		if !mvcc.IsTxnSerializable(m) {
+			if err := s.r.read.linearizable(ctx); err != nil {
+				return nil, etcderr.ToConnect(err)
+			}
+		}
+		resp, err := s.r.kv.ReadTxn(ctx, m)
+		if err != nil {
+			return nil, etcderr.ToConnect(err)
+		}
+		out = resp
+	} else {
+		resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Txn{Txn: m}})
+		if err != nil {
+			return nil, etcderr.ToConnect(err)
+		}
+		out = resp.(*pb.TxnResponse)
+	}
+	s.r.header(out.Header)
+	return connect.NewResponse(out), nil
+}
+
+func (s *kvService) Compact(ctx context.Context, req *connect.Request[pb.CompactionRequest]) (*connect.Response[pb.CompactionResponse], error) {
+	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Compaction{Compaction: req.Msg}})
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	if req.Msg.GetPhysical() {
+		if err := s.r.kv.WaitCompacted(ctx, req.Msg.GetRevision()); err != nil {
+			return nil, etcderr.ToConnect(err)
+		}
+	}
+	out := resp.(*pb.CompactionResponse)
+	s.r.header(out.Header)
+	return connect.NewResponse(out), nil
+}
+
+type clusterService struct{ r *Replica }
+
+func (s *clusterService) MemberList(ctx context.Context, req *connect.Request[pb.MemberListRequest]) (*connect.Response[pb.MemberListResponse], error) {
+	if req.Msg.GetLinearizable() {
+		if err := s.r.read.linearizable(ctx); err != nil {
+			return nil, etcderr.ToConnect(err)
+		}
+	}
+	resp := &pb.MemberListResponse{Header: s.r.header(&pb.ResponseHeader{Revision: s.r.kv.Rev()}), Members: s.r.members.list()}
+	return connect.NewResponse(resp), nil
+}
+
+type maintenanceService struct{ r *Replica }
+
+// serverVersion is the etcd version whose API kvmesh serves; tools compare it to
+// decide which features they may use.
+const serverVersion = "3.6.0"
+
+// defaultQuotaBytes is etcd's default backend quota, reported as dbSizeQuota.
+const defaultQuotaBytes = 2 << 30
+
+func (s *maintenanceService) Status(ctx context.Context, req *connect.Request[pb.StatusRequest]) (*connect.Response[pb.StatusResponse], error) {
+	r := s.r
+	st := r.node.Status()
+	size := int64(r.db.Metrics().DiskSpaceUsage())
+	resp := &pb.StatusResponse{
+		Header:           r.header(&pb.ResponseHeader{Revision: r.kv.Rev()}),
+		Version:          serverVersion,
+		DbSize:           size,
+		DbSizeInUse:      size,
+		Leader:           st.Lead,
+		RaftIndex:        st.GetCommit(),
+		RaftTerm:         st.GetTerm(),
+		RaftAppliedIndex: r.applied.Load(),
+		StorageVersion:   serverVersion,
+		DbSizeQuota:      defaultQuotaBytes,
+	}
+	if m := r.members.get(r.id); m != nil {
+		resp.IsLearner = m.GetIsLearner()
+	}
+	if st.Lead == raft.None {
+		resp.Errors = append(resp.Errors, etcderr.ErrNoLeader.Error())
+	}
+	return connect.NewResponse(resp), nil
+}

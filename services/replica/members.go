@@ -1,0 +1,191 @@
+package replica
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+
+	"github.com/cockroachdb/pebble/v2"
+	raftpb "go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+)
+
+var (
+	identityKey  = []byte("Aid")      // member id, cluster id
+	appliedKey   = []byte("Aapplied") // last applied raft index
+	confStateKey = []byte("Aconf")    // raft ConfState after the last applied conf change
+	memberPrefix = []byte("Am")       // + member id → etcdserverpb.Member
+)
+
+type identity struct{ member, cluster uint64 }
+
+func loadIdentity(db *pebble.DB) (*identity, error) {
+	v, closer, err := db.Get(identityKey)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer closer.Close()
+	if len(v) != 16 {
+		return nil, fmt.Errorf("corrupt identity record (%d bytes)", len(v))
+	}
+	return &identity{member: binary.BigEndian.Uint64(v), cluster: binary.BigEndian.Uint64(v[8:])}, nil
+}
+
+func saveIdentity(db *pebble.DB, id identity) error {
+	v := binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, id.member), id.cluster)
+	return db.Set(identityKey, v, pebble.Sync)
+}
+
+func loadApplied(db *pebble.DB) (uint64, error) {
+	v, closer, err := db.Get(appliedKey)
+	if errors.Is(err, pebble.ErrNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, err
+	}
+	defer closer.Close()
+	return binary.BigEndian.Uint64(v), nil
+}
+
+func saveApplied(b *pebble.Batch, index uint64) error {
+	return b.Set(appliedKey, binary.BigEndian.AppendUint64(nil, index), nil)
+}
+
+func memberKey(id uint64) []byte {
+	return binary.BigEndian.AppendUint64(append([]byte(nil), memberPrefix...), id)
+}
+
+// memberTable is the cluster's membership, changed only by applied conf changes.
+type memberTable struct {
+	mu      sync.RWMutex
+	members map[uint64]*pb.Member
+	conf    *raftpb.ConfState
+	pending map[uint64]*pb.Member // applied into the current batch, not yet committed
+	removed map[uint64]bool
+	pconf   *raftpb.ConfState
+}
+
+func loadMembers(db *pebble.DB) (*memberTable, error) {
+	t := &memberTable{members: make(map[uint64]*pb.Member), conf: &raftpb.ConfState{}}
+	upper := append([]byte(nil), memberPrefix...)
+	upper[len(upper)-1]++
+	it, err := db.NewIter(&pebble.IterOptions{LowerBound: memberPrefix, UpperBound: upper})
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		m := &pb.Member{}
+		if err := proto.Unmarshal(it.Value(), m); err != nil {
+			return nil, fmt.Errorf("decode member: %w", err)
+		}
+		t.members[m.GetID()] = m
+	}
+	if err := it.Error(); err != nil {
+		return nil, err
+	}
+	v, closer, err := db.Get(confStateKey)
+	if err == nil {
+		defer closer.Close()
+		if err := proto.Unmarshal(v, t.conf); err != nil {
+			return nil, fmt.Errorf("decode conf state: %w", err)
+		}
+	} else if !errors.Is(err, pebble.ErrNotFound) {
+		return nil, err
+	}
+	return t, nil
+}
+
+func (t *memberTable) list() []*pb.Member {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	out := make([]*pb.Member, 0, len(t.members))
+	for _, m := range t.members {
+		out = append(out, proto.Clone(m).(*pb.Member))
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].GetID() < out[j].GetID() })
+	return out
+}
+
+func (t *memberTable) get(id uint64) *pb.Member {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.members[id]
+}
+
+func (t *memberTable) confState() *raftpb.ConfState {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return proto.Clone(t.conf).(*raftpb.ConfState)
+}
+
+// committed publishes the membership changes of the batch just committed.
+func (t *memberTable) committed() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for id, m := range t.pending {
+		t.members[id] = m
+	}
+	for id := range t.removed {
+		delete(t.members, id)
+	}
+	if t.pconf != nil {
+		t.conf = t.pconf
+	}
+	t.pending, t.removed, t.pconf = nil, nil, nil
+}
+
+// applyConfChange applies a committed conf change to Raft and records the membership
+// it produces in b.
+func (r *Replica) applyConfChange(b *pebble.Batch, cc raftpb.ConfChangeI) error {
+	cs := r.node.ApplyConfChange(cc)
+	t := r.members
+	v2 := cc.AsV2()
+	for _, c := range v2.GetChanges() {
+		id := c.GetNodeId()
+		switch c.GetType() {
+		case raftpb.ConfChangeType_ConfChangeAddNode, raftpb.ConfChangeType_ConfChangeAddLearnerNode:
+			m := &pb.Member{}
+			if len(v2.GetContext()) > 0 {
+				if err := proto.Unmarshal(v2.GetContext(), m); err != nil {
+					return fmt.Errorf("decode member of conf change: %w", err)
+				}
+			}
+			m.ID = id
+			m.IsLearner = c.GetType() == raftpb.ConfChangeType_ConfChangeAddLearnerNode
+			enc, err := proto.Marshal(m)
+			if err != nil {
+				return err
+			}
+			if err := b.Set(memberKey(id), enc, nil); err != nil {
+				return err
+			}
+			if t.pending == nil {
+				t.pending = make(map[uint64]*pb.Member)
+			}
+			t.pending[id] = m
+		case raftpb.ConfChangeType_ConfChangeRemoveNode:
+			if err := b.Delete(memberKey(id), nil); err != nil {
+				return err
+			}
+			if t.removed == nil {
+				t.removed = make(map[uint64]bool)
+			}
+			t.removed[id] = true
+		}
+	}
+	enc, err := proto.Marshal(cs)
+	if err != nil {
+		return err
+	}
+	t.pconf = cs
+	return b.Set(confStateKey, enc, nil)
+}

@@ -1,0 +1,370 @@
+package replica
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"go.etcd.io/raft/v3"
+	raftpb "go.etcd.io/raft/v3/raftpb"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/services/replica/mvcc"
+)
+
+// applyWork is what the Raft loop hands to the apply loop: committed entries, in
+// order. done, when set, is closed once they are applied.
+type applyWork struct {
+	entries []*raftpb.Entry
+	done    chan struct{}
+}
+
+// raftLoop drives the Raft node in raft's documented order: persist entries and
+// HardState (one synced Pebble batch per Ready), send messages, hand committed entries
+// to the apply loop, Advance. Apply runs in its own goroutine so the next Ready's fsync
+// overlaps it; entries that change the configuration are applied before Advance.
+func (r *Replica) raftLoop() {
+	defer close(r.doneRaft)
+	defer close(r.applyc)
+	ticker := time.NewTicker(r.cfg.TickInterval)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ticker.C:
+			r.node.Tick()
+		case rd := <-r.node.Ready():
+			if rd.SoftState != nil {
+				r.setLeader(rd.SoftState.Lead)
+			}
+			if rd.HardState != nil && rd.HardState.GetTerm() != 0 {
+				r.term.Store(rd.HardState.GetTerm())
+			}
+			start := time.Now()
+			if err := r.raftLog.Save(rd.HardState, rd.Entries, rd.MustSync); err != nil {
+				// Without a durable log nothing can be acknowledged safely.
+				r.log.Error("persisting raft log failed; stopping", "err", err)
+				panic(fmt.Sprintf("raft log save: %v", err))
+			}
+			if rd.MustSync {
+				r.m.walFsync.Observe(time.Since(start).Seconds())
+			}
+			for _, rs := range rd.ReadStates {
+				r.read.deliver(rs)
+			}
+			if len(rd.CommittedEntries) > 0 {
+				w := applyWork{entries: rd.CommittedEntries}
+				if hasConfChange(rd.CommittedEntries) {
+					w.done = make(chan struct{})
+				}
+				select {
+				case r.applyc <- w:
+				case <-r.stopc:
+					return
+				}
+				if w.done != nil {
+					select {
+					case <-w.done:
+					case <-r.stopc:
+						return
+					}
+				}
+			}
+			r.node.Advance()
+		case <-r.stopc:
+			return
+		}
+	}
+}
+
+func hasConfChange(ents []*raftpb.Entry) bool {
+	for _, e := range ents {
+		if e.GetType() == raftpb.EntryType_EntryConfChange || e.GetType() == raftpb.EntryType_EntryConfChangeV2 {
+			return true
+		}
+	}
+	return false
+}
+
+func (r *Replica) setLeader(lead uint64) {
+	old := r.leader.Swap(lead)
+	if old == lead {
+		return
+	}
+	if lead != raft.None {
+		r.m.leaderChanges.Inc()
+		r.log.Info("leader changed", "leader", fmt.Sprintf("%x", lead))
+	}
+	if lead == raft.None {
+		r.m.hasLeader.Set(0)
+	} else {
+		r.m.hasLeader.Set(1)
+	}
+}
+
+// result is what applying a proposal produced.
+type result struct {
+	resp proto.Message
+	err  error
+}
+
+// waiter is a proposal waiting for its entry to be applied.
+type waiter struct {
+	ch  chan result
+	ctx context.Context // carries the proposal's trace
+	// commitSpan runs from the proposal until apply starts: the time to commit.
+	commitSpan trace.Span
+}
+
+// applyLoop applies committed entries: every entry of one Ready in one Pebble batch,
+// committed without sync together with the applied index (the Raft log is already
+// durable, and replaying from the stored applied index is idempotent).
+func (r *Replica) applyLoop() {
+	defer close(r.doneApp)
+	sinceTruncate := uint64(0)
+	for w := range r.applyc {
+		n := r.applyEntries(w.entries)
+		if w.done != nil {
+			close(w.done)
+		}
+		sinceTruncate += n
+		if sinceTruncate >= r.cfg.SnapshotCount {
+			sinceTruncate = 0
+			r.truncateLog()
+		}
+	}
+}
+
+type applied struct {
+	w   *waiter
+	res result
+}
+
+func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
+	last := ents[len(ents)-1].GetIndex()
+	if last <= r.applied.Load() {
+		return 0
+	}
+	b := r.db.NewIndexedBatch()
+	defer b.Close()
+	wr := r.kv.NewWriter(b)
+	var done []applied
+	var n uint64
+	for _, e := range ents {
+		if e.GetIndex() <= r.applied.Load() {
+			continue // replayed after a restart: already in the state machine
+		}
+		n++
+		switch e.GetType() {
+		case raftpb.EntryType_EntryNormal:
+			if len(e.GetData()) == 0 {
+				continue // a new leader's empty entry
+			}
+			req := &replicav1.RaftRequest{}
+			if err := proto.Unmarshal(e.GetData(), req); err != nil {
+				panic(fmt.Sprintf("decode raft entry %d: %v", e.GetIndex(), err))
+			}
+			w := r.takeWaiter(req.GetId())
+			// Apply never sees the client's cancellation (it must be deterministic on
+			// every member); it only joins the proposal's trace.
+			ctx := context.Background()
+			if w != nil {
+				w.commitSpan.End()
+				ctx = trace.ContextWithSpanContext(ctx, trace.SpanContextFromContext(w.ctx))
+			}
+			_, span := r.tracer.Start(ctx, "mvcc.apply", trace.WithAttributes(attribute.Int64("raft.index", int64(e.GetIndex()))))
+			res := r.applyRequest(ctx, wr, req)
+			span.End()
+			if w != nil {
+				done = append(done, applied{w: w, res: res})
+			}
+		case raftpb.EntryType_EntryConfChange:
+			var cc raftpb.ConfChange
+			if err := proto.Unmarshal(e.GetData(), &cc); err != nil {
+				panic(fmt.Sprintf("decode conf change %d: %v", e.GetIndex(), err))
+			}
+			if err := r.applyConfChange(b, &cc); err != nil {
+				panic(fmt.Sprintf("apply conf change %d: %v", e.GetIndex(), err))
+			}
+		case raftpb.EntryType_EntryConfChangeV2:
+			var cc raftpb.ConfChangeV2
+			if err := proto.Unmarshal(e.GetData(), &cc); err != nil {
+				panic(fmt.Sprintf("decode conf change %d: %v", e.GetIndex(), err))
+			}
+			if err := r.applyConfChange(b, &cc); err != nil {
+				panic(fmt.Sprintf("apply conf change %d: %v", e.GetIndex(), err))
+			}
+		}
+	}
+	if err := saveApplied(b, last); err != nil {
+		panic(fmt.Sprintf("record applied index: %v", err))
+	}
+	if err := wr.Finish(); err != nil {
+		panic(fmt.Sprintf("record revision: %v", err))
+	}
+	start := time.Now()
+	if err := b.Commit(pebble.NoSync); err != nil {
+		panic(fmt.Sprintf("commit applied batch: %v", err))
+	}
+	r.m.backendCommit.Observe(time.Since(start).Seconds())
+	r.kv.Committed(wr)
+	r.members.committed()
+	r.applied.Store(last)
+	r.m.applied.Add(float64(n))
+	r.appliedMu.Lock()
+	close(r.appliedNotify)
+	r.appliedNotify = make(chan struct{})
+	r.appliedMu.Unlock()
+	for _, d := range done {
+		d.w.ch <- d.res
+	}
+	return n
+}
+
+func (r *Replica) applyRequest(ctx context.Context, wr *mvcc.Writer, req *replicav1.RaftRequest) result {
+	var res result
+	switch op := req.GetRequest().(type) {
+	case *replicav1.RaftRequest_Put:
+		res.resp, res.err = wr.Put(ctx, op.Put)
+	case *replicav1.RaftRequest_DeleteRange:
+		res.resp, res.err = wr.DeleteRange(ctx, op.DeleteRange)
+	case *replicav1.RaftRequest_Txn:
+		res.resp, res.err = wr.Txn(ctx, op.Txn)
+	case *replicav1.RaftRequest_Compaction:
+		res.resp, res.err = wr.Compact(op.Compaction)
+	default:
+		res.err = fmt.Errorf("unknown raft request %T", op)
+	}
+	return res
+}
+
+// truncateLog drops applied entries from the log, keeping catchUpEntries for slow
+// followers. The truncation is synced, which makes the applied state it relies on
+// durable first (they share Pebble's write-ahead log).
+func (r *Replica) truncateLog() {
+	applied := r.applied.Load()
+	if applied <= catchUpEntries {
+		return
+	}
+	if err := r.raftLog.Truncate(applied-catchUpEntries, r.members.confState()); err != nil {
+		r.log.Warn("raft log truncation failed", "err", err)
+	}
+}
+
+func (r *Replica) takeWaiter(id uint64) *waiter {
+	if id == 0 {
+		return nil
+	}
+	r.waitMu.Lock()
+	defer r.waitMu.Unlock()
+	w := r.waiters[id]
+	delete(r.waiters, id)
+	return w
+}
+
+// propose replicates req through Raft and waits for the result of applying it.
+func (r *Replica) propose(ctx context.Context, req *replicav1.RaftRequest) (proto.Message, error) {
+	ctx, span := r.tracer.Start(ctx, "raft.propose")
+	defer span.End()
+	req.Id = r.nextID.Add(1)
+	data, err := proto.Marshal(req)
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > r.cfg.MaxRequestBytes {
+		return nil, etcderr.ErrRequestTooLarge
+	}
+	cctx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
+	defer cancel()
+	w := &waiter{ch: make(chan result, 1), ctx: cctx}
+	_, w.commitSpan = r.tracer.Start(ctx, "raft.commit")
+	r.waitMu.Lock()
+	r.waiters[req.Id] = w
+	r.waitMu.Unlock()
+	r.m.pending.Inc()
+	defer r.m.pending.Dec()
+
+	if err := r.node.Propose(cctx, data); err != nil {
+		r.takeWaiter(req.Id)
+		w.commitSpan.End()
+		r.m.failed.Inc()
+		return nil, r.proposeError(ctx, err)
+	}
+	select {
+	case res := <-w.ch:
+		return res.resp, res.err
+	case <-cctx.Done():
+		if r.takeWaiter(req.Id) == nil {
+			// Applied just now: the result is on its way.
+			res := <-w.ch
+			return res.resp, res.err
+		}
+		w.commitSpan.End()
+		r.m.failed.Inc()
+		return nil, r.proposeError(ctx, cctx.Err())
+	case <-r.stopc:
+		return nil, etcderr.ErrStopped
+	}
+}
+
+// proposeError maps why a proposal did not finish to etcd's error: the client's own
+// cancellation, or etcd's timeouts.
+func (r *Replica) proposeError(ctx context.Context, err error) error {
+	switch {
+	case errors.Is(ctx.Err(), context.Canceled):
+		return etcderr.ErrCanceled
+	case errors.Is(err, raft.ErrStopped):
+		return etcderr.ErrStopped
+	case r.leader.Load() == raft.None:
+		return etcderr.ErrTimeoutDueToLeaderFail
+	}
+	return etcderr.ErrTimeout
+}
+
+// waitApplied blocks until index is applied.
+func (r *Replica) waitApplied(ctx context.Context, index uint64) error {
+	for {
+		r.appliedMu.Lock()
+		ch := r.appliedNotify
+		r.appliedMu.Unlock()
+		if r.applied.Load() >= index {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-r.stopc:
+			return etcderr.ErrStopped
+		}
+	}
+}
+
+// raftLogger adapts slog to raft's Logger.
+type raftLogger struct{ l *slog.Logger }
+
+func (l *raftLogger) Debug(v ...any)                 { l.l.Debug(fmt.Sprint(v...)) }
+func (l *raftLogger) Debugf(format string, v ...any) { l.l.Debug(fmt.Sprintf(format, v...)) }
+func (l *raftLogger) Info(v ...any)                  { l.l.Info(fmt.Sprint(v...)) }
+func (l *raftLogger) Infof(format string, v ...any)  { l.l.Info(fmt.Sprintf(format, v...)) }
+func (l *raftLogger) Warning(v ...any)               { l.l.Warn(fmt.Sprint(v...)) }
+func (l *raftLogger) Warningf(format string, v ...any) {
+	l.l.Warn(fmt.Sprintf(format, v...))
+}
+func (l *raftLogger) Error(v ...any)                 { l.l.Error(fmt.Sprint(v...)) }
+func (l *raftLogger) Errorf(format string, v ...any) { l.l.Error(fmt.Sprintf(format, v...)) }
+func (l *raftLogger) Fatal(v ...any)                 { l.l.Error(fmt.Sprint(v...)); panic(fmt.Sprint(v...)) }
+func (l *raftLogger) Fatalf(format string, v ...any) {
+	l.l.Error(fmt.Sprintf(format, v...))
+	panic(fmt.Sprintf(format, v...))
+}
+func (l *raftLogger) Panic(v ...any) { panic(fmt.Sprint(v...)) }
+func (l *raftLogger) Panicf(format string, v ...any) {
+	panic(fmt.Sprintf(format, v...))
+}

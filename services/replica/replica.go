@@ -1,0 +1,334 @@
+// Package replica is kvmesh's consensus and storage role: a Raft member
+// (go.etcd.io/raft/v3) whose log and MVCC state machine live in one Pebble database,
+// serving kvmesh's internal Connect API to gateways.
+//
+// Keys in the shared Pebble database, by first byte: 'R' the Raft log (package
+// raftlog), 'A' the replica's own state (identity, applied index, members), and
+// 'c', 'i', 'm', 'r' the MVCC store (package mvcc).
+package replica
+
+import (
+	"connectrpc.com/connect"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"go.etcd.io/raft/v3"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
+	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
+	"github.com/kvmesh/kvmesh/services/replica/mvcc"
+	"github.com/kvmesh/kvmesh/services/replica/raftlog"
+)
+
+// Config is the replica's configuration, from KVMESH_REPLICA_… variables.
+type Config struct {
+	// Name is this member's human-readable name.
+	Name string `env:"NAME, default=default"`
+	// DataDir holds the Pebble database.
+	DataDir string `env:"DATA_DIR, default=kvmesh-data"`
+	// Listen is the address of the internal API (gateways, fanout).
+	Listen string `env:"LISTEN, default=127.0.0.1:2390"`
+	// PeerURLs are the URLs peers reach this member at.
+	PeerURLs []string `env:"PEER_URLS, default=http://127.0.0.1:2380"`
+	// ClientURLs are the URLs clients reach the cluster at (the gateways), as reported
+	// by MemberList.
+	ClientURLs []string `env:"CLIENT_URLS, default=http://127.0.0.1:2379"`
+	// ClusterToken makes the IDs of two clusters with the same members differ.
+	ClusterToken string `env:"CLUSTER_TOKEN, default=kvmesh-cluster"`
+	// TickInterval is the Raft tick (etcd's heartbeat interval).
+	TickInterval time.Duration `env:"TICK_INTERVAL, default=100ms"`
+	// ElectionTicks is the election timeout in ticks.
+	ElectionTicks int `env:"ELECTION_TICKS, default=10"`
+	// SnapshotCount is how many applied entries the log keeps before it is truncated.
+	SnapshotCount uint64 `env:"SNAPSHOT_COUNT, default=10000"`
+	// MaxRequestBytes is the largest request accepted (etcd's --max-request-bytes).
+	MaxRequestBytes int `env:"MAX_REQUEST_BYTES, default=1572864"`
+	// MaxTxnOps is the most operations one txn may hold (etcd's --max-txn-ops).
+	MaxTxnOps int `env:"MAX_TXN_OPS, default=128"`
+	// RequestTimeout bounds how long a proposal waits to be applied.
+	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT, default=7s"`
+}
+
+func (c *Config) validate() error {
+	switch {
+	case c.Name == "":
+		return errors.New("KVMESH_REPLICA_NAME: must not be empty")
+	case c.DataDir == "":
+		return errors.New("KVMESH_REPLICA_DATA_DIR: must not be empty")
+	case c.TickInterval <= 0:
+		return errors.New("KVMESH_REPLICA_TICK_INTERVAL: must be positive")
+	case c.ElectionTicks < 2:
+		return errors.New("KVMESH_REPLICA_ELECTION_TICKS: must be at least 2")
+	case c.MaxRequestBytes <= 0:
+		return errors.New("KVMESH_REPLICA_MAX_REQUEST_BYTES: must be positive")
+	case c.MaxTxnOps <= 0:
+		return errors.New("KVMESH_REPLICA_MAX_TXN_OPS: must be positive")
+	case c.SnapshotCount == 0:
+		return errors.New("KVMESH_REPLICA_SNAPSHOT_COUNT: must be positive")
+	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		return fmt.Errorf("KVMESH_REPLICA_LISTEN: %w", err)
+	}
+	return nil
+}
+
+// catchUpEntries is how many applied entries stay in the log after truncation, for
+// followers that are slightly behind.
+const catchUpEntries = 5000
+
+// Replica is one member of the cluster.
+type Replica struct {
+	cfg    Config
+	log    *slog.Logger
+	tel    *telemetry.Telemetry
+	tracer trace.Tracer
+	m      *metrics
+
+	db      *pebble.DB
+	raftLog *raftlog.Store
+	kv      *mvcc.Store
+	node    raft.Node
+
+	id, clusterID uint64
+	members       *memberTable
+
+	term    atomic.Uint64
+	leader  atomic.Uint64
+	applied atomic.Uint64
+
+	appliedMu     sync.Mutex
+	appliedNotify chan struct{} // closed and replaced after every apply
+
+	nextID  atomic.Uint64
+	waitMu  sync.Mutex
+	waiters map[uint64]*waiter
+
+	read readLoop
+
+	applyc   chan applyWork
+	stopc    chan struct{}
+	doneRaft chan struct{}
+	doneApp  chan struct{}
+	server   *http.Server
+	lis      net.Listener
+}
+
+// New opens (or creates) the replica's data and starts its Raft node. Call Serve to
+// answer the internal API and Stop to shut down.
+func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("KVMESH_REPLICA_DATA_DIR: %w", err)
+	}
+	db, err := pebble.Open(filepath.Join(cfg.DataDir, "db"), &pebble.Options{Logger: pebbleLogger{tel.Log.With("component", "pebble")}})
+	if err != nil {
+		return nil, fmt.Errorf("open pebble in %s: %w", cfg.DataDir, err)
+	}
+	r := &Replica{
+		cfg: cfg, log: tel.Log.With("role", "replica", "name", cfg.Name), tel: tel,
+		tracer:        tel.Tracer.Tracer("kvmesh/replica"),
+		db:            db,
+		waiters:       make(map[uint64]*waiter),
+		appliedNotify: make(chan struct{}),
+		applyc:        make(chan applyWork, 64),
+		stopc:         make(chan struct{}),
+		doneRaft:      make(chan struct{}),
+		doneApp:       make(chan struct{}),
+	}
+	if err := r.open(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	return r, nil
+}
+
+func (r *Replica) open() error {
+	var err error
+	if r.raftLog, err = raftlog.Open(r.db); err != nil {
+		return err
+	}
+	if r.kv, err = mvcc.Open(r.db, mvcc.NoLeases{}, r.log); err != nil {
+		return err
+	}
+	if r.members, err = loadMembers(r.db); err != nil {
+		return err
+	}
+	id, err := loadIdentity(r.db)
+	if err != nil {
+		return err
+	}
+	applied, err := loadApplied(r.db)
+	if err != nil {
+		return err
+	}
+	r.applied.Store(applied)
+	r.m = newMetrics(r)
+
+	rc := &raft.Config{
+		ElectionTick:    r.cfg.ElectionTicks,
+		HeartbeatTick:   1,
+		Storage:         r.raftLog,
+		Applied:         applied,
+		MaxSizePerMsg:   1 << 20,
+		MaxInflightMsgs: 512,
+		CheckQuorum:     true,
+		PreVote:         true,
+		Logger:          &raftLogger{r.log.With("component", "raft")},
+	}
+	if id != nil {
+		r.id, r.clusterID = id.member, id.cluster
+		rc.ID = r.id
+		r.log.Info("restarting member", "member_id", fmt.Sprintf("%x", r.id), "cluster_id", fmt.Sprintf("%x", r.clusterID), "applied", applied)
+		r.node = raft.RestartNode(rc)
+	} else {
+		self := &pb.Member{Name: r.cfg.Name, PeerURLs: r.cfg.PeerURLs, ClientURLs: r.cfg.ClientURLs}
+		self.ID = memberID(self, r.cfg.ClusterToken)
+		r.id = self.ID
+		r.clusterID = clusterID([]uint64{r.id}, r.cfg.ClusterToken)
+		if err := saveIdentity(r.db, identity{member: r.id, cluster: r.clusterID}); err != nil {
+			return err
+		}
+		ctx, err := proto.Marshal(self)
+		if err != nil {
+			return err
+		}
+		rc.ID = r.id
+		r.log.Info("starting new single-member cluster", "member_id", fmt.Sprintf("%x", r.id), "cluster_id", fmt.Sprintf("%x", r.clusterID))
+		r.node = raft.StartNode(rc, []raft.Peer{{ID: r.id, Context: ctx}})
+	}
+	// Request ids: this member's low 16 bits, then milliseconds, then a counter, so
+	// ids never repeat across restarts.
+	r.nextID.Store(r.id<<48 | uint64(time.Now().UnixMilli())<<8&(1<<48-1))
+	r.read.init(r)
+	go r.raftLoop()
+	go r.applyLoop()
+	go r.read.run()
+	return nil
+}
+
+// memberID derives a member's ID from what identifies it, as etcd does.
+func memberID(m *pb.Member, token string) uint64 {
+	urls := append([]string(nil), m.GetPeerURLs()...)
+	sort.Strings(urls)
+	sum := sha256.Sum256([]byte(strings.Join(urls, ",") + "\x00" + m.GetName() + "\x00" + token))
+	return binary.BigEndian.Uint64(sum[:8])
+}
+
+func clusterID(members []uint64, token string) uint64 {
+	ids := append([]uint64(nil), members...)
+	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
+	h := sha256.New()
+	for _, id := range ids {
+		h.Write(binary.BigEndian.AppendUint64(nil, id))
+	}
+	h.Write([]byte(token))
+	return binary.BigEndian.Uint64(h.Sum(nil)[:8])
+}
+
+// Handler is the replica's internal API.
+func (r *Replica) Handler() http.Handler {
+	mux := http.NewServeMux()
+	opts := []connect.HandlerOption{
+		r.tel.Interceptor(true),
+		connect.WithReadMaxBytes(r.cfg.MaxRequestBytes + grpcOverheadBytes),
+	}
+	mux.Handle(replicav1connect.NewKVServiceHandler(&kvService{r}, opts...))
+	mux.Handle(replicav1connect.NewClusterServiceHandler(&clusterService{r}, opts...))
+	mux.Handle(replicav1connect.NewMaintenanceServiceHandler(&maintenanceService{r}, opts...))
+	mux.Handle("/metrics", r.tel.MetricsHandler())
+	return mux
+}
+
+// grpcOverheadBytes is the slack etcd allows above --max-request-bytes for a gRPC
+// message's framing, so that a too-large request gets etcd's own error.
+const grpcOverheadBytes = 512 * 1024
+
+// Listen binds the internal API's address (cfg.Listen).
+func (r *Replica) Listen() error {
+	lis, err := net.Listen("tcp", r.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("KVMESH_REPLICA_LISTEN: %w", err)
+	}
+	r.lis = lis
+	r.server = h2c.NewServer(r.Handler())
+	return nil
+}
+
+// Serve answers the internal API until Stop; call Listen first.
+func (r *Replica) Serve() error {
+	r.log.Info("serving internal API", "addr", r.lis.Addr().String())
+	if err := r.server.Serve(r.lis); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// Addr is the internal API's listening address, once Serve has started.
+func (r *Replica) Addr() string {
+	if r.lis == nil {
+		return r.cfg.Listen
+	}
+	return r.lis.Addr().String()
+}
+
+// Stop shuts down the API, the Raft node and the storage.
+func (r *Replica) Stop(ctx context.Context) error {
+	var errs []error
+	if r.server != nil {
+		if err := r.server.Shutdown(ctx); err != nil {
+			r.server.Close()
+		}
+	}
+	close(r.stopc)
+	r.node.Stop()
+	<-r.doneRaft
+	<-r.doneApp
+	r.read.wait()
+	r.kv.Close()
+	errs = append(errs, r.db.Close())
+	r.log.Info("stopped")
+	return errors.Join(errs...)
+}
+
+// ID is this member's ID.
+func (r *Replica) ID() uint64 { return r.id }
+
+func (r *Replica) header(h *pb.ResponseHeader) *pb.ResponseHeader {
+	if h == nil {
+		h = &pb.ResponseHeader{}
+	}
+	h.ClusterId = r.clusterID
+	h.MemberId = r.id
+	h.RaftTerm = r.term.Load()
+	return h
+}
+
+// pebbleLogger sends Pebble's own messages to the structured log.
+type pebbleLogger struct{ l *slog.Logger }
+
+func (p pebbleLogger) Infof(format string, args ...any)  { p.l.Debug(fmt.Sprintf(format, args...)) }
+func (p pebbleLogger) Errorf(format string, args ...any) { p.l.Error(fmt.Sprintf(format, args...)) }
+func (p pebbleLogger) Fatalf(format string, args ...any) {
+	p.l.Error(fmt.Sprintf(format, args...))
+	panic(fmt.Sprintf(format, args...))
+}
