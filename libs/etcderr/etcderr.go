@@ -8,6 +8,8 @@ import (
 	"errors"
 
 	"connectrpc.com/connect"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // Error is an etcd API error: a code and a fixed message.
@@ -60,27 +62,46 @@ var (
 	ErrDeadlineExceeded = newError(connect.CodeDeadlineExceeded, "etcdserver: context deadline exceeded")
 )
 
-// ToConnect turns any error into the *connect.Error a handler returns: etcd errors
-// keep their code and message, context errors become etcd's canceled/deadline errors,
-// errors that already carry a Connect code (for example from an internal call) keep
-// it, and anything else is Unknown, as gRPC reports unexpected errors.
-func ToConnect(err error) error {
-	if err == nil {
-		return nil
-	}
+// CodeMessage is what a client sees for err: etcd errors keep their code and message,
+// context errors become etcd's canceled/deadline errors, errors that already carry a
+// Connect or gRPC code (for example from an internal call) keep it, and anything else
+// is Unknown, as gRPC reports unexpected errors.
+func CodeMessage(err error) (connect.Code, string) {
 	var ee *Error
 	var ce *connect.Error
 	switch {
 	case errors.As(err, &ee):
-		return connect.NewError(ee.code, errors.New(ee.msg))
+		return ee.code, ee.msg
 	case errors.As(err, &ce):
-		// Re-create rather than forward, so an upstream response's metadata never
-		// leaks into ours.
-		return connect.NewError(ce.Code(), errors.New(ce.Message()))
+		return ce.Code(), ce.Message()
 	case errors.Is(err, context.Canceled):
-		return connect.NewError(ErrCanceled.code, errors.New(ErrCanceled.msg))
+		return ErrCanceled.code, ErrCanceled.msg
 	case errors.Is(err, context.DeadlineExceeded):
-		return connect.NewError(ErrDeadlineExceeded.code, errors.New(ErrDeadlineExceeded.msg))
+		return ErrDeadlineExceeded.code, ErrDeadlineExceeded.msg
 	}
-	return connect.NewError(connect.CodeUnknown, err)
+	if s, ok := status.FromError(err); ok {
+		return connect.Code(s.Code()), s.Message()
+	}
+	return connect.CodeUnknown, err.Error()
+}
+
+// ToConnect turns any error into the error a Connect handler returns (see
+// CodeMessage). A new error is made each time, so an upstream response's metadata never
+// leaks into ours.
+func ToConnect(err error) error {
+	if err == nil {
+		return nil
+	}
+	code, msg := CodeMessage(err)
+	return connect.NewError(code, errors.New(msg))
+}
+
+// ToGRPC turns any error into the status error a grpc-go handler returns (see
+// CodeMessage). Connect's codes are gRPC's codes.
+func ToGRPC(err error) error {
+	if err == nil {
+		return nil
+	}
+	code, msg := CodeMessage(err)
+	return status.Error(codes.Code(code), msg)
 }

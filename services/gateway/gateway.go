@@ -10,16 +10,19 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/url"
 	"strings"
 
 	"connectrpc.com/connect"
+	"google.golang.org/grpc"
 
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb/v3electionpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb/v3lockpbconnect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 
@@ -32,6 +35,8 @@ type Config struct {
 	// MaxRequestBytes is the largest request accepted (etcd's --max-request-bytes);
 	// gRPC framing may add etcd's 512 KiB on top.
 	MaxRequestBytes int `env:"MAX_REQUEST_BYTES, default=1572864"`
+	// EnablePprof serves Go's profiler on /debug/pprof/ (etcd's --enable-pprof).
+	EnablePprof bool `env:"ENABLE_PPROF, default=false"`
 }
 
 func (c *Config) validate() error {
@@ -53,8 +58,6 @@ func (c *Config) validate() error {
 	return nil
 }
 
-const healthCheckPath = "/grpc.health.v1.Health/Check"
-
 // grpcOverheadBytes is the slack etcd allows above --max-request-bytes for framing.
 const grpcOverheadBytes = 512 * 1024
 
@@ -69,18 +72,23 @@ type Gateway struct {
 	maint   replicav1connect.MaintenanceServiceClient
 
 	lis    net.Listener
+	split  *splitListener
 	server *http.Server
+	grpc   *grpc.Server
 }
 
-// New builds a gateway; call Listen, then Serve.
-func New(cfg Config, tel *telemetry.Telemetry) (*Gateway, error) {
+// New builds a gateway; call Listen, then Serve. client carries the internal API calls
+// to the replicas; nil means h2c over the network.
+func New(cfg Config, tel *telemetry.Telemetry, client *http.Client) (*Gateway, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
 	g := &Gateway{cfg: cfg, tel: tel, log: tel.Log.With("role", "gateway")}
-	client := h2c.NewClient()
+	if client == nil {
+		client = h2c.NewClient()
+	}
 	base := strings.TrimRight(cfg.Replicas[0], "/")
-	opts := []connect.ClientOption{tel.Interceptor(true), connect.WithGRPC()}
+	opts := tel.InternalClient()
 	g.kv = replicav1connect.NewKVServiceClient(client, base, opts...)
 	g.cluster = replicav1connect.NewClusterServiceClient(client, base, opts...)
 	g.maint = replicav1connect.NewMaintenanceServiceClient(client, base, opts...)
@@ -89,29 +97,32 @@ func New(cfg Config, tel *telemetry.Telemetry) (*Gateway, error) {
 
 // Handler is the gateway's whole HTTP surface.
 func (g *Gateway) Handler() http.Handler {
-	mux := http.NewServeMux()
-	opts := []connect.HandlerOption{
-		g.tel.Interceptor(false),
-		connect.WithReadMaxBytes(g.cfg.MaxRequestBytes + grpcOverheadBytes),
-	}
-	mux.Handle(etcdserverpbconnect.NewKVHandler(&kvHandler{g}, opts...))
-	mux.Handle(etcdserverpbconnect.NewClusterHandler(&clusterHandler{g: g}, opts...))
-	mux.Handle(etcdserverpbconnect.NewMaintenanceHandler(&maintenanceHandler{g: g}, opts...))
+	mux := rpcmux.New()
+	opts := append(g.tel.PublicHandler(), connect.WithReadMaxBytes(g.cfg.MaxRequestBytes+grpcOverheadBytes))
+	mux.Handle(etcdserverpbconnect.NewKVHandler(connectKV{g: g}, opts...))
+	mux.Handle(etcdserverpbconnect.NewClusterHandler(connectCluster{g: g}, opts...))
+	mux.Handle(etcdserverpbconnect.NewMaintenanceHandler(connectMaintenance{g: g}, opts...))
 	// Not built yet: these answer Unimplemented, as the generated defaults do.
 	mux.Handle(etcdserverpbconnect.NewWatchHandler(etcdserverpbconnect.UnimplementedWatchHandler{}, opts...))
 	mux.Handle(etcdserverpbconnect.NewLeaseHandler(etcdserverpbconnect.UnimplementedLeaseHandler{}, opts...))
 	mux.Handle(etcdserverpbconnect.NewAuthHandler(etcdserverpbconnect.UnimplementedAuthHandler{}, opts...))
 	mux.Handle(v3lockpbconnect.NewLockHandler(v3lockpbconnect.UnimplementedLockHandler{}, opts...))
 	mux.Handle(v3electionpbconnect.NewElectionHandler(v3electionpbconnect.UnimplementedElectionHandler{}, opts...))
-	mux.Handle(healthCheckPath, connect.NewUnaryHandler(healthCheckPath, g.healthCheck, opts...))
+	mux.Handle(healthCheckPath, connect.NewUnaryHandler(healthCheckPath, g.connectHealthCheck, opts...))
 	mux.Handle("/metrics", g.tel.MetricsHandler())
 	mux.HandleFunc("/health", g.serveHealth)
 	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "ok") })
 	mux.HandleFunc("/readyz", g.serveReady)
+	if g.cfg.EnablePprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	}
 	return mux
 }
 
-// Listen binds the client address.
+// Listen binds the client address. gRPC connections go to grpc-go, the rest to
+// net/http with the Connect handlers (see sniff.go).
 func (g *Gateway) Listen() error {
 	lis, err := net.Listen("tcp", g.cfg.Listen)
 	if err != nil {
@@ -119,6 +130,7 @@ func (g *Gateway) Listen() error {
 	}
 	g.lis = lis
 	g.server = h2c.NewServer(g.Handler())
+	g.grpc = g.newGRPCServer()
 	return nil
 }
 
@@ -128,10 +140,15 @@ func (g *Gateway) Addr() string { return g.lis.Addr().String() }
 // Serve answers clients until Stop.
 func (g *Gateway) Serve() error {
 	g.log.Info("serving etcd API", "addr", g.Addr())
-	if err := g.server.Serve(g.lis); !errors.Is(err, http.ErrServerClosed) {
-		return err
+	g.split = newSplitListener(g.lis, g.log)
+	errc := make(chan error, 2)
+	go func() { errc <- g.grpc.Serve(g.split.grpcL) }()
+	go func() { errc <- g.server.Serve(g.split.httpL) }()
+	err := <-errc
+	if errors.Is(err, http.ErrServerClosed) || errors.Is(err, grpc.ErrServerStopped) || errors.Is(err, net.ErrClosed) {
+		return nil
 	}
-	return nil
+	return err
 }
 
 // Stop stops accepting requests and waits for those in flight until ctx ends.
@@ -139,7 +156,19 @@ func (g *Gateway) Stop(ctx context.Context) error {
 	if g.server == nil {
 		return nil
 	}
-	if err := g.server.Shutdown(ctx); err != nil {
+	g.lis.Close()
+	stopped := make(chan struct{})
+	go func() {
+		g.grpc.GracefulStop()
+		close(stopped)
+	}()
+	err := g.server.Shutdown(ctx)
+	select {
+	case <-stopped:
+	case <-ctx.Done():
+		g.grpc.Stop()
+	}
+	if err != nil {
 		return g.server.Close()
 	}
 	return nil

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/kvmesh/kvmesh/libs/config"
+	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/gateway"
 	"github.com/kvmesh/kvmesh/services/replica"
@@ -57,9 +58,10 @@ func run() error {
 		rep.Stop(context.Background())
 		return err
 	}
-	// The gateway reaches its replica over the internal API, as it would in the mesh.
+	// The gateway reaches its replica over the internal API, as it does in the mesh,
+	// but in-process: the same Connect calls without sockets.
 	gcfg.Replicas = []string{"http://" + rep.Addr()}
-	gw, err := gateway.New(gcfg, tel)
+	gw, err := gateway.New(gcfg, tel, inproc.Client(rep.Handler()))
 	if err == nil {
 		err = gw.Listen()
 	}

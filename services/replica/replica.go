@@ -26,6 +26,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/bloom"
 	"go.etcd.io/raft/v3"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
@@ -33,6 +34,7 @@ import (
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/replica/mvcc"
 	"github.com/kvmesh/kvmesh/services/replica/raftlog"
@@ -140,7 +142,7 @@ func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("KVMESH_REPLICA_DATA_DIR: %w", err)
 	}
-	db, err := pebble.Open(filepath.Join(cfg.DataDir, "db"), &pebble.Options{Logger: pebbleLogger{tel.Log.With("component", "pebble")}})
+	db, err := pebble.Open(filepath.Join(cfg.DataDir, "db"), pebbleOptions(tel.Log))
 	if err != nil {
 		return nil, fmt.Errorf("open pebble in %s: %w", cfg.DataDir, err)
 	}
@@ -247,11 +249,8 @@ func clusterID(members []uint64, token string) uint64 {
 
 // Handler is the replica's internal API.
 func (r *Replica) Handler() http.Handler {
-	mux := http.NewServeMux()
-	opts := []connect.HandlerOption{
-		r.tel.Interceptor(true),
-		connect.WithReadMaxBytes(r.cfg.MaxRequestBytes + grpcOverheadBytes),
-	}
+	mux := rpcmux.New()
+	opts := append(r.tel.InternalHandler(), connect.WithReadMaxBytes(r.cfg.MaxRequestBytes+grpcOverheadBytes))
 	mux.Handle(replicav1connect.NewKVServiceHandler(&kvService{r}, opts...))
 	mux.Handle(replicav1connect.NewClusterServiceHandler(&clusterService{r}, opts...))
 	mux.Handle(replicav1connect.NewMaintenanceServiceHandler(&maintenanceService{r}, opts...))
@@ -321,6 +320,20 @@ func (r *Replica) header(h *pb.ResponseHeader) *pb.ResponseHeader {
 	h.MemberId = r.id
 	h.RaftTerm = r.term.Load()
 	return h
+}
+
+// pebbleOptions tunes Pebble for the replica's access pattern: point lookups of a
+// key's current version on every write (bloom filters let them skip most tables) and
+// reads of recent data (a block cache of useful size).
+func pebbleOptions(log *slog.Logger) *pebble.Options {
+	o := &pebble.Options{
+		Logger:    pebbleLogger{log.With("component", "pebble")},
+		CacheSize: 128 << 20,
+	}
+	for i := range o.Levels {
+		o.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
+	}
+	return o
 }
 
 // pebbleLogger sends Pebble's own messages to the structured log.

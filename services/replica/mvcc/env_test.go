@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"runtime/debug"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -48,7 +51,7 @@ func newEnvWithLeases(t testing.TB, leases Leases) *testEnv {
 
 func (e *testEnv) openDB() {
 	e.t.Helper()
-	db, err := pebble.Open(e.dir, &pebble.Options{})
+	db, err := pebble.Open(e.dir, &pebble.Options{Logger: pebbleLogger{e.logs}})
 	if err != nil {
 		e.t.Fatalf("pebble.Open(%s): %v", e.dir, err)
 	}
@@ -227,15 +230,23 @@ func (e *testEnv) waitCompacted(rev int64) {
 
 // rangeReq reads through Store.Range; a panic in the store becomes an error, so that
 // one crashing read fails its test instead of the whole test binary.
-func (e *testEnv) rangeReq(r *pb.RangeRequest) (resp *pb.RangeResponse, err error) {
-	defer recoverAsError(&err)
-	return e.s.Range(context.Background(), r)
+func (e *testEnv) rangeReq(r *pb.RangeRequest) (*pb.RangeResponse, error) {
+	return safeRange(e.s, r)
 }
 
 // readTxn runs Store.ReadTxn, turning a panic into an error.
-func (e *testEnv) readTxn(r *pb.TxnRequest) (resp *pb.TxnResponse, err error) {
+func (e *testEnv) readTxn(r *pb.TxnRequest) (*pb.TxnResponse, error) {
+	return safeReadTxn(e.s, r)
+}
+
+func safeRange(s *Store, r *pb.RangeRequest) (resp *pb.RangeResponse, err error) {
 	defer recoverAsError(&err)
-	return e.s.ReadTxn(context.Background(), r)
+	return s.Range(context.Background(), r)
+}
+
+func safeReadTxn(s *Store, r *pb.TxnRequest) (resp *pb.TxnResponse, err error) {
+	defer recoverAsError(&err)
+	return s.ReadTxn(context.Background(), r)
 }
 
 // errPanic marks an error made from a panic of the store.
@@ -243,8 +254,32 @@ var errPanic = errors.New("store panicked")
 
 func recoverAsError(err *error) {
 	if p := recover(); p != nil {
-		*err = fmt.Errorf("%w: %v\n%s", errPanic, p, debug.Stack())
+		*err = fmt.Errorf("%w: %v\n%s", errPanic, p, panicSite(debug.Stack()))
 	}
+}
+
+// panicSite keeps the frames of a stack trace from the panic call on, a few deep.
+func panicSite(stack []byte) string {
+	lines := strings.Split(string(stack), "\n")
+	for i, l := range lines {
+		if strings.HasPrefix(l, "panic(") {
+			return strings.Join(lines[i:min(len(lines), i+9)], "\n")
+		}
+	}
+	return string(stack)
+}
+
+// pebbleLogger keeps Pebble quiet but records its errors.
+type pebbleLogger struct{ h *recordingHandler }
+
+func (pebbleLogger) Infof(string, ...any) {}
+func (l pebbleLogger) Errorf(format string, args ...any) {
+	l.h.mu.Lock()
+	l.h.errs = append(l.h.errs, "pebble: "+fmt.Sprintf(format, args...))
+	l.h.mu.Unlock()
+}
+func (pebbleLogger) Fatalf(format string, args ...any) {
+	panic(fmt.Sprintf("pebble: "+format, args...))
 }
 
 func (e *testEnv) mustRange(r *pb.RangeRequest) *pb.RangeResponse {
@@ -286,6 +321,22 @@ func (e *testEnv) countPrefix(p byte) int {
 		e.t.Fatalf("iterating %q keys: %v", p, err)
 	}
 	return n
+}
+
+// testSeed is the seed of a randomized test: $MVCC_SEED when set, else the clock. It
+// is logged so that a failure can be replayed.
+func testSeed(t testing.TB) uint64 {
+	t.Helper()
+	seed := uint64(time.Now().UnixNano())
+	if s := os.Getenv("MVCC_SEED"); s != "" {
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("MVCC_SEED=%q: %v", s, err)
+		}
+		seed = v
+	}
+	t.Logf("seed %d (replay with MVCC_SEED=%d)", seed, seed)
+	return seed
 }
 
 // leaseSet is a lease table holding a fixed set of leases.

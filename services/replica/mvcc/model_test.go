@@ -429,26 +429,30 @@ func (t *mtxn) txn(r *pb.TxnRequest) (*pb.TxnResponse, error) {
 	return resp, nil
 }
 
-// survivors counts the history records (index entries and revision records) a
-// finished compaction at m.compact leaves: every change after the compaction
-// revision, plus each key's newest change at or before it when that is a put. It
-// assumes no key changes twice within one revision.
-func (m *model) survivors() int {
-	n := 0
+// survivors counts the index entries and revision records a finished compaction at
+// m.compact leaves: every change after the compaction revision, plus each key's newest
+// change at or before it when that is a put. A key changed several times in one
+// revision has one index entry (the last change) but a record per change; once
+// compacted, only the last one can stay.
+func (m *model) survivors() (index, records int) {
 	for _, h := range m.hist {
 		kept := -1
 		for i, kv := range h {
 			if kv.GetModRevision() <= m.compact {
 				kept = i
-			} else {
-				n++
+				continue
+			}
+			records++
+			if i == 0 || h[i-1].GetModRevision() != kv.GetModRevision() {
+				index++
 			}
 		}
 		if kept >= 0 && !isTombstone(h[kept]) {
-			n++
+			index++
+			records++
 		}
 	}
-	return n
+	return index, records
 }
 
 // liveCount is the number of live keys now.

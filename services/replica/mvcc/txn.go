@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -54,14 +55,25 @@ func (t *txn) rangeKVs(ctx context.Context, r *pb.RangeRequest) (*pb.RangeRespon
 	return executeRange(ctx, it, t.curRev(), t.compactRev, r)
 }
 
-// current returns the live version of key, or nil.
+// current returns the live version of key, or nil. Writers look it up with a point
+// Get on their batch (bloom filters skip most tables); read-only txns seek their view.
 func (t *txn) current(key []byte) (*mvccpb.KeyValue, error) {
-	it, done, err := t.iter()
+	if t.shared != nil {
+		return currentKV(t.shared, key)
+	}
+	v, closer, err := t.b.Get(currentKey(key))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, nil
+	}
 	if err != nil {
 		return nil, err
 	}
-	defer done()
-	return currentKV(it, key)
+	defer closer.Close()
+	kv := &mvccpb.KeyValue{}
+	if err := proto.Unmarshal(v, kv); err != nil {
+		return nil, fmt.Errorf("mvcc: decode %q: %w", key, err)
+	}
+	return kv, nil
 }
 
 func currentKV(it *pebble.Iterator, key []byte) (*mvccpb.KeyValue, error) {

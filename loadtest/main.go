@@ -1,0 +1,263 @@
+// Command loadtest is a load generator for the etcd v3 KV API, modelled on
+// etcd's `benchmark` tool. It speaks gRPC over plaintext HTTP/2, like any
+// etcd client, so the same run can target kvmesh and a real etcd.
+//
+//	loadtest [global flags] put   [--key-size=8] [--val-size=256] [--total=10000] [--sequential-keys] [--key-space-size=1]
+//	loadtest [global flags] range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]
+//
+// Global flags may also be given after the subcommand.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/kvmesh/kvmesh/loadtest/internal/bench"
+	"golang.org/x/term"
+)
+
+type globalFlags struct {
+	endpoints  string
+	conns      int
+	clients    int
+	precise    bool
+	json       bool
+	duration   time.Duration
+	timeout    time.Duration
+	targetName string
+}
+
+func (g *globalFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&g.endpoints, "endpoints", "127.0.0.1:2379", "comma-separated host:port list; connections are spread over them")
+	fs.IntVar(&g.conns, "conns", 1, "number of TCP connections")
+	fs.IntVar(&g.clients, "clients", 1, "number of concurrent clients, spread over the connections")
+	fs.BoolVar(&g.precise, "precise", false, "print latencies with full floating point precision")
+	fs.BoolVar(&g.json, "json", false, "also print the report as one JSON object on stdout (the text report then goes to stderr)")
+	fs.DurationVar(&g.duration, "duration", 0, "run for this long instead of --total requests (if --total is also given, stop at whichever comes first)")
+	fs.DurationVar(&g.timeout, "timeout", 10*time.Second, "per-request timeout")
+	fs.StringVar(&g.targetName, "target-name", "", "label for the target printed in the report, e.g. kvmesh or etcd")
+}
+
+const usage = `Usage:
+  loadtest [global flags] put   [--key-size=8] [--val-size=256] [--total=10000] [--sequential-keys] [--key-space-size=1]
+  loadtest [global flags] range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]
+
+Run "loadtest put -h" or "loadtest range -h" for the subcommand flags.
+
+Global flags (also accepted after the subcommand):
+`
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		// After the first signal, restore default handling so a second
+		// Ctrl-C kills the process even if requests hang.
+		<-ctx.Done()
+		stop()
+	}()
+	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
+}
+
+// run executes the CLI and returns the process exit code.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	var g globalFlags
+	root := flag.NewFlagSet("loadtest", flag.ContinueOnError)
+	root.SetOutput(stderr)
+	g.register(root)
+	root.Usage = func() {
+		fmt.Fprint(stderr, usage)
+		root.PrintDefaults()
+	}
+	if err := root.Parse(args); err != nil {
+		return exitCode(err)
+	}
+	if root.NArg() == 0 {
+		root.Usage()
+		return 2
+	}
+	cmd, rest := root.Arg(0), root.Args()[1:]
+
+	var (
+		rep *bench.Report
+		err error
+	)
+	switch cmd {
+	case "put":
+		rep, err = runPut(ctx, &g, rest, stderr)
+	case "range":
+		rep, err = runRange(ctx, &g, rest, stderr)
+	default:
+		fmt.Fprintf(stderr, "loadtest: unknown command %q\n\n", cmd)
+		root.Usage()
+		return 2
+	}
+	if err != nil {
+		var ue usageError
+		if errors.As(err, &ue) || errors.Is(err, flag.ErrHelp) {
+			return exitCode(err)
+		}
+		fmt.Fprintf(stderr, "loadtest %s: %v\n", cmd, err)
+		return 1
+	}
+
+	text := stdout
+	if g.json {
+		text = stderr
+	}
+	if err := rep.WriteText(text, g.precise); err != nil {
+		fmt.Fprintf(stderr, "loadtest: %v\n", err)
+		return 1
+	}
+	if g.json {
+		if err := rep.WriteJSON(stdout); err != nil {
+			fmt.Fprintf(stderr, "loadtest: %v\n", err)
+			return 1
+		}
+	}
+	if rep.Interrupted {
+		return 130 // the partial report was printed; signal the run is incomplete
+	}
+	return 0
+}
+
+// usageError is a command-line error whose message was already printed.
+type usageError struct{ error }
+
+func exitCode(err error) int {
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	return 2
+}
+
+// parseInterleaved parses flags that may appear before, between or after
+// positional arguments (the standard flag package stops at the first
+// positional one). Everything after "--" is positional.
+func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			return pos, nil
+		}
+		if consumed := len(args) - len(rest); consumed > 0 && args[consumed-1] == "--" {
+			return append(pos, rest...), nil
+		}
+		pos = append(pos, rest[0])
+		args = rest[1:]
+	}
+}
+
+func newSubFlagSet(name, synopsis string, g *globalFlags, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("loadtest "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "Usage:\n  loadtest [global flags] %s\n\nFlags (subcommand and global):\n", synopsis)
+		fs.PrintDefaults()
+	}
+	// Registering resets the variables to their defaults; keep whatever
+	// was already parsed before the subcommand name.
+	saved := *g
+	g.register(fs)
+	*g = saved
+	return fs
+}
+
+func isSet(fs *flag.FlagSet, name string) bool {
+	set := false
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == name {
+			set = true
+		}
+	})
+	return set
+}
+
+func (g *globalFlags) config(total int64, totalSet bool, stderr io.Writer) bench.Config {
+	var eps []string
+	for _, ep := range strings.Split(g.endpoints, ",") {
+		if ep = strings.TrimSpace(ep); ep != "" {
+			eps = append(eps, ep)
+		}
+	}
+	cfg := bench.Config{
+		Endpoints:  eps,
+		Conns:      g.conns,
+		Clients:    g.clients,
+		Total:      total,
+		Duration:   g.duration,
+		Timeout:    g.timeout,
+		TargetName: g.targetName,
+	}
+	if g.duration > 0 && !totalSet {
+		cfg.Total = 0 // --duration alone: unbounded count
+	}
+	if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		cfg.Progress = stderr
+	}
+	return cfg
+}
+
+func runPut(ctx context.Context, g *globalFlags, args []string, stderr io.Writer) (*bench.Report, error) {
+	fs := newSubFlagSet("put",
+		"put [--key-size=8] [--val-size=256] [--total=10000] [--sequential-keys] [--key-space-size=1]", g, stderr)
+	keySize := fs.Int("key-size", 8, "key size in bytes")
+	valSize := fs.Int("val-size", 256, "value size in bytes")
+	total := fs.Int64("total", 10000, "total number of put requests")
+	seq := fs.Bool("sequential-keys", false, "use sequential keys: the i-th put writes key i (modulo --key-space-size if that is given)")
+	keySpace := fs.Int64("key-space-size", 1, "random keys are drawn from [0, key-space-size)")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	if len(pos) != 0 {
+		fmt.Fprintf(stderr, "loadtest put: unexpected arguments %q\n", pos)
+		fs.Usage()
+		return nil, usageError{errors.New("unexpected arguments")}
+	}
+	cfg := g.config(*total, isSet(fs, "total"), stderr)
+	opts := bench.PutOptions{
+		KeySize:        *keySize,
+		ValSize:        *valSize,
+		KeySpaceSize:   *keySpace,
+		SequentialKeys: *seq,
+	}
+	if *seq && !isSet(fs, "key-space-size") {
+		opts.KeySpaceSize = 0 // unbounded: the i-th put writes key i
+	}
+	return bench.Put(ctx, cfg, opts)
+}
+
+func runRange(ctx context.Context, g *globalFlags, args []string, stderr io.Writer) (*bench.Report, error) {
+	fs := newSubFlagSet("range",
+		"range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]", g, stderr)
+	total := fs.Int64("total", 10000, "total number of range requests")
+	consistency := fs.String("consistency", "l", "linearizable (l) or serializable (s)")
+	limit := fs.Int64("limit", 0, "maximum number of keys returned per request (0 = no limit)")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	if len(pos) < 1 || len(pos) > 2 {
+		fmt.Fprintln(stderr, "loadtest range: expected KEY [RANGE_END]")
+		fs.Usage()
+		return nil, usageError{errors.New("bad arguments")}
+	}
+	cfg := g.config(*total, isSet(fs, "total"), stderr)
+	opts := bench.RangeOptions{Key: pos[0], Consistency: *consistency, Limit: *limit}
+	if len(pos) == 2 {
+		opts.RangeEnd = pos[1]
+	}
+	return bench.Range(ctx, cfg, opts)
+}

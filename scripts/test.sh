@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The one command that runs every kvmesh test on a fresh machine (README, .ci/run).
+# It installs what the tests need (Debian's etcd-server and etcd-client; the pinned Go
+# tools), checks that generated code and formatting are current, vets, and runs the
+# tests of every module in go.work: unit, integration, and black-box end-to-end tests
+# against the real binaries, with etcd itself as the oracle.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+need_apt=()
+command -v etcd >/dev/null 2>&1 || [[ -x /usr/bin/etcd ]] || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || need_apt+=(etcd-client)
+if ((${#need_apt[@]})); then
+	echo "test: installing ${need_apt[*]} (Debian packages)" >&2
+	sudo=""
+	[[ $(id -u) -eq 0 ]] || sudo="sudo"
+	$sudo apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+scripts/generate.sh --check
+
+unformatted=$(git ls-files '*.go' | grep -v '^libs/gen/' | xargs gofmt -l)
+if [[ -n "$unformatted" ]]; then
+	echo "gofmt would change:" >&2
+	echo "$unformatted" >&2
+	exit 1
+fi
+
+mapfile -t modules < <(go list -m -f '{{.Path}}/...')
+go vet "${modules[@]}"
+export KVMESH_ETCD_BIN="$root/.bin/etcd"
+go test -count=1 -timeout 18m "$@" "${modules[@]}"

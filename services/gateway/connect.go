@@ -1,0 +1,98 @@
+package gateway
+
+import (
+	"context"
+
+	"connectrpc.com/connect"
+	healthv1 "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
+)
+
+// The Connect face of the public API (Connect, gRPC-Web, and gRPC over HTTP/1.1 or
+// h2c connections that start with another protocol).
+
+func unary[Req, Res any](ctx context.Context, req *connect.Request[Req], fn func(context.Context, *Req) (*Res, error)) (*connect.Response[Res], error) {
+	res, err := fn(ctx, req.Msg)
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	return connect.NewResponse(res), nil
+}
+
+// connectKV serves etcdserverpb.KV. RangeStream (etcd 3.7's streaming range) is not
+// built yet and answers Unimplemented.
+type connectKV struct {
+	etcdserverpbconnect.UnimplementedKVHandler
+	g *Gateway
+}
+
+func (h connectKV) Range(ctx context.Context, r *connect.Request[pb.RangeRequest]) (*connect.Response[pb.RangeResponse], error) {
+	return unary(ctx, r, h.g.Range)
+}
+
+func (h connectKV) Put(ctx context.Context, r *connect.Request[pb.PutRequest]) (*connect.Response[pb.PutResponse], error) {
+	return unary(ctx, r, h.g.Put)
+}
+
+func (h connectKV) DeleteRange(ctx context.Context, r *connect.Request[pb.DeleteRangeRequest]) (*connect.Response[pb.DeleteRangeResponse], error) {
+	return unary(ctx, r, h.g.DeleteRange)
+}
+
+func (h connectKV) Txn(ctx context.Context, r *connect.Request[pb.TxnRequest]) (*connect.Response[pb.TxnResponse], error) {
+	return unary(ctx, r, h.g.Txn)
+}
+
+func (h connectKV) Compact(ctx context.Context, r *connect.Request[pb.CompactionRequest]) (*connect.Response[pb.CompactionResponse], error) {
+	return unary(ctx, r, h.g.Compact)
+}
+
+// connectCluster serves etcdserverpb.Cluster; membership changes answer
+// Unimplemented until the replicated cluster is built.
+type connectCluster struct {
+	etcdserverpbconnect.UnimplementedClusterHandler
+	g *Gateway
+}
+
+func (h connectCluster) MemberList(ctx context.Context, r *connect.Request[pb.MemberListRequest]) (*connect.Response[pb.MemberListResponse], error) {
+	return unary(ctx, r, h.g.MemberList)
+}
+
+// connectMaintenance serves etcdserverpb.Maintenance; only Status is built so far.
+type connectMaintenance struct {
+	etcdserverpbconnect.UnimplementedMaintenanceHandler
+	g *Gateway
+}
+
+func (h connectMaintenance) Status(ctx context.Context, r *connect.Request[pb.StatusRequest]) (*connect.Response[pb.StatusResponse], error) {
+	return unary(ctx, r, h.g.Status)
+}
+
+const healthCheckPath = "/grpc.health.v1.Health/Check"
+
+// connectHealthCheck serves grpc.health.v1.Health/Check over Connect. The messages are
+// grpc-go's: grpc-go is linked anyway and registers them, so kvmesh cannot register its
+// own copy.
+func (g *Gateway) connectHealthCheck(ctx context.Context, req *connect.Request[healthv1.HealthCheckRequest]) (*connect.Response[healthv1.HealthCheckResponse], error) {
+	return unary(ctx, req, g.healthCheck)
+}
+
+// healthCheck: the server ("" service) is SERVING while its replica has a leader.
+func (g *Gateway) healthCheck(ctx context.Context, req *healthv1.HealthCheckRequest) (*healthv1.HealthCheckResponse, error) {
+	if req.GetService() != "" {
+		return nil, connect.NewError(connect.CodeNotFound, errUnknownService)
+	}
+	status := healthv1.HealthCheckResponse_SERVING
+	if err := g.check(ctx); err != nil {
+		status = healthv1.HealthCheckResponse_NOT_SERVING
+	}
+	return &healthv1.HealthCheckResponse{Status: status}, nil
+}
+
+var errUnknownService = errorString("unknown service")
+
+type errorString string
+
+func (e errorString) Error() string { return string(e) }

@@ -1,0 +1,107 @@
+package gateway
+
+import (
+	"context"
+	"math"
+
+	"google.golang.org/grpc"
+	healthv1 "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb"
+	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb"
+)
+
+// The gRPC face of the public API, on grpc-go's own HTTP/2 transport. Connections whose
+// first request is gRPC (every etcd client) are handed to this server by the listener
+// in sniff.go: grpc-go serves a unary call for about a third of the CPU that connect-go
+// on net/http's HTTP/2 server needs (BENCHMARKS.md), and that is the difference
+// between keeping up with etcd and not.
+
+func (g *Gateway) newGRPCServer() *grpc.Server {
+	opts := append(g.tel.GRPCServer(),
+		grpc.MaxRecvMsgSize(g.cfg.MaxRequestBytes+grpcOverheadBytes),
+		grpc.MaxSendMsgSize(math.MaxInt32),
+		grpc.MaxConcurrentStreams(math.MaxUint32),
+		// Reused workers keep their grown stacks; a fresh goroutine per call would
+		// grow its stack through the whole gateway-replica call chain every time.
+		grpc.NumStreamWorkers(streamWorkers),
+	)
+	s := grpc.NewServer(opts...)
+	pb.RegisterKVServer(s, grpcKV{g: g})
+	pb.RegisterClusterServer(s, grpcCluster{g: g})
+	pb.RegisterMaintenanceServer(s, grpcMaintenance{g: g})
+	// Not built yet: these answer Unimplemented.
+	pb.RegisterWatchServer(s, pb.UnimplementedWatchServer{})
+	pb.RegisterLeaseServer(s, pb.UnimplementedLeaseServer{})
+	pb.RegisterAuthServer(s, pb.UnimplementedAuthServer{})
+	v3lockpb.RegisterLockServer(s, v3lockpb.UnimplementedLockServer{})
+	v3electionpb.RegisterElectionServer(s, v3electionpb.UnimplementedElectionServer{})
+	healthv1.RegisterHealthServer(s, grpcHealth{g: g})
+	return s
+}
+
+// streamWorkers is how many goroutines grpc-go keeps for serving calls; calls beyond
+// them get goroutines of their own. Calls wait for Raft, so many are in flight.
+const streamWorkers = 1024
+
+func grpcUnary[Req, Res any](ctx context.Context, req *Req, fn func(context.Context, *Req) (*Res, error)) (*Res, error) {
+	res, err := fn(ctx, req)
+	if err != nil {
+		return nil, etcderr.ToGRPC(err)
+	}
+	return res, nil
+}
+
+type grpcKV struct {
+	pb.UnimplementedKVServer
+	g *Gateway
+}
+
+func (s grpcKV) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeResponse, error) {
+	return grpcUnary(ctx, r, s.g.Range)
+}
+
+func (s grpcKV) Put(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, error) {
+	return grpcUnary(ctx, r, s.g.Put)
+}
+
+func (s grpcKV) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
+	return grpcUnary(ctx, r, s.g.DeleteRange)
+}
+
+func (s grpcKV) Txn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
+	return grpcUnary(ctx, r, s.g.Txn)
+}
+
+func (s grpcKV) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.CompactionResponse, error) {
+	return grpcUnary(ctx, r, s.g.Compact)
+}
+
+type grpcCluster struct {
+	pb.UnimplementedClusterServer
+	g *Gateway
+}
+
+func (s grpcCluster) MemberList(ctx context.Context, r *pb.MemberListRequest) (*pb.MemberListResponse, error) {
+	return grpcUnary(ctx, r, s.g.MemberList)
+}
+
+type grpcMaintenance struct {
+	pb.UnimplementedMaintenanceServer
+	g *Gateway
+}
+
+func (s grpcMaintenance) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusResponse, error) {
+	return grpcUnary(ctx, r, s.g.Status)
+}
+
+type grpcHealth struct {
+	healthv1.UnimplementedHealthServer
+	g *Gateway
+}
+
+func (s grpcHealth) Check(ctx context.Context, r *healthv1.HealthCheckRequest) (*healthv1.HealthCheckResponse, error) {
+	return grpcUnary(ctx, r, s.g.healthCheck)
+}

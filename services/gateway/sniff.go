@@ -1,0 +1,216 @@
+package gateway
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// The client port carries every protocol. A connection that starts with the HTTP/2
+// preface (prior-knowledge h2c) and whose first request has a gRPC content type goes to
+// grpc-go; everything else (HTTP/1.1, Connect, gRPC-Web, h2c Connect) goes to net/http.
+// gRPC clients send nothing before the server's SETTINGS arrive, so the sniffer sends
+// an empty SETTINGS frame first; net/http's HTTP/2 server treats an acknowledgement of
+// SETTINGS it never sent as a protocol error, so on connections handed to it the
+// client's first SETTINGS ACK is removed (grpc-go ignores it).
+
+var clientPreface = []byte(http2.ClientPreface)
+
+const sniffTimeout = 10 * time.Second
+
+// splitListener routes accepted connections to grpcL or httpL.
+type splitListener struct {
+	l     net.Listener
+	log   *slog.Logger
+	grpcL *chanListener
+	httpL *chanListener
+}
+
+func newSplitListener(l net.Listener, log *slog.Logger) *splitListener {
+	s := &splitListener{l: l, log: log, grpcL: newChanListener(l), httpL: newChanListener(l)}
+	go s.run()
+	return s
+}
+
+func (s *splitListener) run() {
+	defer s.grpcL.Close()
+	defer s.httpL.Close()
+	for {
+		c, err := s.l.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			return
+		}
+		go s.route(c)
+	}
+}
+
+func (s *splitListener) route(c net.Conn) {
+	c.SetReadDeadline(time.Now().Add(sniffTimeout))
+	rec := &recorder{r: c}
+	isGRPC, h2, err := sniff(c, rec)
+	c.SetReadDeadline(time.Time{})
+	if err != nil {
+		s.log.Debug("closing connection that sent no request", "remote", c.RemoteAddr().String(), "err", err)
+		c.Close()
+		return
+	}
+	rc := &replayConn{Conn: c, r: io.MultiReader(bytes.NewReader(rec.buf.Bytes()), c)}
+	switch {
+	case isGRPC:
+		s.grpcL.deliver(rc)
+	case h2:
+		s.httpL.deliver(&ackFilterConn{Conn: rc, r: bufio.NewReader(rc), prefaceLeft: len(clientPreface)})
+	default:
+		s.httpL.deliver(rc)
+	}
+}
+
+// sniff reads the start of a connection: HTTP/1 (h2 false), or HTTP/2 whose first
+// request is gRPC or not.
+func sniff(c net.Conn, rec *recorder) (isGRPC, h2 bool, err error) {
+	var b [1]byte
+	for i := range clientPreface {
+		if _, err := io.ReadFull(rec, b[:]); err != nil {
+			return false, false, err
+		}
+		if b[0] != clientPreface[i] {
+			return false, false, nil // not HTTP/2 prior knowledge
+		}
+	}
+	if _, err := c.Write([]byte{0, 0, 0, byte(http2.FrameSettings), 0, 0, 0, 0, 0}); err != nil {
+		return false, true, err
+	}
+	fr := http2.NewFramer(nil, rec)
+	fr.SetMaxReadFrameSize(1 << 20)
+	fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	for range 16 {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			return false, true, err
+		}
+		if h, ok := f.(*http2.MetaHeadersFrame); ok {
+			ct := h.PseudoValue("content-type")
+			for _, hf := range h.RegularFields() {
+				if hf.Name == "content-type" {
+					ct = hf.Value
+				}
+			}
+			return strings.HasPrefix(ct, "application/grpc") && !strings.HasPrefix(ct, "application/grpc-web"), true, nil
+		}
+	}
+	return false, true, nil
+}
+
+// recorder keeps every byte read, to replay them to the chosen server.
+type recorder struct {
+	r   io.Reader
+	buf bytes.Buffer
+}
+
+func (r *recorder) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	r.buf.Write(p[:n])
+	return n, err
+}
+
+// replayConn reads the sniffed bytes again, then the connection.
+type replayConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (c *replayConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// ackFilterConn passes an HTTP/2 client's bytes through, except its first SETTINGS
+// acknowledgement (the one for the sniffer's SETTINGS).
+type ackFilterConn struct {
+	net.Conn
+	r           *bufio.Reader
+	prefaceLeft int
+	dropped     bool
+	out         []byte
+}
+
+func (c *ackFilterConn) Read(p []byte) (int, error) {
+	for len(c.out) == 0 {
+		if c.dropped {
+			return c.r.Read(p)
+		}
+		if c.prefaceLeft > 0 {
+			n, err := c.r.Read(p[:min(len(p), c.prefaceLeft)])
+			c.prefaceLeft -= n
+			return n, err
+		}
+		var hdr [9]byte
+		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
+			return 0, err
+		}
+		length := int(hdr[0])<<16 | int(hdr[1])<<8 | int(hdr[2])
+		if http2.FrameType(hdr[3]) == http2.FrameSettings && http2.Flags(hdr[4]).Has(http2.FlagSettingsAck) {
+			c.dropped = true
+			if _, err := c.r.Discard(length); err != nil {
+				return 0, err
+			}
+			continue
+		}
+		frame := make([]byte, 9+length)
+		copy(frame, hdr[:])
+		if _, err := io.ReadFull(c.r, frame[9:]); err != nil {
+			return 0, err
+		}
+		c.out = frame
+	}
+	n := copy(p, c.out)
+	c.out = c.out[n:]
+	return n, nil
+}
+
+// chanListener is a net.Listener fed by the splitter.
+type chanListener struct {
+	addr net.Addr
+	ch   chan net.Conn
+	once sync.Once
+	done chan struct{}
+}
+
+func newChanListener(parent net.Listener) *chanListener {
+	return &chanListener{addr: parent.Addr(), ch: make(chan net.Conn), done: make(chan struct{})}
+}
+
+func (l *chanListener) deliver(c net.Conn) {
+	select {
+	case l.ch <- c:
+	case <-l.done:
+		c.Close()
+	}
+}
+
+func (l *chanListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *chanListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *chanListener) Addr() net.Addr { return l.addr }
