@@ -1,17 +1,21 @@
 package replica
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"sync"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 	raftpb "go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 )
 
 var (
@@ -188,4 +192,57 @@ func (r *Replica) applyConfChange(b *pebble.Batch, cc raftpb.ConfChangeI) error 
 	}
 	t.pconf = cs
 	return b.Set(confStateKey, enc, nil)
+}
+
+// applyAttributes records a member's published name and client URLs in b.
+func (t *memberTable) applyAttributes(b *pebble.Batch, a *replicav1.MemberAttributes) error {
+	t.mu.RLock()
+	m := t.members[a.GetId()]
+	if p := t.pending[a.GetId()]; p != nil {
+		m = p
+	}
+	t.mu.RUnlock()
+	if m == nil {
+		return nil // removed meanwhile
+	}
+	m = proto.Clone(m).(*pb.Member)
+	m.Name = a.GetName()
+	m.ClientURLs = a.GetClientUrls()
+	enc, err := proto.Marshal(m)
+	if err != nil {
+		return err
+	}
+	if err := b.Set(memberKey(m.GetID()), enc, nil); err != nil {
+		return err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.pending == nil {
+		t.pending = make(map[uint64]*pb.Member)
+	}
+	t.pending[m.GetID()] = m
+	return nil
+}
+
+// publish makes the member record say what this replica's configuration says (its
+// name and client URLs), as etcd members publish their attributes when they start.
+func (r *Replica) publish() {
+	want := &replicav1.MemberAttributes{Id: r.id, Name: r.cfg.Name, ClientUrls: r.cfg.ClientURLs}
+	for {
+		if m := r.members.get(r.id); m != nil && m.GetName() == want.GetName() && slices.Equal(m.GetClientURLs(), want.GetClientUrls()) {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), r.cfg.RequestTimeout)
+		_, err := r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_MemberAttributes{MemberAttributes: want}})
+		cancel()
+		if err == nil {
+			r.log.Info("published member attributes", "name", want.GetName(), "client_urls", want.GetClientUrls())
+			return
+		}
+		select {
+		case <-r.stopc:
+			return
+		case <-time.After(time.Second):
+		}
+	}
 }

@@ -179,7 +179,13 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 				ctx = trace.ContextWithSpanContext(ctx, trace.SpanContextFromContext(w.ctx))
 			}
 			_, span := r.tracer.Start(ctx, "mvcc.apply", trace.WithAttributes(attribute.Int64("raft.index", int64(e.GetIndex()))))
-			res := r.applyRequest(ctx, wr, req)
+			var res result
+			if attrs := req.GetMemberAttributes(); attrs != nil {
+				res.err = r.members.applyAttributes(b, attrs)
+				res.resp = attrs
+			} else {
+				res = r.applyRequest(ctx, wr, req)
+			}
 			span.End()
 			if w != nil {
 				done = append(done, applied{w: w, res: res})
@@ -244,15 +250,16 @@ func (r *Replica) applyRequest(ctx context.Context, wr *mvcc.Writer, req *replic
 	return res
 }
 
-// truncateLog drops applied entries from the log, keeping catchUpEntries for slow
-// followers. The truncation is synced, which makes the applied state it relies on
-// durable first (they share Pebble's write-ahead log).
+// truncateLog drops applied entries from the log, keeping half of SnapshotCount
+// (etcd's 5000 of 10000) for followers that are slightly behind. The truncation is
+// synced, which makes the applied state it relies on durable first (they share
+// Pebble's write-ahead log).
 func (r *Replica) truncateLog() {
-	applied := r.applied.Load()
-	if applied <= catchUpEntries {
+	applied, keep := r.applied.Load(), r.cfg.SnapshotCount/2
+	if applied <= keep {
 		return
 	}
-	if err := r.raftLog.Truncate(applied-catchUpEntries, r.members.confState()); err != nil {
+	if err := r.raftLog.Truncate(applied-keep, r.members.confState()); err != nil {
 		r.log.Warn("raft log truncation failed", "err", err)
 	}
 }

@@ -92,10 +92,6 @@ func (c *Config) validate() error {
 	return nil
 }
 
-// catchUpEntries is how many applied entries stay in the log after truncation, for
-// followers that are slightly behind.
-const catchUpEntries = 5000
-
 // Replica is one member of the cluster.
 type Replica struct {
 	cfg    Config
@@ -200,6 +196,7 @@ func (r *Replica) open() error {
 	if id != nil {
 		r.id, r.clusterID = id.member, id.cluster
 		rc.ID = r.id
+		r.raftLog.SetConfState(r.members.confState())
 		r.log.Info("restarting member", "member_id", fmt.Sprintf("%x", r.id), "cluster_id", fmt.Sprintf("%x", r.clusterID), "applied", applied)
 		r.node = raft.RestartNode(rc)
 	} else {
@@ -222,9 +219,15 @@ func (r *Replica) open() error {
 	// ids never repeat across restarts.
 	r.nextID.Store(r.id<<48 | uint64(time.Now().UnixMilli())<<8&(1<<48-1))
 	r.read.init(r)
+	if cs := r.members.confState(); len(cs.GetVoters()) <= 1 {
+		// Alone (or bootstrapping alone): no one else can win, so do not wait an
+		// election timeout to lead.
+		r.node.Campaign(context.Background())
+	}
 	go r.raftLoop()
 	go r.applyLoop()
 	go r.read.run()
+	go r.publish()
 	return nil
 }
 

@@ -3,6 +3,7 @@ package mvcc
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -72,15 +73,26 @@ func (s *Store) compactRange(from, target int64) error {
 		if err := proto.Unmarshal(it.Value()[1:], kv); err != nil {
 			return fmt.Errorf("decode revision record: %w", err)
 		}
-		if done[string(kv.GetKey())] {
-			continue
-		}
-		done[string(kv.GetKey())] = true
-		deleted, err := s.compactKey(b, kv.GetKey(), target)
-		if err != nil {
+		// A key changed twice in one revision (a txn may delete a range and then
+		// put into it) has one index entry, for its last change: the earlier records
+		// of that revision are unreachable once compacted past.
+		main, sub := parseRevKey(it.Key())
+		if superseded, err := s.supersededInRevision(kv.GetKey(), main, sub); err != nil {
 			return err
+		} else if superseded {
+			if err := b.Delete(bytes.Clone(it.Key()), nil); err != nil {
+				return err
+			}
+			n++
 		}
-		n += deleted
+		if !done[string(kv.GetKey())] {
+			done[string(kv.GetKey())] = true
+			deleted, err := s.compactKey(b, kv.GetKey(), target)
+			if err != nil {
+				return err
+			}
+			n += deleted
+		}
 		if n >= compactBatch {
 			if err := b.Commit(pebble.NoSync); err != nil {
 				return err
@@ -98,6 +110,20 @@ func (s *Store) compactRange(from, target int64) error {
 		return err
 	}
 	return b.Commit(pebble.NoSync)
+}
+
+// supersededInRevision tells whether the change (main, sub) of key is not the one its
+// revision's index entry points at.
+func (s *Store) supersededInRevision(key []byte, main, sub int64) (bool, error) {
+	v, closer, err := s.db.Get(indexKey(key, main))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return true, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	defer closer.Close()
+	return len(v) != 9 || int64(binary.BigEndian.Uint64(v[1:])) != sub, nil
 }
 
 // compactKey deletes the versions of key that compaction at target makes unreachable.

@@ -3,6 +3,7 @@ package mvcc
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 )
 
 // Key layout (first byte of every key the store writes):
@@ -87,6 +88,9 @@ func indexKey(key []byte, main int64) []byte {
 
 // splitIndexKey returns the prefix ('i' + esc(key) + terminator) and the revision.
 func splitIndexKey(k []byte) (prefix []byte, main int64) {
+	if len(k) < 11 || k[0] != prefixIndex {
+		panic(fmt.Sprintf("mvcc: %q is not an index key", k))
+	}
 	n := len(k) - 8
 	return k[:n], int64(^binary.BigEndian.Uint64(k[n:]))
 }

@@ -225,7 +225,6 @@ func TestPutFailuresWriteNothing(t *testing.T) {
 		{"unknown lease on a new key", &pb.PutRequest{Key: []byte("new"), Value: []byte("x"), Lease: 2}, etcderr.ErrLeaseNotFound},
 	}
 	for _, tc := range tests {
-		// Alone in a batch, and in the middle of a batch whose other requests succeed.
 		if _, err := e.put(tc.req); !isErr(err, tc.want) {
 			t.Errorf("%s: err = %v, want %v", tc.name, err, tc.want)
 		}

@@ -151,7 +151,7 @@ func historyAt(it *pebble.Iterator, key, end []byte, rev int64, fn func(prefix [
 		prefix = bytes.Clone(prefix)
 		if main > rev {
 			// Newer than the read: jump to the newest change at or before rev.
-			if !it.SeekGE(append(bytes.Clone(prefix), target...)) {
+			if !it.SeekGE(append(bytes.Clone(prefix), target...)) || bytes.Compare(it.Key(), upper) >= 0 {
 				break
 			}
 			if p, _ := splitIndexKey(it.Key()); !bytes.Equal(p, prefix) {
@@ -175,7 +175,7 @@ func rangeHistory(ctx context.Context, it *pebble.Iterator, key, end []byte, rev
 	var count int64
 	err := historyAt(it, key, end, rev, func(_ []byte, r revision) bool {
 		count++
-		if !countOnly && (limit == 0 || int64(len(revs)) < limit) {
+		if !countOnly && (limit <= 0 || int64(len(revs)) < limit) {
 			revs = append(revs, r)
 		}
 		return true

@@ -47,6 +47,7 @@ type Store struct {
 	mu        sync.Mutex
 	hardState *pb.HardState
 	snap      *pb.SnapshotMetadata // index and term of the entry before the first one kept
+	conf      *pb.ConfState        // configuration as of the applied index, if known
 	last      uint64
 	cache     []*pb.Entry // consecutive entries ending at last
 }
@@ -89,11 +90,25 @@ func get(db *pebble.DB, key []byte, m proto.Message) error {
 	return proto.Unmarshal(v, m)
 }
 
+// SetConfState tells the store the configuration in force at the applied index
+// (which the state machine records with every applied conf change). Raft restarts from
+// the applied index without replaying older conf changes, so InitialState must report
+// this configuration rather than the older one of the last truncation.
+func (s *Store) SetConfState(cs *pb.ConfState) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.conf = proto.Clone(cs).(*pb.ConfState)
+}
+
 // InitialState implements raft.Storage.
 func (s *Store) InitialState() (*pb.HardState, *pb.ConfState, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return proto.Clone(s.hardState).(*pb.HardState), proto.Clone(s.snap.ConfState).(*pb.ConfState), nil
+	cs := s.snap.ConfState
+	if s.conf != nil {
+		cs = s.conf
+	}
+	return proto.Clone(s.hardState).(*pb.HardState), proto.Clone(cs).(*pb.ConfState), nil
 }
 
 // HardState returns the last saved HardState.
@@ -324,11 +339,14 @@ func (s *Store) Truncate(index uint64, cs *pb.ConfState) error {
 	if err := b.DeleteRange(entryKey(first), entryKey(index+1), nil); err != nil {
 		return err
 	}
+	// Hold the lock across the commit: a reader must never find entries gone from
+	// Pebble while the first index still promises them (raft tolerates only
+	// ErrCompacted there).
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	if err := b.Commit(pebble.Sync); err != nil {
 		return fmt.Errorf("raftlog: commit truncation: %w", err)
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	s.snap = meta
 	if s.last < index {
 		s.last = index

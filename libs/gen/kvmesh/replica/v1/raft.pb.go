@@ -36,6 +36,7 @@ type RaftRequest struct {
 	//	*RaftRequest_DeleteRange
 	//	*RaftRequest_Txn
 	//	*RaftRequest_Compaction
+	//	*RaftRequest_MemberAttributes
 	Request       isRaftRequest_Request `protobuf_oneof:"request"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -121,6 +122,15 @@ func (x *RaftRequest) GetCompaction() *etcdserverpb.CompactionRequest {
 	return nil
 }
 
+func (x *RaftRequest) GetMemberAttributes() *MemberAttributes {
+	if x != nil {
+		if x, ok := x.Request.(*RaftRequest_MemberAttributes); ok {
+			return x.MemberAttributes
+		}
+	}
+	return nil
+}
+
 type isRaftRequest_Request interface {
 	isRaftRequest_Request()
 }
@@ -141,6 +151,10 @@ type RaftRequest_Compaction struct {
 	Compaction *etcdserverpb.CompactionRequest `protobuf:"bytes,5,opt,name=compaction,proto3,oneof"`
 }
 
+type RaftRequest_MemberAttributes struct {
+	MemberAttributes *MemberAttributes `protobuf:"bytes,6,opt,name=member_attributes,json=memberAttributes,proto3,oneof"`
+}
+
 func (*RaftRequest_Put) isRaftRequest_Request() {}
 
 func (*RaftRequest_DeleteRange) isRaftRequest_Request() {}
@@ -149,11 +163,78 @@ func (*RaftRequest_Txn) isRaftRequest_Request() {}
 
 func (*RaftRequest_Compaction) isRaftRequest_Request() {}
 
+func (*RaftRequest_MemberAttributes) isRaftRequest_Request() {}
+
+// MemberAttributes is what a member publishes about itself when it starts: its name and
+// the client URLs MemberList reports.
+type MemberAttributes struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id is the member's ID.
+	Id uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// name is the member's name.
+	Name string `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// client_urls are the URLs clients reach the cluster at through this member.
+	ClientUrls    []string `protobuf:"bytes,3,rep,name=client_urls,json=clientUrls,proto3" json:"client_urls,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *MemberAttributes) Reset() {
+	*x = MemberAttributes{}
+	mi := &file_kvmesh_replica_v1_raft_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *MemberAttributes) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*MemberAttributes) ProtoMessage() {}
+
+func (x *MemberAttributes) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_raft_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use MemberAttributes.ProtoReflect.Descriptor instead.
+func (*MemberAttributes) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_raft_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *MemberAttributes) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *MemberAttributes) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *MemberAttributes) GetClientUrls() []string {
+	if x != nil {
+		return x.ClientUrls
+	}
+	return nil
+}
+
 var File_kvmesh_replica_v1_raft_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"\x8e\x02\n" +
+	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"\xe2\x02\n" +
 	"\vRaftRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
 	"\x03put\x18\x02 \x01(\v2\x18.etcdserverpb.PutRequestH\x00R\x03put\x12E\n" +
@@ -161,8 +242,14 @@ const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"\x03txn\x18\x04 \x01(\v2\x18.etcdserverpb.TxnRequestH\x00R\x03txn\x12A\n" +
 	"\n" +
 	"compaction\x18\x05 \x01(\v2\x1f.etcdserverpb.CompactionRequestH\x00R\n" +
-	"compactionB\t\n" +
-	"\arequestB\xc7\x01\n" +
+	"compaction\x12R\n" +
+	"\x11member_attributes\x18\x06 \x01(\v2#.kvmesh.replica.v1.MemberAttributesH\x00R\x10memberAttributesB\t\n" +
+	"\arequest\"W\n" +
+	"\x10MemberAttributes\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1f\n" +
+	"\vclient_urls\x18\x03 \x03(\tR\n" +
+	"clientUrlsB\xc7\x01\n" +
 	"\x15com.kvmesh.replica.v1B\tRaftProtoP\x01Z=github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1;replicav1\xa2\x02\x03KRX\xaa\x02\x11Kvmesh.Replica.V1\xca\x02\x11Kvmesh\\Replica\\V1\xe2\x02\x1dKvmesh\\Replica\\V1\\GPBMetadata\xea\x02\x13Kvmesh::Replica::V1b\x06proto3"
 
 var (
@@ -177,24 +264,26 @@ func file_kvmesh_replica_v1_raft_proto_rawDescGZIP() []byte {
 	return file_kvmesh_replica_v1_raft_proto_rawDescData
 }
 
-var file_kvmesh_replica_v1_raft_proto_msgTypes = make([]protoimpl.MessageInfo, 1)
+var file_kvmesh_replica_v1_raft_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
 var file_kvmesh_replica_v1_raft_proto_goTypes = []any{
 	(*RaftRequest)(nil),                     // 0: kvmesh.replica.v1.RaftRequest
-	(*etcdserverpb.PutRequest)(nil),         // 1: etcdserverpb.PutRequest
-	(*etcdserverpb.DeleteRangeRequest)(nil), // 2: etcdserverpb.DeleteRangeRequest
-	(*etcdserverpb.TxnRequest)(nil),         // 3: etcdserverpb.TxnRequest
-	(*etcdserverpb.CompactionRequest)(nil),  // 4: etcdserverpb.CompactionRequest
+	(*MemberAttributes)(nil),                // 1: kvmesh.replica.v1.MemberAttributes
+	(*etcdserverpb.PutRequest)(nil),         // 2: etcdserverpb.PutRequest
+	(*etcdserverpb.DeleteRangeRequest)(nil), // 3: etcdserverpb.DeleteRangeRequest
+	(*etcdserverpb.TxnRequest)(nil),         // 4: etcdserverpb.TxnRequest
+	(*etcdserverpb.CompactionRequest)(nil),  // 5: etcdserverpb.CompactionRequest
 }
 var file_kvmesh_replica_v1_raft_proto_depIdxs = []int32{
-	1, // 0: kvmesh.replica.v1.RaftRequest.put:type_name -> etcdserverpb.PutRequest
-	2, // 1: kvmesh.replica.v1.RaftRequest.delete_range:type_name -> etcdserverpb.DeleteRangeRequest
-	3, // 2: kvmesh.replica.v1.RaftRequest.txn:type_name -> etcdserverpb.TxnRequest
-	4, // 3: kvmesh.replica.v1.RaftRequest.compaction:type_name -> etcdserverpb.CompactionRequest
-	4, // [4:4] is the sub-list for method output_type
-	4, // [4:4] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	2, // 0: kvmesh.replica.v1.RaftRequest.put:type_name -> etcdserverpb.PutRequest
+	3, // 1: kvmesh.replica.v1.RaftRequest.delete_range:type_name -> etcdserverpb.DeleteRangeRequest
+	4, // 2: kvmesh.replica.v1.RaftRequest.txn:type_name -> etcdserverpb.TxnRequest
+	5, // 3: kvmesh.replica.v1.RaftRequest.compaction:type_name -> etcdserverpb.CompactionRequest
+	1, // 4: kvmesh.replica.v1.RaftRequest.member_attributes:type_name -> kvmesh.replica.v1.MemberAttributes
+	5, // [5:5] is the sub-list for method output_type
+	5, // [5:5] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_kvmesh_replica_v1_raft_proto_init() }
@@ -207,6 +296,7 @@ func file_kvmesh_replica_v1_raft_proto_init() {
 		(*RaftRequest_DeleteRange)(nil),
 		(*RaftRequest_Txn)(nil),
 		(*RaftRequest_Compaction)(nil),
+		(*RaftRequest_MemberAttributes)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -214,7 +304,7 @@ func file_kvmesh_replica_v1_raft_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvmesh_replica_v1_raft_proto_rawDesc), len(file_kvmesh_replica_v1_raft_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   1,
+			NumMessages:   2,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Benchmarks kvmesh's all-in-one side by side with a single-node etcd (the version
+# pinned in tools/etcd) on this machine, in one run, through the same load generator
+# (loadtest/, which speaks the public API over gRPC like etcd's own benchmark tool).
+# Workloads alternate between the two servers, ROUNDS times, and the report gives the
+# median of each and the kvmesh/etcd ratio.
+#
+#   scripts/bench.sh [ROUNDS]         (default 3; prints a Markdown table)
+#
+# Data directories live under BENCH_DIR (default: a temporary directory on the same
+# disk for both servers). Both servers run for the whole benchmark; only one is loaded
+# at a time.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+rounds=${1:-3}
+"$root/scripts/tools.sh"
+go build -o .bin/kvmesh ./services/kvmesh
+go build -o .bin/loadtest ./loadtest
+
+dir=${BENCH_DIR:-$(mktemp -d /tmp/kvmesh-bench.XXXXXX)}
+mkdir -p "$dir"
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+	[[ -n "${BENCH_DIR:-}" ]] || rm -rf "$dir"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+ep=$(free_port); pp=$(free_port); kp=$(free_port); ip=$(free_port)
+
+.bin/etcd --name bench --data-dir "$dir/etcd" --log-level error \
+	--listen-client-urls "http://127.0.0.1:$ep" --advertise-client-urls "http://127.0.0.1:$ep" \
+	--listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \
+	--initial-cluster "bench=http://127.0.0.1:$pp" >"$dir/etcd.log" 2>&1 &
+pids+=($!)
+KVMESH_REPLICA_DATA_DIR="$dir/kvmesh" KVMESH_GATEWAY_LISTEN="127.0.0.1:$kp" KVMESH_REPLICA_LISTEN="127.0.0.1:$ip" \
+	KVMESH_LOG_LEVEL=warn .bin/kvmesh >"$dir/kvmesh.log" 2>&1 &
+pids+=($!)
+for port in "$ep" "$kp"; do
+	for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
+	curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "server on $port did not start" >&2; exit 1; }
+done
+
+# The range workloads read the key "foo", present on both.
+curl -sf -H 'Content-Type: application/json' -d '{"key":"Zm9v","value":"YmFy"}' "http://127.0.0.1:$ep/v3/kv/put" >/dev/null
+curl -sf -H 'Content-Type: application/json' -d '{"key":"Zm9v","value":"YmFy"}' "http://127.0.0.1:$kp/etcdserverpb.KV/Put" >/dev/null
+
+# name | loadtest arguments (the same for both servers)
+workloads=(
+	"put, 1 conn / 1 client|--conns=1 --clients=1 put --key-size=8 --val-size=256 --total=5000"
+	"put, 100 conns / 1000 clients|--conns=100 --clients=1000 put --key-size=8 --val-size=256 --sequential-keys --total=100000"
+	"range serializable, 100 / 1000|--conns=100 --clients=1000 range foo --consistency=s --total=100000"
+	"range linearizable, 100 / 1000|--conns=100 --clients=1000 range foo --consistency=l --total=100000"
+)
+results="$dir/results.tsv"
+: >"$results"
+for round in $(seq "$rounds"); do
+	for w in "${workloads[@]}"; do
+		name=${w%%|*}
+		args=${w#*|}
+		for target in etcd kvmesh; do
+			port=$ep
+			[[ $target == kvmesh ]] && port=$kp
+			# shellcheck disable=SC2086
+			json=$(.bin/loadtest --endpoints="127.0.0.1:$port" --target-name=$target --json $args 2>/dev/null)
+			python3 - "$round" "$name" "$target" "$json" >>"$results" <<'PY'
+import json, sys
+r = json.loads(sys.argv[4])
+l = r["latency_seconds"]
+print("\t".join([sys.argv[1], sys.argv[2], sys.argv[3], str(r["requests_per_sec"]), str(l["average"]), str(l["p99"]), str(r["failed"])]))
+PY
+			echo "round $round: $name: $target done" >&2
+		done
+	done
+done
+
+python3 - "$results" "$rounds" <<'PY'
+import statistics, sys
+from collections import defaultdict
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+qps, avg, p99, failed = defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(int)
+names = []
+for _, name, target, q, a, p, f in rows:
+    if name not in names:
+        names.append(name)
+    qps[name, target].append(float(q)); avg[name, target].append(float(a)); p99[name, target].append(float(p))
+    failed[name, target] += int(f)
+m = statistics.median
+print(f"Medians of {sys.argv[2]} alternating rounds.\n")
+print("| workload | etcd req/s | kvmesh req/s | throughput kvmesh/etcd | etcd avg | kvmesh avg | latency kvmesh/etcd | etcd p99 | kvmesh p99 | failed (etcd/kvmesh) |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for n in names:
+    e, k = m(qps[n, "etcd"]), m(qps[n, "kvmesh"])
+    ea, ka = m(avg[n, "etcd"]), m(avg[n, "kvmesh"])
+    print(f"| {n} | {e:,.0f} | {k:,.0f} | **{k/e:.2f}×** | {ea*1000:.2f} ms | {ka*1000:.2f} ms | **{ka/ea:.2f}×** | {m(p99[n,'etcd'])*1000:.1f} ms | {m(p99[n,'kvmesh'])*1000:.1f} ms | {failed[n,'etcd']}/{failed[n,'kvmesh']} |")
+PY
