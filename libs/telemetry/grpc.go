@@ -15,8 +15,11 @@ import (
 // GRPCServer is the telemetry of a grpc-go server of the public API: the same etcd
 // metric names as PublicHandler, and the same traces.
 func (t *Telemetry) GRPCServer() []grpc.ServerOption {
-	return []grpc.ServerOption{
-		grpc.StatsHandler(t.grpcStats()),
+	var opts []grpc.ServerOption
+	if t.tracing {
+		opts = append(opts, grpc.StatsHandler(t.grpcStats()))
+	}
+	return append(opts,
 		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
 			p := t.rpc.proc(connect.Spec{Procedure: info.FullMethod, StreamType: connect.StreamTypeUnary})
 			p.started.Inc()
@@ -40,7 +43,7 @@ func (t *Telemetry) GRPCServer() []grpc.ServerOption {
 			p.doneCode(start, int(status.Code(err)))
 			return err
 		}),
-	}
+	)
 }
 
 func (t *Telemetry) grpcStats() stats.Handler {

@@ -43,6 +43,9 @@ type Telemetry struct {
 	Tracer   trace.TracerProvider
 	Registry *prometheus.Registry
 
+	// tracing is whether spans go anywhere; without it no tracing interceptor is
+	// installed at all (even a no-op tracer costs attribute building per call).
+	tracing  bool
 	rpc      *rpcMetrics
 	shutdown []func(context.Context) error
 }
@@ -79,6 +82,7 @@ func New(ctx context.Context, service string, cfg Config, logOut io.Writer) (*Te
 		}
 		tp := sdktrace.NewTracerProvider(sdktrace.WithResource(res), sdktrace.WithBatcher(exp))
 		t.Tracer = tp
+		t.tracing = true
 		t.shutdown = append(t.shutdown, tp.Shutdown)
 	}
 	otel.SetTextMapPropagator(propagation.NewCompositeTextMapPropagator(propagation.TraceContext{}, propagation.Baggage{}))
@@ -86,9 +90,12 @@ func New(ctx context.Context, service string, cfg Config, logOut io.Writer) (*Te
 	return t, nil
 }
 
-// WithTracerProvider replaces the tracer provider, for tests with an in-memory
-// exporter.
-func (t *Telemetry) WithTracerProvider(tp trace.TracerProvider) { t.Tracer = tp }
+// WithTracerProvider replaces the tracer provider and turns tracing on, for tests with
+// an in-memory exporter. Call it before building clients and handlers.
+func (t *Telemetry) WithTracerProvider(tp trace.TracerProvider) {
+	t.Tracer = tp
+	t.tracing = true
+}
 
 // InternalClient is the option set for clients of kvmesh's internal APIs: traced, over
 // the Connect protocol (which needs no HTTP trailers, so it also runs in-process, see
@@ -96,7 +103,7 @@ func (t *Telemetry) WithTracerProvider(tp trace.TracerProvider) { t.Tracer = tp 
 // where gzip costs more CPU than it saves).
 func (t *Telemetry) InternalClient() []connect.ClientOption {
 	return []connect.ClientOption{
-		connect.WithInterceptors(t.interceptor(true)),
+		connect.WithInterceptors(t.interceptors(true)...),
 		connect.WithAcceptCompression("gzip", nil, nil),
 	}
 }
@@ -104,7 +111,7 @@ func (t *Telemetry) InternalClient() []connect.ClientOption {
 // InternalHandler is the option set for handlers of kvmesh's internal APIs.
 func (t *Telemetry) InternalHandler() []connect.HandlerOption {
 	return []connect.HandlerOption{
-		connect.WithInterceptors(t.interceptor(true)),
+		connect.WithInterceptors(t.interceptors(true)...),
 		connect.WithCompression("gzip", nil, nil),
 	}
 }
@@ -114,14 +121,17 @@ func (t *Telemetry) InternalHandler() []connect.HandlerOption {
 // cost what they cost on etcd (a grpc-go server does not compress unless told to).
 func (t *Telemetry) PublicHandler() []connect.HandlerOption {
 	return []connect.HandlerOption{
-		connect.WithInterceptors(t.rpc, t.interceptor(false)),
+		connect.WithInterceptors(append([]connect.Interceptor{t.rpc}, t.interceptors(false)...)...),
 		connect.WithCompressMinBytes(64 << 10),
 	}
 }
 
-// interceptor traces and measures RPCs. Internal links trust the caller's trace so
-// that a request is one trace from the gateway to the apply.
-func (t *Telemetry) interceptor(internal bool) connect.Interceptor {
+// interceptors trace RPCs when tracing is on. Internal links trust the caller's trace
+// so that a request is one trace from the gateway to the apply.
+func (t *Telemetry) interceptors(internal bool) []connect.Interceptor {
+	if !t.tracing {
+		return nil
+	}
 	opts := []otelconnect.Option{
 		otelconnect.WithTracerProvider(t.Tracer),
 		otelconnect.WithPropagator(otel.GetTextMapPropagator()),
@@ -138,7 +148,7 @@ func (t *Telemetry) interceptor(internal bool) connect.Interceptor {
 		// Only invalid options fail, and ours are fixed.
 		panic(fmt.Sprintf("otelconnect interceptor: %v", err))
 	}
-	return i
+	return []connect.Interceptor{i}
 }
 
 // MetricsHandler serves the registry in Prometheus text format.
