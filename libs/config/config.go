@@ -6,6 +6,8 @@ package config
 import (
 	"context"
 	"fmt"
+	"reflect"
+	"strings"
 
 	"github.com/sethvargo/go-envconfig"
 )
@@ -22,10 +24,34 @@ func LoadFrom(ctx context.Context, prefix string, l envconfig.Lookuper, v any) e
 		Target:   v,
 		Lookuper: envconfig.PrefixLookuper(prefix, l),
 	})
-	if err != nil {
-		return fmt.Errorf("invalid configuration: %w", err)
+	if err == nil {
+		return nil
 	}
-	return nil
+	// go-envconfig names the struct field ("TickInterval: …"); users set variables.
+	msg := err.Error()
+	if field, rest, ok := strings.Cut(msg, ": "); ok {
+		if name := envName(v, field); name != "" {
+			return fmt.Errorf("%s%s: %s", prefix, name, rest)
+		}
+	}
+	return fmt.Errorf("invalid configuration (%s…): %w", prefix, err)
+}
+
+// envName returns the variable name (without prefix) of the struct field called field.
+func envName(v any, field string) string {
+	t := reflect.TypeOf(v)
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct {
+		return ""
+	}
+	f, ok := t.FieldByName(field)
+	if !ok {
+		return ""
+	}
+	name, _, _ := strings.Cut(f.Tag.Get("env"), ",")
+	return strings.TrimSpace(name)
 }
 
 // MapLookuper returns a Lookuper over a fixed map, for tests.

@@ -39,7 +39,8 @@ type Config struct {
 	EnablePprof bool `env:"ENABLE_PPROF, default=false"`
 }
 
-func (c *Config) validate() error {
+// Validate checks the configuration; errors name the variable.
+func (c *Config) Validate() error {
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("KVMESH_GATEWAY_LISTEN: %w", err)
 	}
@@ -80,7 +81,7 @@ type Gateway struct {
 // New builds a gateway; call Listen, then Serve. client carries the internal API calls
 // to the replicas; nil means h2c over the network.
 func New(cfg Config, tel *telemetry.Telemetry, client *http.Client) (*Gateway, error) {
-	if err := cfg.validate(); err != nil {
+	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	g := &Gateway{cfg: cfg, tel: tel, log: tel.Log.With("role", "gateway")}

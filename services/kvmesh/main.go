@@ -44,6 +44,10 @@ func run() error {
 	if err := config.Load(ctx, "KVMESH_GATEWAY_", &gcfg); err != nil {
 		return err
 	}
+	// Check everything before starting anything.
+	if err := errors.Join(rcfg.Validate(), gcfg.Validate()); err != nil {
+		return err
+	}
 	if _, set := os.LookupEnv("KVMESH_REPLICA_CLIENT_URLS"); !set {
 		// Clients reach this member through its own gateway.
 		rcfg.ClientURLs = []string{"http://" + gcfg.Listen}

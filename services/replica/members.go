@@ -191,6 +191,7 @@ func (r *Replica) applyConfChange(b *pebble.Batch, cc raftpb.ConfChangeI) error 
 		return err
 	}
 	t.pconf = cs
+	r.campaignIfAlone(cs)
 	return b.Set(confStateKey, enc, nil)
 }
 

@@ -28,6 +28,7 @@ import (
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
 	"go.etcd.io/raft/v3"
+	raftpb "go.etcd.io/raft/v3/raftpb"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 
@@ -69,7 +70,8 @@ type Config struct {
 	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT, default=7s"`
 }
 
-func (c *Config) validate() error {
+// Validate checks the configuration; errors name the variable.
+func (c *Config) Validate() error {
 	switch {
 	case c.Name == "":
 		return errors.New("KVMESH_REPLICA_NAME: must not be empty")
@@ -132,7 +134,7 @@ type Replica struct {
 // New opens (or creates) the replica's data and starts its Raft node. Call Serve to
 // answer the internal API and Stop to shut down.
 func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
-	if err := cfg.validate(); err != nil {
+	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
@@ -219,16 +221,23 @@ func (r *Replica) open() error {
 	// ids never repeat across restarts.
 	r.nextID.Store(r.id<<48 | uint64(time.Now().UnixMilli())<<8&(1<<48-1))
 	r.read.init(r)
-	if cs := r.members.confState(); len(cs.GetVoters()) <= 1 {
-		// Alone (or bootstrapping alone): no one else can win, so do not wait an
-		// election timeout to lead.
-		r.node.Campaign(context.Background())
+	if id != nil {
+		r.campaignIfAlone(r.members.confState())
 	}
 	go r.raftLoop()
 	go r.applyLoop()
 	go r.read.run()
 	go r.publish()
 	return nil
+}
+
+// campaignIfAlone starts an election at once when this member is the only voter: no
+// one else can win, so waiting an election timeout would only delay the first write.
+// (A bootstrapping member can campaign only once its first configuration is applied.)
+func (r *Replica) campaignIfAlone(cs *raftpb.ConfState) {
+	if v := cs.GetVoters(); len(v) == 1 && v[0] == r.id && r.leader.Load() == raft.None {
+		go r.node.Campaign(context.Background())
+	}
 }
 
 // memberID derives a member's ID from what identifies it, as etcd does.

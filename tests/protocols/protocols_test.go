@@ -1,0 +1,234 @@
+// Package protocols checks, black-box against the real all-in-one binary, that every
+// protocol kvmesh serves on its one client port works: gRPC (grpc-go clients, as etcd's
+// clients are), Connect binary and JSON over h2c and HTTP/1.1, gRPC-Web, the gRPC
+// health service, the plain HTTP endpoints, and Unimplemented for what is not built.
+//
+// It uses kvmesh's own generated clients, so it never links etcd's client (both
+// register the etcdserverpb protobuf names); package e2e does the opposite.
+package protocols
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"net/http"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/tests/harness"
+)
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func start(t *testing.T) *harness.Server {
+	t.Helper()
+	if kind, _ := harness.Target(); kind != harness.KindKvmesh {
+		t.Skip("protocol tests are about kvmesh's own server")
+	}
+	return harness.StartKvmesh(t, harness.Options{Name: "protocols"})
+}
+
+// TestEveryProtocolReadsWhatAnotherWrote writes through one protocol and reads through
+// the next, so each sees the others' writes.
+func TestEveryProtocolReadsWhatAnotherWrote(t *testing.T) {
+	srv := start(t)
+	base := srv.ClientURL()
+
+	conn, err := grpc.NewClient(srv.Endpoint(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	grpcKV := pb.NewKVClient(conn)
+
+	h1 := &http.Client{Transport: &http.Transport{}} // HTTP/1.1 only
+	clients := []struct {
+		name string
+		kv   etcdserverpbconnect.KVClient
+	}{
+		{"connect binary over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(), base)},
+		{"connect JSON over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(), base, connect.WithProtoJSON())},
+		{"connect binary over HTTP/1.1", etcdserverpbconnect.NewKVClient(h1, base)},
+		{"gRPC-Web over HTTP/1.1", etcdserverpbconnect.NewKVClient(h1, base, connect.WithGRPCWeb())},
+		{"gRPC-Web over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(), base, connect.WithGRPCWeb())},
+		{"gRPC (connect-go client) over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(), base, connect.WithGRPC())},
+	}
+	prev := []byte("start")
+	put, err := grpcKV.Put(ctxT(t), &pb.PutRequest{Key: []byte("proto"), Value: prev, PrevKv: true})
+	if err != nil {
+		t.Fatalf("grpc-go Put: %v", err)
+	}
+	rev := put.GetHeader().GetRevision()
+	for _, c := range clients {
+		got, err := c.kv.Range(ctxT(t), connect.NewRequest(&pb.RangeRequest{Key: []byte("proto")}))
+		if err != nil {
+			t.Fatalf("%s: Range: %v", c.name, err)
+		}
+		if kvs := got.Msg.GetKvs(); len(kvs) != 1 || !bytes.Equal(kvs[0].GetValue(), prev) || got.Msg.GetHeader().GetRevision() != rev {
+			t.Fatalf("%s: Range = %v at revision %d, want %q at %d", c.name, kvs, got.Msg.GetHeader().GetRevision(), prev, rev)
+		}
+		val := []byte(c.name)
+		resp, err := c.kv.Put(ctxT(t), connect.NewRequest(&pb.PutRequest{Key: []byte("proto"), Value: val, PrevKv: true}))
+		if err != nil {
+			t.Fatalf("%s: Put: %v", c.name, err)
+		}
+		if !bytes.Equal(resp.Msg.GetPrevKv().GetValue(), prev) || resp.Msg.GetHeader().GetRevision() != rev+1 {
+			t.Fatalf("%s: Put answered prev %q revision %d, want prev %q revision %d", c.name, resp.Msg.GetPrevKv().GetValue(), resp.Msg.GetHeader().GetRevision(), prev, rev+1)
+		}
+		prev, rev = val, rev+1
+	}
+	got, err := grpcKV.Range(ctxT(t), &pb.RangeRequest{Key: []byte("proto")})
+	if err != nil || len(got.GetKvs()) != 1 || !bytes.Equal(got.GetKvs()[0].GetValue(), prev) {
+		t.Fatalf("grpc-go Range after all writes: %v, %v; want %q", got, err, prev)
+	}
+}
+
+// TestConnectJSONWithCurlShapes checks the JSON face that the README tour uses:
+// base64 bytes, 64-bit integers as strings, camelCase field names.
+func TestConnectJSONWithCurlShapes(t *testing.T) {
+	srv := start(t)
+	post := func(path, body string) map[string]any {
+		t.Helper()
+		resp, err := http.Post(srv.ClientURL()+path, "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		raw, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("POST %s: %s %s", path, resp.Status, raw)
+		}
+		var m map[string]any
+		if err := json.Unmarshal(raw, &m); err != nil {
+			t.Fatalf("POST %s: %v in %s", path, err, raw)
+		}
+		return m
+	}
+	post("/etcdserverpb.KV/Put", `{"key":"Zm9v","value":"YmFy"}`)
+	m := post("/etcdserverpb.KV/Range", `{"key":"Zm9v"}`)
+	kvs, _ := m["kvs"].([]any)
+	if len(kvs) != 1 {
+		t.Fatalf("range answered %v", m)
+	}
+	kv := kvs[0].(map[string]any)
+	if kv["key"] != "Zm9v" || kv["value"] != "YmFy" || kv["modRevision"] != "2" || m["count"] != "1" {
+		t.Fatalf("JSON range = %v; want key Zm9v, value YmFy, modRevision \"2\", count \"1\"", m)
+	}
+	// An error is Connect's JSON error with etcd's code and message.
+	resp, err := http.Post(srv.ClientURL()+"/etcdserverpb.KV/Range", "application/json", strings.NewReader(`{}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var e struct{ Code, Message string }
+	json.NewDecoder(resp.Body).Decode(&e)
+	if resp.StatusCode != http.StatusBadRequest || e.Code != "invalid_argument" || e.Message != "etcdserver: key is not provided" {
+		t.Fatalf("empty key over JSON: %s %+v", resp.Status, e)
+	}
+}
+
+func TestHealthAndUnbuiltServices(t *testing.T) {
+	srv := start(t)
+	conn, err := grpc.NewClient(srv.Endpoint(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	h, err := healthpb.NewHealthClient(conn).Check(ctxT(t), &healthpb.HealthCheckRequest{})
+	if err != nil || h.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("grpc.health.v1 Check: %v, %v; want SERVING", h, err)
+	}
+	if _, err := healthpb.NewHealthClient(conn).Check(ctxT(t), &healthpb.HealthCheckRequest{Service: "nope"}); status.Code(err) != codes.NotFound {
+		t.Fatalf("health of an unknown service: %v, want NotFound", err)
+	}
+
+	// Not built yet: they say so, over every protocol.
+	if _, err := pb.NewLeaseClient(conn).LeaseGrant(ctxT(t), &pb.LeaseGrantRequest{TTL: 5}); status.Code(err) != codes.Unimplemented {
+		t.Fatalf("gRPC LeaseGrant: %v, want Unimplemented", err)
+	}
+	w, err := pb.NewWatchClient(conn).Watch(ctxT(t))
+	if err == nil {
+		w.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{Key: []byte("k")}}})
+		_, err = w.Recv()
+	}
+	if status.Code(err) != codes.Unimplemented {
+		t.Fatalf("gRPC Watch: %v, want Unimplemented", err)
+	}
+	_, err = etcdserverpbconnect.NewAuthClient(h2c.NewClient(), srv.ClientURL()).AuthStatus(ctxT(t), connect.NewRequest(&pb.AuthStatusRequest{}))
+	var ce *connect.Error
+	if !errors.As(err, &ce) || ce.Code() != connect.CodeUnimplemented {
+		t.Fatalf("Connect AuthStatus: %v, want Unimplemented", err)
+	}
+
+	for path, want := range map[string]string{
+		"/health":  `"health":"true"`,
+		"/livez":   "ok",
+		"/readyz":  "ok",
+		"/metrics": "etcd_server_has_leader 1",
+	} {
+		resp, err := http.Get(srv.ClientURL() + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), want) {
+			t.Fatalf("GET %s: %s, body lacks %q:\n%.500s", path, resp.Status, want, body)
+		}
+	}
+	resp, err := http.Get(srv.ClientURL() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(body), `grpc_server_handled_total{grpc_code="OK",grpc_method="Check",grpc_service="grpc.health.v1.Health",grpc_type="unary"} 1`) {
+		t.Fatalf("/metrics does not count the health check under etcd's gRPC metric names")
+	}
+}
+
+// TestBadConfigurationFailsWithOneLine starts the binary with bad settings: it must
+// exit at once, with one line naming the variable.
+func TestBadConfigurationFailsWithOneLine(t *testing.T) {
+	if kind, _ := harness.Target(); kind != harness.KindKvmesh {
+		t.Skip("about kvmesh's own configuration")
+	}
+	bin, err := harness.KvmeshBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for variable, value := range map[string]string{
+		"KVMESH_REPLICA_TICK_INTERVAL":     "soon",
+		"KVMESH_REPLICA_ELECTION_TICKS":    "1",
+		"KVMESH_GATEWAY_LISTEN":            "nowhere",
+		"KVMESH_GATEWAY_MAX_REQUEST_BYTES": "-5",
+		"KVMESH_LOG_LEVEL":                 "loud",
+	} {
+		cmd := exec.Command(bin)
+		cmd.Env = append(cmd.Environ(), "KVMESH_REPLICA_DATA_DIR="+t.TempDir(), variable+"="+value)
+		out, err := cmd.CombinedOutput()
+		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+		if err == nil || len(lines) != 1 || !strings.Contains(lines[0], variable) {
+			t.Errorf("%s=%s: exit %v, output %q; want failure with one line naming %s", variable, value, err, out, variable)
+		}
+	}
+}
