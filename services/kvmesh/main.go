@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -27,6 +28,11 @@ func main() {
 }
 
 func run() error {
+	if _, set := os.LookupEnv("GOGC"); !set {
+		// Serving a request allocates briefly and keeps little: collecting half as
+		// often saves several percent of CPU for a small, bounded heap.
+		debug.SetGCPercent(200)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 

@@ -222,6 +222,7 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 	r.kv.Committed(wr)
 	r.members.committed()
 	r.applied.Store(last)
+	r.appliedTerm.Store(ents[len(ents)-1].GetTerm())
 	r.m.applied.Add(float64(n))
 	r.appliedMu.Lock()
 	close(r.appliedNotify)
@@ -336,11 +337,16 @@ func (r *Replica) proposeError(ctx context.Context, err error) error {
 
 // waitApplied blocks until index is applied.
 func (r *Replica) waitApplied(ctx context.Context, index uint64) error {
+	return r.waitAppliedInTerm(ctx, index, 0)
+}
+
+// waitAppliedInTerm blocks until index is applied and so is an entry of term or later.
+func (r *Replica) waitAppliedInTerm(ctx context.Context, index, term uint64) error {
 	for {
 		r.appliedMu.Lock()
 		ch := r.appliedNotify
 		r.appliedMu.Unlock()
-		if r.applied.Load() >= index {
+		if r.applied.Load() >= index && r.appliedTerm.Load() >= term {
 			return nil
 		}
 		select {

@@ -108,7 +108,12 @@ func (l *readLoop) round(seq uint64) error {
 			if len(rs.RequestCtx) != 8 || binary.BigEndian.Uint64(rs.RequestCtx) != seq {
 				continue // an older round's answer
 			}
-			if err := r.waitApplied(ctx, rs.Index); err != nil {
+			// raft answers a lone voter's ReadIndex with its commit index at once,
+			// even before it has committed an entry of its term; after a restart that
+			// index can trail entries that were committed (and acknowledged) before
+			// the crash. An applied entry of the current term proves every earlier
+			// entry committed and applied.
+			if err := r.waitAppliedInTerm(ctx, rs.Index, r.term.Load()); err != nil {
 				return etcderr.ErrTimeoutWaitAppliedIndex
 			}
 			return nil

@@ -27,6 +27,7 @@ import (
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/bloom"
+	"github.com/cockroachdb/pebble/v2/vfs"
 	"go.etcd.io/raft/v3"
 	raftpb "go.etcd.io/raft/v3/raftpb"
 	"go.opentelemetry.io/otel/trace"
@@ -68,6 +69,9 @@ type Config struct {
 	MaxTxnOps int `env:"MAX_TXN_OPS, default=128"`
 	// RequestTimeout bounds how long a proposal waits to be applied.
 	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT, default=7s"`
+
+	// fs replaces the file system under Pebble, for tests that inject disk faults.
+	fs vfs.FS
 }
 
 // Validate checks the configuration; errors name the variable.
@@ -110,9 +114,10 @@ type Replica struct {
 	id, clusterID uint64
 	members       *memberTable
 
-	term    atomic.Uint64
-	leader  atomic.Uint64
-	applied atomic.Uint64
+	term        atomic.Uint64
+	leader      atomic.Uint64
+	applied     atomic.Uint64
+	appliedTerm atomic.Uint64 // term of the last applied entry
 
 	appliedMu     sync.Mutex
 	appliedNotify chan struct{} // closed and replaced after every apply
@@ -140,7 +145,11 @@ func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("KVMESH_REPLICA_DATA_DIR: %w", err)
 	}
-	db, err := pebble.Open(filepath.Join(cfg.DataDir, "db"), pebbleOptions(tel.Log))
+	opts := pebbleOptions(tel.Log)
+	if cfg.fs != nil {
+		opts.FS = cfg.fs
+	}
+	db, err := pebble.Open(filepath.Join(cfg.DataDir, "db"), opts)
 	if err != nil {
 		return nil, fmt.Errorf("open pebble in %s: %w", cfg.DataDir, err)
 	}
@@ -182,6 +191,9 @@ func (r *Replica) open() error {
 		return err
 	}
 	r.applied.Store(applied)
+	if t, err := r.raftLog.Term(applied); err == nil {
+		r.appliedTerm.Store(t)
+	}
 	r.m = newMetrics(r)
 
 	rc := &raft.Config{

@@ -121,13 +121,16 @@ func (s *Store) snapshot() (*view, error) {
 		return nil, err
 	}
 	v := &view{it: it, rev: 1, compactRev: -1}
-	if it.SeekGE(metaRevKey) && bytes.Equal(it.Key(), metaRevKey) {
-		v.rev = decodeInt(it.Value())
+	// One seek, then steps: the metadata keys sort together ("mc" < "mf" < "mr").
+	for ok := it.SeekGE(metaCompactKey); ok && it.Key()[0] == prefixMeta; ok = it.Next() {
+		switch {
+		case bytes.Equal(it.Key(), metaCompactKey):
+			v.compactRev = decodeInt(it.Value())
+		case bytes.Equal(it.Key(), metaRevKey):
+			v.rev = decodeInt(it.Value())
+		}
 	}
-	if it.SeekGE(metaCompactKey) && bytes.Equal(it.Key(), metaCompactKey) {
-		v.compactRev = decodeInt(it.Value())
-	}
-	return v, nil
+	return v, it.Error()
 }
 
 // Range answers a RangeRequest from the committed state.
