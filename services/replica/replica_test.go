@@ -15,9 +15,9 @@ import (
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
 	raftpb "go.etcd.io/raft/v3/raftpb"
-	"google.golang.org/protobuf/proto"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
