@@ -31,14 +31,20 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ep=$(free_port); pp=$(free_port); kp=$(free_port); ip=$(free_port)
 
+etcd_pid=""
 .bin/etcd --name bench --data-dir "$dir/etcd" --log-level error \
 	--listen-client-urls "http://127.0.0.1:$ep" --advertise-client-urls "http://127.0.0.1:$ep" \
 	--listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \
 	--initial-cluster "bench=http://127.0.0.1:$pp" >"$dir/etcd.log" 2>&1 &
+etcd_pid=$!
 pids+=($!)
 KVMESH_REPLICA_DATA_DIR="$dir/kvmesh" KVMESH_GATEWAY_LISTEN="127.0.0.1:$kp" KVMESH_REPLICA_LISTEN="127.0.0.1:$ip" \
 	KVMESH_LOG_LEVEL=warn .bin/kvmesh >"$dir/kvmesh.log" 2>&1 &
+kvmesh_pid=$!
 pids+=($!)
+
+# CPU time (user+system, clock ticks) a process has used so far.
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 for port in "$ep" "$kp"; do
 	for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
 	curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "server on $port did not start" >&2; exit 1; }
@@ -62,15 +68,18 @@ for round in $(seq "$rounds"); do
 		name=${w%%|*}
 		args=${w#*|}
 		for target in etcd kvmesh; do
-			port=$ep
-			[[ $target == kvmesh ]] && port=$kp
+			port=$ep pid=$etcd_pid
+			[[ $target == kvmesh ]] && port=$kp pid=$kvmesh_pid
+			before=$(cpu_ticks "$pid")
 			# shellcheck disable=SC2086
 			json=$(.bin/loadtest --endpoints="127.0.0.1:$port" --target-name=$target --json $args 2>/dev/null)
-			python3 - "$round" "$name" "$target" "$json" >>"$results" <<'PY'
+			after=$(cpu_ticks "$pid")
+			python3 - "$round" "$name" "$target" "$json" "$((after - before))" "$(getconf CLK_TCK)" >>"$results" <<'PY'
 import json, sys
 r = json.loads(sys.argv[4])
 l = r["latency_seconds"]
-print("\t".join([sys.argv[1], sys.argv[2], sys.argv[3], str(r["requests_per_sec"]), str(l["average"]), str(l["p99"]), str(r["failed"])]))
+cpu_us = int(sys.argv[5]) / int(sys.argv[6]) * 1e6 / max(r["succeeded"], 1)
+print("\t".join([sys.argv[1], sys.argv[2], sys.argv[3], str(r["requests_per_sec"]), str(l["average"]), str(l["p99"]), str(r["failed"]), str(cpu_us)]))
 PY
 			echo "round $round: $name: $target done" >&2
 		done
@@ -81,19 +90,20 @@ python3 - "$results" "$rounds" <<'PY'
 import statistics, sys
 from collections import defaultdict
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
-qps, avg, p99, failed = defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(int)
+qps, avg, p99, cpu, failed = defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(list), defaultdict(int)
 names = []
-for _, name, target, q, a, p, f in rows:
+for _, name, target, q, a, p, f, c in rows:
     if name not in names:
         names.append(name)
     qps[name, target].append(float(q)); avg[name, target].append(float(a)); p99[name, target].append(float(p))
+    cpu[name, target].append(float(c))
     failed[name, target] += int(f)
 m = statistics.median
 print(f"Medians of {sys.argv[2]} alternating rounds.\n")
-print("| workload | etcd req/s | kvmesh req/s | throughput kvmesh/etcd | etcd avg | kvmesh avg | latency kvmesh/etcd | etcd p99 | kvmesh p99 | failed (etcd/kvmesh) |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| workload | etcd req/s | kvmesh req/s | throughput kvmesh/etcd | etcd avg | kvmesh avg | latency kvmesh/etcd | etcd p99 | kvmesh p99 | server CPU/req etcd | kvmesh | CPU kvmesh/etcd | failed (etcd/kvmesh) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for n in names:
     e, k = m(qps[n, "etcd"]), m(qps[n, "kvmesh"])
     ea, ka = m(avg[n, "etcd"]), m(avg[n, "kvmesh"])
-    print(f"| {n} | {e:,.0f} | {k:,.0f} | **{k/e:.2f}×** | {ea*1000:.2f} ms | {ka*1000:.2f} ms | **{ka/ea:.2f}×** | {m(p99[n,'etcd'])*1000:.1f} ms | {m(p99[n,'kvmesh'])*1000:.1f} ms | {failed[n,'etcd']}/{failed[n,'kvmesh']} |")
+    print(f"| {n} | {e:,.0f} | {k:,.0f} | **{k/e:.2f}×** | {ea*1000:.2f} ms | {ka*1000:.2f} ms | **{ka/ea:.2f}×** | {m(p99[n,'etcd'])*1000:.1f} ms | {m(p99[n,'kvmesh'])*1000:.1f} ms | {m(cpu[n,'etcd']):.0f} µs | {m(cpu[n,'kvmesh']):.0f} µs | **{m(cpu[n,'kvmesh'])/m(cpu[n,'etcd']):.2f}×** | {failed[n,'etcd']}/{failed[n,'kvmesh']} |")
 PY

@@ -19,9 +19,11 @@ import (
 	"sync/atomic"
 
 	"github.com/cockroachdb/pebble/v2"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
 )
 
 // Leases tells the store whether a lease exists, for puts that attach one.
@@ -36,11 +38,20 @@ type NoLeases struct{}
 // Exists implements Leases.
 func (NoLeases) Exists(int64) bool { return false }
 
+// keyMeta is what a put needs to know of a key's live version. The store keeps it in
+// memory for every live key (as etcd keeps its key index in memory), so that a put
+// reads nothing from Pebble unless it needs the previous value itself.
+type keyMeta struct{ create, version, lease int64 }
+
 // Store is the MVCC key-value store.
 type Store struct {
 	db     *pebble.DB
 	log    *slog.Logger
 	leases Leases
+
+	// live holds every live key's keyMeta. Only the apply goroutine (Writers and
+	// Committed) uses it.
+	live map[string]keyMeta
 
 	rev        atomic.Int64 // committed current revision
 	compactRev atomic.Int64 // scheduled compaction revision, -1 when never compacted
@@ -75,6 +86,9 @@ func Open(db *pebble.DB, leases Leases, log *slog.Logger) (*Store, error) {
 	}
 	s.rev.Store(rev)
 	s.compactRev.Store(compact)
+	if err := s.loadLive(); err != nil {
+		return nil, err
+	}
 	go s.compactLoop()
 	if compact > s.compacted {
 		s.log.Info("resuming interrupted compaction", "from", s.compacted, "to", compact)
@@ -93,6 +107,24 @@ func getInt(db *pebble.DB, key []byte, def int64) (int64, error) {
 	}
 	defer closer.Close()
 	return decodeInt(v), nil
+}
+
+// loadLive fills the in-memory metadata of live keys from the current-version table.
+func (s *Store) loadLive() error {
+	s.live = make(map[string]keyMeta)
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte{prefixCurrent}, UpperBound: []byte{prefixCurrent + 1}})
+	if err != nil {
+		return err
+	}
+	defer it.Close()
+	for it.First(); it.Valid(); it.Next() {
+		kv := &mvccpb.KeyValue{}
+		if err := proto.Unmarshal(it.Value(), kv); err != nil {
+			return fmt.Errorf("mvcc: decode current version of %q: %w", it.Key()[1:], err)
+		}
+		s.live[string(kv.GetKey())] = keyMeta{create: kv.GetCreateRevision(), version: kv.GetVersion(), lease: kv.GetLease()}
+	}
+	return it.Error()
 }
 
 // Close stops the background compactor.
@@ -182,6 +214,26 @@ type Writer struct {
 	rev        int64
 	compactRev int64
 	compacted  bool
+	pending    map[string]*keyMeta // live-key changes of this batch; nil means deleted
+}
+
+// meta returns key's live metadata as of the requests applied so far.
+func (w *Writer) meta(key []byte) (keyMeta, bool) {
+	if m, ok := w.pending[string(key)]; ok {
+		if m == nil {
+			return keyMeta{}, false
+		}
+		return *m, true
+	}
+	m, ok := w.s.live[string(key)]
+	return m, ok
+}
+
+func (w *Writer) setMeta(key []byte, m *keyMeta) {
+	if w.pending == nil {
+		w.pending = make(map[string]*keyMeta)
+	}
+	w.pending[string(key)] = m
 }
 
 // NewWriter starts applying into b, which must be an indexed batch (writes read their
@@ -194,7 +246,7 @@ func (s *Store) NewWriter(b *pebble.Batch) *Writer {
 func (w *Writer) Rev() int64 { return w.rev }
 
 func (w *Writer) begin() *txn {
-	return &txn{s: w.s, b: w.b, beginRev: w.rev, compactRev: w.compactRev}
+	return &txn{s: w.s, w: w, b: w.b, beginRev: w.rev, compactRev: w.compactRev}
 }
 
 func (w *Writer) end(t *txn) {
@@ -255,6 +307,13 @@ func (w *Writer) Finish() error {
 
 // Committed publishes what a committed Writer applied.
 func (s *Store) Committed(w *Writer) {
+	for k, m := range w.pending {
+		if m == nil {
+			delete(s.live, k)
+		} else {
+			s.live[k] = *m
+		}
+	}
 	s.rev.Store(w.rev)
 	if w.compacted {
 		s.compactRev.Store(w.compactRev)

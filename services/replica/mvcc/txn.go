@@ -20,6 +20,7 @@ import (
 // A read-only txn reads one shared iterator; a writing txn reads through its batch.
 type txn struct {
 	s          *Store
+	w          *Writer // nil for a read-only txn
 	b          *pebble.Batch
 	shared     *pebble.Iterator
 	beginRev   int64
@@ -95,11 +96,7 @@ func (t *txn) checkPut(r *pb.PutRequest) error {
 		return etcderr.ErrLeaseNotFound
 	}
 	if r.GetIgnoreValue() || r.GetIgnoreLease() {
-		prev, err := t.current(r.GetKey())
-		if err != nil {
-			return err
-		}
-		if prev == nil {
+		if _, ok := t.w.meta(r.GetKey()); !ok {
 			return etcderr.ErrKeyNotFound
 		}
 	}
@@ -107,9 +104,14 @@ func (t *txn) checkPut(r *pb.PutRequest) error {
 }
 
 func (t *txn) put(r *pb.PutRequest) (*pb.PutResponse, error) {
-	prev, err := t.current(r.GetKey())
-	if err != nil {
-		return nil, err
+	// Only prev_kv and ignore_value need the previous version itself; everything else
+	// comes from the in-memory key metadata.
+	var prev *mvccpb.KeyValue
+	if r.GetPrevKv() || r.GetIgnoreValue() {
+		var err error
+		if prev, err = t.current(r.GetKey()); err != nil {
+			return nil, err
+		}
 	}
 	rev := t.beginRev + 1
 	kv := &mvccpb.KeyValue{
@@ -120,14 +122,14 @@ func (t *txn) put(r *pb.PutRequest) (*pb.PutResponse, error) {
 		ModRevision:    rev,
 		Version:        1,
 	}
-	if prev != nil {
-		kv.CreateRevision = prev.GetCreateRevision()
-		kv.Version = prev.GetVersion() + 1
-		if r.GetIgnoreValue() {
+	if m, ok := t.w.meta(r.GetKey()); ok {
+		kv.CreateRevision = m.create
+		kv.Version = m.version + 1
+		if r.GetIgnoreValue() && prev != nil {
 			kv.Value = prev.GetValue()
 		}
 		if r.GetIgnoreLease() {
-			kv.Lease = prev.GetLease()
+			kv.Lease = m.lease
 		}
 	}
 	enc, err := proto.Marshal(kv)
@@ -140,6 +142,7 @@ func (t *txn) put(r *pb.PutRequest) (*pb.PutResponse, error) {
 	if err := t.b.Set(currentKey(r.GetKey()), enc, nil); err != nil {
 		return nil, err
 	}
+	t.w.setMeta(r.GetKey(), &keyMeta{create: kv.GetCreateRevision(), version: kv.GetVersion(), lease: kv.GetLease()})
 	resp := &pb.PutResponse{Header: &pb.ResponseHeader{Revision: rev}}
 	if r.GetPrevKv() {
 		resp.PrevKv = prev
@@ -195,6 +198,7 @@ func (t *txn) deleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.De
 		if err := t.b.Delete(currentKey(kv.GetKey()), nil); err != nil {
 			return nil, err
 		}
+		t.w.setMeta(kv.GetKey(), nil)
 	}
 	resp.Deleted = int64(len(doomed))
 	if r.GetPrevKv() {
