@@ -353,6 +353,10 @@ func pebbleOptions(log *slog.Logger) *pebble.Options {
 	o := &pebble.Options{
 		Logger:    pebbleLogger{log.With("component", "pebble")},
 		CacheSize: 128 << 20,
+		// Raft log entries are deleted (log truncation) within seconds of being
+		// written; a larger memtable lets most of them die before they are flushed
+		// and compacted.
+		MemTableSize: 64 << 20,
 	}
 	for i := range o.Levels {
 		o.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
