@@ -5,7 +5,9 @@
 # Workloads alternate between the two servers, ROUNDS times, and the report gives the
 # median of each and the kvmesh/etcd ratio.
 #
-#   scripts/bench.sh [ROUNDS]         (default 3; prints a Markdown table)
+#   scripts/bench.sh [ROUNDS [FILTER]]   (default 3 rounds, every workload; prints a
+#                                        Markdown table; FILTER keeps the workloads
+#                                        whose name contains it, e.g. "range")
 #
 # Data directories live under BENCH_DIR (default: a temporary directory on the same
 # disk for both servers). Both servers run for the whole benchmark; only one is loaded
@@ -14,6 +16,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 rounds=${1:-3}
+filter=${2:-}
 "$root/scripts/tools.sh"
 go build -o .bin/kvmesh ./services/kvmesh
 go build -o .bin/loadtest ./loadtest
@@ -67,6 +70,7 @@ for round in $(seq "$rounds"); do
 	for w in "${workloads[@]}"; do
 		name=${w%%|*}
 		args=${w#*|}
+		[[ -z $filter || $name == *"$filter"* ]] || continue
 		for target in etcd kvmesh; do
 			port=$ep pid=$etcd_pid
 			[[ $target == kvmesh ]] && port=$kp pid=$kvmesh_pid

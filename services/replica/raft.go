@@ -211,15 +211,11 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 	if err := saveApplied(b, last); err != nil {
 		panic(fmt.Sprintf("record applied index: %v", err))
 	}
-	if err := wr.Finish(); err != nil {
-		panic(fmt.Sprintf("record revision: %v", err))
-	}
 	start := time.Now()
-	if err := b.Commit(pebble.NoSync); err != nil {
+	if err := r.kv.Commit(wr, pebble.NoSync); err != nil {
 		panic(fmt.Sprintf("commit applied batch: %v", err))
 	}
 	r.m.backendCommit.Observe(time.Since(start).Seconds())
-	r.kv.Committed(wr)
 	r.members.committed()
 	r.applied.Store(last)
 	r.appliedTerm.Store(ents[len(ents)-1].GetTerm())

@@ -140,13 +140,9 @@ func (e *testEnv) applyBatch(reqs ...proto.Message) []result {
 		resp, err := applyOne(ctx, w, r)
 		out[i] = result{resp, err}
 	}
-	if err := w.Finish(); err != nil {
-		e.t.Fatalf("Writer.Finish: %v", err)
+	if err := e.s.Commit(w, e.commit); err != nil {
+		e.t.Fatalf("commit: %v", err)
 	}
-	if err := b.Commit(e.commit); err != nil {
-		e.t.Fatalf("batch commit: %v", err)
-	}
-	e.s.Committed(w)
 	return out
 }
 

@@ -55,6 +55,10 @@ type Store struct {
 
 	rev        atomic.Int64 // committed current revision
 	compactRev atomic.Int64 // scheduled compaction revision, -1 when never compacted
+	// commits is odd while a batch commit is publishing, even otherwise: a reader
+	// that sees the same even value before and after opening its iterator knows the
+	// iterator holds exactly the data of rev (a seqlock).
+	commits atomic.Uint64
 
 	compactc    chan int64
 	compactMu   sync.Mutex
@@ -146,20 +150,32 @@ type view struct {
 	compactRev int64
 }
 
-// snapshot opens a consistent read view of the committed state.
+// snapshot opens a consistent read view of the committed state. Usually the
+// revisions come from memory; when a commit overlaps the iterator's creation, they are
+// read from the iterator itself, where they are stored with the data.
 func (s *Store) snapshot() (*view, error) {
+	before := s.commits.Load()
+	rev, compact := s.rev.Load(), s.compactRev.Load()
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: spaceLower, UpperBound: spaceUpper})
 	if err != nil {
 		return nil, err
 	}
+	if before%2 == 0 && s.commits.Load() == before {
+		return &view{it: it, rev: rev, compactRev: compact}, nil
+	}
 	v := &view{it: it, rev: 1, compactRev: -1}
 	// One seek, then steps: the metadata keys sort together ("mc" < "mf" < "mr").
+	// Stop at "mr" rather than step past it: every apply batch rewrites it, and a
+	// step past it would walk all its versions still in the memtable.
 	for ok := it.SeekGE(metaCompactKey); ok && it.Key()[0] == prefixMeta; ok = it.Next() {
-		switch {
-		case bytes.Equal(it.Key(), metaCompactKey):
+		if bytes.Equal(it.Key(), metaCompactKey) {
 			v.compactRev = decodeInt(it.Value())
-		case bytes.Equal(it.Key(), metaRevKey):
-			v.rev = decodeInt(it.Value())
+		}
+		if bytes.Compare(it.Key(), metaRevKey) >= 0 {
+			if bytes.Equal(it.Key(), metaRevKey) {
+				v.rev = decodeInt(it.Value())
+			}
+			break
 		}
 	}
 	return v, it.Error()
@@ -207,7 +223,7 @@ func (s *Store) WaitCompacted(ctx context.Context, rev int64) error {
 }
 
 // Writer applies write requests into one Pebble batch. It belongs to the apply
-// goroutine; the caller commits the batch and then calls Store.Committed.
+// goroutine; Store.Commit commits it.
 type Writer struct {
 	s          *Store
 	b          *pebble.Batch
@@ -300,13 +316,22 @@ func (w *Writer) Compact(r *pb.CompactionRequest) (*pb.CompactionResponse, error
 	return &pb.CompactionResponse{Header: &pb.ResponseHeader{Revision: w.rev}}, nil
 }
 
-// Finish records the revision reached in the batch. Call it once, before committing.
-func (w *Writer) Finish() error {
-	return w.b.Set(metaRevKey, encodeInt(w.rev), nil)
+// Commit records the revision reached in w's batch, commits the batch (with whatever
+// else the caller wrote into it) and publishes what it applied to readers.
+func (s *Store) Commit(w *Writer, opts *pebble.WriteOptions) error {
+	if err := w.b.Set(metaRevKey, encodeInt(w.rev), nil); err != nil {
+		return err
+	}
+	s.commits.Add(1)
+	defer s.commits.Add(1)
+	if err := w.b.Commit(opts); err != nil {
+		return err
+	}
+	s.committed(w)
+	return nil
 }
 
-// Committed publishes what a committed Writer applied.
-func (s *Store) Committed(w *Writer) {
+func (s *Store) committed(w *Writer) {
 	for k, m := range w.pending {
 		if m == nil {
 			delete(s.live, k)
