@@ -10,11 +10,13 @@ package inproc
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"net/http"
 	"strings"
 	"sync"
+	"time"
 )
 
 // Transport is an http.RoundTripper that serves every request with Handler.
@@ -153,3 +155,13 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 
 // Flush implements http.Flusher: writes reach the reader as they happen.
 func (w *responseWriter) Flush() { w.start() }
+
+// Context hides ctx's deadline but keeps its cancellation (Done fires when the
+// deadline passes). A client of an in-process handler passes its context through it:
+// the handler runs under that very context, so sending the deadline as a header too
+// would only make the handler parse it and start a second timer.
+func Context(ctx context.Context) context.Context { return noDeadline{ctx} }
+
+type noDeadline struct{ context.Context }
+
+func (noDeadline) Deadline() (time.Time, bool) { return time.Time{}, false }

@@ -73,3 +73,20 @@ func TestCancelBeforeHeaders(t *testing.T) {
 		t.Fatal("a stream whose handler never answers returned without error after its context ended")
 	}
 }
+
+func TestContextHidesTheDeadlineButKeepsCancellation(t *testing.T) {
+	parent, cancel := context.WithTimeout(context.Background(), 30*time.Millisecond)
+	defer cancel()
+	ctx := Context(parent)
+	if _, ok := ctx.Deadline(); ok {
+		t.Fatal("deadline still visible")
+	}
+	select {
+	case <-ctx.Done():
+		if ctx.Err() != context.DeadlineExceeded {
+			t.Fatalf("err %v, want DeadlineExceeded", ctx.Err())
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("the parent's deadline did not end the context")
+	}
+}

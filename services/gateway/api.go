@@ -9,6 +9,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
+	"github.com/kvmesh/kvmesh/libs/inproc"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 )
 
@@ -16,7 +17,10 @@ import (
 // (connect.go) and the grpc-go services (grpc.go) are thin adapters over these.
 
 // call sends a client's message to a replica and returns the replica's answer.
-func call[Req, Res any](ctx context.Context, fn func(context.Context, *connect.Request[Req]) (*connect.Response[Res], error), req *Req) (*Res, error) {
+func call[Req, Res any](ctx context.Context, g *Gateway, fn func(context.Context, *connect.Request[Req]) (*connect.Response[Res], error), req *Req) (*Res, error) {
+	if g.inProcess {
+		ctx = inproc.Context(ctx)
+	}
 	resp, err := fn(ctx, connect.NewRequest(req))
 	if err != nil {
 		return nil, err
@@ -25,31 +29,31 @@ func call[Req, Res any](ctx context.Context, fn func(context.Context, *connect.R
 }
 
 func (g *Gateway) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeResponse, error) {
-	return call(ctx, g.kv.Range, r)
+	return call(ctx, g, g.kv.Range, r)
 }
 
 func (g *Gateway) Put(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, error) {
-	return call(ctx, g.kv.Put, r)
+	return call(ctx, g, g.kv.Put, r)
 }
 
 func (g *Gateway) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
-	return call(ctx, g.kv.DeleteRange, r)
+	return call(ctx, g, g.kv.DeleteRange, r)
 }
 
 func (g *Gateway) Txn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
-	return call(ctx, g.kv.Txn, r)
+	return call(ctx, g, g.kv.Txn, r)
 }
 
 func (g *Gateway) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.CompactionResponse, error) {
-	return call(ctx, g.kv.Compact, r)
+	return call(ctx, g, g.kv.Compact, r)
 }
 
 func (g *Gateway) MemberList(ctx context.Context, r *pb.MemberListRequest) (*pb.MemberListResponse, error) {
-	return call(ctx, g.cluster.MemberList, r)
+	return call(ctx, g, g.cluster.MemberList, r)
 }
 
 func (g *Gateway) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusResponse, error) {
-	return call(ctx, g.maint.Status, r)
+	return call(ctx, g, g.maint.Status, r)
 }
 
 // check is etcd's health check: a leader exists and a serializable read succeeds.

@@ -22,6 +22,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb/v3electionpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb/v3lockpbconnect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
@@ -68,6 +69,9 @@ type Gateway struct {
 	tel *telemetry.Telemetry
 	log *slog.Logger
 
+	// inProcess is set when the replica is reached in-process (the all-in-one).
+	inProcess bool
+
 	kv      replicav1connect.KVServiceClient
 	cluster replicav1connect.ClusterServiceClient
 	maint   replicav1connect.MaintenanceServiceClient
@@ -88,6 +92,7 @@ func New(cfg Config, tel *telemetry.Telemetry, client *http.Client) (*Gateway, e
 	if client == nil {
 		client = h2c.NewClient()
 	}
+	_, g.inProcess = client.Transport.(*inproc.Transport)
 	base := strings.TrimRight(cfg.Replicas[0], "/")
 	opts := tel.InternalClient()
 	g.kv = replicav1connect.NewKVServiceClient(client, base, opts...)

@@ -63,6 +63,12 @@ func executeRange(ctx context.Context, it *pebble.Iterator, curRev, compactRev i
 	if err != nil {
 		return nil, err
 	}
+	return finishRange(kvs, count, curRev, r), nil
+}
+
+// finishRange filters, sorts and cuts what a range fetched, as etcd does, and builds
+// the response.
+func finishRange(kvs []*mvccpb.KeyValue, count, curRev int64, r *pb.RangeRequest) *pb.RangeResponse {
 	kvs = filterKVs(kvs, r)
 	sortKVs(kvs, r)
 	resp := &pb.RangeResponse{Header: &pb.ResponseHeader{Revision: curRev}, Count: count}
@@ -76,7 +82,7 @@ func executeRange(ctx context.Context, it *pebble.Iterator, curRev, compactRev i
 		}
 	}
 	resp.Kvs = kvs
-	return resp, nil
+	return resp
 }
 
 // scanCurrent calls fn with the encoded KeyValue of every live key in [key, end)

@@ -183,12 +183,55 @@ func (s *Store) snapshot() (*view, error) {
 
 // Range answers a RangeRequest from the committed state.
 func (s *Store) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeResponse, error) {
+	if len(r.GetRangeEnd()) == 0 && r.GetRevision() == 0 {
+		if resp, ok, err := s.getNow(r); ok {
+			return resp, err
+		}
+	}
 	v, err := s.snapshot()
 	if err != nil {
 		return nil, err
 	}
 	defer v.it.Close()
 	return executeRange(ctx, v.it, v.rev, v.compactRev, r)
+}
+
+// getNow answers the commonest read, one key at the current revision, with a point
+// lookup instead of an iterator over every level. It is valid only when no commit
+// overlapped it (see commits); ok is false otherwise, and the caller reads through an
+// iterator instead.
+func (s *Store) getNow(r *pb.RangeRequest) (resp *pb.RangeResponse, ok bool, err error) {
+	before := s.commits.Load()
+	if before%2 != 0 {
+		return nil, false, nil
+	}
+	rev := s.rev.Load()
+	var kv *mvccpb.KeyValue
+	val, closer, err := s.db.Get(currentKey(r.GetKey()))
+	switch {
+	case errors.Is(err, pebble.ErrNotFound):
+	case err != nil:
+		return nil, true, err
+	default:
+		kv = &mvccpb.KeyValue{}
+		err = proto.Unmarshal(val, kv)
+		closer.Close()
+		if err != nil {
+			return nil, true, fmt.Errorf("mvcc: decode %q: %w", r.GetKey(), err)
+		}
+	}
+	if s.commits.Load() != before {
+		return nil, false, nil
+	}
+	var kvs []*mvccpb.KeyValue
+	var count int64
+	if kv != nil {
+		count = 1
+		if !r.GetCountOnly() {
+			kvs = []*mvccpb.KeyValue{kv}
+		}
+	}
+	return finishRange(kvs, count, rev, r), true, nil
 }
 
 // ReadTxn answers a transaction that only reads (see IsTxnReadOnly) from the
