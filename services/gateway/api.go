@@ -9,8 +9,8 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	"github.com/kvmesh/kvmesh/libs/inproc"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/inproc"
 )
 
 // The gateway's logic, once per RPC, whatever the protocol: the Connect handlers
