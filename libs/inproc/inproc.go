@@ -24,8 +24,16 @@ type Transport struct {
 	Handler http.Handler
 }
 
-// Client returns an http.Client over a Transport for h.
-func Client(h http.Handler) *http.Client { return &http.Client{Transport: &Transport{Handler: h}} }
+// Client calls a handler in process. It has the one method connect-go's clients need
+// (Do), and skips what http.Client does on every request (redirects, cookies,
+// timeouts, copies of the request), none of which applies in process.
+type Client struct{ t Transport }
+
+// NewClient returns a Client for h.
+func NewClient(h http.Handler) *Client { return &Client{t: Transport{Handler: h}} }
+
+// Do serves req with the handler.
+func (c *Client) Do(req *http.Request) (*http.Response, error) { return c.t.RoundTrip(req) }
 
 // RoundTrip implements http.RoundTripper. The response is returned as soon as the
 // handler writes its header (or returns), and its body streams while the handler

@@ -11,7 +11,7 @@ import (
 )
 
 func TestUnaryIsServedOnTheCallersGoroutineAndBuffered(t *testing.T) {
-	c := Client(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	c := testClient(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		body, _ := io.ReadAll(r.Body)
 		if r.ProtoMajor != 2 {
 			t.Errorf("handler saw HTTP/%d, want 2", r.ProtoMajor)
@@ -33,7 +33,7 @@ func TestUnaryIsServedOnTheCallersGoroutineAndBuffered(t *testing.T) {
 
 func TestStreamsFlowWhileTheHandlerRuns(t *testing.T) {
 	step := make(chan struct{})
-	c := Client(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	c := testClient(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusOK)
 		for i := range 3 {
 			io.WriteString(w, strings.Repeat("x", i+1)+"\n")
@@ -64,7 +64,7 @@ func TestStreamsFlowWhileTheHandlerRuns(t *testing.T) {
 func TestCancelBeforeHeaders(t *testing.T) {
 	block := make(chan struct{})
 	defer close(block)
-	c := Client(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-block }))
+	c := testClient(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { <-block }))
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, "http://svc/pkg.Svc/Stream", strings.NewReader(""))
@@ -88,5 +88,21 @@ func TestContextHidesTheDeadlineButKeepsCancellation(t *testing.T) {
 		}
 	case <-time.After(2 * time.Second):
 		t.Fatal("the parent's deadline did not end the context")
+	}
+}
+
+func testClient(h http.Handler) *http.Client { return &http.Client{Transport: &Transport{Handler: h}} }
+
+func TestClientDoesWhatTheTransportDoes(t *testing.T) {
+	c := NewClient(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, r.URL.Path) }))
+	req, _ := http.NewRequest(http.MethodPost, "http://svc/pkg.Svc/M", strings.NewReader("x"))
+	req.Header.Set("Content-Type", "application/proto")
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	if string(body) != "/pkg.Svc/M" {
+		t.Fatalf("body %q", body)
 	}
 }

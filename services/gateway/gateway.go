@@ -84,7 +84,7 @@ type Gateway struct {
 
 // New builds a gateway; call Listen, then Serve. client carries the internal API calls
 // to the replicas; nil means h2c over the network.
-func New(cfg Config, tel *telemetry.Telemetry, client *http.Client) (*Gateway, error) {
+func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gateway, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -92,7 +92,7 @@ func New(cfg Config, tel *telemetry.Telemetry, client *http.Client) (*Gateway, e
 	if client == nil {
 		client = h2c.NewClient()
 	}
-	_, g.inProcess = client.Transport.(*inproc.Transport)
+	_, g.inProcess = client.(*inproc.Client)
 	base := strings.TrimRight(cfg.Replicas[0], "/")
 	opts := tel.InternalClient()
 	g.kv = replicav1connect.NewKVServiceClient(client, base, opts...)

@@ -76,7 +76,7 @@ func run() error {
 	// The gateway reaches its replica over the internal API, as it does in the mesh,
 	// but in-process: the same Connect calls without sockets.
 	gcfg.Replicas = []string{"http://" + rep.Addr()}
-	gw, err := gateway.New(gcfg, tel, inproc.Client(rep.Handler()))
+	gw, err := gateway.New(gcfg, tel, inproc.NewClient(rep.Handler()))
 	if err == nil {
 		err = gw.Listen()
 	}

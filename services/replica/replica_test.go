@@ -51,7 +51,7 @@ func startReplica(t *testing.T, cfg Config) *testReplica {
 	if err != nil {
 		t.Fatalf("start replica: %v", err)
 	}
-	client := inproc.Client(r.Handler())
+	client := inproc.NewClient(r.Handler())
 	tr := &testReplica{t: t, cfg: cfg, r: r, spans: spans,
 		kv:    replicav1connect.NewKVServiceClient(client, "http://replica", tel.InternalClient()...),
 		maint: replicav1connect.NewMaintenanceServiceClient(client, "http://replica", tel.InternalClient()...),
@@ -287,7 +287,7 @@ func TestLinearizableReadAfterRestartSeesEveryLoggedWrite(t *testing.T) {
 	}
 	defer r.Stop(context.Background())
 	slow.slow.Store(true)
-	kv := replicav1connect.NewKVServiceClient(inproc.Client(r.Handler()), "http://replica", tel.InternalClient()...)
+	kv := replicav1connect.NewKVServiceClient(inproc.NewClient(r.Handler()), "http://replica", tel.InternalClient()...)
 	for i := range 3 {
 		resp, err := kv.Range(context.Background(), connect.NewRequest(&pb.RangeRequest{Key: []byte(fmt.Sprintf("logged%d", i))}))
 		if err != nil {
