@@ -46,6 +46,12 @@ func (r *Replica) raftLoop() {
 			if rd.HardState != nil && rd.HardState.GetTerm() != 0 {
 				r.term.Store(rd.HardState.GetTerm())
 			}
+			// The leader may send while it persists (its own vote counts only once the
+			// write is done); anyone else must persist first (raft's README).
+			leader := r.leader.Load() == r.id
+			if leader {
+				r.peers.send(rd.Messages)
+			}
 			start := time.Now()
 			if err := r.raftLog.Save(rd.HardState, rd.Entries, rd.MustSync); err != nil {
 				// Without a durable log nothing can be acknowledged safely.
@@ -54,6 +60,9 @@ func (r *Replica) raftLoop() {
 			}
 			if rd.MustSync {
 				r.m.walFsync.Observe(time.Since(start).Seconds())
+			}
+			if !leader {
+				r.peers.send(rd.Messages)
 			}
 			for _, rs := range rd.ReadStates {
 				r.read.deliver(rs)

@@ -34,6 +34,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1/peerv1connect"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
@@ -50,8 +51,13 @@ type Config struct {
 	DataDir string `env:"DATA_DIR, default=kvmesh-data"`
 	// Listen is the address of the internal API (gateways, fanout).
 	Listen string `env:"LISTEN, default=127.0.0.1:2390"`
-	// PeerURLs are the URLs peers reach this member at.
-	PeerURLs []string `env:"PEER_URLS, default=http://127.0.0.1:2380"`
+	// PeerURLs are the URLs peers reach this member at: its internal API, which also
+	// serves the peer API (kvmesh.peer.v1).
+	PeerURLs []string `env:"PEER_URLS, default=http://127.0.0.1:2390"`
+	// InitialCluster lists the members a new cluster starts with, as name=peerURL
+	// (etcd's --initial-cluster). Empty means this member alone. Ignored when the data
+	// directory already holds a member.
+	InitialCluster []string `env:"INITIAL_CLUSTER"`
 	// ClientURLs are the URLs clients reach the cluster at (the gateways), as reported
 	// by MemberList.
 	ClientURLs []string `env:"CLIENT_URLS, default=http://127.0.0.1:2379"`
@@ -126,7 +132,8 @@ type Replica struct {
 	waitMu  sync.Mutex
 	waiters map[uint64]*waiter
 
-	read readLoop
+	read  readLoop
+	peers *transport
 
 	applyc   chan applyWork
 	stopc    chan struct{}
@@ -214,21 +221,30 @@ func (r *Replica) open() error {
 		r.log.Info("restarting member", "member_id", fmt.Sprintf("%x", r.id), "cluster_id", fmt.Sprintf("%x", r.clusterID), "applied", applied)
 		r.node = raft.RestartNode(rc)
 	} else {
-		self := &pb.Member{Name: r.cfg.Name, PeerURLs: r.cfg.PeerURLs, ClientURLs: r.cfg.ClientURLs}
-		self.ID = memberID(self, r.cfg.ClusterToken)
-		r.id = self.ID
-		r.clusterID = clusterID([]uint64{r.id}, r.cfg.ClusterToken)
-		if err := saveIdentity(r.db, identity{member: r.id, cluster: r.clusterID}); err != nil {
-			return err
-		}
-		ctx, err := proto.Marshal(self)
+		members, self, err := r.cfg.initialMembers()
 		if err != nil {
 			return err
 		}
+		r.id = self.GetID()
+		ids := make([]uint64, len(members))
+		peers := make([]raft.Peer, len(members))
+		for i, m := range members {
+			ids[i] = m.GetID()
+			ctx, err := proto.Marshal(m)
+			if err != nil {
+				return err
+			}
+			peers[i] = raft.Peer{ID: m.GetID(), Context: ctx}
+		}
+		r.clusterID = clusterID(ids, r.cfg.ClusterToken)
+		if err := saveIdentity(r.db, identity{member: r.id, cluster: r.clusterID}); err != nil {
+			return err
+		}
 		rc.ID = r.id
-		r.log.Info("starting new single-member cluster", "member_id", fmt.Sprintf("%x", r.id), "cluster_id", fmt.Sprintf("%x", r.clusterID))
-		r.node = raft.StartNode(rc, []raft.Peer{{ID: r.id, Context: ctx}})
+		r.log.Info("starting new cluster", "member_id", fmt.Sprintf("%x", r.id), "cluster_id", fmt.Sprintf("%x", r.clusterID), "members", len(members))
+		r.node = raft.StartNode(rc, peers)
 	}
+	r.peers = newTransport(r)
 	// Request ids: this member's low 16 bits, then milliseconds, then a counter, so
 	// ids never repeat across restarts.
 	r.nextID.Store(r.id<<48 | uint64(time.Now().UnixMilli())<<8&(1<<48-1))
@@ -250,6 +266,37 @@ func (r *Replica) campaignIfAlone(cs *raftpb.ConfState) {
 	if v := cs.GetVoters(); len(v) == 1 && v[0] == r.id && r.leader.Load() == raft.None {
 		go r.node.Campaign(context.Background())
 	}
+}
+
+// initialMembers is the membership a new cluster starts with, and this member in it.
+func (c *Config) initialMembers() ([]*pb.Member, *pb.Member, error) {
+	self := &pb.Member{Name: c.Name, PeerURLs: c.PeerURLs, ClientURLs: c.ClientURLs}
+	self.ID = memberID(self, c.ClusterToken)
+	if len(c.InitialCluster) == 0 {
+		return []*pb.Member{self}, self, nil
+	}
+	var members []*pb.Member
+	var found *pb.Member
+	for _, entry := range c.InitialCluster {
+		name, url, ok := strings.Cut(entry, "=")
+		if !ok || name == "" || url == "" {
+			return nil, nil, fmt.Errorf("KVMESH_REPLICA_INITIAL_CLUSTER: %q is not name=peerURL", entry)
+		}
+		m := &pb.Member{Name: name, PeerURLs: []string{url}}
+		if name == c.Name {
+			if len(c.PeerURLs) == 0 || c.PeerURLs[0] != url {
+				return nil, nil, fmt.Errorf("KVMESH_REPLICA_INITIAL_CLUSTER: %s's peer URL %s differs from KVMESH_REPLICA_PEER_URLS %v", name, url, c.PeerURLs)
+			}
+			m = self
+			found = self
+		}
+		m.ID = memberID(m, c.ClusterToken)
+		members = append(members, m)
+	}
+	if found == nil {
+		return nil, nil, fmt.Errorf("KVMESH_REPLICA_INITIAL_CLUSTER: no member named %q (KVMESH_REPLICA_NAME)", c.Name)
+	}
+	return members, found, nil
 }
 
 // memberID derives a member's ID from what identifies it, as etcd does.
@@ -278,6 +325,7 @@ func (r *Replica) Handler() http.Handler {
 	mux.Handle(replicav1connect.NewKVServiceHandler(&kvService{r}, opts...))
 	mux.Handle(replicav1connect.NewClusterServiceHandler(&clusterService{r}, opts...))
 	mux.Handle(replicav1connect.NewMaintenanceServiceHandler(&maintenanceService{r}, opts...))
+	mux.Handle(peerv1connect.NewPeerServiceHandler(&peerService{r}, r.tel.InternalHandler()...))
 	mux.Handle("/metrics", r.tel.MetricsHandler())
 	return mux
 }
@@ -325,6 +373,7 @@ func (r *Replica) Stop(ctx context.Context) error {
 	close(r.stopc)
 	r.node.Stop()
 	<-r.doneRaft
+	r.peers.stop()
 	<-r.doneApp
 	r.read.wait()
 	r.kv.Close()

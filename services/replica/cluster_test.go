@@ -1,0 +1,194 @@
+package replica
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
+	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
+)
+
+// member is one replica of an in-process cluster: its own data directory and internal
+// listener (which serves the peer API), reached by the test in process.
+type member struct {
+	cfg  Config
+	r    *Replica
+	kv   replicav1connect.KVServiceClient
+	stat replicav1connect.MaintenanceServiceClient
+	errc chan error
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func (m *member) start(t *testing.T) {
+	t.Helper()
+	tel, err := telemetry.New(context.Background(), "cluster-test", telemetry.Config{LogLevel: "warn", LogFormat: "text"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := New(m.cfg, tel)
+	if err != nil {
+		t.Fatalf("start %s: %v", m.cfg.Name, err)
+	}
+	if err := r.Listen(); err != nil {
+		t.Fatalf("listen %s: %v", m.cfg.Name, err)
+	}
+	m.r, m.errc = r, make(chan error, 1)
+	go func() { m.errc <- r.Serve() }()
+	c := inproc.NewClient(r.Handler())
+	m.kv = replicav1connect.NewKVServiceClient(c, "http://replica", tel.InternalClient()...)
+	m.stat = replicav1connect.NewMaintenanceServiceClient(c, "http://replica", tel.InternalClient()...)
+}
+
+func (m *member) stop(t *testing.T) {
+	t.Helper()
+	if m.r == nil {
+		return
+	}
+	if err := m.r.Stop(context.Background()); err != nil {
+		t.Errorf("stop %s: %v", m.cfg.Name, err)
+	}
+	<-m.errc
+	m.r = nil
+}
+
+func startCluster(t *testing.T, n int) []*member {
+	t.Helper()
+	var initial []string
+	members := make([]*member, n)
+	for i := range members {
+		addr := freeAddr(t)
+		cfg := testConfig(t)
+		cfg.Name = fmt.Sprintf("m%d", i)
+		cfg.Listen = addr
+		cfg.PeerURLs = []string{"http://" + addr}
+		members[i] = &member{cfg: cfg}
+		initial = append(initial, cfg.Name+"=http://"+addr)
+	}
+	for _, m := range members {
+		m.cfg.InitialCluster = initial
+		m.start(t)
+	}
+	t.Cleanup(func() {
+		for _, m := range members {
+			m.stop(t)
+		}
+	})
+	return members
+}
+
+// leader waits until the running members agree on a leader and returns it.
+func leader(t *testing.T, members []*member) *member {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		var lead uint64
+		agree := true
+		for _, m := range members {
+			if m.r == nil {
+				continue
+			}
+			st, err := m.stat.Status(context.Background(), connect.NewRequest(&pb.StatusRequest{}))
+			if err != nil || st.Msg.GetLeader() == 0 || (lead != 0 && st.Msg.GetLeader() != lead) {
+				agree = false
+				break
+			}
+			lead = st.Msg.GetLeader()
+		}
+		if agree && lead != 0 {
+			for _, m := range members {
+				if m.r != nil && m.r.ID() == lead {
+					return m
+				}
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatal("the running members did not agree on a leader within 15s")
+	return nil
+}
+
+func follower(members []*member, lead *member) *member {
+	for _, m := range members {
+		if m != lead && m.r != nil {
+			return m
+		}
+	}
+	return nil
+}
+
+func TestThreeReplicasReplicateAndSurviveLeaderLoss(t *testing.T) {
+	members := startCluster(t, 3)
+	lead := leader(t, members)
+	f := follower(members, lead)
+
+	// A write accepted by a follower reaches the leader and is applied everywhere.
+	put, err := f.kv.Put(context.Background(), connect.NewRequest(&pb.PutRequest{Key: []byte("k"), Value: []byte("v1")}))
+	if err != nil {
+		t.Fatalf("put through follower %s: %v", f.cfg.Name, err)
+	}
+	for _, m := range members {
+		got, err := m.kv.Range(context.Background(), connect.NewRequest(&pb.RangeRequest{Key: []byte("k")}))
+		if err != nil || len(got.Msg.GetKvs()) != 1 || string(got.Msg.GetKvs()[0].GetValue()) != "v1" {
+			t.Fatalf("linearizable read on %s: %v, %v; want v1", m.cfg.Name, got, err)
+		}
+		if h := got.Msg.GetHeader(); h.GetClusterId() != put.Msg.GetHeader().GetClusterId() || h.GetMemberId() != m.r.ID() {
+			t.Fatalf("%s answers header %v: want the cluster's ID and its own member ID", m.cfg.Name, h)
+		}
+	}
+
+	// Lose the leader: the others elect a new one and keep accepting writes.
+	lead.stop(t)
+	newLead := leader(t, members)
+	if newLead == lead {
+		t.Fatal("the stopped member is still reported leader")
+	}
+	other := follower(members, newLead)
+	for i := range 20 {
+		if _, err := other.kv.Put(context.Background(), connect.NewRequest(&pb.PutRequest{Key: []byte("k"), Value: []byte(fmt.Sprint("v", i+2))})); err != nil {
+			t.Fatalf("put %d after leader loss: %v", i, err)
+		}
+	}
+
+	// The old leader comes back and catches up from the log.
+	lead.start(t)
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		got, err := lead.kv.Range(context.Background(), connect.NewRequest(&pb.RangeRequest{Key: []byte("k")}))
+		if err == nil && len(got.Msg.GetKvs()) == 1 && string(got.Msg.GetKvs()[0].GetValue()) == "v21" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("restarted member did not catch up: %v, %v", got, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestInitialClusterMustNameThisMember(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.InitialCluster = []string{"other=http://127.0.0.1:1"}
+	if _, _, err := cfg.initialMembers(); err == nil {
+		t.Fatal("a member missing from KVMESH_REPLICA_INITIAL_CLUSTER was accepted")
+	}
+	cfg.InitialCluster = []string{"test=http://127.0.0.1:9"}
+	if _, _, err := cfg.initialMembers(); err == nil {
+		t.Fatal("an initial cluster whose peer URL for this member differs from PEER_URLS was accepted")
+	}
+}

@@ -1,0 +1,160 @@
+package replica
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"go.etcd.io/raft/v3"
+	raftpb "go.etcd.io/raft/v3/raftpb"
+	"google.golang.org/protobuf/proto"
+
+	peerv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1"
+	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1/peerv1connect"
+	"github.com/kvmesh/kvmesh/libs/h2c"
+)
+
+// transport carries Raft messages to the other members over kvmesh's peer API
+// (kvmesh.peer.v1), one sender goroutine per peer, batching what queued up while the
+// previous batch was in flight. A peer that cannot be reached is reported to Raft,
+// which then probes it instead of streaming to it.
+//
+// Snapshots are not streamed yet: a MsgSnap is reported to Raft as failed, so a member
+// that falls behind the truncated log cannot catch up until that lands.
+type transport struct {
+	r      *Replica
+	client *http.Client
+
+	mu      sync.Mutex
+	senders map[uint64]*peerSender
+	stopped bool
+}
+
+// peerQueue bounds the messages queued for one peer; beyond it, messages are dropped
+// and the peer reported unreachable (Raft resends what matters).
+const peerQueue = 4096
+
+type peerSender struct {
+	id   uint64
+	url  string
+	ch   chan *raftpb.Message
+	stop chan struct{}
+	done chan struct{}
+}
+
+func newTransport(r *Replica) *transport {
+	return &transport{r: r, client: h2c.NewClient(), senders: make(map[uint64]*peerSender)}
+}
+
+// send queues msgs for their recipients; it never blocks the Raft loop.
+func (t *transport) send(msgs []*raftpb.Message) {
+	for _, m := range msgs {
+		to := m.GetTo()
+		if to == t.r.id || to == raft.None {
+			continue
+		}
+		if m.GetType() == raftpb.MessageType_MsgSnap {
+			t.r.node.ReportSnapshot(to, raft.SnapshotFailure)
+			continue
+		}
+		s := t.sender(to)
+		if s == nil {
+			t.r.node.ReportUnreachable(to)
+			continue
+		}
+		select {
+		case s.ch <- m:
+		default:
+			t.r.node.ReportUnreachable(to)
+		}
+	}
+}
+
+func (t *transport) sender(id uint64) *peerSender {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.stopped {
+		return nil
+	}
+	if s := t.senders[id]; s != nil {
+		return s
+	}
+	m := t.r.members.get(id)
+	if m == nil || len(m.GetPeerURLs()) == 0 {
+		return nil
+	}
+	s := &peerSender{id: id, url: strings.TrimRight(m.GetPeerURLs()[0], "/"),
+		ch: make(chan *raftpb.Message, peerQueue), stop: make(chan struct{}), done: make(chan struct{})}
+	t.senders[id] = s
+	go t.run(s)
+	return s
+}
+
+func (t *transport) run(s *peerSender) {
+	defer close(s.done)
+	client := peerv1connect.NewPeerServiceClient(t.client, s.url, t.r.tel.InternalClient()...)
+	for {
+		var first *raftpb.Message
+		select {
+		case first = <-s.ch:
+		case <-s.stop:
+			return
+		}
+		req := &peerv1.SendRequest{ClusterId: t.r.clusterID, From: t.r.id}
+		for m := first; m != nil; {
+			if b, err := proto.Marshal(m); err == nil {
+				req.Messages = append(req.Messages, b)
+			}
+			m = nil
+			if len(req.GetMessages()) < 256 {
+				select {
+				case m = <-s.ch:
+				default:
+				}
+			}
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := client.Send(ctx, connect.NewRequest(req))
+		cancel()
+		if err != nil {
+			t.r.node.ReportUnreachable(s.id)
+		}
+	}
+}
+
+func (t *transport) stop() {
+	t.mu.Lock()
+	t.stopped = true
+	senders := t.senders
+	t.senders = nil
+	t.mu.Unlock()
+	for _, s := range senders {
+		close(s.stop)
+		<-s.done
+	}
+}
+
+// peerService receives Raft messages from the other members.
+type peerService struct{ r *Replica }
+
+var errClusterIDMismatch = errors.New("etcdserver: cluster ID mismatch")
+
+func (s *peerService) Send(ctx context.Context, req *connect.Request[peerv1.SendRequest]) (*connect.Response[peerv1.SendResponse], error) {
+	if req.Msg.GetClusterId() != s.r.clusterID {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, errClusterIDMismatch)
+	}
+	for _, b := range req.Msg.GetMessages() {
+		m := &raftpb.Message{}
+		if err := proto.Unmarshal(b, m); err != nil {
+			return nil, connect.NewError(connect.CodeInvalidArgument, err)
+		}
+		if err := s.r.node.Step(ctx, m); err != nil {
+			return nil, connect.NewError(connect.CodeUnavailable, err)
+		}
+	}
+	return connect.NewResponse(&peerv1.SendResponse{}), nil
+}
