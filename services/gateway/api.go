@@ -3,6 +3,8 @@ package gateway
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"net"
 	"net/http"
 	"time"
 
@@ -16,44 +18,73 @@ import (
 // The gateway's logic, once per RPC, whatever the protocol: the Connect handlers
 // (connect.go) and the grpc-go services (grpc.go) are thin adapters over these.
 
-// call sends a client's message to a replica and returns the replica's answer.
-func call[Req, Res any](ctx context.Context, g *Gateway, fn func(context.Context, *connect.Request[Req]) (*connect.Response[Res], error), req *Req) (*Res, error) {
+type unaryFunc[Req, Res any] func(context.Context, *connect.Request[Req]) (*connect.Response[Res], error)
+
+// call sends a client's message to the preferred replica and returns its answer. When
+// that replica cannot be reached at all (the connection is refused, so the request
+// provably never arrived), the next replica is tried and becomes the preferred one;
+// any other failure is the client's answer, since the request may have been applied.
+// Any replica serves every request: Raft forwards proposals to the leader and
+// linearizable reads go through ReadIndex.
+func call[Req, Res any](ctx context.Context, g *Gateway, method func(*replicaConn) unaryFunc[Req, Res], req *Req) (*Res, error) {
 	if g.inProcess {
 		ctx = inproc.Context(ctx)
 	}
-	resp, err := fn(ctx, connect.NewRequest(req))
-	if err != nil {
-		return nil, err
+	n := uint32(len(g.replicas))
+	first := g.preferred.Load()
+	var err error
+	for i := range n {
+		idx := (first + i) % n
+		resp, e := method(g.replicas[idx])(ctx, connect.NewRequest(req))
+		if e == nil {
+			if i > 0 {
+				g.preferred.CompareAndSwap(first, idx)
+			}
+			return resp.Msg, nil
+		}
+		err = e
+		if !neverArrived(e) {
+			break
+		}
 	}
-	return resp.Msg, nil
+	return nil, err
+}
+
+// neverArrived tells a failure to connect (the request was not sent) from failures
+// after sending.
+func neverArrived(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
 }
 
 func (g *Gateway) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeResponse, error) {
-	return call(ctx, g, g.kv.Range, r)
+	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.RangeRequest, pb.RangeResponse] { return c.kv.Range }, r)
 }
 
 func (g *Gateway) Put(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, error) {
-	return call(ctx, g, g.kv.Put, r)
+	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.PutRequest, pb.PutResponse] { return c.kv.Put }, r)
 }
 
 func (g *Gateway) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
-	return call(ctx, g, g.kv.DeleteRange, r)
+	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.DeleteRangeRequest, pb.DeleteRangeResponse] { return c.kv.DeleteRange }, r)
 }
 
 func (g *Gateway) Txn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
-	return call(ctx, g, g.kv.Txn, r)
+	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.TxnRequest, pb.TxnResponse] { return c.kv.Txn }, r)
 }
 
 func (g *Gateway) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.CompactionResponse, error) {
-	return call(ctx, g, g.kv.Compact, r)
+	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.CompactionRequest, pb.CompactionResponse] { return c.kv.Compact }, r)
 }
 
 func (g *Gateway) MemberList(ctx context.Context, r *pb.MemberListRequest) (*pb.MemberListResponse, error) {
-	return call(ctx, g, g.cluster.MemberList, r)
+	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.MemberListRequest, pb.MemberListResponse] {
+		return c.cluster.MemberList
+	}, r)
 }
 
 func (g *Gateway) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusResponse, error) {
-	return call(ctx, g, g.maint.Status, r)
+	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.StatusRequest, pb.StatusResponse] { return c.maint.Status }, r)
 }
 
 // check is etcd's health check: a leader exists and a serializable read succeeds.

@@ -13,6 +13,7 @@ import (
 	"net/http/pprof"
 	"net/url"
 	"strings"
+	"sync/atomic"
 
 	"connectrpc.com/connect"
 	"google.golang.org/grpc"
@@ -72,9 +73,10 @@ type Gateway struct {
 	// inProcess is set when the replica is reached in-process (the all-in-one).
 	inProcess bool
 
-	kv      replicav1connect.KVServiceClient
-	cluster replicav1connect.ClusterServiceClient
-	maint   replicav1connect.MaintenanceServiceClient
+	// replicas are the configured replicas; preferred indexes the one requests go to
+	// first, and moves when it cannot be reached.
+	replicas  []*replicaConn
+	preferred atomic.Uint32
 
 	lis    net.Listener
 	split  *splitListener
@@ -93,12 +95,25 @@ func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gate
 		client = h2c.NewClient()
 	}
 	_, g.inProcess = client.(*inproc.Client)
-	base := strings.TrimRight(cfg.Replicas[0], "/")
 	opts := tel.InternalClient()
-	g.kv = replicav1connect.NewKVServiceClient(client, base, opts...)
-	g.cluster = replicav1connect.NewClusterServiceClient(client, base, opts...)
-	g.maint = replicav1connect.NewMaintenanceServiceClient(client, base, opts...)
+	for _, u := range cfg.Replicas {
+		base := strings.TrimRight(u, "/")
+		g.replicas = append(g.replicas, &replicaConn{
+			url:     base,
+			kv:      replicav1connect.NewKVServiceClient(client, base, opts...),
+			cluster: replicav1connect.NewClusterServiceClient(client, base, opts...),
+			maint:   replicav1connect.NewMaintenanceServiceClient(client, base, opts...),
+		})
+	}
 	return g, nil
+}
+
+// replicaConn is the gateway's link to one replica's internal API.
+type replicaConn struct {
+	url     string
+	kv      replicav1connect.KVServiceClient
+	cluster replicav1connect.ClusterServiceClient
+	maint   replicav1connect.MaintenanceServiceClient
 }
 
 // Handler is the gateway's whole HTTP surface.

@@ -126,3 +126,35 @@ func EtcdVersion() string {
 	line, _, _ := strings.Cut(string(out), "\n")
 	return line
 }
+
+var (
+	pkgMu   sync.Mutex
+	pkgBins = map[string]string{}
+)
+
+// BuildPackage builds the main package pkg of this repository once per test process
+// (with the repository's go.work) and returns the binary's path.
+func BuildPackage(pkg string) (string, error) {
+	pkgMu.Lock()
+	defer pkgMu.Unlock()
+	if p, ok := pkgBins[pkg]; ok {
+		return p, nil
+	}
+	root, err := RepoRoot()
+	if err != nil {
+		return "", err
+	}
+	dir, err := os.MkdirTemp("", "kvmesh-e2e-bin-")
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(dir, filepath.Base(pkg))
+	cmd := exec.Command("go", "build", "-o", out, pkg)
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "GOWORK="+filepath.Join(root, "go.work"))
+	if output, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("building %s: %v\n%s", pkg, err, output)
+	}
+	pkgBins[pkg] = out
+	return out, nil
+}

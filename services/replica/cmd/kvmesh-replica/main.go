@@ -1,0 +1,67 @@
+// Command kvmesh-replica runs one replica of a kvmesh cluster: a Raft member with its
+// MVCC state in Pebble, serving the internal API (gateways) and the peer API (other
+// replicas) on KVMESH_REPLICA_LISTEN.
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/kvmesh/kvmesh/libs/config"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
+	"github.com/kvmesh/kvmesh/services/replica"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "kvmesh-replica:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	var (
+		tcfg telemetry.Config
+		rcfg replica.Config
+	)
+	if err := config.Load(ctx, "KVMESH_", &tcfg); err != nil {
+		return err
+	}
+	if err := config.Load(ctx, "KVMESH_REPLICA_", &rcfg); err != nil {
+		return err
+	}
+	if err := rcfg.Validate(); err != nil {
+		return err
+	}
+	tel, err := telemetry.New(ctx, "kvmesh-replica", tcfg, os.Stderr)
+	if err != nil {
+		return err
+	}
+	defer tel.Shutdown(context.Background())
+	rep, err := replica.New(rcfg, tel)
+	if err != nil {
+		return err
+	}
+	if err := rep.Listen(); err != nil {
+		rep.Stop(context.Background())
+		return err
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- rep.Serve() }()
+	select {
+	case <-ctx.Done():
+		tel.Log.Info("shutting down")
+	case err = <-errc:
+		tel.Log.Error("server failed", "err", err)
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return errors.Join(err, rep.Stop(sctx))
+}
