@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -262,6 +263,26 @@ func TestMeshSurvivesLeaderKill(t *testing.T) {
 			t.Fatalf("restarted replica %s is at revision %d, the cluster at %d", leader.name, rev, want)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+
+	// Stop every replica (SIGTERM) and start them again: the state is intact.
+	for _, r := range replicas {
+		r.cmd.Process.Signal(syscall.SIGTERM)
+		<-r.done
+		r.cmd = nil
+	}
+	for _, r := range replicas {
+		r.start()
+	}
+	for _, e := range endpoints {
+		waitHealthy(t, "http://"+e, all)
+	}
+	after, err := cli.Get(ctxT(t), "mesh/", clientv3.WithPrefix())
+	if err != nil {
+		t.Fatalf("read after restarting every replica: %v", err)
+	}
+	if after.Header.Revision != want || len(after.Kvs) != len(resp.Kvs) {
+		t.Fatalf("after restarting every replica: revision %d with %d keys, want %d with %d", after.Header.Revision, len(after.Kvs), want, len(resp.Kvs))
 	}
 }
 
