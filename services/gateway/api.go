@@ -83,6 +83,10 @@ func (g *Gateway) MemberList(ctx context.Context, r *pb.MemberListRequest) (*pb.
 	}, r)
 }
 
+func (g *Gateway) HashKV(ctx context.Context, r *pb.HashKVRequest) (*pb.HashKVResponse, error) {
+	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.HashKVRequest, pb.HashKVResponse] { return c.maint.HashKV }, r)
+}
+
 func (g *Gateway) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusResponse, error) {
 	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.StatusRequest, pb.StatusResponse] { return c.maint.Status }, r)
 }

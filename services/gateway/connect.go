@@ -60,10 +60,14 @@ func (h connectCluster) MemberList(ctx context.Context, r *connect.Request[pb.Me
 	return unary(ctx, r, h.g.MemberList)
 }
 
-// connectMaintenance serves etcdserverpb.Maintenance; only Status is built so far.
+// connectMaintenance serves etcdserverpb.Maintenance; Status and HashKV are built so far.
 type connectMaintenance struct {
 	etcdserverpbconnect.UnimplementedMaintenanceHandler
 	g *Gateway
+}
+
+func (h connectMaintenance) HashKV(ctx context.Context, r *connect.Request[pb.HashKVRequest]) (*connect.Response[pb.HashKVResponse], error) {
+	return unary(ctx, r, h.g.HashKV)
 }
 
 func (h connectMaintenance) Status(ctx context.Context, r *connect.Request[pb.StatusRequest]) (*connect.Response[pb.StatusResponse], error) {

@@ -93,6 +93,10 @@ type grpcMaintenance struct {
 	g *Gateway
 }
 
+func (s grpcMaintenance) HashKV(ctx context.Context, r *pb.HashKVRequest) (*pb.HashKVResponse, error) {
+	return grpcUnary(ctx, r, s.g.HashKV)
+}
+
 func (s grpcMaintenance) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusResponse, error) {
 	return grpcUnary(ctx, r, s.g.Status)
 }

@@ -151,3 +151,16 @@ func (s *maintenanceService) Status(ctx context.Context, req *connect.Request[pb
 	}
 	return connect.NewResponse(resp), nil
 }
+
+func (s *maintenanceService) HashKV(ctx context.Context, req *connect.Request[pb.HashKVRequest]) (*connect.Response[pb.HashKVResponse], error) {
+	hash, rev, compact, err := s.r.kv.HashKV(ctx, req.Msg.GetRevision())
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	return connect.NewResponse(&pb.HashKVResponse{
+		Header:          s.r.header(&pb.ResponseHeader{Revision: s.r.kv.Rev()}),
+		Hash:            hash,
+		CompactRevision: compact,
+		HashRevision:    rev,
+	}), nil
+}

@@ -153,6 +153,8 @@ func TestThreeReplicasReplicateAndSurviveLeaderLoss(t *testing.T) {
 		}
 	}
 
+	requireSameHashKV(t, members)
+
 	// Lose the leader: the others elect a new one and keep accepting writes.
 	lead.stop(t)
 	newLead := leader(t, members)
@@ -178,6 +180,32 @@ func TestThreeReplicasReplicateAndSurviveLeaderLoss(t *testing.T) {
 			t.Fatalf("restarted member did not catch up: %v, %v", got, err)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+	requireSameHashKV(t, members)
+}
+
+// requireSameHashKV checks that every member hashes the same history at the current
+// revision: replicas never diverge.
+func requireSameHashKV(t *testing.T, members []*member) {
+	t.Helper()
+	var rev int64
+	for _, m := range members {
+		got, err := m.kv.Range(context.Background(), connect.NewRequest(&pb.RangeRequest{Key: []byte("k")}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		rev = max(rev, got.Msg.GetHeader().GetRevision())
+	}
+	hashes := map[uint32][]string{}
+	for _, m := range members {
+		h, err := m.stat.HashKV(context.Background(), connect.NewRequest(&pb.HashKVRequest{Revision: rev}))
+		if err != nil {
+			t.Fatalf("HashKV on %s at %d: %v", m.cfg.Name, rev, err)
+		}
+		hashes[h.Msg.GetHash()] = append(hashes[h.Msg.GetHash()], m.cfg.Name)
+	}
+	if len(hashes) != 1 {
+		t.Fatalf("members disagree on their history at revision %d: %v", rev, hashes)
 	}
 }
 

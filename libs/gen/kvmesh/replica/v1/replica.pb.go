@@ -34,9 +34,10 @@ const file_kvmesh_replica_v1_replica_proto_rawDesc = "" +
 	"\aCompact\x12\x1f.etcdserverpb.CompactionRequest\x1a .etcdserverpb.CompactionResponse2a\n" +
 	"\x0eClusterService\x12O\n" +
 	"\n" +
-	"MemberList\x12\x1f.etcdserverpb.MemberListRequest\x1a .etcdserverpb.MemberListResponse2Y\n" +
+	"MemberList\x12\x1f.etcdserverpb.MemberListRequest\x1a .etcdserverpb.MemberListResponse2\x9e\x01\n" +
 	"\x12MaintenanceService\x12C\n" +
-	"\x06Status\x12\x1b.etcdserverpb.StatusRequest\x1a\x1c.etcdserverpb.StatusResponseB\xca\x01\n" +
+	"\x06Status\x12\x1b.etcdserverpb.StatusRequest\x1a\x1c.etcdserverpb.StatusResponse\x12C\n" +
+	"\x06HashKV\x12\x1b.etcdserverpb.HashKVRequest\x1a\x1c.etcdserverpb.HashKVResponseB\xca\x01\n" +
 	"\x15com.kvmesh.replica.v1B\fReplicaProtoP\x01Z=github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1;replicav1\xa2\x02\x03KRX\xaa\x02\x11Kvmesh.Replica.V1\xca\x02\x11Kvmesh\\Replica\\V1\xe2\x02\x1dKvmesh\\Replica\\V1\\GPBMetadata\xea\x02\x13Kvmesh::Replica::V1b\x06proto3"
 
 var file_kvmesh_replica_v1_replica_proto_goTypes = []any{
@@ -47,13 +48,15 @@ var file_kvmesh_replica_v1_replica_proto_goTypes = []any{
 	(*etcdserverpb.CompactionRequest)(nil),   // 4: etcdserverpb.CompactionRequest
 	(*etcdserverpb.MemberListRequest)(nil),   // 5: etcdserverpb.MemberListRequest
 	(*etcdserverpb.StatusRequest)(nil),       // 6: etcdserverpb.StatusRequest
-	(*etcdserverpb.RangeResponse)(nil),       // 7: etcdserverpb.RangeResponse
-	(*etcdserverpb.PutResponse)(nil),         // 8: etcdserverpb.PutResponse
-	(*etcdserverpb.DeleteRangeResponse)(nil), // 9: etcdserverpb.DeleteRangeResponse
-	(*etcdserverpb.TxnResponse)(nil),         // 10: etcdserverpb.TxnResponse
-	(*etcdserverpb.CompactionResponse)(nil),  // 11: etcdserverpb.CompactionResponse
-	(*etcdserverpb.MemberListResponse)(nil),  // 12: etcdserverpb.MemberListResponse
-	(*etcdserverpb.StatusResponse)(nil),      // 13: etcdserverpb.StatusResponse
+	(*etcdserverpb.HashKVRequest)(nil),       // 7: etcdserverpb.HashKVRequest
+	(*etcdserverpb.RangeResponse)(nil),       // 8: etcdserverpb.RangeResponse
+	(*etcdserverpb.PutResponse)(nil),         // 9: etcdserverpb.PutResponse
+	(*etcdserverpb.DeleteRangeResponse)(nil), // 10: etcdserverpb.DeleteRangeResponse
+	(*etcdserverpb.TxnResponse)(nil),         // 11: etcdserverpb.TxnResponse
+	(*etcdserverpb.CompactionResponse)(nil),  // 12: etcdserverpb.CompactionResponse
+	(*etcdserverpb.MemberListResponse)(nil),  // 13: etcdserverpb.MemberListResponse
+	(*etcdserverpb.StatusResponse)(nil),      // 14: etcdserverpb.StatusResponse
+	(*etcdserverpb.HashKVResponse)(nil),      // 15: etcdserverpb.HashKVResponse
 }
 var file_kvmesh_replica_v1_replica_proto_depIdxs = []int32{
 	0,  // 0: kvmesh.replica.v1.KVService.Range:input_type -> etcdserverpb.RangeRequest
@@ -63,15 +66,17 @@ var file_kvmesh_replica_v1_replica_proto_depIdxs = []int32{
 	4,  // 4: kvmesh.replica.v1.KVService.Compact:input_type -> etcdserverpb.CompactionRequest
 	5,  // 5: kvmesh.replica.v1.ClusterService.MemberList:input_type -> etcdserverpb.MemberListRequest
 	6,  // 6: kvmesh.replica.v1.MaintenanceService.Status:input_type -> etcdserverpb.StatusRequest
-	7,  // 7: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
-	8,  // 8: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
-	9,  // 9: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
-	10, // 10: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
-	11, // 11: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
-	12, // 12: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
-	13, // 13: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
-	7,  // [7:14] is the sub-list for method output_type
-	0,  // [0:7] is the sub-list for method input_type
+	7,  // 7: kvmesh.replica.v1.MaintenanceService.HashKV:input_type -> etcdserverpb.HashKVRequest
+	8,  // 8: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
+	9,  // 9: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
+	10, // 10: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
+	11, // 11: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
+	12, // 12: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
+	13, // 13: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
+	14, // 14: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
+	15, // 15: kvmesh.replica.v1.MaintenanceService.HashKV:output_type -> etcdserverpb.HashKVResponse
+	8,  // [8:16] is the sub-list for method output_type
+	0,  // [0:8] is the sub-list for method input_type
 	0,  // [0:0] is the sub-list for extension type_name
 	0,  // [0:0] is the sub-list for extension extendee
 	0,  // [0:0] is the sub-list for field type_name

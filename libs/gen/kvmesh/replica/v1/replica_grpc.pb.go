@@ -401,6 +401,7 @@ var ClusterService_ServiceDesc = grpc.ServiceDesc{
 
 const (
 	MaintenanceService_Status_FullMethodName = "/kvmesh.replica.v1.MaintenanceService/Status"
+	MaintenanceService_HashKV_FullMethodName = "/kvmesh.replica.v1.MaintenanceService/HashKV"
 )
 
 // MaintenanceServiceClient is the client API for MaintenanceService service.
@@ -411,6 +412,9 @@ const (
 type MaintenanceServiceClient interface {
 	// Status reports this replica's raft and storage state.
 	Status(ctx context.Context, in *etcdserverpb.StatusRequest, opts ...grpc.CallOption) (*etcdserverpb.StatusResponse, error)
+	// HashKV hashes this replica's key history up to a revision; members that agree on
+	// their history answer the same hash.
+	HashKV(ctx context.Context, in *etcdserverpb.HashKVRequest, opts ...grpc.CallOption) (*etcdserverpb.HashKVResponse, error)
 }
 
 type maintenanceServiceClient struct {
@@ -431,6 +435,16 @@ func (c *maintenanceServiceClient) Status(ctx context.Context, in *etcdserverpb.
 	return out, nil
 }
 
+func (c *maintenanceServiceClient) HashKV(ctx context.Context, in *etcdserverpb.HashKVRequest, opts ...grpc.CallOption) (*etcdserverpb.HashKVResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.HashKVResponse)
+	err := c.cc.Invoke(ctx, MaintenanceService_HashKV_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MaintenanceServiceServer is the server API for MaintenanceService service.
 // All implementations must embed UnimplementedMaintenanceServiceServer
 // for forward compatibility.
@@ -439,6 +453,9 @@ func (c *maintenanceServiceClient) Status(ctx context.Context, in *etcdserverpb.
 type MaintenanceServiceServer interface {
 	// Status reports this replica's raft and storage state.
 	Status(context.Context, *etcdserverpb.StatusRequest) (*etcdserverpb.StatusResponse, error)
+	// HashKV hashes this replica's key history up to a revision; members that agree on
+	// their history answer the same hash.
+	HashKV(context.Context, *etcdserverpb.HashKVRequest) (*etcdserverpb.HashKVResponse, error)
 	mustEmbedUnimplementedMaintenanceServiceServer()
 }
 
@@ -451,6 +468,9 @@ type UnimplementedMaintenanceServiceServer struct{}
 
 func (UnimplementedMaintenanceServiceServer) Status(context.Context, *etcdserverpb.StatusRequest) (*etcdserverpb.StatusResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Status not implemented")
+}
+func (UnimplementedMaintenanceServiceServer) HashKV(context.Context, *etcdserverpb.HashKVRequest) (*etcdserverpb.HashKVResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method HashKV not implemented")
 }
 func (UnimplementedMaintenanceServiceServer) mustEmbedUnimplementedMaintenanceServiceServer() {}
 func (UnimplementedMaintenanceServiceServer) testEmbeddedByValue()                            {}
@@ -491,6 +511,24 @@ func _MaintenanceService_Status_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MaintenanceService_HashKV_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.HashKVRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MaintenanceServiceServer).HashKV(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MaintenanceService_HashKV_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MaintenanceServiceServer).HashKV(ctx, req.(*etcdserverpb.HashKVRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // MaintenanceService_ServiceDesc is the grpc.ServiceDesc for MaintenanceService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -501,6 +539,10 @@ var MaintenanceService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Status",
 			Handler:    _MaintenanceService_Status_Handler,
+		},
+		{
+			MethodName: "HashKV",
+			Handler:    _MaintenanceService_HashKV_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -54,6 +54,9 @@ const (
 	// MaintenanceServiceStatusProcedure is the fully-qualified name of the MaintenanceService's Status
 	// RPC.
 	MaintenanceServiceStatusProcedure = "/kvmesh.replica.v1.MaintenanceService/Status"
+	// MaintenanceServiceHashKVProcedure is the fully-qualified name of the MaintenanceService's HashKV
+	// RPC.
+	MaintenanceServiceHashKVProcedure = "/kvmesh.replica.v1.MaintenanceService/HashKV"
 )
 
 // KVServiceClient is a client for the kvmesh.replica.v1.KVService service.
@@ -316,6 +319,9 @@ func (UnimplementedClusterServiceHandler) MemberList(context.Context, *connect.R
 type MaintenanceServiceClient interface {
 	// Status reports this replica's raft and storage state.
 	Status(context.Context, *connect.Request[etcdserverpb.StatusRequest]) (*connect.Response[etcdserverpb.StatusResponse], error)
+	// HashKV hashes this replica's key history up to a revision; members that agree on
+	// their history answer the same hash.
+	HashKV(context.Context, *connect.Request[etcdserverpb.HashKVRequest]) (*connect.Response[etcdserverpb.HashKVResponse], error)
 }
 
 // NewMaintenanceServiceClient constructs a client for the kvmesh.replica.v1.MaintenanceService
@@ -335,12 +341,19 @@ func NewMaintenanceServiceClient(httpClient connect.HTTPClient, baseURL string, 
 			connect.WithSchema(maintenanceServiceMethods.ByName("Status")),
 			connect.WithClientOptions(opts...),
 		),
+		hashKV: connect.NewClient[etcdserverpb.HashKVRequest, etcdserverpb.HashKVResponse](
+			httpClient,
+			baseURL+MaintenanceServiceHashKVProcedure,
+			connect.WithSchema(maintenanceServiceMethods.ByName("HashKV")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // maintenanceServiceClient implements MaintenanceServiceClient.
 type maintenanceServiceClient struct {
 	status *connect.Client[etcdserverpb.StatusRequest, etcdserverpb.StatusResponse]
+	hashKV *connect.Client[etcdserverpb.HashKVRequest, etcdserverpb.HashKVResponse]
 }
 
 // Status calls kvmesh.replica.v1.MaintenanceService.Status.
@@ -348,11 +361,19 @@ func (c *maintenanceServiceClient) Status(ctx context.Context, req *connect.Requ
 	return c.status.CallUnary(ctx, req)
 }
 
+// HashKV calls kvmesh.replica.v1.MaintenanceService.HashKV.
+func (c *maintenanceServiceClient) HashKV(ctx context.Context, req *connect.Request[etcdserverpb.HashKVRequest]) (*connect.Response[etcdserverpb.HashKVResponse], error) {
+	return c.hashKV.CallUnary(ctx, req)
+}
+
 // MaintenanceServiceHandler is an implementation of the kvmesh.replica.v1.MaintenanceService
 // service.
 type MaintenanceServiceHandler interface {
 	// Status reports this replica's raft and storage state.
 	Status(context.Context, *connect.Request[etcdserverpb.StatusRequest]) (*connect.Response[etcdserverpb.StatusResponse], error)
+	// HashKV hashes this replica's key history up to a revision; members that agree on
+	// their history answer the same hash.
+	HashKV(context.Context, *connect.Request[etcdserverpb.HashKVRequest]) (*connect.Response[etcdserverpb.HashKVResponse], error)
 }
 
 // NewMaintenanceServiceHandler builds an HTTP handler from the service implementation. It returns
@@ -368,10 +389,18 @@ func NewMaintenanceServiceHandler(svc MaintenanceServiceHandler, opts ...connect
 		connect.WithSchema(maintenanceServiceMethods.ByName("Status")),
 		connect.WithHandlerOptions(opts...),
 	)
+	maintenanceServiceHashKVHandler := connect.NewUnaryHandler(
+		MaintenanceServiceHashKVProcedure,
+		svc.HashKV,
+		connect.WithSchema(maintenanceServiceMethods.ByName("HashKV")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/kvmesh.replica.v1.MaintenanceService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case MaintenanceServiceStatusProcedure:
 			maintenanceServiceStatusHandler.ServeHTTP(w, r)
+		case MaintenanceServiceHashKVProcedure:
+			maintenanceServiceHashKVHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -383,4 +412,8 @@ type UnimplementedMaintenanceServiceHandler struct{}
 
 func (UnimplementedMaintenanceServiceHandler) Status(context.Context, *connect.Request[etcdserverpb.StatusRequest]) (*connect.Response[etcdserverpb.StatusResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.MaintenanceService.Status is not implemented"))
+}
+
+func (UnimplementedMaintenanceServiceHandler) HashKV(context.Context, *connect.Request[etcdserverpb.HashKVRequest]) (*connect.Response[etcdserverpb.HashKVResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.MaintenanceService.HashKV is not implemented"))
 }
