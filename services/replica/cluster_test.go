@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	raftpb "go.etcd.io/raft/v3/raftpb"
 
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
@@ -218,5 +219,121 @@ func TestInitialClusterMustNameThisMember(t *testing.T) {
 	cfg.InitialCluster = []string{"test=http://127.0.0.1:9"}
 	if _, _, err := cfg.initialMembers(); err == nil {
 		t.Fatal("an initial cluster whose peer URL for this member differs from PEER_URLS was accepted")
+	}
+}
+
+// partition cuts the members in side off from the others (messages both ways are
+// dropped by their senders); heal undoes it.
+func partition(members []*member, side ...*member) {
+	cut := map[uint64]bool{}
+	for _, m := range side {
+		cut[m.r.ID()] = true
+	}
+	drop := func(msg *raftpb.Message) bool { return cut[msg.GetFrom()] != cut[msg.GetTo()] }
+	for _, m := range members {
+		if m.r != nil {
+			m.r.peers.drop.Store(&drop)
+		}
+	}
+}
+
+func heal(members []*member) {
+	for _, m := range members {
+		if m.r != nil {
+			m.r.peers.drop.Store(nil)
+		}
+	}
+}
+
+func TestPartitionedMinorityNeitherWritesNorReadsStale(t *testing.T) {
+	members := startCluster(t, 3)
+	lead := leader(t, members)
+	f := follower(members, lead)
+	put := func(m *member, v string, timeout time.Duration) error {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		_, err := m.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte("p"), Value: []byte(v)}))
+		return err
+	}
+	read := func(m *member, serializable bool, timeout time.Duration) (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
+		defer cancel()
+		r, err := m.kv.Range(ctx, connect.NewRequest(&pb.RangeRequest{Key: []byte("p"), Serializable: serializable}))
+		if err != nil {
+			return "", err
+		}
+		if len(r.Msg.GetKvs()) == 0 {
+			return "", nil
+		}
+		return string(r.Msg.GetKvs()[0].GetValue()), nil
+	}
+	if err := put(lead, "before", 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if v, err := read(f, false, 5*time.Second); err != nil || v != "before" {
+		t.Fatalf("follower before the partition: %q, %v", v, err)
+	}
+
+	// A follower alone: the majority goes on; the follower accepts no write and serves
+	// no linearizable read (a serializable read may be stale).
+	partition(members, f)
+	if err := put(lead, "during", 5*time.Second); err != nil {
+		t.Fatalf("majority write during the partition: %v", err)
+	}
+	if err := put(f, "minority", time.Second); err == nil {
+		t.Fatal("the cut-off follower accepted a write")
+	}
+	if v, err := read(f, false, time.Second); err == nil {
+		t.Fatalf("the cut-off follower served a linearizable read (%q)", v)
+	}
+	if v, err := read(f, true, time.Second); err != nil || v != "before" {
+		t.Fatalf("serializable read on the cut-off follower: %q, %v; want its own (stale) state", v, err)
+	}
+
+	// Healing converges: the follower catches up, and the write it was offered
+	// during the partition is not there unless it was acknowledged (it was not).
+	heal(members)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		v, err := read(f, false, 2*time.Second)
+		if err == nil && v == "during" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("follower after healing: %q, %v; want during", v, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// The leader alone: it steps down (check quorum), the majority elects another and
+	// goes on; the old leader serves no linearizable read.
+	lead = leader(t, members)
+	partition(members, lead)
+	others := []*member{}
+	for _, m := range members {
+		if m != lead {
+			others = append(others, m)
+		}
+	}
+	newLead := leader(t, others)
+	if err := put(newLead, "after", 5*time.Second); err != nil {
+		t.Fatalf("write on the new majority: %v", err)
+	}
+	if v, err := read(lead, false, time.Second); err == nil {
+		t.Fatalf("the cut-off old leader served a linearizable read (%q)", v)
+	}
+	heal(members)
+	requireEventually(t, func() bool { v, err := read(lead, false, 2*time.Second); return err == nil && v == "after" })
+	requireSameHashKV(t, members)
+}
+
+func requireEventually(t *testing.T, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached within 15s")
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

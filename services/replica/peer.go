@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -32,6 +33,10 @@ type transport struct {
 	mu      sync.Mutex
 	senders map[uint64]*peerSender
 	stopped bool
+
+	// drop, when set (by tests), discards the messages it returns true for: a
+	// partition or a lossy link.
+	drop atomic.Pointer[func(m *raftpb.Message) bool]
 }
 
 // peerQueue bounds the messages queued for one peer; beyond it, messages are dropped
@@ -55,6 +60,9 @@ func (t *transport) send(msgs []*raftpb.Message) {
 	for _, m := range msgs {
 		to := m.GetTo()
 		if to == t.r.id || to == raft.None {
+			continue
+		}
+		if drop := t.drop.Load(); drop != nil && (*drop)(m) {
 			continue
 		}
 		if m.GetType() == raftpb.MessageType_MsgSnap {
