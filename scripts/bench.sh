@@ -5,6 +5,8 @@
 # Workloads alternate between the two servers, ROUNDS times, and the report gives the
 # median of each and the kvmesh/etcd ratio.
 #
+#   BENCH_CLUSTER=3 scripts/bench.sh …  runs a 3-member etcd cluster against 3 kvmesh
+#                                        replicas behind one gateway instead
 #   scripts/bench.sh [ROUNDS [FILTER]]   (default 3 rounds, every workload; prints a
 #                                        Markdown table; FILTER keeps the workloads
 #                                        whose name contains it, e.g. "range")
@@ -32,29 +34,59 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-ep=$(free_port); pp=$(free_port); kp=$(free_port); ip=$(free_port)
-
-etcd_pid=""
-.bin/etcd --name bench --data-dir "$dir/etcd" --log-level error \
-	--listen-client-urls "http://127.0.0.1:$ep" --advertise-client-urls "http://127.0.0.1:$ep" \
-	--listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \
-	--initial-cluster "bench=http://127.0.0.1:$pp" >"$dir/etcd.log" 2>&1 &
-etcd_pid=$!
-pids+=($!)
-KVMESH_REPLICA_DATA_DIR="$dir/kvmesh" KVMESH_GATEWAY_LISTEN="127.0.0.1:$kp" KVMESH_REPLICA_LISTEN="127.0.0.1:$ip" \
-	KVMESH_LOG_LEVEL=warn .bin/kvmesh >"$dir/kvmesh.log" 2>&1 &
-kvmesh_pid=$!
-pids+=($!)
-
-# CPU time (user+system, clock ticks) a process has used so far.
-cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
-for port in "$ep" "$kp"; do
+members=${BENCH_CLUSTER:-1}
+etcd_pids=() kvmesh_pids=() etcd_eps=() etcd_cluster="" kv_cluster="" kv_urls=""
+declare -a ecp eip kip
+for i in $(seq 0 $((members - 1))); do
+	ecp[i]=$(free_port) eip[i]=$(free_port) kip[i]=$(free_port)
+	etcd_cluster+="${etcd_cluster:+,}e$i=http://127.0.0.1:${eip[i]}"
+	kv_cluster+="${kv_cluster:+,}k$i=http://127.0.0.1:${kip[i]}"
+	kv_urls+="${kv_urls:+,}http://127.0.0.1:${kip[i]}"
+	etcd_eps+=("127.0.0.1:${ecp[i]}")
+done
+for i in $(seq 0 $((members - 1))); do
+	.bin/etcd --name "e$i" --data-dir "$dir/etcd$i" --log-level error \
+		--listen-client-urls "http://127.0.0.1:${ecp[i]}" --advertise-client-urls "http://127.0.0.1:${ecp[i]}" \
+		--listen-peer-urls "http://127.0.0.1:${eip[i]}" --initial-advertise-peer-urls "http://127.0.0.1:${eip[i]}" \
+		--initial-cluster "$etcd_cluster" >"$dir/etcd$i.log" 2>&1 &
+	etcd_pids+=($!)
+	pids+=($!)
+done
+ep=$(IFS=,; echo "${etcd_eps[*]}")
+kp=$(free_port)
+if ((members == 1)); then
+	KVMESH_REPLICA_DATA_DIR="$dir/kvmesh" KVMESH_GATEWAY_LISTEN="127.0.0.1:$kp" KVMESH_REPLICA_LISTEN="127.0.0.1:${kip[0]}" \
+		KVMESH_REPLICA_PEER_URLS="http://127.0.0.1:${kip[0]}" KVMESH_LOG_LEVEL=warn .bin/kvmesh >"$dir/kvmesh.log" 2>&1 &
+	kvmesh_pids+=($!)
+	pids+=($!)
+else
+	go build -o .bin/kvmesh-replica ./services/replica/cmd/kvmesh-replica
+	go build -o .bin/kvmesh-gateway ./services/gateway/cmd/kvmesh-gateway
+	for i in $(seq 0 $((members - 1))); do
+		KVMESH_REPLICA_NAME="k$i" KVMESH_REPLICA_DATA_DIR="$dir/kvmesh$i" KVMESH_REPLICA_LISTEN="127.0.0.1:${kip[i]}" \
+			KVMESH_REPLICA_PEER_URLS="http://127.0.0.1:${kip[i]}" KVMESH_REPLICA_INITIAL_CLUSTER="$kv_cluster" \
+			KVMESH_LOG_LEVEL=warn .bin/kvmesh-replica >"$dir/kvmesh$i.log" 2>&1 &
+		kvmesh_pids+=($!)
+		pids+=($!)
+	done
+	KVMESH_GATEWAY_LISTEN="127.0.0.1:$kp" KVMESH_GATEWAY_REPLICAS="$kv_urls" KVMESH_LOG_LEVEL=warn \
+		.bin/kvmesh-gateway >"$dir/gateway.log" 2>&1 &
+	kvmesh_pids+=($!)
+	pids+=($!)
+fi
+for port in "${ecp[0]}" "$kp"; do
 	for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
 	curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "server on $port did not start" >&2; exit 1; }
 done
 
+# CPU time (user+system, clock ticks) the processes have used so far.
+cpu_ticks() {
+	local sum=0 p
+	for p in "$@"; do sum=$((sum + $(awk '{print $14+$15}' "/proc/$p/stat"))); done
+	echo "$sum"
+}
 # The range workloads read the key "foo", present on both.
-curl -sf -H 'Content-Type: application/json' -d '{"key":"Zm9v","value":"YmFy"}' "http://127.0.0.1:$ep/v3/kv/put" >/dev/null
+curl -sf -H 'Content-Type: application/json' -d '{"key":"Zm9v","value":"YmFy"}' "http://${etcd_eps[0]}/v3/kv/put" >/dev/null
 curl -sf -H 'Content-Type: application/json' -d '{"key":"Zm9v","value":"YmFy"}' "http://127.0.0.1:$kp/etcdserverpb.KV/Put" >/dev/null
 
 # name | loadtest arguments (the same for both servers)
@@ -72,12 +104,12 @@ for round in $(seq "$rounds"); do
 		args=${w#*|}
 		[[ -z $filter || $name == *"$filter"* ]] || continue
 		for target in etcd kvmesh; do
-			port=$ep pid=$etcd_pid
-			[[ $target == kvmesh ]] && port=$kp pid=$kvmesh_pid
-			before=$(cpu_ticks "$pid")
+			endpoints=$ep procs=("${etcd_pids[@]}")
+			[[ $target == kvmesh ]] && endpoints="127.0.0.1:$kp" procs=("${kvmesh_pids[@]}")
+			before=$(cpu_ticks "${procs[@]}")
 			# shellcheck disable=SC2086
-			json=$(.bin/loadtest --endpoints="127.0.0.1:$port" --target-name=$target --json $args 2>/dev/null)
-			after=$(cpu_ticks "$pid")
+			json=$(.bin/loadtest --endpoints="$endpoints" --target-name=$target --json $args 2>/dev/null)
+			after=$(cpu_ticks "${procs[@]}")
 			python3 - "$round" "$name" "$target" "$json" "$((after - before))" "$(getconf CLK_TCK)" >>"$results" <<'PY'
 import json, sys
 r = json.loads(sys.argv[4])
