@@ -8,13 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/signal"
 	"runtime/debug"
-	"syscall"
-	"time"
 
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/lifecycle"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/gateway"
 	"github.com/kvmesh/kvmesh/services/replica"
@@ -34,7 +32,7 @@ func run() error {
 		// small (Pebble keeps its block cache outside it), so the cost is bounded.
 		debug.SetGCPercent(400)
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := lifecycle.SignalContext()
 	defer stop()
 
 	var (
@@ -84,17 +82,6 @@ func run() error {
 		rep.Stop(context.Background())
 		return err
 	}
-	errc := make(chan error, 2)
-	go func() { errc <- rep.Serve() }()
-	go func() { errc <- gw.Serve() }()
-
-	select {
-	case <-ctx.Done():
-		tel.Log.Info("shutting down")
-	case err = <-errc:
-		tel.Log.Error("server failed", "err", err)
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	return errors.Join(err, gw.Stop(sctx), rep.Stop(sctx))
+	stopAll := func(ctx context.Context) error { return errors.Join(gw.Stop(ctx), rep.Stop(ctx)) }
+	return lifecycle.Serve(ctx, tel.Log, stopAll, rep.Serve, gw.Serve)
 }

@@ -4,14 +4,11 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
-	"os/signal"
-	"syscall"
-	"time"
 
 	"github.com/kvmesh/kvmesh/libs/config"
+	"github.com/kvmesh/kvmesh/libs/lifecycle"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/gateway"
 )
@@ -24,7 +21,7 @@ func main() {
 }
 
 func run() error {
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := lifecycle.SignalContext()
 	defer stop()
 	var (
 		tcfg telemetry.Config
@@ -51,15 +48,5 @@ func run() error {
 	if err := gw.Listen(); err != nil {
 		return err
 	}
-	errc := make(chan error, 1)
-	go func() { errc <- gw.Serve() }()
-	select {
-	case <-ctx.Done():
-		tel.Log.Info("shutting down")
-	case err = <-errc:
-		tel.Log.Error("server failed", "err", err)
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	return errors.Join(err, gw.Stop(sctx))
+	return lifecycle.Serve(ctx, tel.Log, gw.Stop, gw.Serve)
 }

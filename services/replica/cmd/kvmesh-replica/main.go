@@ -5,14 +5,11 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
-	"os/signal"
-	"syscall"
-	"time"
 
 	"github.com/kvmesh/kvmesh/libs/config"
+	"github.com/kvmesh/kvmesh/libs/lifecycle"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/replica"
 )
@@ -25,7 +22,7 @@ func main() {
 }
 
 func run() error {
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := lifecycle.SignalContext()
 	defer stop()
 	var (
 		tcfg telemetry.Config
@@ -53,15 +50,5 @@ func run() error {
 		rep.Stop(context.Background())
 		return err
 	}
-	errc := make(chan error, 1)
-	go func() { errc <- rep.Serve() }()
-	select {
-	case <-ctx.Done():
-		tel.Log.Info("shutting down")
-	case err = <-errc:
-		tel.Log.Error("server failed", "err", err)
-	}
-	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	return errors.Join(err, rep.Stop(sctx))
+	return lifecycle.Serve(ctx, tel.Log, rep.Stop, rep.Serve)
 }
