@@ -340,11 +340,6 @@ func (r *Replica) proposeError(ctx context.Context, err error) error {
 	return etcderr.ErrTimeout
 }
 
-// waitApplied blocks until index is applied.
-func (r *Replica) waitApplied(ctx context.Context, index uint64) error {
-	return r.waitAppliedInTerm(ctx, index, 0)
-}
-
 // waitAppliedInTerm blocks until index is applied and so is an entry of term or later.
 func (r *Replica) waitAppliedInTerm(ctx context.Context, index, term uint64) error {
 	for {

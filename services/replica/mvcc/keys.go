@@ -102,19 +102,6 @@ func nextIndexKey(prefix []byte) []byte {
 	return k
 }
 
-// unescapeIndexPrefix recovers the user key from 'i' + esc(key) + terminator.
-func unescapeIndexPrefix(prefix []byte) []byte {
-	body := prefix[1 : len(prefix)-2]
-	key := make([]byte, 0, len(body))
-	for i := 0; i < len(body); i++ {
-		key = append(key, body[i])
-		if body[i] == 0 {
-			i++ // skip the 0xFF escape
-		}
-	}
-	return key
-}
-
 func encodeInt(v int64) []byte { return binary.BigEndian.AppendUint64(nil, uint64(v)) }
 
 func decodeInt(b []byte) int64 {

@@ -339,20 +339,23 @@ func (s *Store) Truncate(index uint64, cs *pb.ConfState) error {
 	if err := b.DeleteRange(entryKey(first), entryKey(index+1), nil); err != nil {
 		return err
 	}
-	// Hold the lock across the commit: a reader must never find entries gone from
-	// Pebble while the first index still promises them (raft tolerates only
-	// ErrCompacted there).
+	// Publish the new first index before the entries disappear: a reader must never
+	// find them gone from Pebble while the first index still promises them (raft
+	// tolerates only ErrCompacted there), and answering ErrCompacted early is harmless
+	// since they are applied. No lock is held across the fsync.
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if err := b.Commit(pebble.Sync); err != nil {
-		return fmt.Errorf("raftlog: commit truncation: %w", err)
-	}
 	s.snap = meta
 	if s.last < index {
 		s.last = index
 	}
 	for len(s.cache) > 0 && s.cache[0].GetIndex() <= index {
 		s.cache = s.cache[1:]
+	}
+	s.mu.Unlock()
+	if err := b.Commit(pebble.Sync); err != nil {
+		// The entries stay on disk; a restart reloads the truncation point that was
+		// actually written.
+		return fmt.Errorf("raftlog: commit truncation: %w", err)
 	}
 	return nil
 }
