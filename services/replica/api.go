@@ -26,7 +26,9 @@ func (s *kvService) Range(ctx context.Context, req *connect.Request[pb.RangeRequ
 			return nil, etcderr.ToConnect(err)
 		}
 	}
-	resp, err := s.r.kv.Range(ctx, m)
+	st := s.r.acquire()
+	resp, err := st.kv.Range(ctx, m)
+	st.release()
 	if err != nil {
 		return nil, etcderr.ToConnect(err)
 	}
@@ -75,7 +77,9 @@ func (s *kvService) Txn(ctx context.Context, req *connect.Request[pb.TxnRequest]
 				return nil, etcderr.ToConnect(err)
 			}
 		}
-		resp, err := s.r.kv.ReadTxn(ctx, m)
+		st := s.r.acquire()
+		resp, err := st.kv.ReadTxn(ctx, m)
+		st.release()
 		if err != nil {
 			return nil, etcderr.ToConnect(err)
 		}
@@ -97,7 +101,10 @@ func (s *kvService) Compact(ctx context.Context, req *connect.Request[pb.Compact
 		return nil, etcderr.ToConnect(err)
 	}
 	if req.Msg.GetPhysical() {
-		if err := s.r.kv.WaitCompacted(ctx, req.Msg.GetRevision()); err != nil {
+		st := s.r.acquire()
+		err := st.kv.WaitCompacted(ctx, req.Msg.GetRevision())
+		st.release()
+		if err != nil {
 			return nil, etcderr.ToConnect(err)
 		}
 	}
@@ -114,7 +121,7 @@ func (s *clusterService) MemberList(ctx context.Context, req *connect.Request[pb
 			return nil, etcderr.ToConnect(err)
 		}
 	}
-	resp := &pb.MemberListResponse{Header: s.r.header(&pb.ResponseHeader{Revision: s.r.kv.Rev()}), Members: s.r.members.list()}
+	resp := &pb.MemberListResponse{Header: s.r.header(&pb.ResponseHeader{Revision: s.r.rev()}), Members: s.r.members.list()}
 	return connect.NewResponse(resp), nil
 }
 
@@ -130,9 +137,9 @@ const defaultQuotaBytes = 2 << 30
 func (s *maintenanceService) Status(ctx context.Context, req *connect.Request[pb.StatusRequest]) (*connect.Response[pb.StatusResponse], error) {
 	r := s.r
 	st := r.node.Status()
-	size := int64(r.db.Metrics().DiskSpaceUsage())
+	size := r.dbSize()
 	resp := &pb.StatusResponse{
-		Header:           r.header(&pb.ResponseHeader{Revision: r.kv.Rev()}),
+		Header:           r.header(&pb.ResponseHeader{Revision: r.rev()}),
 		Version:          serverVersion,
 		DbSize:           size,
 		DbSizeInUse:      size,
@@ -153,12 +160,14 @@ func (s *maintenanceService) Status(ctx context.Context, req *connect.Request[pb
 }
 
 func (s *maintenanceService) HashKV(ctx context.Context, req *connect.Request[pb.HashKVRequest]) (*connect.Response[pb.HashKVResponse], error) {
-	hash, rev, compact, err := s.r.kv.HashKV(ctx, req.Msg.GetRevision())
+	st := s.r.acquire()
+	hash, rev, compact, err := st.kv.HashKV(ctx, req.Msg.GetRevision())
+	st.release()
 	if err != nil {
 		return nil, etcderr.ToConnect(err)
 	}
 	return connect.NewResponse(&pb.HashKVResponse{
-		Header:          s.r.header(&pb.ResponseHeader{Revision: s.r.kv.Rev()}),
+		Header:          s.r.header(&pb.ResponseHeader{Revision: s.r.rev()}),
 		Hash:            hash,
 		CompactRevision: compact,
 		HashRevision:    rev,

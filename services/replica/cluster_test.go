@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"testing"
 	"time"
 
@@ -39,7 +40,7 @@ func freeAddr(t *testing.T) string {
 
 func (m *member) start(t *testing.T) {
 	t.Helper()
-	tel, err := telemetry.New(context.Background(), "cluster-test", telemetry.Config{LogLevel: "warn", LogFormat: "text"}, io.Discard)
+	tel, err := telemetry.New(context.Background(), "cluster-test", telemetry.Config{LogLevel: "warn", LogFormat: "text"}, testLogOutput())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,6 +58,14 @@ func (m *member) start(t *testing.T) {
 	m.stat = replicav1connect.NewMaintenanceServiceClient(c, "http://replica", tel.InternalClient()...)
 }
 
+// testLogOutput is where in-process replicas log: nowhere, unless KVMESH_TEST_LOG=1.
+func testLogOutput() io.Writer {
+	if os.Getenv("KVMESH_TEST_LOG") == "1" {
+		return os.Stderr
+	}
+	return io.Discard
+}
+
 func (m *member) stop(t *testing.T) {
 	t.Helper()
 	if m.r == nil {
@@ -71,6 +80,12 @@ func (m *member) stop(t *testing.T) {
 
 func startCluster(t *testing.T, n int) []*member {
 	t.Helper()
+	return startClusterWith(t, n, nil)
+}
+
+// startClusterWith starts n members, each configured by tune (when not nil).
+func startClusterWith(t *testing.T, n int, tune func(*Config)) []*member {
+	t.Helper()
 	var initial []string
 	members := make([]*member, n)
 	for i := range members {
@@ -79,6 +94,9 @@ func startCluster(t *testing.T, n int) []*member {
 		cfg.Name = fmt.Sprintf("m%d", i)
 		cfg.Listen = addr
 		cfg.PeerURLs = []string{"http://" + addr}
+		if tune != nil {
+			tune(&cfg)
+		}
 		members[i] = &member{cfg: cfg}
 		initial = append(initial, cfg.Name+"=http://"+addr)
 	}

@@ -19,8 +19,8 @@ import (
 )
 
 var (
-	identityKey  = []byte("Aid")      // member id, cluster id
-	appliedKey   = []byte("Aapplied") // last applied raft index
+	identityKey  = []byte("Aid")      // member id, cluster id (in the raft database)
+	appliedKey   = []byte("Aapplied") // last applied raft index and its term
 	confStateKey = []byte("Aconf")    // raft ConfState after the last applied conf change
 	memberPrefix = []byte("Am")       // + member id → etcdserverpb.Member
 )
@@ -47,20 +47,26 @@ func saveIdentity(db *pebble.DB, id identity) error {
 	return db.Set(identityKey, v, pebble.Sync)
 }
 
-func loadApplied(db *pebble.DB) (uint64, error) {
-	v, closer, err := db.Get(appliedKey)
+// appliedPos is the last applied entry's index and term.
+type appliedPos struct{ index, term uint64 }
+
+func loadApplied(r pebble.Reader) (appliedPos, error) {
+	v, closer, err := r.Get(appliedKey)
 	if errors.Is(err, pebble.ErrNotFound) {
-		return 0, nil
+		return appliedPos{}, nil
 	}
 	if err != nil {
-		return 0, err
+		return appliedPos{}, err
 	}
 	defer closer.Close()
-	return binary.BigEndian.Uint64(v), nil
+	if len(v) != 16 {
+		return appliedPos{}, fmt.Errorf("corrupt applied index record (%d bytes)", len(v))
+	}
+	return appliedPos{index: binary.BigEndian.Uint64(v), term: binary.BigEndian.Uint64(v[8:])}, nil
 }
 
-func saveApplied(b *pebble.Batch, index uint64) error {
-	return b.Set(appliedKey, binary.BigEndian.AppendUint64(nil, index), nil)
+func saveApplied(b *pebble.Batch, p appliedPos) error {
+	return b.Set(appliedKey, binary.BigEndian.AppendUint64(binary.BigEndian.AppendUint64(nil, p.index), p.term), nil)
 }
 
 func memberKey(id uint64) []byte {
@@ -77,7 +83,7 @@ type memberTable struct {
 	pconf   *raftpb.ConfState
 }
 
-func loadMembers(db *pebble.DB) (*memberTable, error) {
+func loadMembers(db pebble.Reader) (*memberTable, error) {
 	t := &memberTable{members: make(map[uint64]*pb.Member), conf: &raftpb.ConfState{}}
 	upper := append([]byte(nil), memberPrefix...)
 	upper[len(upper)-1]++
@@ -106,6 +112,14 @@ func loadMembers(db *pebble.DB) (*memberTable, error) {
 		return nil, err
 	}
 	return t, nil
+}
+
+// replace takes the membership of n (loaded from an installed snapshot).
+func (t *memberTable) replace(n *memberTable) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.members, t.conf = n.members, n.conf
+	t.pending, t.removed, t.pconf = nil, nil, nil
 }
 
 func (t *memberTable) list() []*pb.Member {

@@ -14,6 +14,9 @@ type metrics struct {
 	failed        prometheus.Counter
 	walFsync      prometheus.Histogram
 	backendCommit prometheus.Histogram
+
+	snapshotsSent      prometheus.Counter
+	snapshotsInstalled prometheus.Counter
 }
 
 func newMetrics(r *Replica) *metrics {
@@ -41,15 +44,22 @@ func newMetrics(r *Replica) *metrics {
 			Name: "etcd_disk_backend_commit_duration_seconds", Help: "The latency distributions of commits of applied batches.",
 			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
 		}),
+		snapshotsSent: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvmesh_replica_snapshots_sent_total", Help: "Snapshots of the state machine streamed to members behind the log.",
+		}),
+		snapshotsInstalled: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvmesh_replica_snapshots_installed_total", Help: "Snapshots of the state machine received and installed.",
+		}),
 	}
 	reg := r.tel.Registry
 	reg.MustRegister(m.hasLeader, m.leaderChanges, m.applied, m.pending, m.failed, m.walFsync, m.backendCommit,
+		m.snapshotsSent, m.snapshotsInstalled,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "etcd_mvcc_db_total_size_in_bytes", Help: "Total size of the underlying database physically allocated in bytes.",
-		}, func() float64 { return float64(r.db.Metrics().DiskSpaceUsage()) }),
+		}, func() float64 { return float64(r.dbSize()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "etcd_debugging_mvcc_current_revision", Help: "The current revision of store.",
-		}, func() float64 { return float64(r.kv.Rev()) }),
+		}, func() float64 { return float64(r.rev()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "etcd_server_is_leader", Help: "Whether or not this member is a leader. 1 if is, 0 otherwise.",
 		}, func() float64 {

@@ -23,9 +23,7 @@ import (
 // (kvmesh.peer.v1), one sender goroutine per peer, batching what queued up while the
 // previous batch was in flight. A peer that cannot be reached is reported to Raft,
 // which then probes it instead of streaming to it.
-//
-// Snapshots are not streamed yet: a MsgSnap is reported to Raft as failed, so a member
-// that falls behind the truncated log cannot catch up until that lands.
+// Snapshots go over a stream of their own (snapshot.go).
 type transport struct {
 	r      *Replica
 	client *http.Client
@@ -66,7 +64,7 @@ func (t *transport) send(msgs []*raftpb.Message) {
 			continue
 		}
 		if m.GetType() == raftpb.MessageType_MsgSnap {
-			t.r.node.ReportSnapshot(to, raft.SnapshotFailure)
+			t.sendSnapshot(m)
 			continue
 		}
 		s := t.sender(to)

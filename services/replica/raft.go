@@ -23,6 +23,7 @@ import (
 // order. done, when set, is closed once they are applied.
 type applyWork struct {
 	entries []*raftpb.Entry
+	snap    *raftpb.Snapshot // a received snapshot to install instead of entries
 	done    chan struct{}
 }
 
@@ -51,6 +52,25 @@ func (r *Replica) raftLoop() {
 			leader := r.leader.Load() == r.id
 			if leader {
 				r.peers.send(rd.Messages)
+			}
+			if !raft.IsEmptySnap(rd.Snapshot) {
+				// Install the state first, then reset the log to it: a crash between
+				// the two is repaired at start (reconcileLog), never the reverse.
+				w := applyWork{snap: rd.Snapshot, done: make(chan struct{})}
+				select {
+				case r.applyc <- w:
+				case <-r.stopc:
+					return
+				}
+				select {
+				case <-w.done:
+				case <-r.stopc:
+					return
+				}
+				if err := r.raftLog.ApplySnapshot(rd.Snapshot.GetMetadata()); err != nil {
+					r.log.Error("resetting the raft log to a snapshot failed; stopping", "err", err)
+					panic(fmt.Sprintf("raft log apply snapshot: %v", err))
+				}
 			}
 			start := time.Now()
 			if err := r.raftLog.Save(rd.HardState, rd.Entries, rd.MustSync); err != nil {
@@ -138,6 +158,12 @@ func (r *Replica) applyLoop() {
 	defer close(r.doneApp)
 	sinceTruncate := uint64(0)
 	for w := range r.applyc {
+		if w.snap != nil {
+			r.installSnapshot(w.snap)
+			close(w.done)
+			sinceTruncate = 0
+			continue
+		}
 		n := r.applyEntries(w.entries)
 		if w.done != nil {
 			close(w.done)
@@ -160,9 +186,10 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 	if last <= r.applied.Load() {
 		return 0
 	}
-	b := r.db.NewIndexedBatch()
+	st := r.st // only this goroutine replaces it
+	b := st.db.NewIndexedBatch()
 	defer b.Close()
-	wr := r.kv.NewWriter(b)
+	wr := st.kv.NewWriter(b)
 	var done []applied
 	var n uint64
 	for _, e := range ents {
@@ -217,26 +244,32 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 			}
 		}
 	}
-	if err := saveApplied(b, last); err != nil {
+	lastTerm := ents[len(ents)-1].GetTerm()
+	if err := saveApplied(b, appliedPos{index: last, term: lastTerm}); err != nil {
 		panic(fmt.Sprintf("record applied index: %v", err))
 	}
 	start := time.Now()
-	if err := r.kv.Commit(wr, pebble.NoSync); err != nil {
+	if err := st.kv.Commit(wr, pebble.NoSync); err != nil {
 		panic(fmt.Sprintf("commit applied batch: %v", err))
 	}
 	r.m.backendCommit.Observe(time.Since(start).Seconds())
 	r.members.committed()
 	r.applied.Store(last)
-	r.appliedTerm.Store(ents[len(ents)-1].GetTerm())
+	r.appliedTerm.Store(lastTerm)
 	r.m.applied.Add(float64(n))
-	r.appliedMu.Lock()
-	close(r.appliedNotify)
-	r.appliedNotify = make(chan struct{})
-	r.appliedMu.Unlock()
+	r.notifyApplied()
 	for _, d := range done {
 		d.w.ch <- d.res
 	}
 	return n
+}
+
+// notifyApplied wakes everyone waiting for the applied index to advance.
+func (r *Replica) notifyApplied() {
+	r.appliedMu.Lock()
+	close(r.appliedNotify)
+	r.appliedNotify = make(chan struct{})
+	r.appliedMu.Unlock()
 }
 
 func (r *Replica) applyRequest(ctx context.Context, wr *mvcc.Writer, req *replicav1.RaftRequest) result {
@@ -257,12 +290,15 @@ func (r *Replica) applyRequest(ctx context.Context, wr *mvcc.Writer, req *replic
 }
 
 // truncateLog drops applied entries from the log, keeping half of SnapshotCount
-// (etcd's 5000 of 10000) for followers that are slightly behind. The truncation is
-// synced, which makes the applied state it relies on durable first (they share
-// Pebble's write-ahead log).
+// (etcd's 5000 of 10000) for followers that are slightly behind. The applied state,
+// committed without sync, is synced first: the log must never start after it.
 func (r *Replica) truncateLog() {
 	applied, keep := r.applied.Load(), r.cfg.SnapshotCount/2
 	if applied <= keep {
+		return
+	}
+	if err := r.st.db.LogData(nil, pebble.Sync); err != nil {
+		r.log.Warn("syncing the state machine before log truncation failed", "err", err)
 		return
 	}
 	if err := r.raftLog.Truncate(applied-keep, r.members.confState()); err != nil {

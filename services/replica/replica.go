@@ -1,10 +1,11 @@
 // Package replica is kvmesh's consensus and storage role: a Raft member
-// (go.etcd.io/raft/v3) whose log and MVCC state machine live in one Pebble database,
+// (go.etcd.io/raft/v3) whose log and MVCC state machine live in two Pebble databases,
 // serving kvmesh's internal Connect API to gateways.
 //
-// Keys in the shared Pebble database, by first byte: 'R' the Raft log (package
-// raftlog), 'A' the replica's own state (identity, applied index, members), and
-// 'c', 'i', 'm', 'r' the MVCC store (package mvcc).
+// Keys in the raft database: 'R' the Raft log (package raftlog), "Aid" the member's
+// identity. Keys in the state database, by first byte: 'A' the replicated membership
+// and applied index, and 'c', 'i', 'm', 'r' the MVCC store (package mvcc). See
+// state.go for the directory layout.
 package replica
 
 import (
@@ -112,10 +113,15 @@ type Replica struct {
 	tracer trace.Tracer
 	m      *metrics
 
-	db      *pebble.DB
+	raftDB  *pebble.DB
 	raftLog *raftlog.Store
-	kv      *mvcc.Store
 	node    raft.Node
+
+	// st is the state machine. The apply loop, its only writer, swaps it when it
+	// installs a snapshot; everyone else reads it through acquire.
+	stateMu sync.RWMutex
+	st      *state
+	snaps   snapshots
 
 	id, clusterID uint64
 	members       *memberTable
@@ -152,18 +158,18 @@ func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("KVMESH_REPLICA_DATA_DIR: %w", err)
 	}
-	opts := pebbleOptions(tel.Log)
+	opts := raftPebbleOptions(tel.Log)
 	if cfg.fs != nil {
 		opts.FS = cfg.fs
 	}
-	db, err := pebble.Open(filepath.Join(cfg.DataDir, "db"), opts)
+	db, err := pebble.Open(filepath.Join(cfg.DataDir, raftDirName), opts)
 	if err != nil {
 		return nil, fmt.Errorf("open pebble in %s: %w", cfg.DataDir, err)
 	}
 	r := &Replica{
 		cfg: cfg, log: tel.Log.With("role", "replica", "name", cfg.Name), tel: tel,
 		tracer:        tel.Tracer.Tracer("kvmesh/replica"),
-		db:            db,
+		raftDB:        db,
 		waiters:       make(map[uint64]*waiter),
 		appliedNotify: make(chan struct{}),
 		applyc:        make(chan applyWork, 64),
@@ -172,34 +178,62 @@ func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 		doneApp:       make(chan struct{}),
 	}
 	if err := r.open(); err != nil {
+		if r.st != nil {
+			r.st.kv.Close()
+			r.st.db.Close()
+		}
 		db.Close()
 		return nil, err
 	}
 	return r, nil
 }
 
+// openState opens the state machine database in dir.
+func (r *Replica) openState(dir string) (*state, error) {
+	opts := statePebbleOptions(r.log)
+	if r.cfg.fs != nil {
+		opts.FS = r.cfg.fs
+	}
+	db, err := pebble.Open(dir, opts)
+	if err != nil {
+		return nil, fmt.Errorf("open state database %s: %w", dir, err)
+	}
+	kv, err := mvcc.Open(db, mvcc.NoLeases{}, r.log)
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	return &state{dir: dir, db: db, kv: kv}, nil
+}
+
 func (r *Replica) open() error {
 	var err error
-	if r.raftLog, err = raftlog.Open(r.db); err != nil {
+	if r.raftLog, err = raftlog.Open(r.raftDB); err != nil {
 		return err
 	}
-	if r.kv, err = mvcc.Open(r.db, mvcc.NoLeases{}, r.log); err != nil {
+	dir, err := currentStateDir(r.cfg.DataDir)
+	if err != nil {
+		return fmt.Errorf("KVMESH_REPLICA_DATA_DIR: %w", err)
+	}
+	if r.st, err = r.openState(dir); err != nil {
 		return err
 	}
-	if r.members, err = loadMembers(r.db); err != nil {
+	if r.members, err = loadMembers(r.st.db); err != nil {
 		return err
 	}
-	id, err := loadIdentity(r.db)
+	id, err := loadIdentity(r.raftDB)
 	if err != nil {
 		return err
 	}
-	applied, err := loadApplied(r.db)
+	pos, err := loadApplied(r.st.db)
 	if err != nil {
 		return err
 	}
+	applied := pos.index
 	r.applied.Store(applied)
-	if t, err := r.raftLog.Term(applied); err == nil {
-		r.appliedTerm.Store(t)
+	r.appliedTerm.Store(pos.term)
+	if err := r.reconcileLog(pos); err != nil {
+		return err
 	}
 	r.m = newMetrics(r)
 
@@ -237,7 +271,7 @@ func (r *Replica) open() error {
 			peers[i] = raft.Peer{ID: m.GetID(), Context: ctx}
 		}
 		r.clusterID = clusterID(ids, r.cfg.ClusterToken)
-		if err := saveIdentity(r.db, identity{member: r.id, cluster: r.clusterID}); err != nil {
+		if err := saveIdentity(r.raftDB, identity{member: r.id, cluster: r.clusterID}); err != nil {
 			return err
 		}
 		rc.ID = r.id
@@ -376,8 +410,11 @@ func (r *Replica) Stop(ctx context.Context) error {
 	r.peers.stop()
 	<-r.doneApp
 	r.read.wait()
-	r.kv.Close()
-	errs = append(errs, r.db.Close())
+	r.snaps.wait()
+	r.stateMu.Lock()
+	st := r.st
+	r.stateMu.Unlock()
+	errs = append(errs, st.close(), r.raftDB.Close())
 	r.log.Info("stopped")
 	return errors.Join(errs...)
 }
@@ -395,22 +432,52 @@ func (r *Replica) header(h *pb.ResponseHeader) *pb.ResponseHeader {
 	return h
 }
 
-// pebbleOptions tunes Pebble for the replica's access pattern: point lookups of a
-// key's current version on every write (bloom filters let them skip most tables) and
-// reads of recent data (a block cache of useful size).
-func pebbleOptions(log *slog.Logger) *pebble.Options {
+// statePebbleOptions tunes Pebble for the state machine's access pattern: point
+// lookups of a key's current version on every write (bloom filters let them skip most
+// tables) and reads of recent data (a block cache of useful size).
+func statePebbleOptions(log *slog.Logger) *pebble.Options {
 	o := &pebble.Options{
-		Logger:    pebbleLogger{log.With("component", "pebble")},
-		CacheSize: 128 << 20,
-		// Raft log entries are deleted (log truncation) within seconds of being
-		// written; a larger memtable lets most of them die before they are flushed
-		// and compacted.
+		Logger:       pebbleLogger{log.With("component", "pebble", "db", "state")},
+		CacheSize:    128 << 20,
 		MemTableSize: 64 << 20,
 	}
 	for i := range o.Levels {
 		o.Levels[i].FilterPolicy = bloom.FilterPolicy(10)
 	}
 	return o
+}
+
+// raftPebbleOptions tunes Pebble for the Raft log: entries are appended, read back
+// once or twice from the tail cache, and deleted (log truncation) within seconds, so a
+// large memtable lets most of them die before they are flushed and compacted.
+func raftPebbleOptions(log *slog.Logger) *pebble.Options {
+	return &pebble.Options{
+		Logger:       pebbleLogger{log.With("component", "pebble", "db", "raft")},
+		CacheSize:    16 << 20,
+		MemTableSize: 64 << 20,
+	}
+}
+
+// reconcileLog brings the Raft log in line with the state machine after a restart.
+// The state machine can be ahead of the log in two ways: a snapshot was installed and
+// the crash came before the log was reset to it (the state is beyond the log's last
+// index), or the commit index, written without sync, was lost while applied state
+// survived. In both cases what was applied was committed, so the log is told so.
+func (r *Replica) reconcileLog(pos appliedPos) error {
+	if pos.index == 0 {
+		return nil
+	}
+	last, _ := r.raftLog.LastIndex()
+	first, _ := r.raftLog.FirstIndex()
+	if pos.index < first-1 {
+		return fmt.Errorf("KVMESH_REPLICA_DATA_DIR: the state machine (applied index %d) is behind the raft log's start (%d); the data directory is inconsistent", pos.index, first)
+	}
+	if pos.index > last {
+		r.log.Warn("state machine is ahead of the raft log; resetting the log to it", "applied", pos.index, "last_index", last)
+		return r.raftLog.ApplySnapshot(&raftpb.SnapshotMetadata{
+			Index: proto.Uint64(pos.index), Term: proto.Uint64(pos.term), ConfState: r.members.confState()})
+	}
+	return r.raftLog.EnsureCommitted(pos.index)
 }
 
 // pebbleLogger sends Pebble's own messages to the structured log.

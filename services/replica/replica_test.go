@@ -245,7 +245,7 @@ func TestLinearizableReadAfterRestartSeesEveryLoggedWrite(t *testing.T) {
 	tr.put("before", "crash")
 	tr.stop()
 
-	db, err := pebble.Open(filepath.Join(cfg.DataDir, "db"), &pebble.Options{Logger: pebbleLogger{slog.New(slog.DiscardHandler)}})
+	db, err := pebble.Open(filepath.Join(cfg.DataDir, raftDirName), &pebble.Options{Logger: pebbleLogger{slog.New(slog.DiscardHandler)}})
 	if err != nil {
 		t.Fatal(err)
 	}

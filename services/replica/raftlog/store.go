@@ -1,10 +1,9 @@
 // Package raftlog keeps the Raft log, the HardState and the snapshot metadata in
 // Pebble and serves them to go.etcd.io/raft through the raft.Storage interface.
 //
-// The log shares its Pebble database with the state machine: one database means one
-// write-ahead log, so the synced batch written for every Raft Ready also makes durable
-// every state-machine batch committed (without sync) before it. Log truncation relies on
-// that: it is committed with Sync after the applied state it depends on.
+// The log has a Pebble database of its own (the state machine has another, which a
+// snapshot replaces whole). Whoever truncates the log must first make the applied
+// state it relies on durable.
 package raftlog
 
 import (
@@ -312,9 +311,7 @@ func (s *Store) Save(hs *pb.HardState, entries []*pb.Entry, sync bool) error {
 }
 
 // Truncate discards the log up to and including index, which must be applied and, with
-// the state it produced, durable: the truncation is committed with Sync, which also
-// syncs every earlier write to the shared database. cs is the configuration in force at
-// index.
+// the state it produced, durable. cs is the configuration in force at index.
 func (s *Store) Truncate(index uint64, cs *pb.ConfState) error {
 	term, err := s.Term(index)
 	if err != nil {
@@ -358,4 +355,72 @@ func (s *Store) Truncate(index uint64, cs *pb.ConfState) error {
 		return fmt.Errorf("raftlog: commit truncation: %w", err)
 	}
 	return nil
+}
+
+// ApplySnapshot makes the log start after a snapshot of the state machine: every entry
+// is discarded, the snapshot's index and term become the truncation point, and the
+// commit index covers at least the snapshot (which only holds committed entries). The
+// write is synced.
+func (s *Store) ApplySnapshot(meta *pb.SnapshotMetadata) error {
+	meta = proto.Clone(meta).(*pb.SnapshotMetadata)
+	if meta.ConfState == nil {
+		meta.ConfState = &pb.ConfState{}
+	}
+	v, err := proto.Marshal(meta)
+	if err != nil {
+		return err
+	}
+	s.mu.Lock()
+	hs := proto.Clone(s.hardState).(*pb.HardState)
+	s.mu.Unlock()
+	if hs.GetCommit() < meta.GetIndex() {
+		hs.Commit = proto.Uint64(meta.GetIndex())
+	}
+	if hs.GetTerm() < meta.GetTerm() {
+		hs.Term = proto.Uint64(meta.GetTerm())
+	}
+	hv, err := proto.Marshal(hs)
+	if err != nil {
+		return err
+	}
+	b := s.db.NewBatch()
+	defer b.Close()
+	if err := b.DeleteRange(entryKey(0), entryKey(1<<64-1), nil); err != nil {
+		return err
+	}
+	if err := b.Set(snapshotKey, v, nil); err != nil {
+		return err
+	}
+	if err := b.Set(hardStateKey, hv, nil); err != nil {
+		return err
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		return fmt.Errorf("raftlog: commit snapshot: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.snap = meta
+	s.conf = nil
+	s.hardState = hs
+	s.last = meta.GetIndex()
+	s.cache = s.cache[:0]
+	return nil
+}
+
+// EnsureCommitted raises the stored commit index to index, an entry known to be
+// committed (the state machine applied it) whose commit index was lost: the commit
+// index is written without sync, the applied state in another database.
+func (s *Store) EnsureCommitted(index uint64) error {
+	s.mu.Lock()
+	hs := proto.Clone(s.hardState).(*pb.HardState)
+	last := s.last
+	s.mu.Unlock()
+	if hs.GetCommit() >= index {
+		return nil
+	}
+	if index > last {
+		return fmt.Errorf("raftlog: commit %d beyond last index %d", index, last)
+	}
+	hs.Commit = proto.Uint64(index)
+	return s.Save(hs, nil, true)
 }

@@ -122,6 +122,145 @@ func (*SendResponse) Descriptor() ([]byte, []int) {
 	return file_kvmesh_peer_v1_peer_proto_rawDescGZIP(), []int{1}
 }
 
+// SnapshotChunk is one piece of a streamed snapshot: key-value pairs of the sender's
+// state machine database, in key order.
+type SnapshotChunk struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// cluster_id must match the receiver's (first chunk).
+	ClusterId uint64 `protobuf:"varint,1,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
+	// from is the sender's member ID (first chunk).
+	From uint64 `protobuf:"varint,2,opt,name=from,proto3" json:"from,omitempty"`
+	// message is the raftpb.Message of type MsgSnap whose metadata (index, term,
+	// configuration) describes the data (first chunk).
+	Message []byte `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	// keys and values are pairs: values[i] belongs to keys[i].
+	Keys   [][]byte `protobuf:"bytes,4,rep,name=keys,proto3" json:"keys,omitempty"`
+	Values [][]byte `protobuf:"bytes,5,rep,name=values,proto3" json:"values,omitempty"`
+	// last marks the final chunk.
+	Last bool `protobuf:"varint,6,opt,name=last,proto3" json:"last,omitempty"`
+	// total is the number of pairs in the whole snapshot (final chunk), so a truncated
+	// stream is never installed.
+	Total         uint64 `protobuf:"varint,7,opt,name=total,proto3" json:"total,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotChunk) Reset() {
+	*x = SnapshotChunk{}
+	mi := &file_kvmesh_peer_v1_peer_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotChunk) ProtoMessage() {}
+
+func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_peer_v1_peer_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotChunk.ProtoReflect.Descriptor instead.
+func (*SnapshotChunk) Descriptor() ([]byte, []int) {
+	return file_kvmesh_peer_v1_peer_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *SnapshotChunk) GetClusterId() uint64 {
+	if x != nil {
+		return x.ClusterId
+	}
+	return 0
+}
+
+func (x *SnapshotChunk) GetFrom() uint64 {
+	if x != nil {
+		return x.From
+	}
+	return 0
+}
+
+func (x *SnapshotChunk) GetMessage() []byte {
+	if x != nil {
+		return x.Message
+	}
+	return nil
+}
+
+func (x *SnapshotChunk) GetKeys() [][]byte {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+func (x *SnapshotChunk) GetValues() [][]byte {
+	if x != nil {
+		return x.Values
+	}
+	return nil
+}
+
+func (x *SnapshotChunk) GetLast() bool {
+	if x != nil {
+		return x.Last
+	}
+	return false
+}
+
+func (x *SnapshotChunk) GetTotal() uint64 {
+	if x != nil {
+		return x.Total
+	}
+	return 0
+}
+
+// SnapshotResponse acknowledges a snapshot received and handed to Raft.
+type SnapshotResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotResponse) Reset() {
+	*x = SnapshotResponse{}
+	mi := &file_kvmesh_peer_v1_peer_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotResponse) ProtoMessage() {}
+
+func (x *SnapshotResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_peer_v1_peer_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotResponse.ProtoReflect.Descriptor instead.
+func (*SnapshotResponse) Descriptor() ([]byte, []int) {
+	return file_kvmesh_peer_v1_peer_proto_rawDescGZIP(), []int{3}
+}
+
 var File_kvmesh_peer_v1_peer_proto protoreflect.FileDescriptor
 
 const file_kvmesh_peer_v1_peer_proto_rawDesc = "" +
@@ -132,9 +271,20 @@ const file_kvmesh_peer_v1_peer_proto_rawDesc = "" +
 	"cluster_id\x18\x01 \x01(\x04R\tclusterId\x12\x12\n" +
 	"\x04from\x18\x02 \x01(\x04R\x04from\x12\x1a\n" +
 	"\bmessages\x18\x03 \x03(\fR\bmessages\"\x0e\n" +
-	"\fSendResponse2P\n" +
+	"\fSendResponse\"\xb2\x01\n" +
+	"\rSnapshotChunk\x12\x1d\n" +
+	"\n" +
+	"cluster_id\x18\x01 \x01(\x04R\tclusterId\x12\x12\n" +
+	"\x04from\x18\x02 \x01(\x04R\x04from\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\fR\amessage\x12\x12\n" +
+	"\x04keys\x18\x04 \x03(\fR\x04keys\x12\x16\n" +
+	"\x06values\x18\x05 \x03(\fR\x06values\x12\x12\n" +
+	"\x04last\x18\x06 \x01(\bR\x04last\x12\x14\n" +
+	"\x05total\x18\a \x01(\x04R\x05total\"\x12\n" +
+	"\x10SnapshotResponse2\x9f\x01\n" +
 	"\vPeerService\x12A\n" +
-	"\x04Send\x12\x1b.kvmesh.peer.v1.SendRequest\x1a\x1c.kvmesh.peer.v1.SendResponseB\xb2\x01\n" +
+	"\x04Send\x12\x1b.kvmesh.peer.v1.SendRequest\x1a\x1c.kvmesh.peer.v1.SendResponse\x12M\n" +
+	"\bSnapshot\x12\x1d.kvmesh.peer.v1.SnapshotChunk\x1a .kvmesh.peer.v1.SnapshotResponse(\x01B\xb2\x01\n" +
 	"\x12com.kvmesh.peer.v1B\tPeerProtoP\x01Z7github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1;peerv1\xa2\x02\x03KPX\xaa\x02\x0eKvmesh.Peer.V1\xca\x02\x0eKvmesh\\Peer\\V1\xe2\x02\x1aKvmesh\\Peer\\V1\\GPBMetadata\xea\x02\x10Kvmesh::Peer::V1b\x06proto3"
 
 var (
@@ -149,16 +299,20 @@ func file_kvmesh_peer_v1_peer_proto_rawDescGZIP() []byte {
 	return file_kvmesh_peer_v1_peer_proto_rawDescData
 }
 
-var file_kvmesh_peer_v1_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_kvmesh_peer_v1_peer_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
 var file_kvmesh_peer_v1_peer_proto_goTypes = []any{
-	(*SendRequest)(nil),  // 0: kvmesh.peer.v1.SendRequest
-	(*SendResponse)(nil), // 1: kvmesh.peer.v1.SendResponse
+	(*SendRequest)(nil),      // 0: kvmesh.peer.v1.SendRequest
+	(*SendResponse)(nil),     // 1: kvmesh.peer.v1.SendResponse
+	(*SnapshotChunk)(nil),    // 2: kvmesh.peer.v1.SnapshotChunk
+	(*SnapshotResponse)(nil), // 3: kvmesh.peer.v1.SnapshotResponse
 }
 var file_kvmesh_peer_v1_peer_proto_depIdxs = []int32{
 	0, // 0: kvmesh.peer.v1.PeerService.Send:input_type -> kvmesh.peer.v1.SendRequest
-	1, // 1: kvmesh.peer.v1.PeerService.Send:output_type -> kvmesh.peer.v1.SendResponse
-	1, // [1:2] is the sub-list for method output_type
-	0, // [0:1] is the sub-list for method input_type
+	2, // 1: kvmesh.peer.v1.PeerService.Snapshot:input_type -> kvmesh.peer.v1.SnapshotChunk
+	1, // 2: kvmesh.peer.v1.PeerService.Send:output_type -> kvmesh.peer.v1.SendResponse
+	3, // 3: kvmesh.peer.v1.PeerService.Snapshot:output_type -> kvmesh.peer.v1.SnapshotResponse
+	2, // [2:4] is the sub-list for method output_type
+	0, // [0:2] is the sub-list for method input_type
 	0, // [0:0] is the sub-list for extension type_name
 	0, // [0:0] is the sub-list for extension extendee
 	0, // [0:0] is the sub-list for field type_name
@@ -175,7 +329,7 @@ func file_kvmesh_peer_v1_peer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvmesh_peer_v1_peer_proto_rawDesc), len(file_kvmesh_peer_v1_peer_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   2,
+			NumMessages:   4,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -19,7 +19,8 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	PeerService_Send_FullMethodName = "/kvmesh.peer.v1.PeerService/Send"
+	PeerService_Send_FullMethodName     = "/kvmesh.peer.v1.PeerService/Send"
+	PeerService_Snapshot_FullMethodName = "/kvmesh.peer.v1.PeerService/Snapshot"
 )
 
 // PeerServiceClient is the client API for PeerService service.
@@ -30,6 +31,11 @@ const (
 type PeerServiceClient interface {
 	// Send delivers a batch of Raft messages to this replica, in order.
 	Send(ctx context.Context, in *SendRequest, opts ...grpc.CallOption) (*SendResponse, error)
+	// Snapshot streams a snapshot of the state machine to a replica that the log can no
+	// longer catch up (it fell behind the truncated log, or it is new). The first chunk
+	// carries the Raft MsgSnap; the receiver stages the data, and hands the message to
+	// Raft only once the last chunk arrived intact.
+	Snapshot(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SnapshotChunk, SnapshotResponse], error)
 }
 
 type peerServiceClient struct {
@@ -50,6 +56,19 @@ func (c *peerServiceClient) Send(ctx context.Context, in *SendRequest, opts ...g
 	return out, nil
 }
 
+func (c *peerServiceClient) Snapshot(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SnapshotChunk, SnapshotResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &PeerService_ServiceDesc.Streams[0], PeerService_Snapshot_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[SnapshotChunk, SnapshotResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PeerService_SnapshotClient = grpc.ClientStreamingClient[SnapshotChunk, SnapshotResponse]
+
 // PeerServiceServer is the server API for PeerService service.
 // All implementations must embed UnimplementedPeerServiceServer
 // for forward compatibility.
@@ -58,6 +77,11 @@ func (c *peerServiceClient) Send(ctx context.Context, in *SendRequest, opts ...g
 type PeerServiceServer interface {
 	// Send delivers a batch of Raft messages to this replica, in order.
 	Send(context.Context, *SendRequest) (*SendResponse, error)
+	// Snapshot streams a snapshot of the state machine to a replica that the log can no
+	// longer catch up (it fell behind the truncated log, or it is new). The first chunk
+	// carries the Raft MsgSnap; the receiver stages the data, and hands the message to
+	// Raft only once the last chunk arrived intact.
+	Snapshot(grpc.ClientStreamingServer[SnapshotChunk, SnapshotResponse]) error
 	mustEmbedUnimplementedPeerServiceServer()
 }
 
@@ -70,6 +94,9 @@ type UnimplementedPeerServiceServer struct{}
 
 func (UnimplementedPeerServiceServer) Send(context.Context, *SendRequest) (*SendResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Send not implemented")
+}
+func (UnimplementedPeerServiceServer) Snapshot(grpc.ClientStreamingServer[SnapshotChunk, SnapshotResponse]) error {
+	return status.Errorf(codes.Unimplemented, "method Snapshot not implemented")
 }
 func (UnimplementedPeerServiceServer) mustEmbedUnimplementedPeerServiceServer() {}
 func (UnimplementedPeerServiceServer) testEmbeddedByValue()                     {}
@@ -110,6 +137,13 @@ func _PeerService_Send_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PeerService_Snapshot_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(PeerServiceServer).Snapshot(&grpc.GenericServerStream[SnapshotChunk, SnapshotResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PeerService_SnapshotServer = grpc.ClientStreamingServer[SnapshotChunk, SnapshotResponse]
+
 // PeerService_ServiceDesc is the grpc.ServiceDesc for PeerService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -122,6 +156,12 @@ var PeerService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _PeerService_Send_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Snapshot",
+			Handler:       _PeerService_Snapshot_Handler,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "kvmesh/peer/v1/peer.proto",
 }

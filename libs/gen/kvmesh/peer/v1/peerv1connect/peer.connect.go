@@ -35,12 +35,19 @@ const (
 const (
 	// PeerServiceSendProcedure is the fully-qualified name of the PeerService's Send RPC.
 	PeerServiceSendProcedure = "/kvmesh.peer.v1.PeerService/Send"
+	// PeerServiceSnapshotProcedure is the fully-qualified name of the PeerService's Snapshot RPC.
+	PeerServiceSnapshotProcedure = "/kvmesh.peer.v1.PeerService/Snapshot"
 )
 
 // PeerServiceClient is a client for the kvmesh.peer.v1.PeerService service.
 type PeerServiceClient interface {
 	// Send delivers a batch of Raft messages to this replica, in order.
 	Send(context.Context, *connect.Request[v1.SendRequest]) (*connect.Response[v1.SendResponse], error)
+	// Snapshot streams a snapshot of the state machine to a replica that the log can no
+	// longer catch up (it fell behind the truncated log, or it is new). The first chunk
+	// carries the Raft MsgSnap; the receiver stages the data, and hands the message to
+	// Raft only once the last chunk arrived intact.
+	Snapshot(context.Context) *connect.ClientStreamForClient[v1.SnapshotChunk, v1.SnapshotResponse]
 }
 
 // NewPeerServiceClient constructs a client for the kvmesh.peer.v1.PeerService service. By default,
@@ -60,12 +67,19 @@ func NewPeerServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(peerServiceMethods.ByName("Send")),
 			connect.WithClientOptions(opts...),
 		),
+		snapshot: connect.NewClient[v1.SnapshotChunk, v1.SnapshotResponse](
+			httpClient,
+			baseURL+PeerServiceSnapshotProcedure,
+			connect.WithSchema(peerServiceMethods.ByName("Snapshot")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // peerServiceClient implements PeerServiceClient.
 type peerServiceClient struct {
-	send *connect.Client[v1.SendRequest, v1.SendResponse]
+	send     *connect.Client[v1.SendRequest, v1.SendResponse]
+	snapshot *connect.Client[v1.SnapshotChunk, v1.SnapshotResponse]
 }
 
 // Send calls kvmesh.peer.v1.PeerService.Send.
@@ -73,10 +87,20 @@ func (c *peerServiceClient) Send(ctx context.Context, req *connect.Request[v1.Se
 	return c.send.CallUnary(ctx, req)
 }
 
+// Snapshot calls kvmesh.peer.v1.PeerService.Snapshot.
+func (c *peerServiceClient) Snapshot(ctx context.Context) *connect.ClientStreamForClient[v1.SnapshotChunk, v1.SnapshotResponse] {
+	return c.snapshot.CallClientStream(ctx)
+}
+
 // PeerServiceHandler is an implementation of the kvmesh.peer.v1.PeerService service.
 type PeerServiceHandler interface {
 	// Send delivers a batch of Raft messages to this replica, in order.
 	Send(context.Context, *connect.Request[v1.SendRequest]) (*connect.Response[v1.SendResponse], error)
+	// Snapshot streams a snapshot of the state machine to a replica that the log can no
+	// longer catch up (it fell behind the truncated log, or it is new). The first chunk
+	// carries the Raft MsgSnap; the receiver stages the data, and hands the message to
+	// Raft only once the last chunk arrived intact.
+	Snapshot(context.Context, *connect.ClientStream[v1.SnapshotChunk]) (*connect.Response[v1.SnapshotResponse], error)
 }
 
 // NewPeerServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -92,10 +116,18 @@ func NewPeerServiceHandler(svc PeerServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(peerServiceMethods.ByName("Send")),
 		connect.WithHandlerOptions(opts...),
 	)
+	peerServiceSnapshotHandler := connect.NewClientStreamHandler(
+		PeerServiceSnapshotProcedure,
+		svc.Snapshot,
+		connect.WithSchema(peerServiceMethods.ByName("Snapshot")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/kvmesh.peer.v1.PeerService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case PeerServiceSendProcedure:
 			peerServiceSendHandler.ServeHTTP(w, r)
+		case PeerServiceSnapshotProcedure:
+			peerServiceSnapshotHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -107,4 +139,8 @@ type UnimplementedPeerServiceHandler struct{}
 
 func (UnimplementedPeerServiceHandler) Send(context.Context, *connect.Request[v1.SendRequest]) (*connect.Response[v1.SendResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.peer.v1.PeerService.Send is not implemented"))
+}
+
+func (UnimplementedPeerServiceHandler) Snapshot(context.Context, *connect.ClientStream[v1.SnapshotChunk]) (*connect.Response[v1.SnapshotResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.peer.v1.PeerService.Snapshot is not implemented"))
 }
