@@ -21,6 +21,9 @@ func (s *kvService) Range(ctx context.Context, req *connect.Request[pb.RangeRequ
 	if err := checkRangeRequest(m); err != nil {
 		return nil, etcderr.ToConnect(err)
 	}
+	if err := s.r.serving(m.GetSerializable()); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
 	if !m.GetSerializable() {
 		if err := s.r.read.linearizable(ctx); err != nil {
 			return nil, etcderr.ToConnect(err)
@@ -37,6 +40,9 @@ func (s *kvService) Range(ctx context.Context, req *connect.Request[pb.RangeRequ
 }
 
 func (s *kvService) Put(ctx context.Context, req *connect.Request[pb.PutRequest]) (*connect.Response[pb.PutResponse], error) {
+	if err := s.r.serving(false); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
 	if err := checkPutRequest(req.Msg); err != nil {
 		return nil, etcderr.ToConnect(err)
 	}
@@ -50,6 +56,9 @@ func (s *kvService) Put(ctx context.Context, req *connect.Request[pb.PutRequest]
 }
 
 func (s *kvService) DeleteRange(ctx context.Context, req *connect.Request[pb.DeleteRangeRequest]) (*connect.Response[pb.DeleteRangeResponse], error) {
+	if err := s.r.serving(false); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
 	if len(req.Msg.GetKey()) == 0 {
 		return nil, etcderr.ToConnect(etcderr.ErrEmptyKey)
 	}
@@ -63,6 +72,9 @@ func (s *kvService) DeleteRange(ctx context.Context, req *connect.Request[pb.Del
 }
 
 func (s *kvService) Txn(ctx context.Context, req *connect.Request[pb.TxnRequest]) (*connect.Response[pb.TxnResponse], error) {
+	if err := s.r.serving(false); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
 	m := req.Msg
 	if err := checkTxnRequest(m, s.r.cfg.MaxTxnOps); err != nil {
 		return nil, etcderr.ToConnect(err)
@@ -96,6 +108,9 @@ func (s *kvService) Txn(ctx context.Context, req *connect.Request[pb.TxnRequest]
 }
 
 func (s *kvService) Compact(ctx context.Context, req *connect.Request[pb.CompactionRequest]) (*connect.Response[pb.CompactionResponse], error) {
+	if err := s.r.serving(false); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
 	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Compaction{Compaction: req.Msg}})
 	if err != nil {
 		return nil, etcderr.ToConnect(err)
@@ -116,6 +131,9 @@ func (s *kvService) Compact(ctx context.Context, req *connect.Request[pb.Compact
 type clusterService struct{ r *Replica }
 
 func (s *clusterService) MemberList(ctx context.Context, req *connect.Request[pb.MemberListRequest]) (*connect.Response[pb.MemberListResponse], error) {
+	if err := s.r.serving(false); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
 	if req.Msg.GetLinearizable() {
 		if err := s.r.read.linearizable(ctx); err != nil {
 			return nil, etcderr.ToConnect(err)
@@ -160,6 +178,9 @@ func (s *maintenanceService) Status(ctx context.Context, req *connect.Request[pb
 }
 
 func (s *maintenanceService) HashKV(ctx context.Context, req *connect.Request[pb.HashKVRequest]) (*connect.Response[pb.HashKVResponse], error) {
+	if err := s.r.serving(false); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
 	st := s.r.acquire()
 	hash, rev, compact, err := st.kv.HashKV(ctx, req.Msg.GetRevision())
 	st.release()
@@ -172,4 +193,19 @@ func (s *maintenanceService) HashKV(ctx context.Context, req *connect.Request[pb
 		CompactRevision: compact,
 		HashRevision:    rev,
 	}), nil
+}
+
+// Hash hashes the whole key history (etcd hashes its whole backend; kvmesh's members
+// agree on the key history, which is what the hash is compared for).
+func (s *maintenanceService) Hash(ctx context.Context, req *connect.Request[pb.HashRequest]) (*connect.Response[pb.HashResponse], error) {
+	if err := s.r.serving(false); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	st := s.r.acquire()
+	hash, rev, _, err := st.kv.HashKV(ctx, 0)
+	st.release()
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	return connect.NewResponse(&pb.HashResponse{Header: s.r.header(&pb.ResponseHeader{Revision: rev}), Hash: hash}), nil
 }

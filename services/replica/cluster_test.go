@@ -25,6 +25,7 @@ type member struct {
 	r    *Replica
 	kv   replicav1connect.KVServiceClient
 	stat replicav1connect.MaintenanceServiceClient
+	cl   replicav1connect.ClusterServiceClient
 	errc chan error
 }
 
@@ -56,6 +57,7 @@ func (m *member) start(t *testing.T) {
 	c := inproc.NewClient(r.Handler())
 	m.kv = replicav1connect.NewKVServiceClient(c, "http://replica", tel.InternalClient()...)
 	m.stat = replicav1connect.NewMaintenanceServiceClient(c, "http://replica", tel.InternalClient()...)
+	m.cl = replicav1connect.NewClusterServiceClient(c, "http://replica", tel.InternalClient()...)
 }
 
 // testLogOutput is where in-process replicas log: nowhere, unless KVMESH_TEST_LOG=1.

@@ -23,6 +23,7 @@ var (
 	appliedKey   = []byte("Aapplied") // last applied raft index and its term
 	confStateKey = []byte("Aconf")    // raft ConfState after the last applied conf change
 	memberPrefix = []byte("Am")       // + member id → etcdserverpb.Member
+	removedKey   = []byte("Ar")       // + member id → empty: removed for good
 )
 
 type identity struct{ member, cluster uint64 }
@@ -78,14 +79,15 @@ type memberTable struct {
 	mu      sync.RWMutex
 	members map[uint64]*pb.Member
 	conf    *raftpb.ConfState
+	gone    map[uint64]bool       // removed members, whose IDs are never reused
 	pending map[uint64]*pb.Member // applied into the current batch, not yet committed
 	removed map[uint64]bool
 	pconf   *raftpb.ConfState
 }
 
 func loadMembers(db pebble.Reader) (*memberTable, error) {
-	t := &memberTable{members: make(map[uint64]*pb.Member), conf: &raftpb.ConfState{}}
-	upper := append([]byte(nil), memberPrefix...)
+	t := &memberTable{members: make(map[uint64]*pb.Member), gone: make(map[uint64]bool), conf: &raftpb.ConfState{}}
+	upper := append([]byte(nil), removedKey...)
 	upper[len(upper)-1]++
 	it, err := db.NewIter(&pebble.IterOptions{LowerBound: memberPrefix, UpperBound: upper})
 	if err != nil {
@@ -93,6 +95,10 @@ func loadMembers(db pebble.Reader) (*memberTable, error) {
 	}
 	defer it.Close()
 	for it.First(); it.Valid(); it.Next() {
+		if len(it.Key()) == len(removedKey)+8 && string(it.Key()[:len(removedKey)]) == string(removedKey) {
+			t.gone[binary.BigEndian.Uint64(it.Key()[len(removedKey):])] = true
+			continue
+		}
 		m := &pb.Member{}
 		if err := proto.Unmarshal(it.Value(), m); err != nil {
 			return nil, fmt.Errorf("decode member: %w", err)
@@ -118,7 +124,7 @@ func loadMembers(db pebble.Reader) (*memberTable, error) {
 func (t *memberTable) replace(n *memberTable) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.members, t.conf = n.members, n.conf
+	t.members, t.conf, t.gone = n.members, n.conf, n.gone
 	t.pending, t.removed, t.pconf = nil, nil, nil
 }
 
@@ -145,84 +151,56 @@ func (t *memberTable) confState() *raftpb.ConfState {
 	return proto.Clone(t.conf).(*raftpb.ConfState)
 }
 
-// committed publishes the membership changes of the batch just committed.
-func (t *memberTable) committed() {
+// committed publishes the membership changes of the batch just committed and returns
+// the IDs of the members that changed.
+func (t *memberTable) committed() []uint64 {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	if t.pending == nil && t.removed == nil && t.pconf == nil {
+		return nil
+	}
+	var changed []uint64
 	for id, m := range t.pending {
 		t.members[id] = m
+		changed = append(changed, id)
 	}
 	for id := range t.removed {
 		delete(t.members, id)
+		t.gone[id] = true
+		changed = append(changed, id)
 	}
 	if t.pconf != nil {
 		t.conf = t.pconf
 	}
 	t.pending, t.removed, t.pconf = nil, nil, nil
+	return changed
 }
 
-// applyConfChange applies a committed conf change to Raft and records the membership
-// it produces in b.
-func (r *Replica) applyConfChange(b *pebble.Batch, cc raftpb.ConfChangeI) error {
-	cs := r.node.ApplyConfChange(cc)
-	t := r.members
-	v2 := cc.AsV2()
-	for _, c := range v2.GetChanges() {
-		id := c.GetNodeId()
-		switch c.GetType() {
-		case raftpb.ConfChangeType_ConfChangeAddNode, raftpb.ConfChangeType_ConfChangeAddLearnerNode:
-			m := &pb.Member{}
-			if len(v2.GetContext()) > 0 {
-				if err := proto.Unmarshal(v2.GetContext(), m); err != nil {
-					return fmt.Errorf("decode member of conf change: %w", err)
-				}
-			}
-			m.ID = id
-			m.IsLearner = c.GetType() == raftpb.ConfChangeType_ConfChangeAddLearnerNode
-			enc, err := proto.Marshal(m)
-			if err != nil {
-				return err
-			}
-			if err := b.Set(memberKey(id), enc, nil); err != nil {
-				return err
-			}
-			if t.pending == nil {
-				t.pending = make(map[uint64]*pb.Member)
-			}
-			t.pending[id] = m
-		case raftpb.ConfChangeType_ConfChangeRemoveNode:
-			if err := b.Delete(memberKey(id), nil); err != nil {
-				return err
-			}
-			if t.removed == nil {
-				t.removed = make(map[uint64]bool)
-			}
-			t.removed[id] = true
-		}
-	}
-	enc, err := proto.Marshal(cs)
-	if err != nil {
-		return err
-	}
-	t.pconf = cs
-	r.campaignIfAlone(cs)
-	return b.Set(confStateKey, enc, nil)
-}
-
-// applyAttributes records a member's published name and client URLs in b.
-func (t *memberTable) applyAttributes(b *pebble.Batch, a *replicav1.MemberAttributes) error {
+// current is the membership including what the batch being applied changed: what a
+// conf change applied next must be validated against.
+func (t *memberTable) current() (members map[uint64]*pb.Member, gone map[uint64]bool) {
 	t.mu.RLock()
-	m := t.members[a.GetId()]
-	if p := t.pending[a.GetId()]; p != nil {
-		m = p
+	defer t.mu.RUnlock()
+	members = make(map[uint64]*pb.Member, len(t.members))
+	gone = make(map[uint64]bool, len(t.gone))
+	for id, m := range t.members {
+		members[id] = m
 	}
-	t.mu.RUnlock()
-	if m == nil {
-		return nil // removed meanwhile
+	for id := range t.gone {
+		gone[id] = true
 	}
-	m = proto.Clone(m).(*pb.Member)
-	m.Name = a.GetName()
-	m.ClientURLs = a.GetClientUrls()
+	for id, m := range t.pending {
+		members[id] = m
+	}
+	for id := range t.removed {
+		delete(members, id)
+		gone[id] = true
+	}
+	return members, gone
+}
+
+// stage records a member changed by the batch being applied.
+func (t *memberTable) stage(b *pebble.Batch, m *pb.Member) error {
 	enc, err := proto.Marshal(m)
 	if err != nil {
 		return err
@@ -237,6 +215,49 @@ func (t *memberTable) applyAttributes(b *pebble.Batch, a *replicav1.MemberAttrib
 	}
 	t.pending[m.GetID()] = m
 	return nil
+}
+
+// stageRemoval records a member removed by the batch being applied.
+func (t *memberTable) stageRemoval(b *pebble.Batch, id uint64) error {
+	if err := b.Delete(memberKey(id), nil); err != nil {
+		return err
+	}
+	if err := b.Set(binary.BigEndian.AppendUint64(append([]byte(nil), removedKey...), id), nil, nil); err != nil {
+		return err
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	delete(t.pending, id)
+	if t.removed == nil {
+		t.removed = make(map[uint64]bool)
+	}
+	t.removed[id] = true
+	return nil
+}
+
+// stageConf records the configuration produced by the conf change being applied.
+func (t *memberTable) stageConf(b *pebble.Batch, cs *raftpb.ConfState) error {
+	enc, err := proto.Marshal(cs)
+	if err != nil {
+		return err
+	}
+	t.mu.Lock()
+	t.pconf = cs
+	t.mu.Unlock()
+	return b.Set(confStateKey, enc, nil)
+}
+
+// applyAttributes records a member's published name and client URLs in b.
+func (t *memberTable) applyAttributes(b *pebble.Batch, a *replicav1.MemberAttributes) error {
+	members, _ := t.current()
+	m := members[a.GetId()]
+	if m == nil {
+		return nil // removed meanwhile
+	}
+	m = proto.Clone(m).(*pb.Member)
+	m.Name = a.GetName()
+	m.ClientURLs = a.GetClientUrls()
+	return t.stage(b, m)
 }
 
 // publish makes the member record say what this replica's configuration says (its

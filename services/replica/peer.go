@@ -30,6 +30,7 @@ type transport struct {
 
 	mu      sync.Mutex
 	senders map[uint64]*peerSender
+	hints   map[uint64]string // peer URLs of members not in the applied membership yet
 	stopped bool
 
 	// drop, when set (by tests), discards the messages it returns true for: a
@@ -89,11 +90,13 @@ func (t *transport) sender(id uint64) *peerSender {
 	if s := t.senders[id]; s != nil {
 		return s
 	}
-	m := t.r.members.get(id)
-	if m == nil || len(m.GetPeerURLs()) == 0 {
+	var u string
+	if m := t.r.members.get(id); m != nil && len(m.GetPeerURLs()) > 0 {
+		u = m.GetPeerURLs()[0]
+	} else if u = t.hints[id]; u == "" {
 		return nil
 	}
-	s := &peerSender{id: id, url: strings.TrimRight(m.GetPeerURLs()[0], "/"),
+	s := &peerSender{id: id, url: strings.TrimRight(u, "/"),
 		ch: make(chan *raftpb.Message, peerQueue), stop: make(chan struct{}), done: make(chan struct{})}
 	t.senders[id] = s
 	go t.run(s)
@@ -129,6 +132,28 @@ func (t *transport) run(s *peerSender) {
 		if err != nil {
 			t.r.node.ReportUnreachable(s.id)
 		}
+	}
+}
+
+// hint tells the transport where a member not yet in the applied membership is.
+func (t *transport) hint(id uint64, url string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.hints == nil {
+		t.hints = make(map[uint64]string)
+	}
+	t.hints[id] = url
+}
+
+// forget stops the sender to a member whose record changed (removed, or new peer
+// URLs); the next message starts a new one from the current record.
+func (t *transport) forget(id uint64) {
+	t.mu.Lock()
+	s := t.senders[id]
+	delete(t.senders, id)
+	t.mu.Unlock()
+	if s != nil {
+		close(s.stop)
 	}
 }
 

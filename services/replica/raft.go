@@ -219,6 +219,8 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 			if attrs := req.GetMemberAttributes(); attrs != nil {
 				res.err = r.members.applyAttributes(b, attrs)
 				res.resp = attrs
+			} else if u := req.GetMemberUpdate(); u != nil {
+				res.err = r.applyMemberUpdate(b, u)
 			} else {
 				res = r.applyRequest(ctx, wr, req)
 			}
@@ -226,21 +228,28 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 			if w != nil {
 				done = append(done, applied{w: w, res: res})
 			}
-		case raftpb.EntryType_EntryConfChange:
-			var cc raftpb.ConfChange
-			if err := proto.Unmarshal(e.GetData(), &cc); err != nil {
-				panic(fmt.Sprintf("decode conf change %d: %v", e.GetIndex(), err))
+		case raftpb.EntryType_EntryConfChange, raftpb.EntryType_EntryConfChangeV2:
+			var cc raftpb.ConfChangeI
+			if e.GetType() == raftpb.EntryType_EntryConfChange {
+				v1 := &raftpb.ConfChange{}
+				if err := proto.Unmarshal(e.GetData(), v1); err != nil {
+					panic(fmt.Sprintf("decode conf change %d: %v", e.GetIndex(), err))
+				}
+				cc = v1
+			} else {
+				v2 := &raftpb.ConfChangeV2{}
+				if err := proto.Unmarshal(e.GetData(), v2); err != nil {
+					panic(fmt.Sprintf("decode conf change %d: %v", e.GetIndex(), err))
+				}
+				cc = v2
 			}
-			if err := r.applyConfChange(b, &cc); err != nil {
+			id, res, err := r.applyConfChange(b, cc)
+			if err != nil {
 				panic(fmt.Sprintf("apply conf change %d: %v", e.GetIndex(), err))
 			}
-		case raftpb.EntryType_EntryConfChangeV2:
-			var cc raftpb.ConfChangeV2
-			if err := proto.Unmarshal(e.GetData(), &cc); err != nil {
-				panic(fmt.Sprintf("decode conf change %d: %v", e.GetIndex(), err))
-			}
-			if err := r.applyConfChange(b, &cc); err != nil {
-				panic(fmt.Sprintf("apply conf change %d: %v", e.GetIndex(), err))
+			if w := r.takeWaiter(id); w != nil {
+				w.commitSpan.End()
+				done = append(done, applied{w: w, res: result{err: res}})
 			}
 		}
 	}
@@ -253,7 +262,9 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 		panic(fmt.Sprintf("commit applied batch: %v", err))
 	}
 	r.m.backendCommit.Observe(time.Since(start).Seconds())
-	r.members.committed()
+	for _, id := range r.members.committed() {
+		r.peers.forget(id)
+	}
 	r.applied.Store(last)
 	r.appliedTerm.Store(lastTerm)
 	r.m.applied.Add(float64(n))
@@ -329,18 +340,27 @@ func (r *Replica) propose(ctx context.Context, req *replicav1.RaftRequest) (prot
 	if len(data) > r.cfg.MaxRequestBytes {
 		return nil, etcderr.ErrRequestTooLarge
 	}
+	return r.submit(ctx, req.Id, func(ctx context.Context) error { return r.node.Propose(ctx, data) })
+}
+
+// submit hands a proposal with the given id to Raft (propose) and waits for the result
+// of applying it.
+func (r *Replica) submit(ctx context.Context, id uint64, propose func(context.Context) error) (proto.Message, error) {
+	if r.isRemoved() {
+		return nil, etcderr.ErrStopped
+	}
 	cctx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
 	defer cancel()
 	w := &waiter{ch: make(chan result, 1), ctx: cctx}
 	_, w.commitSpan = r.tracer.Start(ctx, "raft.commit")
 	r.waitMu.Lock()
-	r.waiters[req.Id] = w
+	r.waiters[id] = w
 	r.waitMu.Unlock()
 	r.m.pending.Inc()
 	defer r.m.pending.Dec()
 
-	if err := r.node.Propose(cctx, data); err != nil {
-		r.takeWaiter(req.Id)
+	if err := propose(cctx); err != nil {
+		r.takeWaiter(id)
 		w.commitSpan.End()
 		r.m.failed.Inc()
 		return nil, r.proposeError(ctx, err)
@@ -349,7 +369,7 @@ func (r *Replica) propose(ctx context.Context, req *replicav1.RaftRequest) (prot
 	case res := <-w.ch:
 		return res.resp, res.err
 	case <-cctx.Done():
-		if r.takeWaiter(req.Id) == nil {
+		if r.takeWaiter(id) == nil {
 			// Applied just now: the result is on its way.
 			res := <-w.ch
 			return res.resp, res.err

@@ -36,6 +36,7 @@ import (
 
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1/peerv1connect"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
@@ -64,6 +65,10 @@ type Config struct {
 	ClientURLs []string `env:"CLIENT_URLS, default=http://127.0.0.1:2379"`
 	// ClusterToken makes the IDs of two clusters with the same members differ.
 	ClusterToken string `env:"CLUSTER_TOKEN, default=kvmesh-cluster"`
+	// InitialClusterState is "new" to bootstrap a cluster from InitialCluster, or
+	// "existing" to join a running one that already added this member (etcd's
+	// --initial-cluster-state). Ignored when the data directory already holds a member.
+	InitialClusterState string `env:"INITIAL_CLUSTER_STATE, default=new"`
 	// TickInterval is the Raft tick (etcd's heartbeat interval).
 	TickInterval time.Duration `env:"TICK_INTERVAL, default=100ms"`
 	// ElectionTicks is the election timeout in ticks.
@@ -98,6 +103,10 @@ func (c *Config) Validate() error {
 		return errors.New("KVMESH_REPLICA_MAX_TXN_OPS: must be positive")
 	case c.SnapshotCount == 0:
 		return errors.New("KVMESH_REPLICA_SNAPSHOT_COUNT: must be positive")
+	case c.InitialClusterState != "new" && c.InitialClusterState != "existing":
+		return fmt.Errorf("KVMESH_REPLICA_INITIAL_CLUSTER_STATE: %q is neither new nor existing", c.InitialClusterState)
+	case c.InitialClusterState == "existing" && len(c.InitialCluster) == 0:
+		return errors.New("KVMESH_REPLICA_INITIAL_CLUSTER: joining an existing cluster needs the members' peer URLs")
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("KVMESH_REPLICA_LISTEN: %w", err)
@@ -141,6 +150,9 @@ type Replica struct {
 	read  readLoop
 	peers *transport
 
+	removeOnce sync.Once
+	removedc   chan struct{} // closed once this member is removed from the cluster
+
 	applyc   chan applyWork
 	stopc    chan struct{}
 	doneRaft chan struct{}
@@ -173,6 +185,7 @@ func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 		waiters:       make(map[uint64]*waiter),
 		appliedNotify: make(chan struct{}),
 		applyc:        make(chan applyWork, 64),
+		removedc:      make(chan struct{}),
 		stopc:         make(chan struct{}),
 		doneRaft:      make(chan struct{}),
 		doneApp:       make(chan struct{}),
@@ -248,11 +261,33 @@ func (r *Replica) open() error {
 		PreVote:         true,
 		Logger:          &raftLogger{r.log.With("component", "raft")},
 	}
+	r.peers = newTransport(r)
 	if id != nil {
 		r.id, r.clusterID = id.member, id.cluster
 		rc.ID = r.id
 		r.raftLog.SetConfState(r.members.confState())
 		r.log.Info("restarting member", "member_id", fmt.Sprintf("%x", r.id), "cluster_id", fmt.Sprintf("%x", r.clusterID), "applied", applied)
+		r.node = raft.RestartNode(rc)
+		if len(r.members.list()) == 0 && r.cfg.InitialClusterState == "existing" {
+			// Joined, but nothing applied yet: the peers' addresses come from them.
+			if _, err := r.joinInfo(); err != nil {
+				r.log.Warn("cannot reach the cluster's members yet", "err", err)
+			}
+		}
+	} else if r.cfg.InitialClusterState == "existing" {
+		// Joining a running cluster that already added this member (MemberAdd): learn
+		// its ID and the cluster's from the members, then wait for the leader to send
+		// the log or a snapshot.
+		self, err := r.joinInfo()
+		if err != nil {
+			return err
+		}
+		r.id, r.clusterID = self.member, self.cluster
+		if err := saveIdentity(r.raftDB, *self); err != nil {
+			return err
+		}
+		rc.ID = r.id
+		r.log.Info("joining existing cluster", "member_id", fmt.Sprintf("%x", r.id), "cluster_id", fmt.Sprintf("%x", r.clusterID))
 		r.node = raft.RestartNode(rc)
 	} else {
 		members, self, err := r.cfg.initialMembers()
@@ -264,7 +299,7 @@ func (r *Replica) open() error {
 		peers := make([]raft.Peer, len(members))
 		for i, m := range members {
 			ids[i] = m.GetID()
-			ctx, err := proto.Marshal(m)
+			ctx, err := proto.Marshal(&replicav1.ConfChangeContext{Member: m})
 			if err != nil {
 				return err
 			}
@@ -278,7 +313,6 @@ func (r *Replica) open() error {
 		r.log.Info("starting new cluster", "member_id", fmt.Sprintf("%x", r.id), "cluster_id", fmt.Sprintf("%x", r.clusterID), "members", len(members))
 		r.node = raft.StartNode(rc, peers)
 	}
-	r.peers = newTransport(r)
 	// Request ids: this member's low 16 bits, then milliseconds, then a counter, so
 	// ids never repeat across restarts.
 	r.nextID.Store(r.id<<48 | uint64(time.Now().UnixMilli())<<8&(1<<48-1))

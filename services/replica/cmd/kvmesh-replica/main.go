@@ -50,5 +50,15 @@ func run() error {
 		rep.Stop(context.Background())
 		return err
 	}
+	// A member removed from the cluster stops, as etcd's does.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-rep.Removed():
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	return lifecycle.Serve(ctx, tel.Log, rep.Stop, rep.Serve)
 }

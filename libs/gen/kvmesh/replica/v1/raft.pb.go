@@ -37,6 +37,7 @@ type RaftRequest struct {
 	//	*RaftRequest_Txn
 	//	*RaftRequest_Compaction
 	//	*RaftRequest_MemberAttributes
+	//	*RaftRequest_MemberUpdate
 	Request       isRaftRequest_Request `protobuf_oneof:"request"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -131,6 +132,15 @@ func (x *RaftRequest) GetMemberAttributes() *MemberAttributes {
 	return nil
 }
 
+func (x *RaftRequest) GetMemberUpdate() *etcdserverpb.MemberUpdateRequest {
+	if x != nil {
+		if x, ok := x.Request.(*RaftRequest_MemberUpdate); ok {
+			return x.MemberUpdate
+		}
+	}
+	return nil
+}
+
 type isRaftRequest_Request interface {
 	isRaftRequest_Request()
 }
@@ -155,6 +165,10 @@ type RaftRequest_MemberAttributes struct {
 	MemberAttributes *MemberAttributes `protobuf:"bytes,6,opt,name=member_attributes,json=memberAttributes,proto3,oneof"`
 }
 
+type RaftRequest_MemberUpdate struct {
+	MemberUpdate *etcdserverpb.MemberUpdateRequest `protobuf:"bytes,7,opt,name=member_update,json=memberUpdate,proto3,oneof"`
+}
+
 func (*RaftRequest_Put) isRaftRequest_Request() {}
 
 func (*RaftRequest_DeleteRange) isRaftRequest_Request() {}
@@ -164,6 +178,64 @@ func (*RaftRequest_Txn) isRaftRequest_Request() {}
 func (*RaftRequest_Compaction) isRaftRequest_Request() {}
 
 func (*RaftRequest_MemberAttributes) isRaftRequest_Request() {}
+
+func (*RaftRequest_MemberUpdate) isRaftRequest_Request() {}
+
+// ConfChangeContext is the context of a Raft conf change entry: the member it adds or
+// promotes (as MemberList will show it) and the proposal waiting for it.
+type ConfChangeContext struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// member is the member added or promoted; only its ID for a removal.
+	Member *etcdserverpb.Member `protobuf:"bytes,1,opt,name=member,proto3" json:"member,omitempty"`
+	// request_id matches the proposal to the replica waiting for it (0 at bootstrap).
+	RequestId     uint64 `protobuf:"varint,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConfChangeContext) Reset() {
+	*x = ConfChangeContext{}
+	mi := &file_kvmesh_replica_v1_raft_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConfChangeContext) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConfChangeContext) ProtoMessage() {}
+
+func (x *ConfChangeContext) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_raft_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConfChangeContext.ProtoReflect.Descriptor instead.
+func (*ConfChangeContext) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_raft_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ConfChangeContext) GetMember() *etcdserverpb.Member {
+	if x != nil {
+		return x.Member
+	}
+	return nil
+}
+
+func (x *ConfChangeContext) GetRequestId() uint64 {
+	if x != nil {
+		return x.RequestId
+	}
+	return 0
+}
 
 // MemberAttributes is what a member publishes about itself when it starts: its name and
 // the client URLs MemberList reports.
@@ -181,7 +253,7 @@ type MemberAttributes struct {
 
 func (x *MemberAttributes) Reset() {
 	*x = MemberAttributes{}
-	mi := &file_kvmesh_replica_v1_raft_proto_msgTypes[1]
+	mi := &file_kvmesh_replica_v1_raft_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -193,7 +265,7 @@ func (x *MemberAttributes) String() string {
 func (*MemberAttributes) ProtoMessage() {}
 
 func (x *MemberAttributes) ProtoReflect() protoreflect.Message {
-	mi := &file_kvmesh_replica_v1_raft_proto_msgTypes[1]
+	mi := &file_kvmesh_replica_v1_raft_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -206,7 +278,7 @@ func (x *MemberAttributes) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use MemberAttributes.ProtoReflect.Descriptor instead.
 func (*MemberAttributes) Descriptor() ([]byte, []int) {
-	return file_kvmesh_replica_v1_raft_proto_rawDescGZIP(), []int{1}
+	return file_kvmesh_replica_v1_raft_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *MemberAttributes) GetId() uint64 {
@@ -234,7 +306,7 @@ var File_kvmesh_replica_v1_raft_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"\xe2\x02\n" +
+	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"\xac\x03\n" +
 	"\vRaftRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
 	"\x03put\x18\x02 \x01(\v2\x18.etcdserverpb.PutRequestH\x00R\x03put\x12E\n" +
@@ -243,8 +315,13 @@ const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"\n" +
 	"compaction\x18\x05 \x01(\v2\x1f.etcdserverpb.CompactionRequestH\x00R\n" +
 	"compaction\x12R\n" +
-	"\x11member_attributes\x18\x06 \x01(\v2#.kvmesh.replica.v1.MemberAttributesH\x00R\x10memberAttributesB\t\n" +
-	"\arequest\"W\n" +
+	"\x11member_attributes\x18\x06 \x01(\v2#.kvmesh.replica.v1.MemberAttributesH\x00R\x10memberAttributes\x12H\n" +
+	"\rmember_update\x18\a \x01(\v2!.etcdserverpb.MemberUpdateRequestH\x00R\fmemberUpdateB\t\n" +
+	"\arequest\"`\n" +
+	"\x11ConfChangeContext\x12,\n" +
+	"\x06member\x18\x01 \x01(\v2\x14.etcdserverpb.MemberR\x06member\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\x04R\trequestId\"W\n" +
 	"\x10MemberAttributes\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1f\n" +
@@ -264,26 +341,31 @@ func file_kvmesh_replica_v1_raft_proto_rawDescGZIP() []byte {
 	return file_kvmesh_replica_v1_raft_proto_rawDescData
 }
 
-var file_kvmesh_replica_v1_raft_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_kvmesh_replica_v1_raft_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
 var file_kvmesh_replica_v1_raft_proto_goTypes = []any{
-	(*RaftRequest)(nil),                     // 0: kvmesh.replica.v1.RaftRequest
-	(*MemberAttributes)(nil),                // 1: kvmesh.replica.v1.MemberAttributes
-	(*etcdserverpb.PutRequest)(nil),         // 2: etcdserverpb.PutRequest
-	(*etcdserverpb.DeleteRangeRequest)(nil), // 3: etcdserverpb.DeleteRangeRequest
-	(*etcdserverpb.TxnRequest)(nil),         // 4: etcdserverpb.TxnRequest
-	(*etcdserverpb.CompactionRequest)(nil),  // 5: etcdserverpb.CompactionRequest
+	(*RaftRequest)(nil),                      // 0: kvmesh.replica.v1.RaftRequest
+	(*ConfChangeContext)(nil),                // 1: kvmesh.replica.v1.ConfChangeContext
+	(*MemberAttributes)(nil),                 // 2: kvmesh.replica.v1.MemberAttributes
+	(*etcdserverpb.PutRequest)(nil),          // 3: etcdserverpb.PutRequest
+	(*etcdserverpb.DeleteRangeRequest)(nil),  // 4: etcdserverpb.DeleteRangeRequest
+	(*etcdserverpb.TxnRequest)(nil),          // 5: etcdserverpb.TxnRequest
+	(*etcdserverpb.CompactionRequest)(nil),   // 6: etcdserverpb.CompactionRequest
+	(*etcdserverpb.MemberUpdateRequest)(nil), // 7: etcdserverpb.MemberUpdateRequest
+	(*etcdserverpb.Member)(nil),              // 8: etcdserverpb.Member
 }
 var file_kvmesh_replica_v1_raft_proto_depIdxs = []int32{
-	2, // 0: kvmesh.replica.v1.RaftRequest.put:type_name -> etcdserverpb.PutRequest
-	3, // 1: kvmesh.replica.v1.RaftRequest.delete_range:type_name -> etcdserverpb.DeleteRangeRequest
-	4, // 2: kvmesh.replica.v1.RaftRequest.txn:type_name -> etcdserverpb.TxnRequest
-	5, // 3: kvmesh.replica.v1.RaftRequest.compaction:type_name -> etcdserverpb.CompactionRequest
-	1, // 4: kvmesh.replica.v1.RaftRequest.member_attributes:type_name -> kvmesh.replica.v1.MemberAttributes
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	3, // 0: kvmesh.replica.v1.RaftRequest.put:type_name -> etcdserverpb.PutRequest
+	4, // 1: kvmesh.replica.v1.RaftRequest.delete_range:type_name -> etcdserverpb.DeleteRangeRequest
+	5, // 2: kvmesh.replica.v1.RaftRequest.txn:type_name -> etcdserverpb.TxnRequest
+	6, // 3: kvmesh.replica.v1.RaftRequest.compaction:type_name -> etcdserverpb.CompactionRequest
+	2, // 4: kvmesh.replica.v1.RaftRequest.member_attributes:type_name -> kvmesh.replica.v1.MemberAttributes
+	7, // 5: kvmesh.replica.v1.RaftRequest.member_update:type_name -> etcdserverpb.MemberUpdateRequest
+	8, // 6: kvmesh.replica.v1.ConfChangeContext.member:type_name -> etcdserverpb.Member
+	7, // [7:7] is the sub-list for method output_type
+	7, // [7:7] is the sub-list for method input_type
+	7, // [7:7] is the sub-list for extension type_name
+	7, // [7:7] is the sub-list for extension extendee
+	0, // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_kvmesh_replica_v1_raft_proto_init() }
@@ -297,6 +379,7 @@ func file_kvmesh_replica_v1_raft_proto_init() {
 		(*RaftRequest_Txn)(nil),
 		(*RaftRequest_Compaction)(nil),
 		(*RaftRequest_MemberAttributes)(nil),
+		(*RaftRequest_MemberUpdate)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -304,7 +387,7 @@ func file_kvmesh_replica_v1_raft_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvmesh_replica_v1_raft_proto_rawDesc), len(file_kvmesh_replica_v1_raft_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   2,
+			NumMessages:   3,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -31,32 +31,51 @@ const file_kvmesh_replica_v1_replica_proto_rawDesc = "" +
 	"\x03Put\x12\x18.etcdserverpb.PutRequest\x1a\x19.etcdserverpb.PutResponse\x12R\n" +
 	"\vDeleteRange\x12 .etcdserverpb.DeleteRangeRequest\x1a!.etcdserverpb.DeleteRangeResponse\x12:\n" +
 	"\x03Txn\x12\x18.etcdserverpb.TxnRequest\x1a\x19.etcdserverpb.TxnResponse\x12L\n" +
-	"\aCompact\x12\x1f.etcdserverpb.CompactionRequest\x1a .etcdserverpb.CompactionResponse2a\n" +
+	"\aCompact\x12\x1f.etcdserverpb.CompactionRequest\x1a .etcdserverpb.CompactionResponse2\xb7\x03\n" +
 	"\x0eClusterService\x12O\n" +
 	"\n" +
-	"MemberList\x12\x1f.etcdserverpb.MemberListRequest\x1a .etcdserverpb.MemberListResponse2\x9e\x01\n" +
+	"MemberList\x12\x1f.etcdserverpb.MemberListRequest\x1a .etcdserverpb.MemberListResponse\x12L\n" +
+	"\tMemberAdd\x12\x1e.etcdserverpb.MemberAddRequest\x1a\x1f.etcdserverpb.MemberAddResponse\x12U\n" +
+	"\fMemberRemove\x12!.etcdserverpb.MemberRemoveRequest\x1a\".etcdserverpb.MemberRemoveResponse\x12U\n" +
+	"\fMemberUpdate\x12!.etcdserverpb.MemberUpdateRequest\x1a\".etcdserverpb.MemberUpdateResponse\x12X\n" +
+	"\rMemberPromote\x12\".etcdserverpb.MemberPromoteRequest\x1a#.etcdserverpb.MemberPromoteResponse2\xae\x02\n" +
 	"\x12MaintenanceService\x12C\n" +
 	"\x06Status\x12\x1b.etcdserverpb.StatusRequest\x1a\x1c.etcdserverpb.StatusResponse\x12C\n" +
-	"\x06HashKV\x12\x1b.etcdserverpb.HashKVRequest\x1a\x1c.etcdserverpb.HashKVResponseB\xca\x01\n" +
+	"\x06HashKV\x12\x1b.etcdserverpb.HashKVRequest\x1a\x1c.etcdserverpb.HashKVResponse\x12=\n" +
+	"\x04Hash\x12\x19.etcdserverpb.HashRequest\x1a\x1a.etcdserverpb.HashResponse\x12O\n" +
+	"\n" +
+	"MoveLeader\x12\x1f.etcdserverpb.MoveLeaderRequest\x1a .etcdserverpb.MoveLeaderResponseB\xca\x01\n" +
 	"\x15com.kvmesh.replica.v1B\fReplicaProtoP\x01Z=github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1;replicav1\xa2\x02\x03KRX\xaa\x02\x11Kvmesh.Replica.V1\xca\x02\x11Kvmesh\\Replica\\V1\xe2\x02\x1dKvmesh\\Replica\\V1\\GPBMetadata\xea\x02\x13Kvmesh::Replica::V1b\x06proto3"
 
 var file_kvmesh_replica_v1_replica_proto_goTypes = []any{
-	(*etcdserverpb.RangeRequest)(nil),        // 0: etcdserverpb.RangeRequest
-	(*etcdserverpb.PutRequest)(nil),          // 1: etcdserverpb.PutRequest
-	(*etcdserverpb.DeleteRangeRequest)(nil),  // 2: etcdserverpb.DeleteRangeRequest
-	(*etcdserverpb.TxnRequest)(nil),          // 3: etcdserverpb.TxnRequest
-	(*etcdserverpb.CompactionRequest)(nil),   // 4: etcdserverpb.CompactionRequest
-	(*etcdserverpb.MemberListRequest)(nil),   // 5: etcdserverpb.MemberListRequest
-	(*etcdserverpb.StatusRequest)(nil),       // 6: etcdserverpb.StatusRequest
-	(*etcdserverpb.HashKVRequest)(nil),       // 7: etcdserverpb.HashKVRequest
-	(*etcdserverpb.RangeResponse)(nil),       // 8: etcdserverpb.RangeResponse
-	(*etcdserverpb.PutResponse)(nil),         // 9: etcdserverpb.PutResponse
-	(*etcdserverpb.DeleteRangeResponse)(nil), // 10: etcdserverpb.DeleteRangeResponse
-	(*etcdserverpb.TxnResponse)(nil),         // 11: etcdserverpb.TxnResponse
-	(*etcdserverpb.CompactionResponse)(nil),  // 12: etcdserverpb.CompactionResponse
-	(*etcdserverpb.MemberListResponse)(nil),  // 13: etcdserverpb.MemberListResponse
-	(*etcdserverpb.StatusResponse)(nil),      // 14: etcdserverpb.StatusResponse
-	(*etcdserverpb.HashKVResponse)(nil),      // 15: etcdserverpb.HashKVResponse
+	(*etcdserverpb.RangeRequest)(nil),          // 0: etcdserverpb.RangeRequest
+	(*etcdserverpb.PutRequest)(nil),            // 1: etcdserverpb.PutRequest
+	(*etcdserverpb.DeleteRangeRequest)(nil),    // 2: etcdserverpb.DeleteRangeRequest
+	(*etcdserverpb.TxnRequest)(nil),            // 3: etcdserverpb.TxnRequest
+	(*etcdserverpb.CompactionRequest)(nil),     // 4: etcdserverpb.CompactionRequest
+	(*etcdserverpb.MemberListRequest)(nil),     // 5: etcdserverpb.MemberListRequest
+	(*etcdserverpb.MemberAddRequest)(nil),      // 6: etcdserverpb.MemberAddRequest
+	(*etcdserverpb.MemberRemoveRequest)(nil),   // 7: etcdserverpb.MemberRemoveRequest
+	(*etcdserverpb.MemberUpdateRequest)(nil),   // 8: etcdserverpb.MemberUpdateRequest
+	(*etcdserverpb.MemberPromoteRequest)(nil),  // 9: etcdserverpb.MemberPromoteRequest
+	(*etcdserverpb.StatusRequest)(nil),         // 10: etcdserverpb.StatusRequest
+	(*etcdserverpb.HashKVRequest)(nil),         // 11: etcdserverpb.HashKVRequest
+	(*etcdserverpb.HashRequest)(nil),           // 12: etcdserverpb.HashRequest
+	(*etcdserverpb.MoveLeaderRequest)(nil),     // 13: etcdserverpb.MoveLeaderRequest
+	(*etcdserverpb.RangeResponse)(nil),         // 14: etcdserverpb.RangeResponse
+	(*etcdserverpb.PutResponse)(nil),           // 15: etcdserverpb.PutResponse
+	(*etcdserverpb.DeleteRangeResponse)(nil),   // 16: etcdserverpb.DeleteRangeResponse
+	(*etcdserverpb.TxnResponse)(nil),           // 17: etcdserverpb.TxnResponse
+	(*etcdserverpb.CompactionResponse)(nil),    // 18: etcdserverpb.CompactionResponse
+	(*etcdserverpb.MemberListResponse)(nil),    // 19: etcdserverpb.MemberListResponse
+	(*etcdserverpb.MemberAddResponse)(nil),     // 20: etcdserverpb.MemberAddResponse
+	(*etcdserverpb.MemberRemoveResponse)(nil),  // 21: etcdserverpb.MemberRemoveResponse
+	(*etcdserverpb.MemberUpdateResponse)(nil),  // 22: etcdserverpb.MemberUpdateResponse
+	(*etcdserverpb.MemberPromoteResponse)(nil), // 23: etcdserverpb.MemberPromoteResponse
+	(*etcdserverpb.StatusResponse)(nil),        // 24: etcdserverpb.StatusResponse
+	(*etcdserverpb.HashKVResponse)(nil),        // 25: etcdserverpb.HashKVResponse
+	(*etcdserverpb.HashResponse)(nil),          // 26: etcdserverpb.HashResponse
+	(*etcdserverpb.MoveLeaderResponse)(nil),    // 27: etcdserverpb.MoveLeaderResponse
 }
 var file_kvmesh_replica_v1_replica_proto_depIdxs = []int32{
 	0,  // 0: kvmesh.replica.v1.KVService.Range:input_type -> etcdserverpb.RangeRequest
@@ -65,18 +84,30 @@ var file_kvmesh_replica_v1_replica_proto_depIdxs = []int32{
 	3,  // 3: kvmesh.replica.v1.KVService.Txn:input_type -> etcdserverpb.TxnRequest
 	4,  // 4: kvmesh.replica.v1.KVService.Compact:input_type -> etcdserverpb.CompactionRequest
 	5,  // 5: kvmesh.replica.v1.ClusterService.MemberList:input_type -> etcdserverpb.MemberListRequest
-	6,  // 6: kvmesh.replica.v1.MaintenanceService.Status:input_type -> etcdserverpb.StatusRequest
-	7,  // 7: kvmesh.replica.v1.MaintenanceService.HashKV:input_type -> etcdserverpb.HashKVRequest
-	8,  // 8: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
-	9,  // 9: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
-	10, // 10: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
-	11, // 11: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
-	12, // 12: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
-	13, // 13: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
-	14, // 14: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
-	15, // 15: kvmesh.replica.v1.MaintenanceService.HashKV:output_type -> etcdserverpb.HashKVResponse
-	8,  // [8:16] is the sub-list for method output_type
-	0,  // [0:8] is the sub-list for method input_type
+	6,  // 6: kvmesh.replica.v1.ClusterService.MemberAdd:input_type -> etcdserverpb.MemberAddRequest
+	7,  // 7: kvmesh.replica.v1.ClusterService.MemberRemove:input_type -> etcdserverpb.MemberRemoveRequest
+	8,  // 8: kvmesh.replica.v1.ClusterService.MemberUpdate:input_type -> etcdserverpb.MemberUpdateRequest
+	9,  // 9: kvmesh.replica.v1.ClusterService.MemberPromote:input_type -> etcdserverpb.MemberPromoteRequest
+	10, // 10: kvmesh.replica.v1.MaintenanceService.Status:input_type -> etcdserverpb.StatusRequest
+	11, // 11: kvmesh.replica.v1.MaintenanceService.HashKV:input_type -> etcdserverpb.HashKVRequest
+	12, // 12: kvmesh.replica.v1.MaintenanceService.Hash:input_type -> etcdserverpb.HashRequest
+	13, // 13: kvmesh.replica.v1.MaintenanceService.MoveLeader:input_type -> etcdserverpb.MoveLeaderRequest
+	14, // 14: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
+	15, // 15: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
+	16, // 16: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
+	17, // 17: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
+	18, // 18: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
+	19, // 19: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
+	20, // 20: kvmesh.replica.v1.ClusterService.MemberAdd:output_type -> etcdserverpb.MemberAddResponse
+	21, // 21: kvmesh.replica.v1.ClusterService.MemberRemove:output_type -> etcdserverpb.MemberRemoveResponse
+	22, // 22: kvmesh.replica.v1.ClusterService.MemberUpdate:output_type -> etcdserverpb.MemberUpdateResponse
+	23, // 23: kvmesh.replica.v1.ClusterService.MemberPromote:output_type -> etcdserverpb.MemberPromoteResponse
+	24, // 24: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
+	25, // 25: kvmesh.replica.v1.MaintenanceService.HashKV:output_type -> etcdserverpb.HashKVResponse
+	26, // 26: kvmesh.replica.v1.MaintenanceService.Hash:output_type -> etcdserverpb.HashResponse
+	27, // 27: kvmesh.replica.v1.MaintenanceService.MoveLeader:output_type -> etcdserverpb.MoveLeaderResponse
+	14, // [14:28] is the sub-list for method output_type
+	0,  // [0:14] is the sub-list for method input_type
 	0,  // [0:0] is the sub-list for extension type_name
 	0,  // [0:0] is the sub-list for extension extendee
 	0,  // [0:0] is the sub-list for field type_name

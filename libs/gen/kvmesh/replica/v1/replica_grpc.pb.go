@@ -292,7 +292,11 @@ var KVService_ServiceDesc = grpc.ServiceDesc{
 }
 
 const (
-	ClusterService_MemberList_FullMethodName = "/kvmesh.replica.v1.ClusterService/MemberList"
+	ClusterService_MemberList_FullMethodName    = "/kvmesh.replica.v1.ClusterService/MemberList"
+	ClusterService_MemberAdd_FullMethodName     = "/kvmesh.replica.v1.ClusterService/MemberAdd"
+	ClusterService_MemberRemove_FullMethodName  = "/kvmesh.replica.v1.ClusterService/MemberRemove"
+	ClusterService_MemberUpdate_FullMethodName  = "/kvmesh.replica.v1.ClusterService/MemberUpdate"
+	ClusterService_MemberPromote_FullMethodName = "/kvmesh.replica.v1.ClusterService/MemberPromote"
 )
 
 // ClusterServiceClient is the client API for ClusterService service.
@@ -303,6 +307,14 @@ const (
 type ClusterServiceClient interface {
 	// MemberList lists the members of the cluster.
 	MemberList(ctx context.Context, in *etcdserverpb.MemberListRequest, opts ...grpc.CallOption) (*etcdserverpb.MemberListResponse, error)
+	// MemberAdd adds a member (a voter or a learner) through a Raft conf change.
+	MemberAdd(ctx context.Context, in *etcdserverpb.MemberAddRequest, opts ...grpc.CallOption) (*etcdserverpb.MemberAddResponse, error)
+	// MemberRemove removes a member through a Raft conf change.
+	MemberRemove(ctx context.Context, in *etcdserverpb.MemberRemoveRequest, opts ...grpc.CallOption) (*etcdserverpb.MemberRemoveResponse, error)
+	// MemberUpdate changes a member's peer URLs.
+	MemberUpdate(ctx context.Context, in *etcdserverpb.MemberUpdateRequest, opts ...grpc.CallOption) (*etcdserverpb.MemberUpdateResponse, error)
+	// MemberPromote makes a learner that has caught up with the leader a voter.
+	MemberPromote(ctx context.Context, in *etcdserverpb.MemberPromoteRequest, opts ...grpc.CallOption) (*etcdserverpb.MemberPromoteResponse, error)
 }
 
 type clusterServiceClient struct {
@@ -323,6 +335,46 @@ func (c *clusterServiceClient) MemberList(ctx context.Context, in *etcdserverpb.
 	return out, nil
 }
 
+func (c *clusterServiceClient) MemberAdd(ctx context.Context, in *etcdserverpb.MemberAddRequest, opts ...grpc.CallOption) (*etcdserverpb.MemberAddResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.MemberAddResponse)
+	err := c.cc.Invoke(ctx, ClusterService_MemberAdd_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterServiceClient) MemberRemove(ctx context.Context, in *etcdserverpb.MemberRemoveRequest, opts ...grpc.CallOption) (*etcdserverpb.MemberRemoveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.MemberRemoveResponse)
+	err := c.cc.Invoke(ctx, ClusterService_MemberRemove_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterServiceClient) MemberUpdate(ctx context.Context, in *etcdserverpb.MemberUpdateRequest, opts ...grpc.CallOption) (*etcdserverpb.MemberUpdateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.MemberUpdateResponse)
+	err := c.cc.Invoke(ctx, ClusterService_MemberUpdate_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *clusterServiceClient) MemberPromote(ctx context.Context, in *etcdserverpb.MemberPromoteRequest, opts ...grpc.CallOption) (*etcdserverpb.MemberPromoteResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.MemberPromoteResponse)
+	err := c.cc.Invoke(ctx, ClusterService_MemberPromote_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ClusterServiceServer is the server API for ClusterService service.
 // All implementations must embed UnimplementedClusterServiceServer
 // for forward compatibility.
@@ -331,6 +383,14 @@ func (c *clusterServiceClient) MemberList(ctx context.Context, in *etcdserverpb.
 type ClusterServiceServer interface {
 	// MemberList lists the members of the cluster.
 	MemberList(context.Context, *etcdserverpb.MemberListRequest) (*etcdserverpb.MemberListResponse, error)
+	// MemberAdd adds a member (a voter or a learner) through a Raft conf change.
+	MemberAdd(context.Context, *etcdserverpb.MemberAddRequest) (*etcdserverpb.MemberAddResponse, error)
+	// MemberRemove removes a member through a Raft conf change.
+	MemberRemove(context.Context, *etcdserverpb.MemberRemoveRequest) (*etcdserverpb.MemberRemoveResponse, error)
+	// MemberUpdate changes a member's peer URLs.
+	MemberUpdate(context.Context, *etcdserverpb.MemberUpdateRequest) (*etcdserverpb.MemberUpdateResponse, error)
+	// MemberPromote makes a learner that has caught up with the leader a voter.
+	MemberPromote(context.Context, *etcdserverpb.MemberPromoteRequest) (*etcdserverpb.MemberPromoteResponse, error)
 	mustEmbedUnimplementedClusterServiceServer()
 }
 
@@ -343,6 +403,18 @@ type UnimplementedClusterServiceServer struct{}
 
 func (UnimplementedClusterServiceServer) MemberList(context.Context, *etcdserverpb.MemberListRequest) (*etcdserverpb.MemberListResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method MemberList not implemented")
+}
+func (UnimplementedClusterServiceServer) MemberAdd(context.Context, *etcdserverpb.MemberAddRequest) (*etcdserverpb.MemberAddResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method MemberAdd not implemented")
+}
+func (UnimplementedClusterServiceServer) MemberRemove(context.Context, *etcdserverpb.MemberRemoveRequest) (*etcdserverpb.MemberRemoveResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method MemberRemove not implemented")
+}
+func (UnimplementedClusterServiceServer) MemberUpdate(context.Context, *etcdserverpb.MemberUpdateRequest) (*etcdserverpb.MemberUpdateResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method MemberUpdate not implemented")
+}
+func (UnimplementedClusterServiceServer) MemberPromote(context.Context, *etcdserverpb.MemberPromoteRequest) (*etcdserverpb.MemberPromoteResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method MemberPromote not implemented")
 }
 func (UnimplementedClusterServiceServer) mustEmbedUnimplementedClusterServiceServer() {}
 func (UnimplementedClusterServiceServer) testEmbeddedByValue()                        {}
@@ -383,6 +455,78 @@ func _ClusterService_MemberList_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _ClusterService_MemberAdd_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.MemberAddRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServiceServer).MemberAdd(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ClusterService_MemberAdd_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServiceServer).MemberAdd(ctx, req.(*etcdserverpb.MemberAddRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ClusterService_MemberRemove_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.MemberRemoveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServiceServer).MemberRemove(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ClusterService_MemberRemove_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServiceServer).MemberRemove(ctx, req.(*etcdserverpb.MemberRemoveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ClusterService_MemberUpdate_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.MemberUpdateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServiceServer).MemberUpdate(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ClusterService_MemberUpdate_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServiceServer).MemberUpdate(ctx, req.(*etcdserverpb.MemberUpdateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _ClusterService_MemberPromote_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.MemberPromoteRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ClusterServiceServer).MemberPromote(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: ClusterService_MemberPromote_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ClusterServiceServer).MemberPromote(ctx, req.(*etcdserverpb.MemberPromoteRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // ClusterService_ServiceDesc is the grpc.ServiceDesc for ClusterService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -394,14 +538,32 @@ var ClusterService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "MemberList",
 			Handler:    _ClusterService_MemberList_Handler,
 		},
+		{
+			MethodName: "MemberAdd",
+			Handler:    _ClusterService_MemberAdd_Handler,
+		},
+		{
+			MethodName: "MemberRemove",
+			Handler:    _ClusterService_MemberRemove_Handler,
+		},
+		{
+			MethodName: "MemberUpdate",
+			Handler:    _ClusterService_MemberUpdate_Handler,
+		},
+		{
+			MethodName: "MemberPromote",
+			Handler:    _ClusterService_MemberPromote_Handler,
+		},
 	},
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "kvmesh/replica/v1/replica.proto",
 }
 
 const (
-	MaintenanceService_Status_FullMethodName = "/kvmesh.replica.v1.MaintenanceService/Status"
-	MaintenanceService_HashKV_FullMethodName = "/kvmesh.replica.v1.MaintenanceService/HashKV"
+	MaintenanceService_Status_FullMethodName     = "/kvmesh.replica.v1.MaintenanceService/Status"
+	MaintenanceService_HashKV_FullMethodName     = "/kvmesh.replica.v1.MaintenanceService/HashKV"
+	MaintenanceService_Hash_FullMethodName       = "/kvmesh.replica.v1.MaintenanceService/Hash"
+	MaintenanceService_MoveLeader_FullMethodName = "/kvmesh.replica.v1.MaintenanceService/MoveLeader"
 )
 
 // MaintenanceServiceClient is the client API for MaintenanceService service.
@@ -415,6 +577,10 @@ type MaintenanceServiceClient interface {
 	// HashKV hashes this replica's key history up to a revision; members that agree on
 	// their history answer the same hash.
 	HashKV(ctx context.Context, in *etcdserverpb.HashKVRequest, opts ...grpc.CallOption) (*etcdserverpb.HashKVResponse, error)
+	// Hash hashes this replica's whole key history.
+	Hash(ctx context.Context, in *etcdserverpb.HashRequest, opts ...grpc.CallOption) (*etcdserverpb.HashResponse, error)
+	// MoveLeader transfers leadership to another voter; only the leader accepts it.
+	MoveLeader(ctx context.Context, in *etcdserverpb.MoveLeaderRequest, opts ...grpc.CallOption) (*etcdserverpb.MoveLeaderResponse, error)
 }
 
 type maintenanceServiceClient struct {
@@ -445,6 +611,26 @@ func (c *maintenanceServiceClient) HashKV(ctx context.Context, in *etcdserverpb.
 	return out, nil
 }
 
+func (c *maintenanceServiceClient) Hash(ctx context.Context, in *etcdserverpb.HashRequest, opts ...grpc.CallOption) (*etcdserverpb.HashResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.HashResponse)
+	err := c.cc.Invoke(ctx, MaintenanceService_Hash_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *maintenanceServiceClient) MoveLeader(ctx context.Context, in *etcdserverpb.MoveLeaderRequest, opts ...grpc.CallOption) (*etcdserverpb.MoveLeaderResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.MoveLeaderResponse)
+	err := c.cc.Invoke(ctx, MaintenanceService_MoveLeader_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // MaintenanceServiceServer is the server API for MaintenanceService service.
 // All implementations must embed UnimplementedMaintenanceServiceServer
 // for forward compatibility.
@@ -456,6 +642,10 @@ type MaintenanceServiceServer interface {
 	// HashKV hashes this replica's key history up to a revision; members that agree on
 	// their history answer the same hash.
 	HashKV(context.Context, *etcdserverpb.HashKVRequest) (*etcdserverpb.HashKVResponse, error)
+	// Hash hashes this replica's whole key history.
+	Hash(context.Context, *etcdserverpb.HashRequest) (*etcdserverpb.HashResponse, error)
+	// MoveLeader transfers leadership to another voter; only the leader accepts it.
+	MoveLeader(context.Context, *etcdserverpb.MoveLeaderRequest) (*etcdserverpb.MoveLeaderResponse, error)
 	mustEmbedUnimplementedMaintenanceServiceServer()
 }
 
@@ -471,6 +661,12 @@ func (UnimplementedMaintenanceServiceServer) Status(context.Context, *etcdserver
 }
 func (UnimplementedMaintenanceServiceServer) HashKV(context.Context, *etcdserverpb.HashKVRequest) (*etcdserverpb.HashKVResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method HashKV not implemented")
+}
+func (UnimplementedMaintenanceServiceServer) Hash(context.Context, *etcdserverpb.HashRequest) (*etcdserverpb.HashResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Hash not implemented")
+}
+func (UnimplementedMaintenanceServiceServer) MoveLeader(context.Context, *etcdserverpb.MoveLeaderRequest) (*etcdserverpb.MoveLeaderResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method MoveLeader not implemented")
 }
 func (UnimplementedMaintenanceServiceServer) mustEmbedUnimplementedMaintenanceServiceServer() {}
 func (UnimplementedMaintenanceServiceServer) testEmbeddedByValue()                            {}
@@ -529,6 +725,42 @@ func _MaintenanceService_HashKV_Handler(srv interface{}, ctx context.Context, de
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MaintenanceService_Hash_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.HashRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MaintenanceServiceServer).Hash(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MaintenanceService_Hash_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MaintenanceServiceServer).Hash(ctx, req.(*etcdserverpb.HashRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MaintenanceService_MoveLeader_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.MoveLeaderRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MaintenanceServiceServer).MoveLeader(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MaintenanceService_MoveLeader_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MaintenanceServiceServer).MoveLeader(ctx, req.(*etcdserverpb.MoveLeaderRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // MaintenanceService_ServiceDesc is the grpc.ServiceDesc for MaintenanceService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -543,6 +775,14 @@ var MaintenanceService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "HashKV",
 			Handler:    _MaintenanceService_HashKV_Handler,
+		},
+		{
+			MethodName: "Hash",
+			Handler:    _MaintenanceService_Hash_Handler,
+		},
+		{
+			MethodName: "MoveLeader",
+			Handler:    _MaintenanceService_MoveLeader_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

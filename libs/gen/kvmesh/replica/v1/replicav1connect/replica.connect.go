@@ -51,12 +51,29 @@ const (
 	// ClusterServiceMemberListProcedure is the fully-qualified name of the ClusterService's MemberList
 	// RPC.
 	ClusterServiceMemberListProcedure = "/kvmesh.replica.v1.ClusterService/MemberList"
+	// ClusterServiceMemberAddProcedure is the fully-qualified name of the ClusterService's MemberAdd
+	// RPC.
+	ClusterServiceMemberAddProcedure = "/kvmesh.replica.v1.ClusterService/MemberAdd"
+	// ClusterServiceMemberRemoveProcedure is the fully-qualified name of the ClusterService's
+	// MemberRemove RPC.
+	ClusterServiceMemberRemoveProcedure = "/kvmesh.replica.v1.ClusterService/MemberRemove"
+	// ClusterServiceMemberUpdateProcedure is the fully-qualified name of the ClusterService's
+	// MemberUpdate RPC.
+	ClusterServiceMemberUpdateProcedure = "/kvmesh.replica.v1.ClusterService/MemberUpdate"
+	// ClusterServiceMemberPromoteProcedure is the fully-qualified name of the ClusterService's
+	// MemberPromote RPC.
+	ClusterServiceMemberPromoteProcedure = "/kvmesh.replica.v1.ClusterService/MemberPromote"
 	// MaintenanceServiceStatusProcedure is the fully-qualified name of the MaintenanceService's Status
 	// RPC.
 	MaintenanceServiceStatusProcedure = "/kvmesh.replica.v1.MaintenanceService/Status"
 	// MaintenanceServiceHashKVProcedure is the fully-qualified name of the MaintenanceService's HashKV
 	// RPC.
 	MaintenanceServiceHashKVProcedure = "/kvmesh.replica.v1.MaintenanceService/HashKV"
+	// MaintenanceServiceHashProcedure is the fully-qualified name of the MaintenanceService's Hash RPC.
+	MaintenanceServiceHashProcedure = "/kvmesh.replica.v1.MaintenanceService/Hash"
+	// MaintenanceServiceMoveLeaderProcedure is the fully-qualified name of the MaintenanceService's
+	// MoveLeader RPC.
+	MaintenanceServiceMoveLeaderProcedure = "/kvmesh.replica.v1.MaintenanceService/MoveLeader"
 )
 
 // KVServiceClient is a client for the kvmesh.replica.v1.KVService service.
@@ -247,6 +264,14 @@ func (UnimplementedKVServiceHandler) Compact(context.Context, *connect.Request[e
 type ClusterServiceClient interface {
 	// MemberList lists the members of the cluster.
 	MemberList(context.Context, *connect.Request[etcdserverpb.MemberListRequest]) (*connect.Response[etcdserverpb.MemberListResponse], error)
+	// MemberAdd adds a member (a voter or a learner) through a Raft conf change.
+	MemberAdd(context.Context, *connect.Request[etcdserverpb.MemberAddRequest]) (*connect.Response[etcdserverpb.MemberAddResponse], error)
+	// MemberRemove removes a member through a Raft conf change.
+	MemberRemove(context.Context, *connect.Request[etcdserverpb.MemberRemoveRequest]) (*connect.Response[etcdserverpb.MemberRemoveResponse], error)
+	// MemberUpdate changes a member's peer URLs.
+	MemberUpdate(context.Context, *connect.Request[etcdserverpb.MemberUpdateRequest]) (*connect.Response[etcdserverpb.MemberUpdateResponse], error)
+	// MemberPromote makes a learner that has caught up with the leader a voter.
+	MemberPromote(context.Context, *connect.Request[etcdserverpb.MemberPromoteRequest]) (*connect.Response[etcdserverpb.MemberPromoteResponse], error)
 }
 
 // NewClusterServiceClient constructs a client for the kvmesh.replica.v1.ClusterService service. By
@@ -266,12 +291,40 @@ func NewClusterServiceClient(httpClient connect.HTTPClient, baseURL string, opts
 			connect.WithSchema(clusterServiceMethods.ByName("MemberList")),
 			connect.WithClientOptions(opts...),
 		),
+		memberAdd: connect.NewClient[etcdserverpb.MemberAddRequest, etcdserverpb.MemberAddResponse](
+			httpClient,
+			baseURL+ClusterServiceMemberAddProcedure,
+			connect.WithSchema(clusterServiceMethods.ByName("MemberAdd")),
+			connect.WithClientOptions(opts...),
+		),
+		memberRemove: connect.NewClient[etcdserverpb.MemberRemoveRequest, etcdserverpb.MemberRemoveResponse](
+			httpClient,
+			baseURL+ClusterServiceMemberRemoveProcedure,
+			connect.WithSchema(clusterServiceMethods.ByName("MemberRemove")),
+			connect.WithClientOptions(opts...),
+		),
+		memberUpdate: connect.NewClient[etcdserverpb.MemberUpdateRequest, etcdserverpb.MemberUpdateResponse](
+			httpClient,
+			baseURL+ClusterServiceMemberUpdateProcedure,
+			connect.WithSchema(clusterServiceMethods.ByName("MemberUpdate")),
+			connect.WithClientOptions(opts...),
+		),
+		memberPromote: connect.NewClient[etcdserverpb.MemberPromoteRequest, etcdserverpb.MemberPromoteResponse](
+			httpClient,
+			baseURL+ClusterServiceMemberPromoteProcedure,
+			connect.WithSchema(clusterServiceMethods.ByName("MemberPromote")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // clusterServiceClient implements ClusterServiceClient.
 type clusterServiceClient struct {
-	memberList *connect.Client[etcdserverpb.MemberListRequest, etcdserverpb.MemberListResponse]
+	memberList    *connect.Client[etcdserverpb.MemberListRequest, etcdserverpb.MemberListResponse]
+	memberAdd     *connect.Client[etcdserverpb.MemberAddRequest, etcdserverpb.MemberAddResponse]
+	memberRemove  *connect.Client[etcdserverpb.MemberRemoveRequest, etcdserverpb.MemberRemoveResponse]
+	memberUpdate  *connect.Client[etcdserverpb.MemberUpdateRequest, etcdserverpb.MemberUpdateResponse]
+	memberPromote *connect.Client[etcdserverpb.MemberPromoteRequest, etcdserverpb.MemberPromoteResponse]
 }
 
 // MemberList calls kvmesh.replica.v1.ClusterService.MemberList.
@@ -279,10 +332,38 @@ func (c *clusterServiceClient) MemberList(ctx context.Context, req *connect.Requ
 	return c.memberList.CallUnary(ctx, req)
 }
 
+// MemberAdd calls kvmesh.replica.v1.ClusterService.MemberAdd.
+func (c *clusterServiceClient) MemberAdd(ctx context.Context, req *connect.Request[etcdserverpb.MemberAddRequest]) (*connect.Response[etcdserverpb.MemberAddResponse], error) {
+	return c.memberAdd.CallUnary(ctx, req)
+}
+
+// MemberRemove calls kvmesh.replica.v1.ClusterService.MemberRemove.
+func (c *clusterServiceClient) MemberRemove(ctx context.Context, req *connect.Request[etcdserverpb.MemberRemoveRequest]) (*connect.Response[etcdserverpb.MemberRemoveResponse], error) {
+	return c.memberRemove.CallUnary(ctx, req)
+}
+
+// MemberUpdate calls kvmesh.replica.v1.ClusterService.MemberUpdate.
+func (c *clusterServiceClient) MemberUpdate(ctx context.Context, req *connect.Request[etcdserverpb.MemberUpdateRequest]) (*connect.Response[etcdserverpb.MemberUpdateResponse], error) {
+	return c.memberUpdate.CallUnary(ctx, req)
+}
+
+// MemberPromote calls kvmesh.replica.v1.ClusterService.MemberPromote.
+func (c *clusterServiceClient) MemberPromote(ctx context.Context, req *connect.Request[etcdserverpb.MemberPromoteRequest]) (*connect.Response[etcdserverpb.MemberPromoteResponse], error) {
+	return c.memberPromote.CallUnary(ctx, req)
+}
+
 // ClusterServiceHandler is an implementation of the kvmesh.replica.v1.ClusterService service.
 type ClusterServiceHandler interface {
 	// MemberList lists the members of the cluster.
 	MemberList(context.Context, *connect.Request[etcdserverpb.MemberListRequest]) (*connect.Response[etcdserverpb.MemberListResponse], error)
+	// MemberAdd adds a member (a voter or a learner) through a Raft conf change.
+	MemberAdd(context.Context, *connect.Request[etcdserverpb.MemberAddRequest]) (*connect.Response[etcdserverpb.MemberAddResponse], error)
+	// MemberRemove removes a member through a Raft conf change.
+	MemberRemove(context.Context, *connect.Request[etcdserverpb.MemberRemoveRequest]) (*connect.Response[etcdserverpb.MemberRemoveResponse], error)
+	// MemberUpdate changes a member's peer URLs.
+	MemberUpdate(context.Context, *connect.Request[etcdserverpb.MemberUpdateRequest]) (*connect.Response[etcdserverpb.MemberUpdateResponse], error)
+	// MemberPromote makes a learner that has caught up with the leader a voter.
+	MemberPromote(context.Context, *connect.Request[etcdserverpb.MemberPromoteRequest]) (*connect.Response[etcdserverpb.MemberPromoteResponse], error)
 }
 
 // NewClusterServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -298,10 +379,42 @@ func NewClusterServiceHandler(svc ClusterServiceHandler, opts ...connect.Handler
 		connect.WithSchema(clusterServiceMethods.ByName("MemberList")),
 		connect.WithHandlerOptions(opts...),
 	)
+	clusterServiceMemberAddHandler := connect.NewUnaryHandler(
+		ClusterServiceMemberAddProcedure,
+		svc.MemberAdd,
+		connect.WithSchema(clusterServiceMethods.ByName("MemberAdd")),
+		connect.WithHandlerOptions(opts...),
+	)
+	clusterServiceMemberRemoveHandler := connect.NewUnaryHandler(
+		ClusterServiceMemberRemoveProcedure,
+		svc.MemberRemove,
+		connect.WithSchema(clusterServiceMethods.ByName("MemberRemove")),
+		connect.WithHandlerOptions(opts...),
+	)
+	clusterServiceMemberUpdateHandler := connect.NewUnaryHandler(
+		ClusterServiceMemberUpdateProcedure,
+		svc.MemberUpdate,
+		connect.WithSchema(clusterServiceMethods.ByName("MemberUpdate")),
+		connect.WithHandlerOptions(opts...),
+	)
+	clusterServiceMemberPromoteHandler := connect.NewUnaryHandler(
+		ClusterServiceMemberPromoteProcedure,
+		svc.MemberPromote,
+		connect.WithSchema(clusterServiceMethods.ByName("MemberPromote")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/kvmesh.replica.v1.ClusterService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ClusterServiceMemberListProcedure:
 			clusterServiceMemberListHandler.ServeHTTP(w, r)
+		case ClusterServiceMemberAddProcedure:
+			clusterServiceMemberAddHandler.ServeHTTP(w, r)
+		case ClusterServiceMemberRemoveProcedure:
+			clusterServiceMemberRemoveHandler.ServeHTTP(w, r)
+		case ClusterServiceMemberUpdateProcedure:
+			clusterServiceMemberUpdateHandler.ServeHTTP(w, r)
+		case ClusterServiceMemberPromoteProcedure:
+			clusterServiceMemberPromoteHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -315,6 +428,22 @@ func (UnimplementedClusterServiceHandler) MemberList(context.Context, *connect.R
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.ClusterService.MemberList is not implemented"))
 }
 
+func (UnimplementedClusterServiceHandler) MemberAdd(context.Context, *connect.Request[etcdserverpb.MemberAddRequest]) (*connect.Response[etcdserverpb.MemberAddResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.ClusterService.MemberAdd is not implemented"))
+}
+
+func (UnimplementedClusterServiceHandler) MemberRemove(context.Context, *connect.Request[etcdserverpb.MemberRemoveRequest]) (*connect.Response[etcdserverpb.MemberRemoveResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.ClusterService.MemberRemove is not implemented"))
+}
+
+func (UnimplementedClusterServiceHandler) MemberUpdate(context.Context, *connect.Request[etcdserverpb.MemberUpdateRequest]) (*connect.Response[etcdserverpb.MemberUpdateResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.ClusterService.MemberUpdate is not implemented"))
+}
+
+func (UnimplementedClusterServiceHandler) MemberPromote(context.Context, *connect.Request[etcdserverpb.MemberPromoteRequest]) (*connect.Response[etcdserverpb.MemberPromoteResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.ClusterService.MemberPromote is not implemented"))
+}
+
 // MaintenanceServiceClient is a client for the kvmesh.replica.v1.MaintenanceService service.
 type MaintenanceServiceClient interface {
 	// Status reports this replica's raft and storage state.
@@ -322,6 +451,10 @@ type MaintenanceServiceClient interface {
 	// HashKV hashes this replica's key history up to a revision; members that agree on
 	// their history answer the same hash.
 	HashKV(context.Context, *connect.Request[etcdserverpb.HashKVRequest]) (*connect.Response[etcdserverpb.HashKVResponse], error)
+	// Hash hashes this replica's whole key history.
+	Hash(context.Context, *connect.Request[etcdserverpb.HashRequest]) (*connect.Response[etcdserverpb.HashResponse], error)
+	// MoveLeader transfers leadership to another voter; only the leader accepts it.
+	MoveLeader(context.Context, *connect.Request[etcdserverpb.MoveLeaderRequest]) (*connect.Response[etcdserverpb.MoveLeaderResponse], error)
 }
 
 // NewMaintenanceServiceClient constructs a client for the kvmesh.replica.v1.MaintenanceService
@@ -347,13 +480,27 @@ func NewMaintenanceServiceClient(httpClient connect.HTTPClient, baseURL string, 
 			connect.WithSchema(maintenanceServiceMethods.ByName("HashKV")),
 			connect.WithClientOptions(opts...),
 		),
+		hash: connect.NewClient[etcdserverpb.HashRequest, etcdserverpb.HashResponse](
+			httpClient,
+			baseURL+MaintenanceServiceHashProcedure,
+			connect.WithSchema(maintenanceServiceMethods.ByName("Hash")),
+			connect.WithClientOptions(opts...),
+		),
+		moveLeader: connect.NewClient[etcdserverpb.MoveLeaderRequest, etcdserverpb.MoveLeaderResponse](
+			httpClient,
+			baseURL+MaintenanceServiceMoveLeaderProcedure,
+			connect.WithSchema(maintenanceServiceMethods.ByName("MoveLeader")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // maintenanceServiceClient implements MaintenanceServiceClient.
 type maintenanceServiceClient struct {
-	status *connect.Client[etcdserverpb.StatusRequest, etcdserverpb.StatusResponse]
-	hashKV *connect.Client[etcdserverpb.HashKVRequest, etcdserverpb.HashKVResponse]
+	status     *connect.Client[etcdserverpb.StatusRequest, etcdserverpb.StatusResponse]
+	hashKV     *connect.Client[etcdserverpb.HashKVRequest, etcdserverpb.HashKVResponse]
+	hash       *connect.Client[etcdserverpb.HashRequest, etcdserverpb.HashResponse]
+	moveLeader *connect.Client[etcdserverpb.MoveLeaderRequest, etcdserverpb.MoveLeaderResponse]
 }
 
 // Status calls kvmesh.replica.v1.MaintenanceService.Status.
@@ -366,6 +513,16 @@ func (c *maintenanceServiceClient) HashKV(ctx context.Context, req *connect.Requ
 	return c.hashKV.CallUnary(ctx, req)
 }
 
+// Hash calls kvmesh.replica.v1.MaintenanceService.Hash.
+func (c *maintenanceServiceClient) Hash(ctx context.Context, req *connect.Request[etcdserverpb.HashRequest]) (*connect.Response[etcdserverpb.HashResponse], error) {
+	return c.hash.CallUnary(ctx, req)
+}
+
+// MoveLeader calls kvmesh.replica.v1.MaintenanceService.MoveLeader.
+func (c *maintenanceServiceClient) MoveLeader(ctx context.Context, req *connect.Request[etcdserverpb.MoveLeaderRequest]) (*connect.Response[etcdserverpb.MoveLeaderResponse], error) {
+	return c.moveLeader.CallUnary(ctx, req)
+}
+
 // MaintenanceServiceHandler is an implementation of the kvmesh.replica.v1.MaintenanceService
 // service.
 type MaintenanceServiceHandler interface {
@@ -374,6 +531,10 @@ type MaintenanceServiceHandler interface {
 	// HashKV hashes this replica's key history up to a revision; members that agree on
 	// their history answer the same hash.
 	HashKV(context.Context, *connect.Request[etcdserverpb.HashKVRequest]) (*connect.Response[etcdserverpb.HashKVResponse], error)
+	// Hash hashes this replica's whole key history.
+	Hash(context.Context, *connect.Request[etcdserverpb.HashRequest]) (*connect.Response[etcdserverpb.HashResponse], error)
+	// MoveLeader transfers leadership to another voter; only the leader accepts it.
+	MoveLeader(context.Context, *connect.Request[etcdserverpb.MoveLeaderRequest]) (*connect.Response[etcdserverpb.MoveLeaderResponse], error)
 }
 
 // NewMaintenanceServiceHandler builds an HTTP handler from the service implementation. It returns
@@ -395,12 +556,28 @@ func NewMaintenanceServiceHandler(svc MaintenanceServiceHandler, opts ...connect
 		connect.WithSchema(maintenanceServiceMethods.ByName("HashKV")),
 		connect.WithHandlerOptions(opts...),
 	)
+	maintenanceServiceHashHandler := connect.NewUnaryHandler(
+		MaintenanceServiceHashProcedure,
+		svc.Hash,
+		connect.WithSchema(maintenanceServiceMethods.ByName("Hash")),
+		connect.WithHandlerOptions(opts...),
+	)
+	maintenanceServiceMoveLeaderHandler := connect.NewUnaryHandler(
+		MaintenanceServiceMoveLeaderProcedure,
+		svc.MoveLeader,
+		connect.WithSchema(maintenanceServiceMethods.ByName("MoveLeader")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/kvmesh.replica.v1.MaintenanceService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case MaintenanceServiceStatusProcedure:
 			maintenanceServiceStatusHandler.ServeHTTP(w, r)
 		case MaintenanceServiceHashKVProcedure:
 			maintenanceServiceHashKVHandler.ServeHTTP(w, r)
+		case MaintenanceServiceHashProcedure:
+			maintenanceServiceHashHandler.ServeHTTP(w, r)
+		case MaintenanceServiceMoveLeaderProcedure:
+			maintenanceServiceMoveLeaderHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -416,4 +593,12 @@ func (UnimplementedMaintenanceServiceHandler) Status(context.Context, *connect.R
 
 func (UnimplementedMaintenanceServiceHandler) HashKV(context.Context, *connect.Request[etcdserverpb.HashKVRequest]) (*connect.Response[etcdserverpb.HashKVResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.MaintenanceService.HashKV is not implemented"))
+}
+
+func (UnimplementedMaintenanceServiceHandler) Hash(context.Context, *connect.Request[etcdserverpb.HashRequest]) (*connect.Response[etcdserverpb.HashResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.MaintenanceService.Hash is not implemented"))
+}
+
+func (UnimplementedMaintenanceServiceHandler) MoveLeader(context.Context, *connect.Request[etcdserverpb.MoveLeaderRequest]) (*connect.Response[etcdserverpb.MoveLeaderResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.MaintenanceService.MoveLeader is not implemented"))
 }
