@@ -20,32 +20,51 @@ import (
 
 type unaryFunc[Req, Res any] func(context.Context, *connect.Request[Req]) (*connect.Response[Res], error)
 
-// call sends a client's message to the preferred replica and returns its answer. When
-// that replica cannot be reached at all (the connection is refused, so the request
-// provably never arrived), the next replica is tried and becomes the preferred one;
-// any other failure is the client's answer, since the request may have been applied.
-// Any replica serves every request: Raft forwards proposals to the leader and
-// linearizable reads go through ReadIndex.
-func call[Req, Res any](ctx context.Context, g *Gateway, method func(*replicaConn) unaryFunc[Req, Res], req *Req) (*Res, error) {
+// route is where a request goes.
+type route int
+
+const (
+	// toLeader: writes, membership and leadership changes, Status. Any voter would do
+	// (followers forward proposals), but the leader saves a hop.
+	toLeader route = iota
+	// spread: reads, over the voters in turn. A linearizable read is served by any
+	// voter through ReadIndex.
+	spread
+)
+
+// call sends a client's message to a replica chosen by rt and returns its answer. A
+// replica that cannot be reached at all (the connection is refused, so the request
+// provably never arrived) is passed over for the next. A read that fails for want of
+// a leader, or on a member that cannot serve it, is retried on the next replica: reads
+// are safe to repeat. Any other failure is the client's answer, since a write may have
+// been applied.
+func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(*replicaConn) unaryFunc[Req, Res], req *Req) (*Res, error) {
 	if g.inProcess {
 		ctx = inproc.Context(ctx)
 	}
-	n := uint32(len(g.replicas))
-	first := g.preferred.Load()
-	var err error
-	for i := range n {
-		idx := (first + i) % n
-		resp, e := method(g.replicas[idx])(ctx, connect.NewRequest(req))
+	if requiresLeader(ctx) && g.view.leaderID() == 0 {
+		return nil, etcderr.ErrNoLeader
+	}
+	order := g.view.forRead()
+	if rt == toLeader {
+		order = g.view.forWrite()
+	}
+	err := error(etcderr.ErrNoLeader)
+	for _, c := range order {
+		resp, e := method(c)(ctx, connect.NewRequest(req))
 		if e == nil {
-			if i > 0 {
-				g.preferred.CompareAndSwap(first, idx)
-			}
 			return resp.Msg, nil
 		}
 		err = e
-		if !neverArrived(e) {
-			break
+		if neverArrived(e) {
+			g.view.markDown(c)
+			continue
 		}
+		if rt == spread && retryableRead(e) && ctx.Err() == nil {
+			g.view.kick()
+			continue
+		}
+		break
 	}
 	return nil, err
 }
@@ -57,38 +76,118 @@ func neverArrived(err error) bool {
 	return errors.As(err, &op) && op.Op == "dial"
 }
 
+// retryableRead tells the errors after which a read may be sent to another replica:
+// that replica lacks a leader, is stopping, or is a learner.
+func retryableRead(err error) bool {
+	code, msg := etcderr.CodeMessage(err)
+	if code == connect.CodeUnavailable {
+		return true
+	}
+	_, learner := etcderr.CodeMessage(etcderr.ErrNotSupportedForLearner)
+	return msg == learner
+}
+
+type requireLeaderKey struct{}
+
+// withRequireLeader marks a request whose client sent the metadata hasleader=true:
+// it fails with "no leader" while the cluster has none, instead of waiting.
+func withRequireLeader(ctx context.Context) context.Context {
+	return context.WithValue(ctx, requireLeaderKey{}, true)
+}
+
+func requiresLeader(ctx context.Context) bool { return ctx.Value(requireLeaderKey{}) != nil }
+
+// txnReadOnly tells whether a txn only reads (at every nesting level).
+func txnReadOnly(t *pb.TxnRequest) bool {
+	for _, ops := range [][]*pb.RequestOp{t.GetSuccess(), t.GetFailure()} {
+		for _, op := range ops {
+			switch o := op.GetRequest().(type) {
+			case *pb.RequestOp_RequestRange:
+			case *pb.RequestOp_RequestTxn:
+				if !txnReadOnly(o.RequestTxn) {
+					return false
+				}
+			default:
+				return false
+			}
+		}
+	}
+	return true
+}
+
 func (g *Gateway) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeResponse, error) {
-	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.RangeRequest, pb.RangeResponse] { return c.kv.Range }, r)
+	return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.RangeRequest, pb.RangeResponse] { return c.kv.Range }, r)
 }
 
 func (g *Gateway) Put(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, error) {
-	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.PutRequest, pb.PutResponse] { return c.kv.Put }, r)
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.PutRequest, pb.PutResponse] { return c.kv.Put }, r)
 }
 
 func (g *Gateway) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
-	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.DeleteRangeRequest, pb.DeleteRangeResponse] { return c.kv.DeleteRange }, r)
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.DeleteRangeRequest, pb.DeleteRangeResponse] { return c.kv.DeleteRange }, r)
 }
 
 func (g *Gateway) Txn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
-	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.TxnRequest, pb.TxnResponse] { return c.kv.Txn }, r)
+	rt := toLeader
+	if txnReadOnly(r) {
+		rt = spread
+	}
+	return call(ctx, g, rt, func(c *replicaConn) unaryFunc[pb.TxnRequest, pb.TxnResponse] { return c.kv.Txn }, r)
 }
 
 func (g *Gateway) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.CompactionResponse, error) {
-	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.CompactionRequest, pb.CompactionResponse] { return c.kv.Compact }, r)
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.CompactionRequest, pb.CompactionResponse] { return c.kv.Compact }, r)
 }
 
 func (g *Gateway) MemberList(ctx context.Context, r *pb.MemberListRequest) (*pb.MemberListResponse, error) {
-	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.MemberListRequest, pb.MemberListResponse] {
+	return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.MemberListRequest, pb.MemberListResponse] {
 		return c.cluster.MemberList
 	}, r)
 }
 
-func (g *Gateway) HashKV(ctx context.Context, r *pb.HashKVRequest) (*pb.HashKVResponse, error) {
-	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.HashKVRequest, pb.HashKVResponse] { return c.maint.HashKV }, r)
+func (g *Gateway) MemberAdd(ctx context.Context, r *pb.MemberAddRequest) (*pb.MemberAddResponse, error) {
+	defer g.view.kick()
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberAddRequest, pb.MemberAddResponse] { return c.cluster.MemberAdd }, r)
 }
 
+func (g *Gateway) MemberRemove(ctx context.Context, r *pb.MemberRemoveRequest) (*pb.MemberRemoveResponse, error) {
+	defer g.view.kick()
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberRemoveRequest, pb.MemberRemoveResponse] {
+		return c.cluster.MemberRemove
+	}, r)
+}
+
+func (g *Gateway) MemberUpdate(ctx context.Context, r *pb.MemberUpdateRequest) (*pb.MemberUpdateResponse, error) {
+	defer g.view.kick()
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberUpdateRequest, pb.MemberUpdateResponse] {
+		return c.cluster.MemberUpdate
+	}, r)
+}
+
+func (g *Gateway) MemberPromote(ctx context.Context, r *pb.MemberPromoteRequest) (*pb.MemberPromoteResponse, error) {
+	defer g.view.kick()
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberPromoteRequest, pb.MemberPromoteResponse] {
+		return c.cluster.MemberPromote
+	}, r)
+}
+
+func (g *Gateway) HashKV(ctx context.Context, r *pb.HashKVRequest) (*pb.HashKVResponse, error) {
+	return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.HashKVRequest, pb.HashKVResponse] { return c.maint.HashKV }, r)
+}
+
+func (g *Gateway) Hash(ctx context.Context, r *pb.HashRequest) (*pb.HashResponse, error) {
+	return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.HashRequest, pb.HashResponse] { return c.maint.Hash }, r)
+}
+
+// Status answers the leader's status: a gateway stands for the whole cluster, and tools
+// (etcdctl move-leader) find the leader as the endpoint whose member ID is the leader.
 func (g *Gateway) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusResponse, error) {
-	return call(ctx, g, func(c *replicaConn) unaryFunc[pb.StatusRequest, pb.StatusResponse] { return c.maint.Status }, r)
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.StatusRequest, pb.StatusResponse] { return c.maint.Status }, r)
+}
+
+func (g *Gateway) MoveLeader(ctx context.Context, r *pb.MoveLeaderRequest) (*pb.MoveLeaderResponse, error) {
+	defer g.view.kick()
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MoveLeaderRequest, pb.MoveLeaderResponse] { return c.maint.MoveLeader }, r)
 }
 
 // check is etcd's health check: a leader exists and a serializable read succeeds.

@@ -15,6 +15,9 @@ import (
 // h2c connections that start with another protocol).
 
 func unary[Req, Res any](ctx context.Context, req *connect.Request[Req], fn func(context.Context, *Req) (*Res, error)) (*connect.Response[Res], error) {
+	if req.Header().Get(hasLeaderKey) == "true" {
+		ctx = withRequireLeader(ctx)
+	}
 	res, err := fn(ctx, req.Msg)
 	if err != nil {
 		return nil, etcderr.ToConnect(err)
@@ -49,8 +52,7 @@ func (h connectKV) Compact(ctx context.Context, r *connect.Request[pb.Compaction
 	return unary(ctx, r, h.g.Compact)
 }
 
-// connectCluster serves etcdserverpb.Cluster; membership changes answer
-// Unimplemented until the replicated cluster is built.
+// connectCluster serves etcdserverpb.Cluster.
 type connectCluster struct {
 	etcdserverpbconnect.UnimplementedClusterHandler
 	g *Gateway
@@ -60,7 +62,24 @@ func (h connectCluster) MemberList(ctx context.Context, r *connect.Request[pb.Me
 	return unary(ctx, r, h.g.MemberList)
 }
 
-// connectMaintenance serves etcdserverpb.Maintenance; Status and HashKV are built so far.
+func (h connectCluster) MemberAdd(ctx context.Context, r *connect.Request[pb.MemberAddRequest]) (*connect.Response[pb.MemberAddResponse], error) {
+	return unary(ctx, r, h.g.MemberAdd)
+}
+
+func (h connectCluster) MemberRemove(ctx context.Context, r *connect.Request[pb.MemberRemoveRequest]) (*connect.Response[pb.MemberRemoveResponse], error) {
+	return unary(ctx, r, h.g.MemberRemove)
+}
+
+func (h connectCluster) MemberUpdate(ctx context.Context, r *connect.Request[pb.MemberUpdateRequest]) (*connect.Response[pb.MemberUpdateResponse], error) {
+	return unary(ctx, r, h.g.MemberUpdate)
+}
+
+func (h connectCluster) MemberPromote(ctx context.Context, r *connect.Request[pb.MemberPromoteRequest]) (*connect.Response[pb.MemberPromoteResponse], error) {
+	return unary(ctx, r, h.g.MemberPromote)
+}
+
+// connectMaintenance serves etcdserverpb.Maintenance: Status, Hash, HashKV and
+// MoveLeader so far (Alarm, Defragment, Snapshot and Downgrade answer Unimplemented).
 type connectMaintenance struct {
 	etcdserverpbconnect.UnimplementedMaintenanceHandler
 	g *Gateway
@@ -73,6 +92,18 @@ func (h connectMaintenance) HashKV(ctx context.Context, r *connect.Request[pb.Ha
 func (h connectMaintenance) Status(ctx context.Context, r *connect.Request[pb.StatusRequest]) (*connect.Response[pb.StatusResponse], error) {
 	return unary(ctx, r, h.g.Status)
 }
+
+func (h connectMaintenance) Hash(ctx context.Context, r *connect.Request[pb.HashRequest]) (*connect.Response[pb.HashResponse], error) {
+	return unary(ctx, r, h.g.Hash)
+}
+
+func (h connectMaintenance) MoveLeader(ctx context.Context, r *connect.Request[pb.MoveLeaderRequest]) (*connect.Response[pb.MoveLeaderResponse], error) {
+	return unary(ctx, r, h.g.MoveLeader)
+}
+
+// hasLeaderKey is the metadata by which clientv3 (WithRequireLeader) asks for a fast
+// "no leader" failure.
+const hasLeaderKey = "hasleader"
 
 const healthCheckPath = "/grpc.health.v1.Health/Check"
 

@@ -12,14 +12,11 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/url"
-	"strings"
-	"sync/atomic"
 
 	"connectrpc.com/connect"
 	"google.golang.org/grpc"
 
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
-	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb/v3electionpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb/v3lockpbconnect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
@@ -73,10 +70,10 @@ type Gateway struct {
 	// inProcess is set when the replica is reached in-process (the all-in-one).
 	inProcess bool
 
-	// replicas are the configured replicas; preferred indexes the one requests go to
-	// first, and moves when it cannot be reached.
-	replicas  []*replicaConn
-	preferred atomic.Uint32
+	// client carries internal API calls; view knows the replicas and the leader.
+	client connect.HTTPClient
+	view   *view
+	stopView context.CancelFunc
 
 	lis    net.Listener
 	split  *splitListener
@@ -95,25 +92,12 @@ func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gate
 		client = h2c.NewClient()
 	}
 	_, g.inProcess = client.(*inproc.Client)
-	opts := tel.InternalClient()
-	for _, u := range cfg.Replicas {
-		base := strings.TrimRight(u, "/")
-		g.replicas = append(g.replicas, &replicaConn{
-			url:     base,
-			kv:      replicav1connect.NewKVServiceClient(client, base, opts...),
-			cluster: replicav1connect.NewClusterServiceClient(client, base, opts...),
-			maint:   replicav1connect.NewMaintenanceServiceClient(client, base, opts...),
-		})
-	}
+	g.client = client
+	g.view = newView(g, cfg.Replicas)
+	ctx, cancel := context.WithCancel(context.Background())
+	g.stopView = cancel
+	go g.view.run(ctx)
 	return g, nil
-}
-
-// replicaConn is the gateway's link to one replica's internal API.
-type replicaConn struct {
-	url     string
-	kv      replicav1connect.KVServiceClient
-	cluster replicav1connect.ClusterServiceClient
-	maint   replicav1connect.MaintenanceServiceClient
 }
 
 // Handler is the gateway's whole HTTP surface.
@@ -174,6 +158,7 @@ func (g *Gateway) Serve() error {
 
 // Stop stops accepting requests and waits for those in flight until ctx ends.
 func (g *Gateway) Stop(ctx context.Context) error {
+	g.stopView()
 	if g.server == nil {
 		return nil
 	}

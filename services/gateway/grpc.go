@@ -5,6 +5,7 @@ import (
 	"math"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 	healthv1 "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
@@ -47,6 +48,11 @@ func (g *Gateway) newGRPCServer() *grpc.Server {
 const streamWorkers = 1024
 
 func grpcUnary[Req, Res any](ctx context.Context, req *Req, fn func(context.Context, *Req) (*Res, error)) (*Res, error) {
+	if md, ok := metadata.FromIncomingContext(ctx); ok {
+		if v := md.Get(hasLeaderKey); len(v) > 0 && v[0] == "true" {
+			ctx = withRequireLeader(ctx)
+		}
+	}
 	res, err := fn(ctx, req)
 	if err != nil {
 		return nil, etcderr.ToGRPC(err)
@@ -88,6 +94,22 @@ func (s grpcCluster) MemberList(ctx context.Context, r *pb.MemberListRequest) (*
 	return grpcUnary(ctx, r, s.g.MemberList)
 }
 
+func (s grpcCluster) MemberAdd(ctx context.Context, r *pb.MemberAddRequest) (*pb.MemberAddResponse, error) {
+	return grpcUnary(ctx, r, s.g.MemberAdd)
+}
+
+func (s grpcCluster) MemberRemove(ctx context.Context, r *pb.MemberRemoveRequest) (*pb.MemberRemoveResponse, error) {
+	return grpcUnary(ctx, r, s.g.MemberRemove)
+}
+
+func (s grpcCluster) MemberUpdate(ctx context.Context, r *pb.MemberUpdateRequest) (*pb.MemberUpdateResponse, error) {
+	return grpcUnary(ctx, r, s.g.MemberUpdate)
+}
+
+func (s grpcCluster) MemberPromote(ctx context.Context, r *pb.MemberPromoteRequest) (*pb.MemberPromoteResponse, error) {
+	return grpcUnary(ctx, r, s.g.MemberPromote)
+}
+
 type grpcMaintenance struct {
 	pb.UnimplementedMaintenanceServer
 	g *Gateway
@@ -99,6 +121,14 @@ func (s grpcMaintenance) HashKV(ctx context.Context, r *pb.HashKVRequest) (*pb.H
 
 func (s grpcMaintenance) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusResponse, error) {
 	return grpcUnary(ctx, r, s.g.Status)
+}
+
+func (s grpcMaintenance) Hash(ctx context.Context, r *pb.HashRequest) (*pb.HashResponse, error) {
+	return grpcUnary(ctx, r, s.g.Hash)
+}
+
+func (s grpcMaintenance) MoveLeader(ctx context.Context, r *pb.MoveLeaderRequest) (*pb.MoveLeaderResponse, error) {
+	return grpcUnary(ctx, r, s.g.MoveLeader)
 }
 
 type grpcHealth struct {

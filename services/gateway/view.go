@@ -1,0 +1,234 @@
+package gateway
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"connectrpc.com/connect"
+
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
+)
+
+// view is the gateway's picture of the cluster: the members (learned from the
+// replicas' MemberList, starting from the configured addresses) and the leader
+// (from their Status). A background loop refreshes it; a failed call triggers a
+// refresh at once. Nothing in it is state the gateway owns: a new gateway learns it in
+// one round.
+type view struct {
+	g *Gateway
+
+	mu      sync.RWMutex
+	conns   map[string]*replicaConn // by internal API URL, every replica ever seen
+	voters  []*replicaConn          // members that vote, for reads and writes
+	leader  *replicaConn            // nil when unknown
+	leadID  uint64
+	seeds   []*replicaConn
+	next    atomic.Uint32 // round robin over voters
+	refresh chan struct{}
+}
+
+// replicaConn is the gateway's link to one replica's internal API.
+type replicaConn struct {
+	url     string
+	id      uint64
+	kv      replicav1connect.KVServiceClient
+	cluster replicav1connect.ClusterServiceClient
+	maint   replicav1connect.MaintenanceServiceClient
+	// downUntil is when a replica that could not be reached is tried again.
+	downUntil atomic.Int64
+}
+
+func (c *replicaConn) up(now time.Time) bool { return c.downUntil.Load() <= now.UnixNano() }
+
+// refreshInterval is how often the view is refreshed when nothing fails.
+const refreshInterval = 500 * time.Millisecond
+
+// downFor is how long a replica that could not be reached is passed over.
+const downFor = time.Second
+
+func newView(g *Gateway, urls []string) *view {
+	v := &view{g: g, conns: make(map[string]*replicaConn), refresh: make(chan struct{}, 1)}
+	for _, u := range urls {
+		v.seeds = append(v.seeds, v.conn(u))
+	}
+	v.voters = v.seeds
+	return v
+}
+
+// conn returns the link to the replica at u, making it on first use.
+func (v *view) conn(u string) *replicaConn {
+	u = strings.TrimRight(u, "/")
+	if c := v.conns[u]; c != nil {
+		return c
+	}
+	opts := v.g.tel.InternalClient()
+	c := &replicaConn{
+		url:     u,
+		kv:      replicav1connect.NewKVServiceClient(v.g.client, u, opts...),
+		cluster: replicav1connect.NewClusterServiceClient(v.g.client, u, opts...),
+		maint:   replicav1connect.NewMaintenanceServiceClient(v.g.client, u, opts...),
+	}
+	v.conns[u] = c
+	return c
+}
+
+// kick asks the refresh loop for a refresh now.
+func (v *view) kick() {
+	select {
+	case v.refresh <- struct{}{}:
+	default:
+	}
+}
+
+func (v *view) run(ctx context.Context) {
+	t := time.NewTicker(refreshInterval)
+	defer t.Stop()
+	for {
+		v.update(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		case <-v.refresh:
+		}
+	}
+}
+
+// update asks one replica that answers (the leader first) for the membership, and
+// every voter for its view of the leader; the leader is the one a majority of the
+// answers name, so a replica cut off from the others cannot mislead the gateway.
+func (v *view) update(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, refreshInterval)
+	defer cancel()
+	v.mu.RLock()
+	order := append([]*replicaConn(nil), v.voters...)
+	if v.leader != nil {
+		order = append([]*replicaConn{v.leader}, order...)
+	}
+	order = append(order, v.seeds...)
+	v.mu.RUnlock()
+	var members []*pb.Member
+	for _, c := range order {
+		resp, err := c.cluster.MemberList(ctx, connect.NewRequest(&pb.MemberListRequest{}))
+		if err == nil {
+			members = resp.Msg.GetMembers()
+			break
+		}
+		if ctx.Err() != nil {
+			return
+		}
+	}
+	if members == nil {
+		return // nothing answered: keep what we knew
+	}
+	v.mu.Lock()
+	var voters []*replicaConn
+	for _, m := range members {
+		if m.GetIsLearner() || len(m.GetPeerURLs()) == 0 {
+			continue
+		}
+		c := v.conn(m.GetPeerURLs()[0])
+		c.id = m.GetID()
+		voters = append(voters, c)
+	}
+	v.mu.Unlock()
+	if len(voters) == 0 {
+		return
+	}
+
+	// Each voter's opinion of the leader, in parallel.
+	votes := make([]uint64, len(voters))
+	var wg sync.WaitGroup
+	for i, c := range voters {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			st, err := c.maint.Status(ctx, connect.NewRequest(&pb.StatusRequest{}))
+			if err != nil {
+				c.downUntil.Store(time.Now().Add(downFor).UnixNano())
+				return
+			}
+			c.downUntil.Store(0)
+			votes[i] = st.Msg.GetLeader()
+		}()
+	}
+	wg.Wait()
+	count := map[uint64]int{}
+	var lead uint64
+	for _, l := range votes {
+		if l == 0 {
+			continue
+		}
+		count[l]++
+		if count[l] > len(voters)/2 {
+			lead = l
+		}
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.voters = voters
+	v.leadID, v.leader = lead, nil
+	for _, c := range voters {
+		if c.id == lead {
+			v.leader = c
+		}
+	}
+}
+
+// leaderID is the leader's member ID, 0 when the cluster has none (as far as the
+// gateway knows).
+func (v *view) leaderID() uint64 {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.leadID
+}
+
+// forWrite lists the replicas to try for a request that must reach the leader: the
+// leader first, then the other voters (which forward to the leader).
+func (v *view) forWrite() []*replicaConn {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	out := make([]*replicaConn, 0, len(v.voters)+1)
+	if v.leader != nil && v.leader.up(time.Now()) {
+		out = append(out, v.leader)
+	}
+	return appendUp(out, v.voters, v.leader, 0)
+}
+
+// forRead lists the replicas to try for a read, starting at the next voter in turn so
+// that reads spread over the cluster.
+func (v *view) forRead() []*replicaConn {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return appendUp(make([]*replicaConn, 0, len(v.voters)), v.voters, nil, v.next.Add(1))
+}
+
+// appendUp appends the voters except skip, starting at index start: those up first,
+// then those recently down (a last resort beats no answer).
+func appendUp(out, voters []*replicaConn, skip *replicaConn, start uint32) []*replicaConn {
+	now := time.Now()
+	n := len(voters)
+	var down []*replicaConn
+	for i := range n {
+		c := voters[(int(start)+i)%n]
+		if c == skip {
+			continue
+		}
+		if c.up(now) {
+			out = append(out, c)
+		} else {
+			down = append(down, c)
+		}
+	}
+	return append(out, down...)
+}
+
+// markDown passes over c for a while and asks for a refresh.
+func (v *view) markDown(c *replicaConn) {
+	c.downUntil.Store(time.Now().Add(downFor).UnixNano())
+	v.kick()
+}
