@@ -71,8 +71,8 @@ type Gateway struct {
 	inProcess bool
 
 	// client carries internal API calls; view knows the replicas and the leader.
-	client connect.HTTPClient
-	view   *view
+	client   connect.HTTPClient
+	view     *view
 	stopView context.CancelFunc
 
 	lis    net.Listener

@@ -5,8 +5,8 @@ import (
 	"math"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/metadata"
 	healthv1 "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
