@@ -36,6 +36,8 @@ type transport struct {
 	// drop, when set (by tests), discards the messages it returns true for: a
 	// partition or a lossy link.
 	drop atomic.Pointer[func(m *raftpb.Message) bool]
+	// isolated, when set (fault injection), cuts all peer traffic both ways.
+	isolated atomic.Bool
 }
 
 // peerQueue bounds the messages queued for one peer; beyond it, messages are dropped
@@ -59,6 +61,9 @@ func (t *transport) send(msgs []*raftpb.Message) {
 	for _, m := range msgs {
 		to := m.GetTo()
 		if to == t.r.id || to == raft.None {
+			continue
+		}
+		if t.isolated.Load() {
 			continue
 		}
 		if drop := t.drop.Load(); drop != nil && (*drop)(m) {
@@ -172,11 +177,17 @@ func (t *transport) stop() {
 // peerService receives Raft messages from the other members.
 type peerService struct{ r *Replica }
 
-var errClusterIDMismatch = errors.New("etcdserver: cluster ID mismatch")
+var (
+	errClusterIDMismatch = errors.New("etcdserver: cluster ID mismatch")
+	errIsolated          = errors.New("isolated from its peers by fault injection")
+)
 
 func (s *peerService) Send(ctx context.Context, req *connect.Request[peerv1.SendRequest]) (*connect.Response[peerv1.SendResponse], error) {
 	if req.Msg.GetClusterId() != s.r.clusterID {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, errClusterIDMismatch)
+	}
+	if s.r.peers.isolated.Load() {
+		return nil, connect.NewError(connect.CodeUnavailable, errIsolated)
 	}
 	for _, b := range req.Msg.GetMessages() {
 		m := &raftpb.Message{}

@@ -82,6 +82,11 @@ type Config struct {
 	// RequestTimeout bounds how long a proposal waits to be applied.
 	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT, default=7s"`
 
+	// EnableFaultInjection serves POST /debug/faults/isolate and /debug/faults/heal on
+	// the internal API, which cut this member's peer traffic both ways and restore it:
+	// for partition tests of real processes. Never enable it in production.
+	EnableFaultInjection bool `env:"ENABLE_FAULT_INJECTION, default=false"`
+
 	// fs replaces the file system under Pebble, for tests that inject disk faults.
 	fs vfs.FS
 }
@@ -395,6 +400,21 @@ func (r *Replica) Handler() http.Handler {
 	mux.Handle(replicav1connect.NewMaintenanceServiceHandler(&maintenanceService{r}, opts...))
 	mux.Handle(peerv1connect.NewPeerServiceHandler(&peerService{r}, r.tel.InternalHandler()...))
 	mux.Handle("/metrics", r.tel.MetricsHandler())
+	if r.cfg.EnableFaultInjection {
+		fault := func(isolate bool) http.HandlerFunc {
+			return func(w http.ResponseWriter, req *http.Request) {
+				if req.Method != http.MethodPost {
+					http.Error(w, "POST only", http.StatusMethodNotAllowed)
+					return
+				}
+				r.peers.isolated.Store(isolate)
+				r.log.Warn("fault injection", "isolated", isolate)
+				fmt.Fprintln(w, "ok")
+			}
+		}
+		mux.HandleFunc("/debug/faults/isolate", fault(true))
+		mux.HandleFunc("/debug/faults/heal", fault(false))
+	}
 	return mux
 }
 

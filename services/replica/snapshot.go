@@ -191,6 +191,9 @@ func (t *transport) streamSnapshot(s *peerSender, m *raftpb.Message) (n, index u
 // Snapshot receives a streamed snapshot (see the comment at the top of this file).
 func (s *peerService) Snapshot(ctx context.Context, stream *connect.ClientStream[peerv1.SnapshotChunk]) (*connect.Response[peerv1.SnapshotResponse], error) {
 	r := s.r
+	if r.peers.isolated.Load() {
+		return nil, connect.NewError(connect.CodeUnavailable, errIsolated)
+	}
 	if !r.snaps.recv.TryLock() {
 		return nil, connect.NewError(connect.CodeUnavailable, errors.New("a snapshot is already being received"))
 	}

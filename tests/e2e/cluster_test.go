@@ -92,63 +92,8 @@ func TestMeshSurvivesLeaderKill(t *testing.T) {
 		t.Skip("the mesh is kvmesh's own")
 	}
 	t.Parallel()
-	replicaBin, err := harness.BuildPackage("github.com/kvmesh/kvmesh/services/replica/cmd/kvmesh-replica")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gatewayBin, err := harness.BuildPackage("github.com/kvmesh/kvmesh/services/gateway/cmd/kvmesh-gateway")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	var replicas []*proc
-	var urls, initial []string
-	for i := range 3 {
-		addr, err := harness.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		name := fmt.Sprintf("r%d", i)
-		urls = append(urls, "http://"+addr)
-		initial = append(initial, name+"=http://"+addr)
-		replicas = append(replicas, &proc{t: t, name: name, bin: replicaBin, log: filepath.Join(dir, name+".log"),
-			env: []string{"KVMESH_REPLICA_NAME=" + name, "KVMESH_REPLICA_LISTEN=" + addr, "KVMESH_REPLICA_PEER_URLS=http://" + addr,
-				"KVMESH_REPLICA_DATA_DIR=" + filepath.Join(dir, name), "KVMESH_LOG_FORMAT=text"}})
-	}
-	for _, r := range replicas {
-		r.env = append(r.env, "KVMESH_REPLICA_INITIAL_CLUSTER="+strings.Join(initial, ","))
-		r.start()
-	}
-	var gateways []*proc
-	var endpoints []string
-	for i := range 2 {
-		addr, err := harness.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		order := append(append([]string{}, urls[i:]...), urls[:i]...)
-		name := fmt.Sprintf("g%d", i)
-		gateways = append(gateways, &proc{t: t, name: name, bin: gatewayBin, log: filepath.Join(dir, name+".log"),
-			env: []string{"KVMESH_GATEWAY_LISTEN=" + addr, "KVMESH_GATEWAY_REPLICAS=" + strings.Join(order, ","), "KVMESH_LOG_FORMAT=text"}})
-		endpoints = append(endpoints, addr)
-	}
-	all := append(append([]*proc{}, replicas...), gateways...)
-	t.Cleanup(func() {
-		for _, p := range all {
-			p.kill()
-		}
-		if t.Failed() {
-			for _, p := range all {
-				t.Logf("---- %s log ----\n%s", p.name, p.tail())
-			}
-		}
-	})
-	for _, g := range gateways {
-		g.start()
-	}
-	for _, e := range endpoints {
-		waitHealthy(t, "http://"+e, all)
-	}
+	m := startMesh(t, 3)
+	replicas, urls, endpoints, all := m.replicas, m.urls, m.endpoints, m.all
 
 	cli, err := clientv3.New(etcdclient.ClientConfig(endpoints...))
 	if err != nil {
@@ -284,6 +229,85 @@ func TestMeshSurvivesLeaderKill(t *testing.T) {
 	if after.Header.Revision != want || len(after.Kvs) != len(resp.Kvs) {
 		t.Fatalf("after restarting every replica: revision %d with %d keys, want %d with %d", after.Header.Revision, len(after.Kvs), want, len(resp.Kvs))
 	}
+}
+
+// mesh is a cluster of real processes: replicas and two gateways.
+type mesh struct {
+	t          *testing.T
+	dir        string
+	replicaBin string
+	replicas   []*proc
+	urls       []string // replicas' internal API (and peer) URLs
+	initial    []string // name=peerURL
+	gateways   []*proc
+	endpoints  []string // gateways' client addresses
+	all        []*proc
+}
+
+// startMesh starts n replicas (with env added to theirs) and two gateways, each
+// gateway configured with the replicas in a different order, and waits until both
+// gateways are healthy.
+func startMesh(t *testing.T, n int, env ...string) *mesh {
+	t.Helper()
+	replicaBin, err := harness.BuildPackage("github.com/kvmesh/kvmesh/services/replica/cmd/kvmesh-replica")
+	if err != nil {
+		t.Fatal(err)
+	}
+	gatewayBin, err := harness.BuildPackage("github.com/kvmesh/kvmesh/services/gateway/cmd/kvmesh-gateway")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &mesh{t: t, dir: t.TempDir(), replicaBin: replicaBin}
+	for i := range n {
+		addr, err := harness.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		name := fmt.Sprintf("r%d", i)
+		m.urls = append(m.urls, "http://"+addr)
+		m.initial = append(m.initial, name+"=http://"+addr)
+		m.replicas = append(m.replicas, m.replicaProc(name, addr, env...))
+	}
+	for _, r := range m.replicas {
+		r.env = append(r.env, "KVMESH_REPLICA_INITIAL_CLUSTER="+strings.Join(m.initial, ","))
+		r.start()
+	}
+	for i := range 2 {
+		addr, err := harness.FreePort()
+		if err != nil {
+			t.Fatal(err)
+		}
+		order := append(append([]string{}, m.urls[i%n:]...), m.urls[:i%n]...)
+		name := fmt.Sprintf("g%d", i)
+		m.gateways = append(m.gateways, &proc{t: t, name: name, bin: gatewayBin, log: filepath.Join(m.dir, name+".log"),
+			env: []string{"KVMESH_GATEWAY_LISTEN=" + addr, "KVMESH_GATEWAY_REPLICAS=" + strings.Join(order, ","), "KVMESH_LOG_FORMAT=text"}})
+		m.endpoints = append(m.endpoints, addr)
+	}
+	m.all = append(append([]*proc{}, m.replicas...), m.gateways...)
+	t.Cleanup(func() {
+		for _, p := range m.all {
+			p.kill()
+		}
+		if t.Failed() {
+			for _, p := range m.all {
+				t.Logf("---- %s log ----\n%s", p.name, p.tail())
+			}
+		}
+	})
+	for _, g := range m.gateways {
+		g.start()
+	}
+	for _, e := range m.endpoints {
+		waitHealthy(t, "http://"+e, m.all)
+	}
+	return m
+}
+
+// replicaProc describes (without starting) a replica process listening on addr.
+func (m *mesh) replicaProc(name, addr string, env ...string) *proc {
+	return &proc{t: m.t, name: name, bin: m.replicaBin, log: filepath.Join(m.dir, name+".log"),
+		env: append([]string{"KVMESH_REPLICA_NAME=" + name, "KVMESH_REPLICA_LISTEN=" + addr, "KVMESH_REPLICA_PEER_URLS=http://" + addr,
+			"KVMESH_REPLICA_DATA_DIR=" + filepath.Join(m.dir, name), "KVMESH_LOG_FORMAT=text"}, env...)}
 }
 
 func indexOf(ps []*proc, p *proc) int {
