@@ -139,6 +139,13 @@ func (t *memberTable) list() []*pb.Member {
 	return out
 }
 
+// isGone tells whether the member was removed from the cluster.
+func (t *memberTable) isGone(id uint64) bool {
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return t.gone[id]
+}
+
 func (t *memberTable) get(id uint64) *pb.Member {
 	t.mu.RLock()
 	defer t.mu.RUnlock()

@@ -268,19 +268,20 @@ func validPeerURLs(urls []string) bool {
 	return true
 }
 
-// activeVoters counts the voters the leader heard from recently (itself included),
-// and all voters.
+// activeVoters counts the voters this member heard from within two election
+// timeouts (itself included), and all voters.
 func (r *Replica) activeVoters() (active, voters int) {
-	st := r.node.Status()
 	for _, id := range r.members.confState().GetVoters() {
 		voters++
-		if id == r.id {
-			active++
-		} else if pr, ok := st.Progress[id]; ok && pr.RecentActive {
+		if r.isActive(id) {
 			active++
 		}
 	}
 	return active, voters
+}
+
+func (r *Replica) isActive(id uint64) bool {
+	return id == r.id || r.peers.heardFrom(id, 2*time.Duration(r.cfg.ElectionTicks)*r.cfg.TickInterval)
 }
 
 // mayAddMember is etcd's strict reconfiguration check before adding: every voter is
@@ -318,10 +319,8 @@ func (r *Replica) mayRemoveMember(id uint64) error {
 		return nil
 	}
 	active, voters := r.activeVoters()
-	if id != r.id {
-		if pr, ok := r.node.Status().Progress[id]; !ok || !pr.RecentActive {
-			return nil // a member that is down is safe to remove
-		}
+	if !r.isActive(id) {
+		return nil // a member that is down is safe to remove
 	}
 	if active-1 < (voters-1)/2+1 {
 		return etcderr.ErrMemberNotEnoughStarted

@@ -38,6 +38,14 @@ type transport struct {
 	drop atomic.Pointer[func(m *raftpb.Message) bool]
 	// isolated, when set (fault injection), cuts all peer traffic both ways.
 	isolated atomic.Bool
+
+	heard sync.Map // member ID → time (UnixNano) a message from it last arrived
+}
+
+// heardFrom reports whether a message from the member arrived within window.
+func (t *transport) heardFrom(id uint64, window time.Duration) bool {
+	v, ok := t.heard.Load(id)
+	return ok && time.Since(time.Unix(0, v.(int64))) <= window
 }
 
 // peerQueue bounds the messages queued for one peer; beyond it, messages are dropped
@@ -135,6 +143,9 @@ func (t *transport) run(s *peerSender) {
 		_, err := client.Send(ctx, connect.NewRequest(req))
 		cancel()
 		if err != nil {
+			if connect.CodeOf(err) == connect.CodeFailedPrecondition && strings.Contains(err.Error(), errMemberRemoved.Error()) {
+				t.r.removedSelf()
+			}
 			t.r.node.ReportUnreachable(s.id)
 		}
 	}
@@ -180,6 +191,7 @@ type peerService struct{ r *Replica }
 var (
 	errClusterIDMismatch = errors.New("etcdserver: cluster ID mismatch")
 	errIsolated          = errors.New("isolated from its peers by fault injection")
+	errMemberRemoved     = errors.New("the member has been permanently removed from the cluster")
 )
 
 func (s *peerService) Send(ctx context.Context, req *connect.Request[peerv1.SendRequest]) (*connect.Response[peerv1.SendResponse], error) {
@@ -189,6 +201,12 @@ func (s *peerService) Send(ctx context.Context, req *connect.Request[peerv1.Send
 	if s.r.peers.isolated.Load() {
 		return nil, connect.NewError(connect.CodeUnavailable, errIsolated)
 	}
+	if s.r.members.isGone(req.Msg.GetFrom()) {
+		// Tell a removed member so: it may have missed its own removal (the leader
+		// stops replicating to a member once its removal is applied).
+		return nil, connect.NewError(connect.CodeFailedPrecondition, errMemberRemoved)
+	}
+	s.r.peers.heard.Store(req.Msg.GetFrom(), time.Now().UnixNano())
 	for _, b := range req.Msg.GetMessages() {
 		m := &raftpb.Message{}
 		if err := proto.Unmarshal(b, m); err != nil {
