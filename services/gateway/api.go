@@ -27,9 +27,12 @@ const (
 	// toLeader: writes, membership and leadership changes, Status. Any voter would do
 	// (followers forward proposals), but the leader saves a hop.
 	toLeader route = iota
-	// spread: reads, over the voters in turn. A linearizable read is served by any
-	// voter through ReadIndex.
+	// spread: serializable reads (and HashKV, MemberList), over the voters in turn.
 	spread
+	// leaderRead: linearizable reads. Any voter could serve one through ReadIndex, but
+	// on the leader the ReadIndex is one heartbeat round, on a follower it also costs a
+	// round trip to the leader.
+	leaderRead
 )
 
 // call sends a client's message to a replica chosen by rt and returns its answer. A
@@ -46,7 +49,7 @@ func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(*
 		return nil, etcderr.ErrNoLeader
 	}
 	order := g.view.forRead()
-	if rt == toLeader {
+	if rt != spread {
 		order = g.view.forWrite()
 	}
 	err := error(etcderr.ErrNoLeader)
@@ -60,7 +63,7 @@ func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(*
 			g.view.markDown(c)
 			continue
 		}
-		if rt == spread && retryableRead(e) && ctx.Err() == nil {
+		if rt != toLeader && retryableRead(e) && ctx.Err() == nil {
 			g.view.kick()
 			continue
 		}
@@ -97,26 +100,42 @@ func withRequireLeader(ctx context.Context) context.Context {
 
 func requiresLeader(ctx context.Context) bool { return ctx.Value(requireLeaderKey{}) != nil }
 
-// txnReadOnly tells whether a txn only reads (at every nesting level).
-func txnReadOnly(t *pb.TxnRequest) bool {
+// txnRoute is where a txn goes: to the leader when it writes; otherwise as a read,
+// serializable when every range in it is (at every nesting level).
+func txnRoute(t *pb.TxnRequest) route {
+	rt := spread
 	for _, ops := range [][]*pb.RequestOp{t.GetSuccess(), t.GetFailure()} {
 		for _, op := range ops {
 			switch o := op.GetRequest().(type) {
 			case *pb.RequestOp_RequestRange:
+				if !o.RequestRange.GetSerializable() {
+					rt = leaderRead
+				}
 			case *pb.RequestOp_RequestTxn:
-				if !txnReadOnly(o.RequestTxn) {
-					return false
+				switch txnRoute(o.RequestTxn) {
+				case toLeader:
+					return toLeader
+				case leaderRead:
+					rt = leaderRead
 				}
 			default:
-				return false
+				return toLeader
 			}
 		}
 	}
-	return true
+	return rt
+}
+
+// rangeRoute is where a range goes.
+func rangeRoute(r *pb.RangeRequest) route {
+	if r.GetSerializable() {
+		return spread
+	}
+	return leaderRead
 }
 
 func (g *Gateway) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeResponse, error) {
-	return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.RangeRequest, pb.RangeResponse] { return c.kv.Range }, r)
+	return call(ctx, g, rangeRoute(r), func(c *replicaConn) unaryFunc[pb.RangeRequest, pb.RangeResponse] { return c.kv.Range }, r)
 }
 
 func (g *Gateway) Put(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, error) {
@@ -128,11 +147,7 @@ func (g *Gateway) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*p
 }
 
 func (g *Gateway) Txn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
-	rt := toLeader
-	if txnReadOnly(r) {
-		rt = spread
-	}
-	return call(ctx, g, rt, func(c *replicaConn) unaryFunc[pb.TxnRequest, pb.TxnResponse] { return c.kv.Txn }, r)
+	return call(ctx, g, txnRoute(r), func(c *replicaConn) unaryFunc[pb.TxnRequest, pb.TxnResponse] { return c.kv.Txn }, r)
 }
 
 func (g *Gateway) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.CompactionResponse, error) {

@@ -2,12 +2,10 @@ package replica
 
 import (
 	"context"
-	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -27,59 +25,21 @@ import (
 func TestLinearizableUnderPartitionsAndRestarts(t *testing.T) {
 	members := startCluster(t, 3)
 	leader(t, members)
-	var (
-		mu      sync.Mutex
-		history []porcupine.Operation
-		stop    atomic.Bool
-		wg      sync.WaitGroup
-		seq     atomic.Int64
-	)
-	start := time.Now()
-	now := func() int64 { return int64(time.Since(start)) }
-	keys := []string{"a", "b", "c"}
 	var live sync.RWMutex // held for reading while a client picks a member
-	for c := range 6 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(c), 42))
-			for !stop.Load() {
-				live.RLock()
-				var running []*member
-				for _, m := range members {
-					if m.r != nil {
-						running = append(running, m)
-					}
+	w := &linearizable.Workload{Keys: []string{"a", "b", "c"}, Clients: 6, Seed: 42, Timeout: 2 * time.Second,
+		Do: func(ctx context.Context, c int, in linearizable.Input) (linearizable.Output, error) {
+			live.RLock()
+			var running []*member
+			for _, m := range members {
+				if m.r != nil {
+					running = append(running, m)
 				}
-				m := running[rng.IntN(len(running))]
-				kv := m.kv
-				live.RUnlock()
-				in := linearizable.Input{Key: keys[rng.IntN(len(keys))]}
-				switch p := rng.IntN(10); {
-				case p < 4:
-					in.Op = "get"
-				case p < 8:
-					in.Op, in.Value = "put", fmt.Sprint(seq.Add(1))
-				default:
-					in.Op, in.Value, in.Expected = "cas", fmt.Sprint(seq.Add(1)), fmt.Sprint(rng.Int64N(seq.Load()+1))
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-				call := now()
-				out, err := runOp(ctx, kv, in)
-				ret := now()
-				cancel()
-				if err != nil {
-					if in.Op == "get" {
-						continue // a failed read has no effect
-					}
-					out, ret = linearizable.Output{Unknown: true}, 1<<62
-				}
-				mu.Lock()
-				history = append(history, porcupine.Operation{ClientId: c, Input: in, Call: call, Output: out, Return: ret})
-				mu.Unlock()
 			}
-		}()
-	}
+			kv := running[rand.IntN(len(running))].kv
+			live.RUnlock()
+			return runOp(ctx, kv, in)
+		}}
+	w.Start()
 
 	// Faults: partition each member away in turn, then stop and restart one.
 	for i, m := range members {
@@ -99,28 +59,25 @@ func TestLinearizableUnderPartitionsAndRestarts(t *testing.T) {
 		}
 	}
 	time.Sleep(500 * time.Millisecond)
-	stop.Store(true)
-	wg.Wait()
+	checkHistory(t, w, 100, "linearizability-history.html")
+}
 
-	model := linearizable.Register.ToModel()
-	res, info := porcupine.CheckOperationsVerbose(model, history, 60*time.Second)
-	known := 0
-	for _, op := range history {
-		if !op.Output.(linearizable.Output).Unknown {
-			known++
-		}
+// checkHistory stops the workload and requires its history to be linearizable with at
+// least minKnown operations of known outcome; a failing history is kept (under
+// KVMESH_ARTIFACTS when set).
+func checkHistory(t *testing.T, w *linearizable.Workload, minKnown int, name string) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	if dir := os.Getenv("KVMESH_ARTIFACTS"); dir != "" {
+		path = filepath.Join(dir, name)
 	}
-	t.Logf("%d operations (%d with known outcome) checked: %s", len(history), known, res)
-	if known < 100 {
+	res, ops, known, err := w.Stop(60*time.Second, path)
+	t.Logf("%d operations (%d with known outcome) checked: %s", ops, known, res)
+	if known < minKnown {
 		t.Fatalf("only %d operations completed: the history proves little", known)
 	}
 	if res != porcupine.Ok {
-		path := filepath.Join(t.TempDir(), "history.html")
-		if dir := os.Getenv("KVMESH_ARTIFACTS"); dir != "" {
-			path = filepath.Join(dir, "linearizability-history.html")
-		}
-		porcupine.VisualizePath(model, info, path)
-		t.Fatalf("history is %s; visualization in %s", res, path)
+		t.Fatalf("history is %s; visualization in %s (%v)", res, path, err)
 	}
 }
 

@@ -345,94 +345,97 @@ func (r *Replica) learnerReady(id uint64) error {
 	return nil
 }
 
-func (s *clusterService) MemberAdd(ctx context.Context, req *connect.Request[pb.MemberAddRequest]) (*connect.Response[pb.MemberAddResponse], error) {
-	r := s.r
+// onLeader runs a membership change on the leader: here when this member leads,
+// otherwise forwarded (forward calls the leader's ClusterService). Errors are etcd's.
+func onLeader[Req, Res any](ctx context.Context, r *Replica, req *connect.Request[Req],
+	forward func(replicav1connect.ClusterServiceClient) func(context.Context, *connect.Request[Req]) (*connect.Response[Res], error),
+	local func() (*Res, error)) (*connect.Response[Res], error) {
 	if err := r.serving(false); err != nil {
 		return nil, etcderr.ToConnect(err)
-	}
-	if !validPeerURLs(req.Msg.GetPeerURLs()) {
-		return nil, etcderr.ToConnect(etcderr.ErrMemberBadURLs)
 	}
 	fwd, err := r.leaderCluster()
 	if err != nil {
 		return nil, etcderr.ToConnect(err)
 	}
 	if fwd != nil {
-		return fwd.MemberAdd(ctx, req)
+		return forward(fwd)(ctx, req)
 	}
-	for _, o := range r.members.list() {
-		for _, u := range o.GetPeerURLs() {
-			if slices.Contains(req.Msg.GetPeerURLs(), u) {
-				return nil, etcderr.ToConnect(etcderr.ErrPeerURLExist)
+	res, err := local()
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	return connect.NewResponse(res), nil
+}
+
+func (s *clusterService) MemberAdd(ctx context.Context, req *connect.Request[pb.MemberAddRequest]) (*connect.Response[pb.MemberAddResponse], error) {
+	r := s.r
+	fwd := func(c replicav1connect.ClusterServiceClient) func(context.Context, *connect.Request[pb.MemberAddRequest]) (*connect.Response[pb.MemberAddResponse], error) {
+		return c.MemberAdd
+	}
+	return onLeader(ctx, r, req, fwd, func() (*pb.MemberAddResponse, error) {
+		if !validPeerURLs(req.Msg.GetPeerURLs()) {
+			return nil, etcderr.ErrMemberBadURLs
+		}
+		for _, o := range r.members.list() {
+			for _, u := range o.GetPeerURLs() {
+				if slices.Contains(req.Msg.GetPeerURLs(), u) {
+					return nil, etcderr.ErrPeerURLExist
+				}
 			}
 		}
-	}
-	if err := r.mayAddMember(req.Msg.GetIsLearner()); err != nil {
-		return nil, etcderr.ToConnect(err)
-	}
-	m := &pb.Member{PeerURLs: req.Msg.GetPeerURLs(), IsLearner: req.Msg.GetIsLearner()}
-	m.ID = newMemberID(m.GetPeerURLs(), r.cfg.ClusterToken, time.Now())
-	typ := raftpb.ConfChangeType_ConfChangeAddNode
-	if m.GetIsLearner() {
-		typ = raftpb.ConfChangeType_ConfChangeAddLearnerNode
-	}
-	if err := r.proposeConfChange(ctx, typ, m); err != nil {
-		return nil, etcderr.ToConnect(err)
-	}
-	return connect.NewResponse(&pb.MemberAddResponse{
-		Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Member: m, Members: r.members.list()}), nil
+		if err := r.mayAddMember(req.Msg.GetIsLearner()); err != nil {
+			return nil, err
+		}
+		m := &pb.Member{PeerURLs: req.Msg.GetPeerURLs(), IsLearner: req.Msg.GetIsLearner()}
+		m.ID = newMemberID(m.GetPeerURLs(), r.cfg.ClusterToken, time.Now())
+		typ := raftpb.ConfChangeType_ConfChangeAddNode
+		if m.GetIsLearner() {
+			typ = raftpb.ConfChangeType_ConfChangeAddLearnerNode
+		}
+		if err := r.proposeConfChange(ctx, typ, m); err != nil {
+			return nil, err
+		}
+		return &pb.MemberAddResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Member: m, Members: r.members.list()}, nil
+	})
 }
 
 func (s *clusterService) MemberRemove(ctx context.Context, req *connect.Request[pb.MemberRemoveRequest]) (*connect.Response[pb.MemberRemoveResponse], error) {
 	r := s.r
-	if err := r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+	fwd := func(c replicav1connect.ClusterServiceClient) func(context.Context, *connect.Request[pb.MemberRemoveRequest]) (*connect.Response[pb.MemberRemoveResponse], error) {
+		return c.MemberRemove
 	}
-	fwd, err := r.leaderCluster()
-	if err != nil {
-		return nil, etcderr.ToConnect(err)
-	}
-	if fwd != nil {
-		return fwd.MemberRemove(ctx, req)
-	}
-	if err := r.mayRemoveMember(req.Msg.GetID()); err != nil {
-		return nil, etcderr.ToConnect(err)
-	}
-	err = r.proposeConfChange(ctx, raftpb.ConfChangeType_ConfChangeRemoveNode, &pb.Member{ID: req.Msg.GetID()})
-	if err != nil {
-		return nil, etcderr.ToConnect(err)
-	}
-	return connect.NewResponse(&pb.MemberRemoveResponse{
-		Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Members: r.members.list()}), nil
+	return onLeader(ctx, r, req, fwd, func() (*pb.MemberRemoveResponse, error) {
+		if err := r.mayRemoveMember(req.Msg.GetID()); err != nil {
+			return nil, err
+		}
+		if err := r.proposeConfChange(ctx, raftpb.ConfChangeType_ConfChangeRemoveNode, &pb.Member{ID: req.Msg.GetID()}); err != nil {
+			return nil, err
+		}
+		return &pb.MemberRemoveResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Members: r.members.list()}, nil
+	})
 }
 
 func (s *clusterService) MemberPromote(ctx context.Context, req *connect.Request[pb.MemberPromoteRequest]) (*connect.Response[pb.MemberPromoteResponse], error) {
 	r := s.r
-	if err := r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+	fwd := func(c replicav1connect.ClusterServiceClient) func(context.Context, *connect.Request[pb.MemberPromoteRequest]) (*connect.Response[pb.MemberPromoteResponse], error) {
+		return c.MemberPromote
 	}
-	fwd, err := r.leaderCluster()
-	if err != nil {
-		return nil, etcderr.ToConnect(err)
-	}
-	if fwd != nil {
-		return fwd.MemberPromote(ctx, req)
-	}
-	if err := r.learnerReady(req.Msg.GetID()); err != nil {
-		return nil, etcderr.ToConnect(err)
-	}
-	if err := r.mayAddMember(false); err != nil {
-		return nil, etcderr.ToConnect(err)
-	}
-	m := r.members.get(req.Msg.GetID())
-	if m == nil {
-		return nil, etcderr.ToConnect(etcderr.ErrMemberNotFound)
-	}
-	if err := r.proposeConfChange(ctx, raftpb.ConfChangeType_ConfChangeAddNode, m); err != nil {
-		return nil, etcderr.ToConnect(err)
-	}
-	return connect.NewResponse(&pb.MemberPromoteResponse{
-		Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Members: r.members.list()}), nil
+	return onLeader(ctx, r, req, fwd, func() (*pb.MemberPromoteResponse, error) {
+		if err := r.learnerReady(req.Msg.GetID()); err != nil {
+			return nil, err
+		}
+		if err := r.mayAddMember(false); err != nil {
+			return nil, err
+		}
+		m := r.members.get(req.Msg.GetID())
+		if m == nil {
+			return nil, etcderr.ErrMemberNotFound
+		}
+		if err := r.proposeConfChange(ctx, raftpb.ConfChangeType_ConfChangeAddNode, m); err != nil {
+			return nil, err
+		}
+		return &pb.MemberPromoteResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Members: r.members.list()}, nil
+	})
 }
 
 func (s *clusterService) MemberUpdate(ctx context.Context, req *connect.Request[pb.MemberUpdateRequest]) (*connect.Response[pb.MemberUpdateResponse], error) {

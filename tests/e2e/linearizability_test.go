@@ -2,13 +2,9 @@ package e2e
 
 import (
 	"context"
-	"fmt"
-	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -42,49 +38,11 @@ func TestMeshIsLinearizableUnderFaults(t *testing.T) {
 		clients = append(clients, cli)
 	}
 
-	var (
-		mu      sync.Mutex
-		history []porcupine.Operation
-		stop    atomic.Bool
-		wg      sync.WaitGroup
-		seq     atomic.Int64
-	)
-	start := time.Now()
-	now := func() int64 { return int64(time.Since(start)) }
-	keys := []string{"lin/a", "lin/b", "lin/c"}
-	for c := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(c), 7))
-			cli := clients[c%len(clients)]
-			for !stop.Load() {
-				in := linearizable.Input{Key: keys[rng.IntN(len(keys))]}
-				switch p := rng.IntN(10); {
-				case p < 4:
-					in.Op = "get"
-				case p < 8:
-					in.Op, in.Value = "put", fmt.Sprint(seq.Add(1))
-				default:
-					in.Op, in.Value, in.Expected = "cas", fmt.Sprint(seq.Add(1)), fmt.Sprint(rng.Int64N(seq.Load()+1))
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
-				call := now()
-				out, err := clientOp(ctx, cli, in)
-				ret := now()
-				cancel()
-				if err != nil {
-					if in.Op == "get" {
-						continue // a failed read has no effect
-					}
-					out, ret = linearizable.Output{Unknown: true}, 1<<62
-				}
-				mu.Lock()
-				history = append(history, porcupine.Operation{ClientId: c, Input: in, Call: call, Output: out, Return: ret})
-				mu.Unlock()
-			}
-		}()
-	}
+	w := &linearizable.Workload{Keys: []string{"lin/a", "lin/b", "lin/c"}, Clients: 8, Seed: 7, Timeout: 3 * time.Second,
+		Do: func(ctx context.Context, c int, in linearizable.Input) (linearizable.Output, error) {
+			return clientOp(ctx, clients[c%len(clients)], in)
+		}}
+	w.Start()
 
 	fault := func(url, what string) {
 		resp, err := http.Post(url+"/debug/faults/"+what, "text/plain", nil)
@@ -120,28 +78,17 @@ func TestMeshIsLinearizableUnderFaults(t *testing.T) {
 		}
 	}
 	time.Sleep(2 * time.Second)
-	stop.Store(true)
-	wg.Wait()
-
-	model := linearizable.Register.ToModel()
-	res, info := porcupine.CheckOperationsVerbose(model, history, 120*time.Second)
-	known := 0
-	for _, op := range history {
-		if !op.Output.(linearizable.Output).Unknown {
-			known++
-		}
+	path := filepath.Join(t.TempDir(), "history.html")
+	if dir := os.Getenv("KVMESH_ARTIFACTS"); dir != "" {
+		path = filepath.Join(dir, "mesh-linearizability-history.html")
 	}
-	t.Logf("%d operations (%d with known outcome) checked: %s", len(history), known, res)
+	res, ops, known, err := w.Stop(120*time.Second, path)
+	t.Logf("%d operations (%d with known outcome) checked: %s", ops, known, res)
 	if known < 200 {
 		t.Fatalf("only %d operations completed: the history proves little", known)
 	}
 	if res != porcupine.Ok {
-		path := filepath.Join(t.TempDir(), "history.html")
-		if dir := os.Getenv("KVMESH_ARTIFACTS"); dir != "" {
-			path = filepath.Join(dir, "mesh-linearizability-history.html")
-		}
-		porcupine.VisualizePath(model, info, path)
-		t.Fatalf("history is %s; visualization in %s", res, path)
+		t.Fatalf("history is %s; visualization in %s (%v)", res, path, err)
 	}
 }
 
