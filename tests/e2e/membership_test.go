@@ -77,7 +77,8 @@ func waitFor(t *testing.T, what string, timeout time.Duration, ok func() bool) {
 //     read while the majority goes on; healed, it converges;
 //   - a fourth member added as a learner after the log was truncated catches up by
 //     snapshot, is promoted, and another member is removed (its process exits);
-//   - writes go on with hasleader, and every member hashes the same history.
+//   - writes go on with hasleader, and every member hashes the same history;
+//   - with one gateway killed, clientv3 fails over to the other.
 func TestMeshPartitionMembershipAndSnapshots(t *testing.T) {
 	if kind, _ := harness.Target(); kind != harness.KindKvmesh {
 		t.Skip("the mesh is kvmesh's own")
@@ -236,5 +237,16 @@ func TestMeshPartitionMembershipAndSnapshots(t *testing.T) {
 	}
 	if hashes[0] != hashes[1] || hashes[1] != hashes[2] {
 		t.Fatalf("members disagree on their history at revision %d: %v", rev, hashes)
+	}
+
+	// A gateway dies: clientv3, given both endpoints, goes on through the other.
+	m.gateways[0].kill()
+	for i := range 20 {
+		if _, err := cli.Put(ctxT(t), fmt.Sprintf("d/%04d", i), "v"); err != nil {
+			t.Fatalf("put after losing a gateway: %v", err)
+		}
+	}
+	if r, err := cli.Get(ctxT(t), "d/", clientv3.WithPrefix(), clientv3.WithCountOnly()); err != nil || r.Count != 20 {
+		t.Fatalf("read after losing a gateway: %v, %v", r, err)
 	}
 }
