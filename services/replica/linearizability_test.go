@@ -11,6 +11,7 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/anishathalye/porcupine"
+	raftpb "go.etcd.io/raft/v3/raftpb"
 
 	"github.com/kvmesh/kvmesh/libs/linearizable"
 
@@ -19,12 +20,16 @@ import (
 
 // TestLinearizableUnderPartitionsAndRestarts runs concurrent clients (puts, linearizable
 // gets, compare-and-swap txns, each through a random member) against a three-member
-// cluster while members are partitioned away, healed, stopped and restarted, and checks
+// cluster over slow, reordering links while members are partitioned away, healed,
+// stopped and restarted, and checks
 // the recorded history with porcupine. A history that is not linearizable is kept as a
 // visualization under the test's output directory.
 func TestLinearizableUnderPartitionsAndRestarts(t *testing.T) {
 	members := startCluster(t, 3)
 	leader(t, members)
+	for _, m := range members {
+		slowLinks(m)
+	}
 	var live sync.RWMutex // held for reading while a client picks a member
 	w := &linearizable.Workload{Keys: []string{"a", "b", "c"}, Clients: 6, Seed: 42, Timeout: 2 * time.Second,
 		Do: func(ctx context.Context, c int, in linearizable.Input) (linearizable.Output, error) {
@@ -55,11 +60,24 @@ func TestLinearizableUnderPartitionsAndRestarts(t *testing.T) {
 			time.Sleep(800 * time.Millisecond)
 			live.Lock()
 			m.start(t)
+			slowLinks(m)
 			live.Unlock()
 		}
 	}
 	time.Sleep(500 * time.Millisecond)
 	checkHistory(t, w, 100, "linearizability-history.html")
+}
+
+// slowLinks delays a fifth of m's outgoing Raft messages by up to 30ms, which also
+// reorders them.
+func slowLinks(m *member) {
+	delay := func(*raftpb.Message) time.Duration {
+		if rand.IntN(5) == 0 {
+			return time.Duration(rand.IntN(30)) * time.Millisecond
+		}
+		return 0
+	}
+	m.r.peers.delay.Store(&delay)
 }
 
 // checkHistory stops the workload and requires its history to be linearizable with at

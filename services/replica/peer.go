@@ -36,6 +36,9 @@ type transport struct {
 	// drop, when set (by tests), discards the messages it returns true for: a
 	// partition or a lossy link.
 	drop atomic.Pointer[func(m *raftpb.Message) bool]
+	// delay, when set (by tests), holds back each message for the time it returns:
+	// a slow link, which also reorders messages.
+	delay atomic.Pointer[func(m *raftpb.Message) time.Duration]
 	// isolated, when set (fault injection), cuts all peer traffic both ways.
 	isolated atomic.Bool
 
@@ -81,16 +84,28 @@ func (t *transport) send(msgs []*raftpb.Message) {
 			t.sendSnapshot(m)
 			continue
 		}
-		s := t.sender(to)
-		if s == nil {
-			t.r.node.ReportUnreachable(to)
-			continue
+		if delay := t.delay.Load(); delay != nil {
+			if d := (*delay)(m); d > 0 {
+				time.AfterFunc(d, func() { t.enqueue(m) })
+				continue
+			}
 		}
-		select {
-		case s.ch <- m:
-		default:
-			t.r.node.ReportUnreachable(to)
-		}
+		t.enqueue(m)
+	}
+}
+
+// enqueue hands m to its recipient's sender.
+func (t *transport) enqueue(m *raftpb.Message) {
+	to := m.GetTo()
+	s := t.sender(to)
+	if s == nil {
+		t.r.node.ReportUnreachable(to)
+		return
+	}
+	select {
+	case s.ch <- m:
+	default:
+		t.r.node.ReportUnreachable(to)
 	}
 }
 
