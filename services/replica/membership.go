@@ -60,14 +60,12 @@ func (r *Replica) applyConfChange(b *pebble.Batch, cc raftpb.ConfChangeI) (uint6
 		id := c.GetNodeId()
 		switch c.GetType() {
 		case raftpb.ConfChangeType_ConfChangeAddNode, raftpb.ConfChangeType_ConfChangeAddLearnerNode:
-			m := members[id]
-			if m == nil {
-				m = proto.Clone(cctx.GetMember()).(*pb.Member)
-				if m == nil {
-					m = &pb.Member{}
-				}
-			} else {
-				m = proto.Clone(m).(*pb.Member)
+			// A promotion keeps the member's record; an addition takes the proposed one.
+			m := &pb.Member{}
+			if old := members[id]; old != nil {
+				m = proto.Clone(old).(*pb.Member)
+			} else if p := cctx.GetMember(); p != nil {
+				m = proto.Clone(p).(*pb.Member)
 			}
 			m.ID = id
 			m.IsLearner = c.GetType() == raftpb.ConfChangeType_ConfChangeAddLearnerNode

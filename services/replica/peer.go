@@ -42,13 +42,22 @@ type transport struct {
 	// isolated, when set (fault injection), cuts all peer traffic both ways.
 	isolated atomic.Bool
 
-	heard sync.Map // member ID → time (UnixNano) a message from it last arrived
+	heard sync.Map // member ID → *atomic.Int64: when (UnixNano) a message from it last arrived
+}
+
+// heardNow records that a message from the member arrived.
+func (t *transport) heardNow(id uint64) {
+	v, ok := t.heard.Load(id)
+	if !ok {
+		v, _ = t.heard.LoadOrStore(id, new(atomic.Int64))
+	}
+	v.(*atomic.Int64).Store(time.Now().UnixNano())
 }
 
 // heardFrom reports whether a message from the member arrived within window.
 func (t *transport) heardFrom(id uint64, window time.Duration) bool {
 	v, ok := t.heard.Load(id)
-	return ok && time.Since(time.Unix(0, v.(int64))) <= window
+	return ok && time.Since(time.Unix(0, v.(*atomic.Int64).Load())) <= window
 }
 
 // peerQueue bounds the messages queued for one peer; beyond it, messages are dropped
@@ -221,7 +230,7 @@ func (s *peerService) Send(ctx context.Context, req *connect.Request[peerv1.Send
 		// stops replicating to a member once its removal is applied).
 		return nil, connect.NewError(connect.CodeFailedPrecondition, errMemberRemoved)
 	}
-	s.r.peers.heard.Store(req.Msg.GetFrom(), time.Now().UnixNano())
+	s.r.peers.heardNow(req.Msg.GetFrom())
 	for _, b := range req.Msg.GetMessages() {
 		m := &raftpb.Message{}
 		if err := proto.Unmarshal(b, m); err != nil {

@@ -3,12 +3,10 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -321,17 +319,5 @@ func indexOf(ps []*proc, p *proc) int {
 
 // currentRevisionOf reads a replica's etcd_debugging_mvcc_current_revision gauge.
 func currentRevisionOf(url string) int64 {
-	resp, err := http.Get(url + "/metrics")
-	if err != nil {
-		return 0
-	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	for _, line := range strings.Split(string(body), "\n") {
-		if v, ok := strings.CutPrefix(line, "etcd_debugging_mvcc_current_revision "); ok {
-			f, _ := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			return int64(f)
-		}
-	}
-	return 0
+	return int64(metricOf(url, "etcd_debugging_mvcc_current_revision"))
 }
