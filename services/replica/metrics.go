@@ -17,6 +17,7 @@ type metrics struct {
 
 	snapshotsSent      prometheus.Counter
 	snapshotsInstalled prometheus.Counter
+	feedRevisions      prometheus.Counter
 }
 
 func newMetrics(r *Replica) *metrics {
@@ -50,10 +51,13 @@ func newMetrics(r *Replica) *metrics {
 		snapshotsInstalled: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kvmesh_replica_snapshots_installed_total", Help: "Snapshots of the state machine received and installed.",
 		}),
+		feedRevisions: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvmesh_replica_feed_revisions_sent_total", Help: "Revisions sent to history readers (the fanout and catching-up gateways) over Feed.",
+		}),
 	}
 	reg := r.tel.Registry
 	reg.MustRegister(m.hasLeader, m.leaderChanges, m.applied, m.pending, m.failed, m.walFsync, m.backendCommit,
-		m.snapshotsSent, m.snapshotsInstalled,
+		m.snapshotsSent, m.snapshotsInstalled, m.feedRevisions,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "etcd_mvcc_db_total_size_in_bytes", Help: "Total size of the underlying database physically allocated in bytes.",
 		}, func() float64 { return float64(r.dbSize()) }),

@@ -160,6 +160,7 @@ type Replica struct {
 
 	applyc   chan applyWork
 	stopc    chan struct{}
+	quitc    chan struct{} // closed when Stop begins: long streams end
 	doneRaft chan struct{}
 	doneApp  chan struct{}
 	server   *http.Server
@@ -192,6 +193,7 @@ func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 		applyc:        make(chan applyWork, 64),
 		removedc:      make(chan struct{}),
 		stopc:         make(chan struct{}),
+		quitc:         make(chan struct{}),
 		doneRaft:      make(chan struct{}),
 		doneApp:       make(chan struct{}),
 	}
@@ -398,6 +400,7 @@ func (r *Replica) Handler() http.Handler {
 	mux.Handle(replicav1connect.NewKVServiceHandler(&kvService{r}, opts...))
 	mux.Handle(replicav1connect.NewClusterServiceHandler(&clusterService{r}, opts...))
 	mux.Handle(replicav1connect.NewMaintenanceServiceHandler(&maintenanceService{r}, opts...))
+	mux.Handle(replicav1connect.NewFeedServiceHandler(&feedService{r}, opts...))
 	mux.Handle(peerv1connect.NewPeerServiceHandler(&peerService{r}, r.tel.InternalHandler()...))
 	mux.Handle("/metrics", r.tel.MetricsHandler())
 	if r.cfg.EnableFaultInjection {
@@ -453,6 +456,7 @@ func (r *Replica) Addr() string {
 // Stop shuts down the API, the Raft node and the storage.
 func (r *Replica) Stop(ctx context.Context) error {
 	var errs []error
+	close(r.quitc)
 	if r.server != nil {
 		if err := r.server.Shutdown(ctx); err != nil {
 			r.server.Close()

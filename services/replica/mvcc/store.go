@@ -67,6 +67,9 @@ type Store struct {
 	compactDone chan struct{} // closed and replaced whenever compacted advances
 	stop        chan struct{}
 	stopped     chan struct{}
+
+	changedMu sync.Mutex
+	changed   chan struct{} // closed at the next commit (see Changed)
 }
 
 // Open loads the store kept in db and resumes an interrupted compaction.
@@ -77,6 +80,7 @@ func Open(db *pebble.DB, leases Leases, log *slog.Logger) (*Store, error) {
 		compactDone: make(chan struct{}),
 		stop:        make(chan struct{}),
 		stopped:     make(chan struct{}),
+		changed:     make(chan struct{}),
 	}
 	rev, err := getInt(db, metaRevKey, 1)
 	if err != nil {
@@ -136,6 +140,7 @@ func (s *Store) loadLive() error {
 func (s *Store) Close() {
 	close(s.stop)
 	<-s.stopped
+	s.notifyChanged(true)
 }
 
 // Rev is the current (last committed) revision.
@@ -367,15 +372,21 @@ func (s *Store) Commit(w *Writer, opts *pebble.WriteOptions) error {
 		return err
 	}
 	s.commits.Add(1)
-	defer s.commits.Add(1)
 	if err := w.b.Commit(opts); err != nil {
+		s.commits.Add(1)
 		return err
 	}
-	s.committed(w)
+	changed := s.committed(w)
+	s.commits.Add(1)
+	if changed {
+		s.notifyChanged(false)
+	}
 	return nil
 }
 
-func (s *Store) committed(w *Writer) {
+// committed publishes w's changes to the in-memory state; it reports whether the
+// revisions moved, which wakes history readers.
+func (s *Store) committed(w *Writer) bool {
 	for k, m := range w.pending {
 		if m == nil {
 			delete(s.live, k)
@@ -383,6 +394,7 @@ func (s *Store) committed(w *Writer) {
 			s.live[k] = *m
 		}
 	}
+	changed := w.rev != s.rev.Load() || w.compacted
 	s.rev.Store(w.rev)
 	if w.compacted {
 		s.compactRev.Store(w.compactRev)
@@ -400,6 +412,7 @@ func (s *Store) committed(w *Writer) {
 			}()
 		}
 	}
+	return changed
 }
 
 // HashKV hashes (CRC-32C) every change in (compacted revision, rev]: each record's

@@ -1,0 +1,105 @@
+package replica
+
+import (
+	"context"
+	"errors"
+
+	"connectrpc.com/connect"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/services/replica/mvcc"
+)
+
+// feedBatchBytes bounds the events of one FeedResponse (a single revision may exceed
+// it: revisions are never split).
+const feedBatchBytes = 1 << 20
+
+// feedService streams the committed history (see FeedService in feed.proto). Every
+// member serves it, learners too: what a member has applied is committed, so a feed
+// never shows a revision that could be rolled back. The fanout prefers followers, so
+// that the leader does not pay for it.
+type feedService struct{ r *Replica }
+
+func (s *feedService) Feed(ctx context.Context, req *connect.Request[replicav1.FeedRequest], stream *connect.ServerStream[replicav1.FeedResponse]) error {
+	if err := s.r.serving(true); err != nil {
+		return etcderr.ToConnect(err)
+	}
+	from, to := req.Msg.GetFromRevision(), req.Msg.GetToRevision()
+	if from < 0 || to < 0 {
+		return connect.NewError(connect.CodeInvalidArgument, errors.New("kvmesh: negative feed revision"))
+	}
+	first := true
+	for {
+		st := s.r.acquire()
+		changed := st.kv.Changed()
+		if from == 0 {
+			from = st.kv.Rev() + 1
+		}
+		chs, pos, err := st.kv.Changes(ctx, from, feedBatchBytes)
+		st.release()
+		if err != nil && !errors.Is(err, etcderr.ErrCompacted) {
+			return etcderr.ToConnect(err)
+		}
+		if to != 0 {
+			chs = clipChanges(chs, to)
+		}
+		if first || len(chs) > 0 {
+			first = false
+			resp := &replicav1.FeedResponse{
+				Header:          s.r.header(nil),
+				CompactRevision: pos.CompactRev,
+				Revisions:       make([]*replicav1.Revision, len(chs)),
+			}
+			resp.Header.Revision = pos.Rev
+			for i, c := range chs {
+				resp.Revisions[i] = &replicav1.Revision{Revision: c.Rev, Events: c.Events, CompactRevision: pos.CompactRev}
+			}
+			if err := stream.Send(resp); err != nil {
+				return err
+			}
+			s.r.m.feedRevisions.Add(float64(len(chs)))
+		}
+		if err != nil { // compacted, after telling the reader where compaction is
+			return etcderr.ToConnect(err)
+		}
+		if len(chs) > 0 {
+			from = chs[len(chs)-1].Rev + 1
+			if to != 0 && from > to {
+				return nil
+			}
+			continue
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-s.r.quitc:
+			return etcderr.ToConnect(etcderr.ErrStopped)
+		case <-s.r.removedc:
+			return etcderr.ToConnect(etcderr.ErrStopped)
+		}
+	}
+}
+
+// clipChanges drops the changes after revision to.
+func clipChanges(chs []mvcc.Change, to int64) []mvcc.Change {
+	for i, c := range chs {
+		if c.Rev > to {
+			return chs[:i]
+		}
+	}
+	return chs
+}
+
+func (s *feedService) Position(ctx context.Context, req *connect.Request[replicav1.PositionRequest]) (*connect.Response[replicav1.PositionResponse], error) {
+	if err := s.r.serving(true); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	st := s.r.acquire()
+	pos := st.kv.Position()
+	st.release()
+	h := s.r.header(nil)
+	h.Revision = pos.Rev
+	return connect.NewResponse(&replicav1.PositionResponse{Header: h, CompactRevision: pos.CompactRev}), nil
+}
