@@ -56,6 +56,9 @@ func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(*
 	for _, c := range order {
 		resp, e := method(c)(ctx, connect.NewRequest(req))
 		if e == nil {
+			if h, ok := any(resp.Msg).(interface{ GetHeader() *pb.ResponseHeader }); ok {
+				g.sawRevision(h.GetHeader().GetRevision())
+			}
 			return resp.Msg, nil
 		}
 		err = e

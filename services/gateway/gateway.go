@@ -12,15 +12,20 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/url"
+	"sync/atomic"
+	"time"
 
 	"connectrpc.com/connect"
+	"github.com/nats-io/nats.go"
 	"google.golang.org/grpc"
 
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/watch/v1/watchv1connect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb/v3electionpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb/v3lockpbconnect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
@@ -36,6 +41,15 @@ type Config struct {
 	MaxRequestBytes int `env:"MAX_REQUEST_BYTES, default=1572864"`
 	// EnablePprof serves Go's profiler on /debug/pprof/ (etcd's --enable-pprof).
 	EnablePprof bool `env:"ENABLE_PPROF, default=false"`
+	// WatchProgressNotifyInterval is how often watchers that asked for progress_notify
+	// get one (etcd's --experimental-watch-progress-notify-interval).
+	WatchProgressNotifyInterval time.Duration `env:"WATCH_PROGRESS_NOTIFY_INTERVAL, default=10m"`
+	// WatchRingRevisions is how many recent revisions the gateway keeps in memory for
+	// watchers that start slightly in the past or fell behind.
+	WatchRingRevisions int `env:"WATCH_RING_REVISIONS, default=20000"`
+	// WatchStreamQueue is how many revisions wait for one slow client stream before it
+	// is caught up from history instead.
+	WatchStreamQueue int `env:"WATCH_STREAM_QUEUE, default=1024"`
 }
 
 // Validate checks the configuration; errors name the variable.
@@ -55,6 +69,15 @@ func (c *Config) Validate() error {
 	if c.MaxRequestBytes <= 0 {
 		return errors.New("KVMESH_GATEWAY_MAX_REQUEST_BYTES: must be positive")
 	}
+	if c.WatchProgressNotifyInterval < 0 {
+		return errors.New("KVMESH_GATEWAY_WATCH_PROGRESS_NOTIFY_INTERVAL: must not be negative")
+	}
+	if c.WatchRingRevisions < 16 {
+		return errors.New("KVMESH_GATEWAY_WATCH_RING_REVISIONS: must be at least 16")
+	}
+	if c.WatchStreamQueue < 1 {
+		return errors.New("KVMESH_GATEWAY_WATCH_STREAM_QUEUE: must be positive")
+	}
 	return nil
 }
 
@@ -69,6 +92,13 @@ type Gateway struct {
 
 	// inProcess is set when the replica is reached in-process (the all-in-one).
 	inProcess bool
+
+	// seenRev is the highest revision of any answer this gateway passed on: a watch
+	// created after it starts after it, so a client sees its own writes.
+	seenRev atomic.Int64
+	// hub serves watches; nil until EnableWatch.
+	hub     *hub
+	stopHub context.CancelFunc
 
 	// client carries internal API calls; view knows the replicas and the leader.
 	client   connect.HTTPClient
@@ -100,6 +130,33 @@ func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gate
 	return g, nil
 }
 
+// EnableWatch serves etcd's Watch from the revision stream that the fanout publishes
+// to NATS (see hub.go). Without it Watch answers Unimplemented.
+func (g *Gateway) EnableWatch(nc *nats.Conn, stream revstream.Config) error {
+	if err := stream.Validate(); err != nil {
+		return err
+	}
+	h, err := newHub(g, nc, stream)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	g.hub, g.stopHub = h, cancel
+	go h.run(ctx)
+	return nil
+}
+
+func (g *Gateway) sawRevision(rev int64) {
+	for {
+		cur := g.seenRev.Load()
+		if rev <= cur || g.seenRev.CompareAndSwap(cur, rev) {
+			return
+		}
+	}
+}
+
+func (g *Gateway) seen() int64 { return g.seenRev.Load() }
+
 // Handler is the gateway's whole HTTP surface.
 func (g *Gateway) Handler() http.Handler {
 	mux := rpcmux.New()
@@ -108,7 +165,8 @@ func (g *Gateway) Handler() http.Handler {
 	mux.Handle(etcdserverpbconnect.NewClusterHandler(connectCluster{g: g}, opts...))
 	mux.Handle(etcdserverpbconnect.NewMaintenanceHandler(connectMaintenance{g: g}, opts...))
 	// Not built yet: these answer Unimplemented, as the generated defaults do.
-	mux.Handle(etcdserverpbconnect.NewWatchHandler(etcdserverpbconnect.UnimplementedWatchHandler{}, opts...))
+	mux.Handle(etcdserverpbconnect.NewWatchHandler(connectWatch{g: g}, opts...))
+	mux.Handle(watchv1connect.NewWatchServiceHandler(connectWatchOne{g: g}, opts...))
 	mux.Handle(etcdserverpbconnect.NewLeaseHandler(etcdserverpbconnect.UnimplementedLeaseHandler{}, opts...))
 	mux.Handle(etcdserverpbconnect.NewAuthHandler(etcdserverpbconnect.UnimplementedAuthHandler{}, opts...))
 	mux.Handle(v3lockpbconnect.NewLockHandler(v3lockpbconnect.UnimplementedLockHandler{}, opts...))
@@ -159,6 +217,9 @@ func (g *Gateway) Serve() error {
 // Stop stops accepting requests and waits for those in flight until ctx ends.
 func (g *Gateway) Stop(ctx context.Context) error {
 	g.stopView()
+	if g.stopHub != nil {
+		g.stopHub()
+	}
 	if g.server == nil {
 		return nil
 	}

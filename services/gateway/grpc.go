@@ -33,8 +33,8 @@ func (g *Gateway) newGRPCServer() *grpc.Server {
 	pb.RegisterKVServer(s, grpcKV{g: g})
 	pb.RegisterClusterServer(s, grpcCluster{g: g})
 	pb.RegisterMaintenanceServer(s, grpcMaintenance{g: g})
+	pb.RegisterWatchServer(s, grpcWatch{g: g})
 	// Not built yet: these answer Unimplemented.
-	pb.RegisterWatchServer(s, pb.UnimplementedWatchServer{})
 	pb.RegisterLeaseServer(s, pb.UnimplementedLeaseServer{})
 	pb.RegisterAuthServer(s, pb.UnimplementedAuthServer{})
 	v3lockpb.RegisterLockServer(s, v3lockpb.UnimplementedLockServer{})

@@ -29,6 +29,7 @@ type view struct {
 	seeds   []*replicaConn
 	next    atomic.Uint32 // round robin over voters
 	refresh chan struct{}
+	cluster atomic.Uint64 // the cluster's ID, once a replica told it
 }
 
 // replicaConn is the gateway's link to one replica's internal API.
@@ -38,6 +39,7 @@ type replicaConn struct {
 	kv      replicav1connect.KVServiceClient
 	cluster replicav1connect.ClusterServiceClient
 	maint   replicav1connect.MaintenanceServiceClient
+	feed    replicav1connect.FeedServiceClient
 	// downUntil is when a replica that could not be reached is tried again.
 	downUntil atomic.Int64
 }
@@ -71,6 +73,7 @@ func (v *view) conn(u string) *replicaConn {
 		kv:      replicav1connect.NewKVServiceClient(v.g.client, u, opts...),
 		cluster: replicav1connect.NewClusterServiceClient(v.g.client, u, opts...),
 		maint:   replicav1connect.NewMaintenanceServiceClient(v.g.client, u, opts...),
+		feed:    replicav1connect.NewFeedServiceClient(v.g.client, u, opts...),
 	}
 	v.conns[u] = c
 	return c
@@ -116,6 +119,7 @@ func (v *view) update(ctx context.Context) {
 		resp, err := c.cluster.MemberList(ctx, connect.NewRequest(&pb.MemberListRequest{}))
 		if err == nil {
 			members = resp.Msg.GetMembers()
+			v.cluster.Store(resp.Msg.GetHeader().GetClusterId())
 			break
 		}
 		if ctx.Err() != nil {
@@ -181,6 +185,9 @@ func (v *view) update(ctx context.Context) {
 
 // leaderID is the leader's member ID, 0 when the cluster has none (as far as the
 // gateway knows).
+// clusterID is the cluster's ID (0 until a replica answered).
+func (v *view) clusterID() uint64 { return v.cluster.Load() }
+
 func (v *view) leaderID() uint64 {
 	v.mu.RLock()
 	defer v.mu.RUnlock()

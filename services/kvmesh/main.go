@@ -1,6 +1,7 @@
 // Command kvmesh is the all-in-one kvmesh: one replica (a single-member Raft cluster
-// over Pebble) and a gateway serving etcd's API, in one process. It is what a new user
-// starts: `go run ./services/kvmesh` serves etcd clients on 127.0.0.1:2379.
+// over Pebble), a gateway serving etcd's API, the fanout and an embedded NATS server
+// with JetStream, in one process. It is what a new user starts: `go run
+// ./services/kvmesh` serves etcd clients on 127.0.0.1:2379.
 package main
 
 import (
@@ -8,12 +9,17 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime/debug"
+
+	"github.com/nats-io/nats.go"
 
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/lifecycle"
+	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
+	"github.com/kvmesh/kvmesh/services/fanout"
 	"github.com/kvmesh/kvmesh/services/gateway"
 	"github.com/kvmesh/kvmesh/services/replica"
 )
@@ -39,6 +45,8 @@ func run() error {
 		tcfg telemetry.Config
 		rcfg replica.Config
 		gcfg gateway.Config
+		fcfg fanout.Config
+		ncfg revstream.Config
 	)
 	if err := config.Load(ctx, "KVMESH_", &tcfg); err != nil {
 		return err
@@ -49,8 +57,17 @@ func run() error {
 	if err := config.Load(ctx, "KVMESH_GATEWAY_", &gcfg); err != nil {
 		return err
 	}
+	if err := config.Load(ctx, "KVMESH_FANOUT_", &fcfg); err != nil {
+		return err
+	}
+	if err := config.Load(ctx, "KVMESH_NATS_", &ncfg); err != nil {
+		return err
+	}
+	if _, set := os.LookupEnv("KVMESH_FANOUT_LISTEN"); !set {
+		fcfg.Listen = "" // the gateway's /metrics covers the whole process
+	}
 	// Check everything before starting anything.
-	if err := errors.Join(rcfg.Validate(), gcfg.Validate()); err != nil {
+	if err := errors.Join(rcfg.Validate(), gcfg.Validate(), fcfg.Validate(), ncfg.Validate()); err != nil {
 		return err
 	}
 	if _, set := os.LookupEnv("KVMESH_REPLICA_CLIENT_URLS"); !set {
@@ -71,17 +88,66 @@ func run() error {
 		rep.Stop(context.Background())
 		return err
 	}
-	// The gateway reaches its replica over the internal API, as it does in the mesh,
-	// but in-process: the same Connect calls without sockets.
-	gcfg.Replicas = []string{"http://" + rep.Addr()}
-	gw, err := gateway.New(gcfg, tel, inproc.NewClient(rep.Handler()))
-	if err == nil {
-		err = gw.Listen()
+	// NATS: the embedded server (its store beside the replica's data) unless a URL
+	// names another.
+	var (
+		embedded *revstream.Embedded
+		nc       *nats.Conn
+	)
+	if ncfg.URL == "" {
+		embedded, err = revstream.StartEmbedded(filepath.Join(rcfg.DataDir, "nats"), ncfg.EmbeddedListen, tel.Log)
+		if err == nil {
+			nc, err = nats.Connect("", nats.InProcessServer(embedded), nats.Name("kvmesh"), nats.MaxReconnects(-1))
+		}
+	} else {
+		nc, err = revstream.Connect(ncfg.URL, "kvmesh")
 	}
 	if err != nil {
 		rep.Stop(context.Background())
+		return fmt.Errorf("nats: %w", err)
+	}
+	stopNATS := func() {
+		nc.Close()
+		if embedded != nil {
+			embedded.Stop()
+		}
+	}
+	// The gateway and the fanout reach the replica over the internal API, as they do
+	// in the mesh, but in-process: the same Connect calls without sockets.
+	client := inproc.NewClient(rep.Handler())
+	gcfg.Replicas = []string{"http://" + rep.Addr()}
+	fcfg.Replicas = gcfg.Replicas
+	gw, err := gateway.New(gcfg, tel, client)
+	if err == nil {
+		err = gw.EnableWatch(nc, ncfg)
+	}
+	if err == nil {
+		err = gw.Listen()
+	}
+	var fo *fanout.Fanout
+	if err == nil {
+		fo, err = fanout.New(fcfg, ncfg, tel, client, nc)
+	}
+	if err == nil {
+		err = fo.Listen()
+	}
+	if err != nil {
+		stopNATS()
+		rep.Stop(context.Background())
 		return err
 	}
-	stopAll := func(ctx context.Context) error { return errors.Join(gw.Stop(ctx), rep.Stop(ctx)) }
-	return lifecycle.Serve(ctx, tel.Log, stopAll, rep.Serve, gw.Serve)
+	foCtx, stopFanout := context.WithCancel(context.Background())
+	foDone := make(chan struct{})
+	stopAll := func(ctx context.Context) error {
+		stopFanout()
+		<-foDone
+		err := errors.Join(gw.Stop(ctx), rep.Stop(ctx))
+		stopNATS()
+		return err
+	}
+	runFanout := func() error {
+		defer close(foDone)
+		return fo.Run(foCtx)
+	}
+	return lifecycle.Serve(ctx, tel.Log, stopAll, rep.Serve, gw.Serve, runFanout)
 }

@@ -25,7 +25,9 @@ type Position struct {
 	Rev, CompactRev int64
 }
 
-// Changes reads the committed history from revision from on, whole revisions only,
+// Changes reads the committed history from revision from on, whole revisions only
+// and every revision (one without events, such as the initial revision 1, comes
+// without events),
 // until about maxBytes of events are read (at least one revision when there is one).
 // Each event carries prev_kv as etcd's watch fills it: the key's version at the
 // revision before, unless the key did not exist then or that revision is compacted.
@@ -56,16 +58,24 @@ func (s *Store) Changes(ctx context.Context, from int64, maxBytes int) ([]Change
 		size  int
 		upper = revKey(v.rev+1, 0)
 	)
+	// Every revision gets a Change, events or not: the initial revision 1 has none,
+	// and compaction at a revision removes its delete events.
+	next, full := from, false
 	for ok := v.it.SeekGE(revKey(from, 0)); ok && bytes.Compare(v.it.Key(), upper) < 0; ok = v.it.Next() {
 		main, _ := parseRevKey(v.it.Key())
 		if len(out) == 0 || out[len(out)-1].Rev != main {
 			if size >= maxBytes && len(out) > 0 {
+				full = true
 				break
 			}
 			if err := ctx.Err(); err != nil {
 				return nil, pos, err
 			}
+			for ; next < main; next++ {
+				out = append(out, Change{Rev: next})
+			}
 			out = append(out, Change{Rev: main})
+			next = main + 1
 		}
 		val := v.it.Value()
 		kv := &mvccpb.KeyValue{}
@@ -87,6 +97,9 @@ func (s *Store) Changes(ctx context.Context, from int64, maxBytes int) ([]Change
 	}
 	if err := v.it.Error(); err != nil {
 		return nil, pos, err
+	}
+	for ; !full && next <= v.rev; next++ {
+		out = append(out, Change{Rev: next})
 	}
 	return out, pos, nil
 }

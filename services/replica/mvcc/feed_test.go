@@ -54,9 +54,10 @@ func TestChangesMatchRangesAtEachRevision(t *testing.T) {
 		all = append(all, chs...)
 		from = chs[len(chs)-1].Rev + 1
 	}
-	if len(all) != int(e.s.Rev()-1) {
-		t.Fatalf("%d changes for revisions 2..%d", len(all), e.s.Rev())
+	if len(all) != int(e.s.Rev()) || len(all[0].Events) != 0 {
+		t.Fatalf("%d changes for revisions 1..%d, the first with %d events", len(all), e.s.Rev(), len(all[0].Events))
 	}
+	all = all[1:]
 	state := func(rev int64) map[string]*mvccpb.KeyValue {
 		m := map[string]*mvccpb.KeyValue{}
 		if rev < 1 {

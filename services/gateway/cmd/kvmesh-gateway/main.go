@@ -9,6 +9,7 @@ import (
 
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/lifecycle"
+	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/gateway"
 )
@@ -26,11 +27,15 @@ func run() error {
 	var (
 		tcfg telemetry.Config
 		gcfg gateway.Config
+		ncfg revstream.Config
 	)
 	if err := config.Load(ctx, "KVMESH_", &tcfg); err != nil {
 		return err
 	}
 	if err := config.Load(ctx, "KVMESH_GATEWAY_", &gcfg); err != nil {
+		return err
+	}
+	if err := config.Load(ctx, "KVMESH_NATS_", &ncfg); err != nil {
 		return err
 	}
 	if err := gcfg.Validate(); err != nil {
@@ -44,6 +49,18 @@ func run() error {
 	gw, err := gateway.New(gcfg, tel, nil)
 	if err != nil {
 		return err
+	}
+	if ncfg.URL == "" {
+		tel.Log.Warn("KVMESH_NATS_URL is not set: Watch answers Unimplemented")
+	} else {
+		nc, err := revstream.Connect(ncfg.URL, "kvmesh-gateway")
+		if err != nil {
+			return fmt.Errorf("KVMESH_NATS_URL: %w", err)
+		}
+		defer nc.Close()
+		if err := gw.EnableWatch(nc, ncfg); err != nil {
+			return err
+		}
 	}
 	if err := gw.Listen(); err != nil {
 		return err

@@ -1,0 +1,379 @@
+// Package fanout is the only watcher of the consensus core. It tails a replica's Feed
+// (a follower by preference) and publishes every committed revision as one JetStream
+// message, so that gateways serve any number of watchers without reaching the core.
+//
+// The stream stays gapless and ordered whatever happens to fanouts: each revision is
+// published with JetStream's expected-last-sequence set to the sequence of the
+// revision before it (see libs/revstream), so of two fanouts running at once, or a
+// restarted one replaying what was already published, exactly one publish of each
+// revision succeeds. A fanout that loses such a race backs off and resumes from the
+// stream's end.
+package fanout
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
+	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/libs/revstream"
+	"github.com/kvmesh/kvmesh/libs/rpcmux"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
+)
+
+// Config is the fanout's configuration, from KVMESH_FANOUT_… variables.
+type Config struct {
+	// Listen serves /metrics and the health endpoints.
+	Listen string `env:"LISTEN, default=127.0.0.1:2396"`
+	// Replicas are the internal API URLs of the replicas to tail.
+	Replicas []string `env:"REPLICAS, default=http://127.0.0.1:2390"`
+	// MaxInFlight bounds the publishes awaiting JetStream's acknowledgement.
+	MaxInFlight int `env:"MAX_IN_FLIGHT, default=256"`
+	// StallTimeout switches to another replica when the one tailed has not delivered a
+	// revision that another replica already has for this long.
+	StallTimeout time.Duration `env:"STALL_TIMEOUT, default=3s"`
+}
+
+// Validate checks the configuration; errors name the variable.
+func (c *Config) Validate() error {
+	if c.Listen != "" {
+		if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+			return fmt.Errorf("KVMESH_FANOUT_LISTEN: %w", err)
+		}
+	}
+	if len(c.Replicas) == 0 {
+		return errors.New("KVMESH_FANOUT_REPLICAS: at least one replica URL is needed")
+	}
+	for _, u := range c.Replicas {
+		p, err := url.Parse(u)
+		if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
+			return fmt.Errorf("KVMESH_FANOUT_REPLICAS: %q is not an http(s) URL", u)
+		}
+	}
+	if c.MaxInFlight <= 0 {
+		return errors.New("KVMESH_FANOUT_MAX_IN_FLIGHT: must be positive")
+	}
+	if c.StallTimeout <= 0 {
+		return errors.New("KVMESH_FANOUT_STALL_TIMEOUT: must be positive")
+	}
+	return nil
+}
+
+// Fanout publishes the committed revisions.
+type Fanout struct {
+	cfg    Config
+	stream revstream.Config
+	tel    *telemetry.Telemetry
+	log    *slog.Logger
+	client connect.HTTPClient
+	nc     *nats.Conn
+	js     jetstream.JetStream
+
+	published atomic.Int64 // last revision acknowledged by JetStream
+	avoid     atomic.Int64 // index+1 of a replica found stalled, skipped at the next pick
+
+	m struct {
+		published prometheus.Counter
+		conflicts prometheus.Counter
+		switches  prometheus.Counter
+		tooLarge  prometheus.Counter
+	}
+
+	server *http.Server
+	lis    net.Listener
+}
+
+// New builds a fanout publishing through nc. client carries the calls to the replicas;
+// nil means h2c over the network.
+func New(cfg Config, stream revstream.Config, tel *telemetry.Telemetry, client connect.HTTPClient, nc *nats.Conn) (*Fanout, error) {
+	if err := errors.Join(cfg.Validate(), stream.Validate()); err != nil {
+		return nil, err
+	}
+	if client == nil {
+		client = h2c.NewClient()
+	}
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(cfg.MaxInFlight))
+	if err != nil {
+		return nil, err
+	}
+	f := &Fanout{cfg: cfg, stream: stream, tel: tel, log: tel.Log.With("role", "fanout"), client: client, nc: nc, js: js}
+	f.m.published = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_published_revisions_total", Help: "Revisions published to the JetStream stream."})
+	f.m.conflicts = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_conflicts_total", Help: "Publishes refused because another publisher got there first."})
+	f.m.switches = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_feed_restarts_total", Help: "Times the fanout (re)started tailing a replica."})
+	f.m.tooLarge = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_too_large_revisions_total", Help: "Revisions published as markers because they exceed the NATS payload limit."})
+	tel.Registry.MustRegister(f.m.published, f.m.conflicts, f.m.switches, f.m.tooLarge,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvmesh_fanout_published_revision", Help: "The last revision JetStream acknowledged."},
+			func() float64 { return float64(f.published.Load()) }))
+	return f, nil
+}
+
+// Published is the last revision JetStream acknowledged from this fanout.
+func (f *Fanout) Published() int64 { return f.published.Load() }
+
+// Listen binds cfg.Listen for /metrics and health (nothing when it is empty).
+func (f *Fanout) Listen() error {
+	if f.cfg.Listen == "" {
+		return nil
+	}
+	lis, err := net.Listen("tcp", f.cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("KVMESH_FANOUT_LISTEN: %w", err)
+	}
+	mux := rpcmux.New()
+	mux.Handle("/metrics", f.tel.MetricsHandler())
+	health := func(w http.ResponseWriter, _ *http.Request) {
+		if f.nc.IsConnected() {
+			fmt.Fprint(w, `{"health":"true"}`)
+			return
+		}
+		w.WriteHeader(http.StatusServiceUnavailable)
+		fmt.Fprint(w, `{"health":"false","reason":"NATS not connected"}`)
+	}
+	mux.HandleFunc("/health", health)
+	mux.HandleFunc("/readyz", health)
+	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "ok") })
+	f.lis, f.server = lis, &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	return nil
+}
+
+// Run publishes until ctx ends.
+func (f *Fanout) Run(ctx context.Context) error {
+	if f.server != nil {
+		go f.server.Serve(f.lis)
+		defer f.server.Close()
+	}
+	f.log.Info("publishing revisions", "stream", f.stream.Stream, "subject", f.stream.Subject, "replicas", f.cfg.Replicas)
+	backoff := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		before := f.published.Load()
+		err := f.tail(ctx)
+		if ctx.Err() != nil {
+			break
+		}
+		wait := backoff
+		var conflict *conflictError
+		switch {
+		case errors.As(err, &conflict):
+			// Another fanout is publishing: let it, and come back to take over should
+			// it stop.
+			f.m.conflicts.Inc()
+			f.log.Info("another publisher is ahead; standing by", "revision", conflict.rev)
+			wait = 500*time.Millisecond + rand.N(time.Second)
+		case err != nil:
+			f.log.Warn("tailing stopped", "err", err)
+		}
+		if f.published.Load() > before {
+			backoff = 100 * time.Millisecond
+		} else {
+			backoff = min(2*backoff, 2*time.Second)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait):
+		}
+	}
+	return nil
+}
+
+type conflictError struct{ rev int64 }
+
+func (e *conflictError) Error() string {
+	return fmt.Sprintf("revision %d: the stream moved on without this publisher", e.rev)
+}
+
+func isWrongLastSequence(err error) bool {
+	var apiErr *jetstream.APIError
+	return errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence || apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant)
+}
+
+// tail publishes from the stream's end until something fails.
+func (f *Fanout) tail(ctx context.Context) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	s, err := revstream.Ensure(ctx, f.js, f.stream)
+	if err != nil {
+		return err
+	}
+	end, err := revstream.LastOf(ctx, s)
+	if err != nil {
+		return fmt.Errorf("read the stream's end: %w", err)
+	}
+	var from int64 // 0: the stream is empty (or all it kept expired): start live
+	if end.Rev > 0 {
+		from = end.Rev + 1
+	}
+	idx, base, err := f.pick(ctx)
+	if err != nil {
+		return err
+	}
+	feed, err := replicav1connect.NewFeedServiceClient(f.client, base, f.tel.InternalClient()...).Feed(ctx, connect.NewRequest(&replicav1.FeedRequest{FromRevision: from}))
+	if err != nil {
+		return err
+	}
+	defer feed.Close()
+	f.m.switches.Inc()
+	f.log.Info("tailing", "replica", base, "from", from, "stream_seq", end.Seq)
+	if end.Rev > 0 && f.published.Load() < end.Rev {
+		f.published.Store(end.Rev)
+	}
+
+	maxPayload := f.nc.MaxPayload()
+	acks := make(chan ack, f.cfg.MaxInFlight)
+	acked := make(chan struct{})
+	go func() {
+		defer close(acked)
+		for a := range acks {
+			select {
+			case <-a.fut.Ok():
+				f.published.Store(a.rev)
+				f.m.published.Inc()
+			case err := <-a.fut.Err():
+				if isWrongLastSequence(err) {
+					err = &conflictError{a.rev}
+				}
+				cancel(err)
+				for range acks { // drain: everything after a failure fails too
+				}
+				return
+			}
+		}
+	}()
+	defer func() {
+		close(acks)
+		<-acked
+	}()
+	go f.watchStall(ctx, cancel, idx)
+
+	seq, next := end.Seq, from
+	for feed.Receive() {
+		for _, r := range feed.Msg().GetRevisions() {
+			if next != 0 && r.GetRevision() != next {
+				return fmt.Errorf("replica %s sent revision %d, expected %d", base, r.GetRevision(), next)
+			}
+			msg, tooLarge, err := revstream.Message(f.stream.Subject, r, maxPayload)
+			if err != nil {
+				return err
+			}
+			if tooLarge {
+				f.m.tooLarge.Inc()
+			}
+			fut, err := f.js.PublishMsgAsync(msg, jetstream.WithExpectLastSequence(seq), jetstream.WithMsgID(f.stream.Stream+"-"+fmt.Sprint(r.GetRevision())))
+			if err != nil {
+				if isWrongLastSequence(err) {
+					return &conflictError{r.GetRevision()}
+				}
+				return fmt.Errorf("publish revision %d: %w", r.GetRevision(), err)
+			}
+			select {
+			case acks <- ack{fut, r.GetRevision()}:
+			case <-ctx.Done():
+				return context.Cause(ctx)
+			}
+			seq, next = seq+1, r.GetRevision()+1
+		}
+	}
+	if cause := context.Cause(ctx); cause != nil {
+		return cause
+	}
+	if err := feed.Err(); err != nil {
+		return fmt.Errorf("feed from %s: %w", base, err)
+	}
+	return fmt.Errorf("feed from %s ended", base)
+}
+
+type ack struct {
+	fut jetstream.PubAckFuture
+	rev int64
+}
+
+var errStalled = errors.New("the tailed replica is behind another one")
+
+// watchStall ends the tail when the replica fed from falls behind: a member cut off
+// from its cluster still answers, but stops applying revisions that the majority
+// commits. It compares what was published with the other replicas' revisions.
+func (f *Fanout) watchStall(ctx context.Context, cancel context.CancelCauseFunc, idx int) {
+	t := time.NewTicker(f.cfg.StallTimeout / 3)
+	defer t.Stop()
+	var behindSince time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		best := int64(0)
+		for i, base := range f.cfg.Replicas {
+			if i == idx {
+				continue
+			}
+			cctx, ccancel := context.WithTimeout(ctx, time.Second)
+			pos, err := replicav1connect.NewFeedServiceClient(f.client, base, f.tel.InternalClient()...).Position(cctx, connect.NewRequest(&replicav1.PositionRequest{}))
+			ccancel()
+			if err == nil {
+				best = max(best, pos.Msg.GetHeader().GetRevision())
+			}
+		}
+		if best <= f.published.Load() {
+			behindSince = time.Time{}
+			continue
+		}
+		if behindSince.IsZero() {
+			behindSince = time.Now()
+		} else if time.Since(behindSince) >= f.cfg.StallTimeout {
+			f.avoid.Store(int64(idx) + 1)
+			cancel(fmt.Errorf("%w: published %d, another replica has %d", errStalled, f.published.Load(), best))
+			return
+		}
+	}
+}
+
+// pick chooses the replica to tail: a follower when one answers (the leader has the
+// client traffic), else any replica that answers; never the one found stalled last,
+// unless it is the only one.
+func (f *Fanout) pick(ctx context.Context) (int, string, error) {
+	avoid := int(f.avoid.Swap(0)) - 1
+	bestIdx, bestScore := -1, -1
+	var errs []error
+	for i, base := range f.cfg.Replicas {
+		base = strings.TrimRight(base, "/")
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		st, err := replicav1connect.NewMaintenanceServiceClient(f.client, base, f.tel.InternalClient()...).Status(cctx, connect.NewRequest(&pb.StatusRequest{}))
+		cancel()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", base, err))
+			continue
+		}
+		score := 1
+		if lead := st.Msg.GetLeader(); lead != 0 && lead != st.Msg.GetHeader().GetMemberId() && !st.Msg.GetIsLearner() {
+			score = 3 // a voting follower with a leader
+		} else if lead != 0 {
+			score = 2
+		}
+		if i == avoid && len(f.cfg.Replicas) > 1 {
+			score = 0
+		}
+		if score > bestScore {
+			bestIdx, bestScore = i, score
+		}
+	}
+	if bestIdx < 0 {
+		return 0, "", fmt.Errorf("no replica answers: %w", errors.Join(errs...))
+	}
+	return bestIdx, strings.TrimRight(f.cfg.Replicas[bestIdx], "/"), nil
+}

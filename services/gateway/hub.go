@@ -1,0 +1,593 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/revstream"
+)
+
+// The hub is the gateway's one reader of the revision stream. It consumes the
+// JetStream stream once, checks that revisions follow each other (a hole, say after a
+// NATS or fanout restart, is filled from a replica's Feed before anything after it is
+// delivered), keeps the most recent revisions in memory, and hands each revision to the
+// client streams that watch one of its keys. It never waits for a client: a stream
+// whose queue is full is marked overflowed and catches up from history on its own
+// goroutine (watch.go), as etcd's unsynced watchers do.
+
+// hrev is a revision as the hub holds it, shared by every stream (read-only).
+type hrev struct {
+	*replicav1.Revision
+	once   sync.Once
+	noPrev []*mvccpb.Event // the events without prev_kv, made on first use
+}
+
+func newHrev(r *replicav1.Revision) *hrev { return &hrev{Revision: r} }
+
+// eventsWithoutPrev returns the events stripped of prev_kv, for watchers that did not
+// ask for it.
+func (r *hrev) eventsWithoutPrev() []*mvccpb.Event {
+	r.once.Do(func() {
+		r.noPrev = make([]*mvccpb.Event, len(r.Events))
+		for i, ev := range r.Events {
+			if ev.PrevKv == nil {
+				r.noPrev[i] = ev
+			} else {
+				r.noPrev[i] = &mvccpb.Event{Type: ev.Type, Kv: ev.Kv}
+			}
+		}
+	})
+	return r.noPrev
+}
+
+type hub struct {
+	g   *Gateway
+	log *slog.Logger
+	js  jetstream.JetStream
+	cfg revstream.Config
+
+	ringCap  int
+	queueCap int
+
+	mu         sync.Mutex
+	rev        int64 // last revision handed to the streams; 0 until known
+	compactRev int64
+	ring       []*hrev // consecutive revisions ending at rev
+	keys       map[string]map[*wstream]int
+	ranges     map[*watcher]struct{}
+	changed    chan struct{} // closed and replaced at every revision
+	ready      chan struct{} // closed once rev is known
+
+	offset   atomic.Int64 // stream sequence = revision - offset
+	offsetOK atomic.Bool
+	lastMove atomic.Int64 // unix nanos of the last revision handed out
+
+	m struct {
+		revisions prometheus.Counter
+		repaired  prometheus.Counter
+		overflows prometheus.Counter
+		watchers  prometheus.Gauge
+		streams   prometheus.Gauge
+		events    prometheus.Counter
+	}
+}
+
+func newHub(g *Gateway, nc *nats.Conn, cfg revstream.Config) (*hub, error) {
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, err
+	}
+	h := &hub{
+		g: g, log: g.log.With("component", "watch"), js: js, cfg: cfg,
+		ringCap: g.cfg.WatchRingRevisions, queueCap: g.cfg.WatchStreamQueue,
+		keys:    make(map[string]map[*wstream]int),
+		ranges:  make(map[*watcher]struct{}),
+		changed: make(chan struct{}),
+		ready:   make(chan struct{}),
+	}
+	h.m.revisions = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_revisions_total", Help: "Revisions the gateway received from the stream (or repaired) and fanned out."})
+	h.m.repaired = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_repaired_revisions_total", Help: "Revisions missing from the stream that the gateway read from a replica instead."})
+	h.m.overflows = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_stream_overflows_total", Help: "Times a slow client stream fell behind its queue and was caught up from history."})
+	h.m.events = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_events_sent_total", Help: "Events sent to watchers."})
+	h.m.watchers = prometheus.NewGauge(prometheus.GaugeOpts{Name: "etcd_debugging_mvcc_watcher_total", Help: "Total number of watchers."})
+	h.m.streams = prometheus.NewGauge(prometheus.GaugeOpts{Name: "etcd_debugging_mvcc_watch_stream_total", Help: "Total number of watch streams."})
+	g.tel.Registry.MustRegister(h.m.revisions, h.m.repaired, h.m.overflows, h.m.events, h.m.watchers, h.m.streams,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvmesh_gateway_watch_revision", Help: "The last revision fanned out to watchers."},
+			func() float64 { return float64(h.current()) }))
+	return h, nil
+}
+
+// current is the last revision handed out.
+func (h *hub) current() int64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.rev
+}
+
+// run consumes the stream until ctx ends, starting over (from where it is) after any
+// failure.
+func (h *hub) run(ctx context.Context) {
+	go h.watchdog(ctx)
+	for ctx.Err() == nil {
+		err := h.consume(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		h.log.Warn("revision stream consumer stopped; restarting", "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// consume reads the stream from just after the hub's revision.
+func (h *hub) consume(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	s, err := h.js.Stream(ctx, h.cfg.Stream)
+	if err != nil {
+		return fmt.Errorf("stream %s: %w", h.cfg.Stream, err)
+	}
+	tail, err := revstream.LastOf(ctx, s)
+	if err != nil {
+		return err
+	}
+	if tail.Rev > 0 {
+		h.offset.Store(tail.Offset())
+		h.offsetOK.Store(true)
+	}
+	if h.current() == 0 {
+		start := tail.Rev
+		if start == 0 {
+			pos, err := h.position(ctx)
+			if err != nil {
+				return err
+			}
+			start = pos.GetHeader().GetRevision()
+		}
+		h.start(start)
+	}
+	// Start at the sequence just after the hub's revision when the stream still has
+	// it; otherwise at the stream's end (what lies between is repaired from a replica).
+	startSeq := tail.Seq + 1
+	if cur := h.current(); h.offsetOK.Load() {
+		if seq := cur + 1 - h.offset.Load(); seq >= 1 && uint64(seq) <= tail.Seq+1 {
+			startSeq = uint64(seq)
+		}
+	}
+	c, err := h.js.OrderedConsumer(ctx, h.cfg.Stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{h.cfg.Subject},
+		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:    startSeq,
+	})
+	if err != nil {
+		return err
+	}
+	it, err := c.Messages()
+	if err != nil {
+		return err
+	}
+	defer it.Stop()
+	go func() {
+		<-ctx.Done()
+		it.Stop()
+	}()
+	for {
+		msg, err := it.Next()
+		if err != nil {
+			return err
+		}
+		r, err := revstream.Decode(msg.Headers(), msg.Data())
+		if err != nil {
+			h.log.Error("undecodable message in the revision stream", "err", err)
+			continue
+		}
+		if md, err := msg.Metadata(); err == nil {
+			h.offset.Store(r.GetRevision() - int64(md.Sequence.Stream))
+			h.offsetOK.Store(true)
+		}
+		if err := h.ingest(ctx, r); err != nil {
+			return err
+		}
+	}
+}
+
+// start sets the hub's first revision: watchers created from now on start after it.
+func (h *hub) start(rev int64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.rev == 0 {
+		h.rev = rev
+		h.lastMove.Store(time.Now().UnixNano())
+		close(h.ready)
+	}
+}
+
+// ingest hands r to the streams, first repairing any revisions missing before it.
+func (h *hub) ingest(ctx context.Context, r *replicav1.Revision) error {
+	cur := h.current()
+	if r.GetRevision() <= cur {
+		return nil // already handed out (a replay, or repaired from a replica)
+	}
+	if r.GetRevision() > cur+1 {
+		if err := h.repair(ctx, r.GetRevision()-1); err != nil {
+			return err
+		}
+	}
+	if r.GetTooLarge() {
+		if err := h.repair(ctx, r.GetRevision()); err != nil {
+			return err
+		}
+		return nil
+	}
+	h.publish(newHrev(r))
+	return nil
+}
+
+// repair reads the revisions after the hub's up to to from a replica and hands them out.
+func (h *hub) repair(ctx context.Context, to int64) error {
+	from := h.current() + 1
+	if from > to {
+		return nil
+	}
+	h.log.Info("repairing revisions missing from the stream", "from", from, "to", to)
+	return h.fromReplica(ctx, from, to, func(r *hrev) error {
+		if r.GetRevision() == h.current()+1 {
+			h.m.repaired.Inc()
+			h.publish(r)
+		}
+		return nil
+	})
+}
+
+// publish makes r the hub's revision and queues it to the streams it concerns.
+func (h *hub) publish(r *hrev) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if r.GetRevision() != h.rev+1 {
+		return
+	}
+	h.rev = r.GetRevision()
+	h.compactRev = max(h.compactRev, r.GetCompactRevision())
+	h.ring = append(h.ring, r)
+	if len(h.ring) > h.ringCap {
+		// Drop the oldest quarter at once, so that trimming is not a copy per revision.
+		n := copy(h.ring, h.ring[len(h.ring)-h.ringCap*3/4:])
+		clear(h.ring[n:])
+		h.ring = h.ring[:n]
+	}
+	for _, ev := range r.Events {
+		for s := range h.keys[string(ev.Kv.Key)] {
+			s.enqueue(r)
+		}
+		for w := range h.ranges {
+			if w.matches(ev.Kv.Key) {
+				w.s.enqueue(r)
+			}
+		}
+	}
+	h.m.revisions.Inc()
+	h.lastMove.Store(time.Now().UnixNano())
+	close(h.changed)
+	h.changed = make(chan struct{})
+}
+
+// ringFrom returns the revisions of the ring in [from, to] when the ring holds from.
+func (h *hub) ringFrom(from, to int64) []*hrev {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.ringFromLocked(from, to)
+}
+
+func (h *hub) ringFromLocked(from, to int64) []*hrev {
+	if len(h.ring) == 0 {
+		return nil
+	}
+	first := h.ring[0].GetRevision()
+	if from < first || from > h.rev {
+		return nil
+	}
+	end := min(to, h.rev) - first + 1
+	return h.ring[from-first : end : end]
+}
+
+// history calls fn with every revision in [from, to], in order: from memory, from the
+// stream, or from a replica, whichever still has it. It fails with a compactedError
+// when a replica has compacted from.
+func (h *hub) history(ctx context.Context, from, to int64, fn func(*hrev) error) error {
+	for from <= to {
+		if rs := h.ringFrom(from, to); len(rs) > 0 {
+			for _, r := range rs {
+				if err := fn(r); err != nil {
+					return err
+				}
+			}
+			from = rs[len(rs)-1].GetRevision() + 1
+			continue
+		}
+		n, err := h.fromStream(ctx, from, to, fn)
+		if err != nil {
+			return err
+		}
+		if n > 0 {
+			from += n
+			continue
+		}
+		// Neither memory nor the stream: a replica, up to where memory starts.
+		end := to
+		h.mu.Lock()
+		if len(h.ring) > 0 {
+			end = min(end, h.ring[0].GetRevision()-1)
+		}
+		h.mu.Unlock()
+		if end < from {
+			end = to
+		}
+		err = h.fromReplica(ctx, from, end, func(r *hrev) error {
+			from = r.GetRevision() + 1
+			return fn(r)
+		})
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// fromStream reads revisions from the JetStream stream, from from on, up to to, and
+// returns how many it delivered (0 when the stream does not have from).
+func (h *hub) fromStream(ctx context.Context, from, to int64, fn func(*hrev) error) (int64, error) {
+	if !h.offsetOK.Load() {
+		return 0, nil
+	}
+	seq := from - h.offset.Load()
+	if seq < 1 {
+		return 0, nil
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	c, err := h.js.OrderedConsumer(ctx, h.cfg.Stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{h.cfg.Subject},
+		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:    uint64(seq),
+	})
+	if err != nil {
+		return 0, nil // the stream is not there now: a replica will do
+	}
+	info, err := c.Info(ctx)
+	if err != nil || info.NumPending == 0 {
+		return 0, nil
+	}
+	it, err := c.Messages()
+	if err != nil {
+		return 0, nil
+	}
+	defer it.Stop()
+	var n int64
+	for next := from; next <= to; {
+		mctx, mcancel := context.WithTimeout(ctx, 2*time.Second)
+		msg, err := nextMsg(mctx, it)
+		mcancel()
+		if err != nil {
+			return n, nil // stop here; the caller goes on from elsewhere
+		}
+		r, err := revstream.Decode(msg.Headers(), msg.Data())
+		if err != nil || r.GetRevision() != next {
+			return n, nil // not the revision expected at this sequence
+		}
+		hr := newHrev(r)
+		if r.GetTooLarge() {
+			var got *hrev
+			if err := h.fromReplica(ctx, next, next, func(x *hrev) error { got = x; return nil }); err != nil {
+				return n, err
+			}
+			hr = got
+		}
+		if err := fn(hr); err != nil {
+			return n, err
+		}
+		n++
+		next++
+	}
+	return n, nil
+}
+
+// nextMsg is MessagesContext.Next bounded by ctx.
+func nextMsg(ctx context.Context, it jetstream.MessagesContext) (jetstream.Msg, error) {
+	type result struct {
+		m   jetstream.Msg
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		m, err := it.Next()
+		ch <- result{m, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.m, r.err
+	case <-ctx.Done():
+		it.Stop()
+		return nil, ctx.Err()
+	}
+}
+
+// compactedError is a history read that started below a replica's compacted revision.
+type compactedError struct{ rev int64 }
+
+func (e *compactedError) Error() string {
+	return fmt.Sprintf("revision compacted at %d", e.rev)
+}
+
+// fromReplica reads [from, to] from a replica's Feed, trying the replicas in turn.
+func (h *hub) fromReplica(ctx context.Context, from, to int64, fn func(*hrev) error) error {
+	var lastErr error
+	for attempt := 0; attempt < 20 && ctx.Err() == nil; attempt++ {
+		for _, c := range h.g.view.forRead() {
+			err := h.feedFrom(ctx, c, from, to, func(r *hrev) error {
+				from = r.GetRevision() + 1
+				return fn(r)
+			})
+			if from > to {
+				return nil
+			}
+			var ce *compactedError
+			if errors.As(err, &ce) {
+				return err
+			}
+			if err != nil {
+				lastErr = err
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return fmt.Errorf("read revisions %d-%d from the replicas: %w", from, to, lastErr)
+}
+
+func (h *hub) feedFrom(ctx context.Context, c *replicaConn, from, to int64, fn func(*hrev) error) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if h.g.inProcess {
+		ctx = inproc.Context(ctx)
+	}
+	s, err := c.feed.Feed(ctx, connect.NewRequest(&replicav1.FeedRequest{FromRevision: from, ToRevision: to}))
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	compact := int64(-1)
+	for s.Receive() {
+		compact = s.Msg().GetCompactRevision()
+		for _, r := range s.Msg().GetRevisions() {
+			if err := fn(newHrev(r)); err != nil {
+				return err
+			}
+		}
+	}
+	if err := s.Err(); err != nil {
+		if _, msg := etcderr.CodeMessage(err); msg == etcderr.ErrCompacted.Error() {
+			return &compactedError{compact}
+		}
+		return err
+	}
+	return nil
+}
+
+// position asks a replica for its current and compacted revisions.
+func (h *hub) position(ctx context.Context) (*replicav1.PositionResponse, error) {
+	var lastErr error = etcderr.ErrNoLeader
+	for _, c := range h.g.view.forRead() {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		resp, err := c.feed.Position(cctx, connect.NewRequest(&replicav1.PositionRequest{}))
+		cancel()
+		if err == nil {
+			return resp.Msg, nil
+		}
+		lastErr = err
+	}
+	return nil, lastErr
+}
+
+// staleAfter is how long the hub waits for the stream to bring a revision a replica
+// already has before reading it from the replica itself.
+const staleAfter = 2 * time.Second
+
+// watchdog keeps watchers served when the stream stops moving (the fanout is down,
+// NATS lost its data, the consumer is stuck): when a replica is ahead of the hub and
+// the hub has not moved for staleAfter, the missing revisions come from the replica.
+func (h *hub) watchdog(ctx context.Context) {
+	t := time.NewTicker(staleAfter / 2)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if time.Since(time.Unix(0, h.lastMove.Load())) < staleAfter {
+			continue
+		}
+		pos, err := h.position(ctx)
+		if err != nil {
+			continue
+		}
+		if h.current() == 0 {
+			h.start(pos.GetHeader().GetRevision())
+			continue
+		}
+		if to := pos.GetHeader().GetRevision(); to > h.current() {
+			if err := h.repair(ctx, to); err != nil {
+				h.log.Warn("repair from a replica failed", "err", err)
+			}
+		}
+	}
+}
+
+// waitReady waits until the hub knows where the history is.
+func (h *hub) waitReady(ctx context.Context) error {
+	select {
+	case <-h.ready:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// register adds w to the hub's index and returns the hub's revision at that moment:
+// every later revision that concerns w is queued to its stream.
+func (h *hub) register(w *watcher) (rev, compactRev int64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if w.end == nil {
+		m := h.keys[string(w.key)]
+		if m == nil {
+			m = make(map[*wstream]int)
+			h.keys[string(w.key)] = m
+		}
+		m[w.s]++
+	} else {
+		h.ranges[w] = struct{}{}
+	}
+	h.m.watchers.Inc()
+	return h.rev, h.compactRev
+}
+
+// unregister removes w from the index.
+func (h *hub) unregister(w *watcher) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if w.end == nil {
+		if m := h.keys[string(w.key)]; m != nil {
+			if m[w.s]--; m[w.s] <= 0 {
+				delete(m, w.s)
+			}
+			if len(m) == 0 {
+				delete(h.keys, string(w.key))
+			}
+		}
+	} else {
+		delete(h.ranges, w)
+	}
+	h.m.watchers.Dec()
+}

@@ -1,0 +1,558 @@
+package gateway
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+)
+
+// etcd's watch, served from the hub (hub.go). One wstream is one client Watch stream;
+// its goroutine does everything for its watchers in order: creates (with the
+// catch-up from history of a watch that starts in the past), cancels, the revisions
+// the hub queued, progress. A watcher's events therefore always leave in revision
+// order, each revision whole, none twice: a watcher either catches up from history to
+// the revision at which it joined the hub's index, or takes revisions from the queue
+// after it, never both for one revision.
+
+// etcd's watch errors (go.etcd.io/etcd/server/v3/storage/mvcc), as cancel reasons.
+var (
+	errEmptyWatcherRange  = errors.New("mvcc: watcher range is empty")
+	errWatcherDuplicateID = errors.New("mvcc: duplicate watch ID provided on the WatchStream")
+)
+
+// invalidWatchID is etcd's id for "no watch" (clientv3.InvalidWatchID).
+const invalidWatchID = -1
+
+type watcher struct {
+	s        *wstream
+	id       int64
+	key, end []byte // end nil: the key alone; empty: every key from key on
+	next     int64  // the first revision this watcher has not been sent
+	prevKV   bool
+	noPut    bool
+	noDelete bool
+	fragment bool
+	progress bool // progress_notify
+	sent     bool // events sent since the last progress tick
+}
+
+// matches tells whether key is in w's range.
+func (w *watcher) matches(key []byte) bool {
+	if w.end == nil {
+		return bytes.Equal(key, w.key)
+	}
+	return bytes.Compare(key, w.key) >= 0 && (len(w.end) == 0 || bytes.Compare(key, w.end) < 0)
+}
+
+// wstream is one client Watch stream.
+type wstream struct {
+	h    *hub
+	ctx  context.Context
+	send func(*pb.WatchResponse) error
+
+	// Filled by the hub (under qmu); drained by the stream's goroutine.
+	qmu        sync.Mutex
+	queue      []*hrev
+	lastQueued int64
+	overflow   int64 // first revision not queued because the queue was full; 0: none
+	notify     chan struct{}
+
+	// The stream goroutine's own.
+	watchers map[int64]*watcher
+	keyW     map[string][]*watcher
+	rangeW   []*watcher
+	nextID   int64
+	progress bool // a WatchProgressRequest awaits its answer
+}
+
+// enqueue is called by the hub, under its lock, for each revision that concerns the
+// stream. It never blocks.
+func (s *wstream) enqueue(r *hrev) {
+	s.qmu.Lock()
+	defer s.qmu.Unlock()
+	if s.lastQueued == r.GetRevision() || s.overflow != 0 {
+		return
+	}
+	s.lastQueued = r.GetRevision()
+	if len(s.queue) >= s.h.queueCap {
+		s.overflow = r.GetRevision()
+		s.h.m.overflows.Inc()
+	} else {
+		s.queue = append(s.queue, r)
+	}
+	select {
+	case s.notify <- struct{}{}:
+	default:
+	}
+}
+
+// monitorLeader cancels a watch stream that requires a leader once the cluster has
+// had none for a moment (etcd's watch server does the same for WithRequireLeader).
+func (g *Gateway) monitorLeader(ctx context.Context, cancel context.CancelCauseFunc) {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	misses := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if g.view.leaderID() != 0 {
+			misses = 0
+		} else if misses++; misses >= 2 {
+			cancel(etcderr.ErrNoLeader)
+			return
+		}
+	}
+}
+
+// serveWatch runs one client Watch stream: recv reads the client's requests, send
+// writes responses (only ever from one goroutine).
+func (g *Gateway) serveWatch(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error) error {
+	h := g.hub
+	if err := h.waitReady(ctx); err != nil {
+		return err
+	}
+	s := &wstream{
+		h: h, ctx: ctx, send: send,
+		notify:   make(chan struct{}, 1),
+		watchers: make(map[int64]*watcher),
+		keyW:     make(map[string][]*watcher),
+	}
+	h.m.streams.Inc()
+	defer h.m.streams.Dec()
+	defer func() {
+		for _, w := range s.watchers {
+			h.unregister(w)
+		}
+	}()
+
+	reqs := make(chan *pb.WatchRequest, 16)
+	recvErr := make(chan error, 1)
+	go func() {
+		defer close(reqs)
+		for {
+			req, err := recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			select {
+			case reqs <- req:
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
+
+	var tick <-chan time.Time
+	if iv := g.cfg.WatchProgressNotifyInterval; iv > 0 {
+		t := time.NewTicker(iv)
+		defer t.Stop()
+		tick = t.C
+	}
+	for {
+		var hubChanged <-chan struct{}
+		if s.progress {
+			if err := s.answerProgress(); err != nil {
+				return err
+			}
+			if s.progress {
+				h.mu.Lock()
+				hubChanged = h.changed
+				h.mu.Unlock()
+			}
+		}
+		var err error
+		select {
+		case req, ok := <-reqs:
+			if !ok {
+				reqs = nil
+				select {
+				case err := <-recvErr:
+					// A client that closed its side still gets its events, as
+					// etcd's watch server keeps sending until the stream ends.
+					if !errors.Is(err, io.EOF) && !isClientGone(err) {
+						return err
+					}
+				default:
+				}
+				continue
+			}
+			err = s.handle(req)
+		case <-s.notify:
+			err = s.drain()
+		case <-tick:
+			err = s.progressTick()
+		case <-hubChanged:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+func isClientGone(err error) bool {
+	return err == nil || errors.Is(err, context.Canceled)
+}
+
+func (s *wstream) header(rev int64) *pb.ResponseHeader {
+	return &pb.ResponseHeader{ClusterId: s.h.g.view.clusterID(), MemberId: s.h.g.view.leaderID(), Revision: rev, RaftTerm: 0}
+}
+
+func (s *wstream) handle(req *pb.WatchRequest) error {
+	switch r := req.GetRequestUnion().(type) {
+	case *pb.WatchRequest_CreateRequest:
+		return s.create(r.CreateRequest)
+	case *pb.WatchRequest_CancelRequest:
+		w := s.watchers[r.CancelRequest.GetWatchId()]
+		if w == nil {
+			return nil // etcd answers nothing for an unknown watch
+		}
+		s.remove(w)
+		return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: w.id, Canceled: true})
+	case *pb.WatchRequest_ProgressRequest:
+		s.progress = true
+	}
+	return nil
+}
+
+func (s *wstream) create(cr *pb.WatchCreateRequest) error {
+	key, end := cr.GetKey(), cr.GetRangeEnd()
+	if len(key) == 0 {
+		key = []byte{0} // etcd: "\x00" is the smallest key
+	}
+	switch {
+	case len(end) == 0:
+		end = nil
+	case len(end) == 1 && end[0] == 0:
+		end = []byte{}
+	}
+	fail := func(err error) error {
+		return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: invalidWatchID, Created: true, Canceled: true, CancelReason: err.Error()})
+	}
+	if len(end) != 0 && bytes.Compare(key, end) >= 0 {
+		return fail(errEmptyWatcherRange)
+	}
+	id := cr.GetWatchId()
+	if id == 0 {
+		for s.watchers[s.nextID] != nil {
+			s.nextID++
+		}
+		id = s.nextID
+		s.nextID++
+	} else if s.watchers[id] != nil {
+		return fail(errWatcherDuplicateID)
+	}
+	w := &watcher{s: s, id: id, key: key, end: end, prevKV: cr.GetPrevKv(), fragment: cr.GetFragment(), progress: cr.GetProgressNotify()}
+	for _, f := range cr.GetFilters() {
+		switch f {
+		case pb.WatchCreateRequest_NOPUT:
+			w.noPut = true
+		case pb.WatchCreateRequest_NODELETE:
+			w.noDelete = true
+		}
+	}
+	start := cr.GetStartRevision()
+
+	// A watch from the past must not start below the compacted revision; the hub's
+	// knowledge of it may be behind a compaction, so a replica is asked.
+	hubRev := s.h.current()
+	if start != 0 && start <= hubRev {
+		pos, err := s.h.position(s.ctx)
+		if err != nil {
+			return err
+		}
+		if c := pos.GetCompactRevision(); start < c {
+			return s.compacted(w, c)
+		}
+	}
+
+	rev, compactRev := s.h.register(w)
+	if start != 0 && start < compactRev {
+		s.h.unregister(w)
+		return s.compacted(w, compactRev)
+	}
+	s.add(w)
+	headerRev := max(rev, s.h.g.seen())
+	w.next = start
+	if start == 0 {
+		w.next = headerRev + 1
+	}
+	if err := s.send(&pb.WatchResponse{Header: s.header(headerRev), WatchId: id, Created: true}); err != nil {
+		return err
+	}
+	if start == 0 || start > rev {
+		return nil
+	}
+	// Catch up [start, rev] from history; the queue has what came after rev.
+	err := s.h.history(s.ctx, start, rev, func(r *hrev) error { return s.deliverTo(w, r) })
+	var ce *compactedError
+	if errors.As(err, &ce) {
+		s.remove(w)
+		return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: w.id, CompactRevision: ce.rev, Canceled: true, CancelReason: "mvcc: required revision has been compacted"})
+	}
+	if err != nil {
+		return err
+	}
+	w.next = max(w.next, rev+1)
+	return nil
+}
+
+// compacted answers a watch that starts below the compacted revision as etcd does: a
+// created response, then a canceled one with the compacted revision.
+func (s *wstream) compacted(w *watcher, compactRev int64) error {
+	id := w.id
+	if err := s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: id, Created: true}); err != nil {
+		return err
+	}
+	return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: id, CompactRevision: compactRev, Canceled: true, CancelReason: "mvcc: required revision has been compacted"})
+}
+
+func (s *wstream) add(w *watcher) {
+	s.watchers[w.id] = w
+	if w.end == nil {
+		s.keyW[string(w.key)] = append(s.keyW[string(w.key)], w)
+	} else {
+		s.rangeW = append(s.rangeW, w)
+	}
+}
+
+func (s *wstream) remove(w *watcher) {
+	s.h.unregister(w)
+	delete(s.watchers, w.id)
+	if w.end == nil {
+		ws := s.keyW[string(w.key)]
+		for i, x := range ws {
+			if x == w {
+				ws = append(ws[:i], ws[i+1:]...)
+				break
+			}
+		}
+		if len(ws) == 0 {
+			delete(s.keyW, string(w.key))
+		} else {
+			s.keyW[string(w.key)] = ws
+		}
+		return
+	}
+	for i, x := range s.rangeW {
+		if x == w {
+			s.rangeW = append(s.rangeW[:i], s.rangeW[i+1:]...)
+			break
+		}
+	}
+}
+
+// drain delivers what the hub queued and, after an overflow, catches the stream up from
+// history until it can take the hub's revisions again.
+func (s *wstream) drain() error {
+	s.qmu.Lock()
+	q, of := s.queue, s.overflow
+	s.queue = nil
+	s.qmu.Unlock()
+	for _, r := range q {
+		if err := s.deliver(r); err != nil {
+			return err
+		}
+	}
+	if of == 0 {
+		return nil
+	}
+	for from := of; ; {
+		s.h.mu.Lock()
+		s.qmu.Lock()
+		if from > s.h.rev {
+			s.overflow = 0
+			s.lastQueued = s.h.rev
+			s.qmu.Unlock()
+			s.h.mu.Unlock()
+			return nil
+		}
+		to := s.h.rev
+		batch := s.h.ringFromLocked(from, to)
+		s.qmu.Unlock()
+		s.h.mu.Unlock()
+		if len(batch) > 0 {
+			for _, r := range batch {
+				if err := s.deliver(r); err != nil {
+					return err
+				}
+			}
+			from = batch[len(batch)-1].GetRevision() + 1
+			continue
+		}
+		err := s.h.history(s.ctx, from, to, func(r *hrev) error {
+			from = r.GetRevision() + 1
+			return s.deliver(r)
+		})
+		var ce *compactedError
+		if errors.As(err, &ce) {
+			// History the stream's watchers need is gone: cancel them as etcd cancels
+			// a watcher that fell behind a compaction.
+			for _, w := range s.watchers {
+				if w.next < ce.rev {
+					s.remove(w)
+					if err := s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: w.id, CompactRevision: ce.rev, Canceled: true, CancelReason: "mvcc: required revision has been compacted"}); err != nil {
+						return err
+					}
+				}
+			}
+			from = ce.rev
+			continue
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// deliver sends r's events to every watcher of the stream they concern.
+func (s *wstream) deliver(r *hrev) error {
+	if len(s.watchers) == 1 {
+		for _, w := range s.watchers {
+			return s.deliverTo(w, r)
+		}
+	}
+	var targets []*watcher
+	seen := make(map[*watcher]bool)
+	for _, ev := range r.Events {
+		for _, w := range s.keyW[string(ev.Kv.Key)] {
+			if !seen[w] {
+				seen[w] = true
+				targets = append(targets, w)
+			}
+		}
+		for _, w := range s.rangeW {
+			if !seen[w] && w.matches(ev.Kv.Key) {
+				seen[w] = true
+				targets = append(targets, w)
+			}
+		}
+	}
+	for _, w := range targets {
+		if err := s.deliverTo(w, r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// deliverTo sends w the events of r it watches, unless w is past r.
+func (s *wstream) deliverTo(w *watcher, r *hrev) error {
+	if r.GetRevision() < w.next {
+		return nil
+	}
+	w.next = r.GetRevision() + 1
+	evs := r.Events
+	if !w.prevKV {
+		evs = r.eventsWithoutPrev()
+	}
+	var out []*mvccpb.Event
+	for _, ev := range evs {
+		if !w.matches(ev.Kv.Key) || (w.noPut && ev.Type == mvccpb.Event_PUT) || (w.noDelete && ev.Type == mvccpb.Event_DELETE) {
+			continue
+		}
+		out = append(out, ev)
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	w.sent = true
+	s.h.m.events.Add(float64(len(out)))
+	resp := &pb.WatchResponse{Header: s.header(r.GetRevision()), WatchId: w.id, Events: out}
+	if !w.fragment {
+		return s.send(resp)
+	}
+	return s.sendFragments(resp)
+}
+
+// sendFragments splits a response larger than the gateway's request limit into
+// pieces, each but the last marked fragment, as etcd does for watches that asked.
+func (s *wstream) sendFragments(resp *pb.WatchResponse) error {
+	limit := s.h.g.cfg.MaxRequestBytes
+	if proto.Size(resp) < limit || len(resp.Events) < 2 {
+		return s.send(resp)
+	}
+	evs := resp.Events
+	for i := 0; i < len(evs); {
+		part := &pb.WatchResponse{Header: resp.Header, WatchId: resp.WatchId}
+		size := proto.Size(part)
+		for ; i < len(evs); i++ {
+			n := proto.Size(evs[i]) + 8
+			if len(part.Events) > 0 && size+n > limit {
+				break
+			}
+			part.Events = append(part.Events, evs[i])
+			size += n
+		}
+		part.Fragment = i < len(evs)
+		if err := s.send(part); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// synced tells whether the stream has delivered everything the hub has that concerns
+// it; the hub's lock must be held.
+func (s *wstream) syncedLocked() bool {
+	s.qmu.Lock()
+	defer s.qmu.Unlock()
+	return len(s.queue) == 0 && s.overflow == 0
+}
+
+// answerProgress answers a pending WatchProgressRequest once the stream is synced and
+// the hub has reached every watcher's start: the revision reported is then one below
+// which every event has been sent (etcd's RequestProgressAll).
+func (s *wstream) answerProgress() error {
+	s.h.mu.Lock()
+	rev, ok := s.h.rev, s.syncedLocked()
+	s.h.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	for _, w := range s.watchers {
+		if w.next-1 > rev {
+			return nil
+		}
+	}
+	s.progress = false
+	return s.send(&pb.WatchResponse{Header: s.header(rev), WatchId: invalidWatchID})
+}
+
+// progressTick sends the periodic progress notification (progress_notify) to each
+// watcher that asked for it and was sent no events since the last tick.
+func (s *wstream) progressTick() error {
+	s.h.mu.Lock()
+	rev, ok := s.h.rev, s.syncedLocked()
+	s.h.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	for _, w := range s.watchers {
+		if !w.progress {
+			continue
+		}
+		if w.sent {
+			w.sent = false
+			continue
+		}
+		if err := s.send(&pb.WatchResponse{Header: s.header(max(rev, w.next-1)), WatchId: w.id}); err != nil {
+			return err
+		}
+	}
+	return nil
+}

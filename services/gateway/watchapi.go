@@ -1,0 +1,112 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+
+	"connectrpc.com/connect"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
+)
+
+// The Watch faces: etcd's bidi Watch over grpc-go and over connect-go, and kvmesh's
+// server-streaming WatchService for clients that cannot hold a bidi stream (browsers
+// over HTTP/1.1). All three run Gateway.watch.
+
+var errWatchDisabled = connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh: watch needs a NATS server (KVMESH_NATS_URL)"))
+
+// watch serves one stream, failing with etcd's "no leader" when the client asked for
+// a leader (hasleader) and the cluster has none, at the start or later.
+func (g *Gateway) watch(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error) error {
+	if g.hub == nil {
+		return errWatchDisabled
+	}
+	if requiresLeader(ctx) {
+		if g.view.leaderID() == 0 {
+			return etcderr.ErrNoLeader
+		}
+		var cancel context.CancelCauseFunc
+		ctx, cancel = context.WithCancelCause(ctx)
+		defer cancel(nil)
+		go g.monitorLeader(ctx, cancel)
+	}
+	err := g.serveWatch(ctx, recv, send)
+	if cause := context.Cause(ctx); errors.Is(cause, etcderr.ErrNoLeader) {
+		return etcderr.ErrNoLeader
+	}
+	return err
+}
+
+type grpcWatch struct {
+	pb.UnimplementedWatchServer
+	g *Gateway
+}
+
+func (s grpcWatch) Watch(stream pb.Watch_WatchServer) error {
+	ctx := stream.Context()
+	if md, ok := metadata.FromIncomingContext(ctx); ok {
+		if v := md.Get(hasLeaderKey); len(v) > 0 && v[0] == "true" {
+			ctx = withRequireLeader(ctx)
+		}
+	}
+	err := s.g.watch(ctx, stream.Recv, stream.Send)
+	if err == nil || errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return etcderr.ToGRPC(err)
+}
+
+type connectWatch struct {
+	etcdserverpbconnect.UnimplementedWatchHandler
+	g *Gateway
+}
+
+func (h connectWatch) Watch(ctx context.Context, stream *connect.BidiStream[pb.WatchRequest, pb.WatchResponse]) error {
+	if stream.RequestHeader().Get(hasLeaderKey) == "true" {
+		ctx = withRequireLeader(ctx)
+	}
+	err := h.g.watch(ctx, stream.Receive, stream.Send)
+	if err == nil || errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return etcderr.ToConnect(err)
+}
+
+// connectWatchOne serves kvmesh.watch.v1.WatchService: one watch per call.
+type connectWatchOne struct{ g *Gateway }
+
+func (h connectWatchOne) Watch(ctx context.Context, req *connect.Request[pb.WatchCreateRequest], stream *connect.ServerStream[pb.WatchResponse]) error {
+	if req.Header().Get(hasLeaderKey) == "true" {
+		ctx = withRequireLeader(ctx)
+	}
+	cr := req.Msg
+	cr.WatchId = 0
+	first := true
+	recv := func() (*pb.WatchRequest, error) {
+		if first {
+			first = false
+			return &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: cr}}, nil
+		}
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	send := func(resp *pb.WatchResponse) error {
+		if err := stream.Send(resp); err != nil {
+			return err
+		}
+		if resp.GetCanceled() {
+			cancel() // the one watch ended: so does the call
+		}
+		return nil
+	}
+	err := h.g.watch(ctx, recv, send)
+	if err == nil || errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return etcderr.ToConnect(err)
+}
