@@ -43,6 +43,10 @@ type watcher struct {
 	fragment bool
 	progress bool // progress_notify
 	sent     bool // events sent since the last progress tick
+	// compactRev is the compacted revision when the watch was created: etcd fills
+	// prev_kv at sending time, so an event whose previous revision is compacted by
+	// then has none.
+	compactRev int64
 }
 
 // matches tells whether key is in w's range.
@@ -278,9 +282,11 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 		if c := pos.GetCompactRevision(); start < c {
 			return s.compacted(w, c)
 		}
+		w.compactRev = pos.GetCompactRevision()
 	}
 
 	rev, compactRev := s.h.register(w)
+	w.compactRev = max(w.compactRev, compactRev)
 	if start != 0 && start < compactRev {
 		s.h.unregister(w)
 		return s.compacted(w, compactRev)
@@ -297,12 +303,30 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 	if start == 0 || start > rev {
 		return nil
 	}
-	// Catch up [start, rev] from history; the queue has what came after rev.
-	err := s.h.history(s.ctx, start, rev, func(r *hrev) error { return s.deliverTo(w, r) })
+	// Catch up [start, rev] from history; the queue has what came after rev. As in
+	// etcd, the events of many revisions go together, under the current revision.
+	var batch []*mvccpb.Event
+	revs := 0
+	err := s.h.history(s.ctx, start, rev, func(r *hrev) error {
+		evs := w.take(r)
+		if len(evs) == 0 {
+			return nil
+		}
+		batch = append(batch, evs...)
+		if revs++; revs >= catchUpBatchRevisions {
+			err := s.sendEvents(w, rev, batch)
+			batch, revs = nil, 0
+			return err
+		}
+		return nil
+	})
+	if err == nil {
+		err = s.sendEvents(w, rev, batch)
+	}
 	var ce *compactedError
 	if errors.As(err, &ce) {
 		s.remove(w)
-		return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: w.id, CompactRevision: ce.rev, Canceled: true, CancelReason: "mvcc: required revision has been compacted"})
+		return s.send(compactedResponse(s, w.id, ce.rev))
 	}
 	if err != nil {
 		return err
@@ -318,7 +342,13 @@ func (s *wstream) compacted(w *watcher, compactRev int64) error {
 	if err := s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: id, Created: true}); err != nil {
 		return err
 	}
-	return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: id, CompactRevision: compactRev, Canceled: true, CancelReason: "mvcc: required revision has been compacted"})
+	return s.send(compactedResponse(s, id, compactRev))
+}
+
+// compactedResponse is etcd's answer to a watcher whose history is compacted: no
+// revision in the header, no cancel reason.
+func compactedResponse(s *wstream, id, compactRev int64) *pb.WatchResponse {
+	return &pb.WatchResponse{Header: s.header(0), WatchId: id, CompactRevision: compactRev, Canceled: true}
 }
 
 func (s *wstream) add(w *watcher) {
@@ -405,7 +435,7 @@ func (s *wstream) drain() error {
 			for _, w := range s.watchers {
 				if w.next < ce.rev {
 					s.remove(w)
-					if err := s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: w.id, CompactRevision: ce.rev, Canceled: true, CancelReason: "mvcc: required revision has been compacted"}); err != nil {
+					if err := s.send(compactedResponse(s, w.id, ce.rev)); err != nil {
 						return err
 					}
 				}
@@ -452,12 +482,18 @@ func (s *wstream) deliver(r *hrev) error {
 
 // deliverTo sends w the events of r it watches, unless w is past r.
 func (s *wstream) deliverTo(w *watcher, r *hrev) error {
+	return s.sendEvents(w, r.GetRevision(), w.take(r))
+}
+
+// take returns the events of r that w watches (none when w is past r) and moves w
+// past r.
+func (w *watcher) take(r *hrev) []*mvccpb.Event {
 	if r.GetRevision() < w.next {
 		return nil
 	}
 	w.next = r.GetRevision() + 1
 	evs := r.Events
-	if !w.prevKV {
+	if !w.prevKV || r.GetRevision()-1 < w.compactRev {
 		evs = r.eventsWithoutPrev()
 	}
 	var out []*mvccpb.Event
@@ -467,43 +503,55 @@ func (s *wstream) deliverTo(w *watcher, r *hrev) error {
 		}
 		out = append(out, ev)
 	}
-	if len(out) == 0 {
+	return out
+}
+
+// sendEvents sends w one response with evs (nothing when there are none).
+func (s *wstream) sendEvents(w *watcher, headerRev int64, evs []*mvccpb.Event) error {
+	if len(evs) == 0 {
 		return nil
 	}
 	w.sent = true
-	s.h.m.events.Add(float64(len(out)))
-	resp := &pb.WatchResponse{Header: s.header(r.GetRevision()), WatchId: w.id, Events: out}
+	s.h.m.events.Add(float64(len(evs)))
+	resp := &pb.WatchResponse{Header: s.header(headerRev), WatchId: w.id, Events: evs}
 	if !w.fragment {
 		return s.send(resp)
 	}
 	return s.sendFragments(resp)
 }
 
-// sendFragments splits a response larger than the gateway's request limit into
-// pieces, each but the last marked fragment, as etcd does for watches that asked.
+// catchUpBatchRevisions is how many revisions' events one catch-up response carries
+// at most (etcd's watchBatchMaxRevs).
+const catchUpBatchRevisions = 1000
+
+// sendFragments splits a response larger than etcd's fragment size (the request
+// limit plus gRPC's overhead allowance) into pieces, each but the last marked
+// fragment, exactly as etcd's watch server does for watches that asked.
 func (s *wstream) sendFragments(resp *pb.WatchResponse) error {
-	limit := s.h.g.cfg.MaxRequestBytes
+	limit := s.h.g.cfg.MaxRequestBytes + grpcOverheadBytes
 	if proto.Size(resp) < limit || len(resp.Events) < 2 {
 		return s.send(resp)
 	}
-	evs := resp.Events
-	for i := 0; i < len(evs); {
-		part := &pb.WatchResponse{Header: resp.Header, WatchId: resp.WatchId}
-		size := proto.Size(part)
-		for ; i < len(evs); i++ {
-			n := proto.Size(evs[i]) + 8
-			if len(part.Events) > 0 && size+n > limit {
+	for idx := 0; ; {
+		cur := &pb.WatchResponse{Header: resp.Header, WatchId: resp.WatchId, Fragment: true}
+		for _, ev := range resp.Events[idx:] {
+			cur.Events = append(cur.Events, ev)
+			if len(cur.Events) > 1 && proto.Size(cur) >= limit {
+				cur.Events = cur.Events[:len(cur.Events)-1]
 				break
 			}
-			part.Events = append(part.Events, evs[i])
-			size += n
+			idx++
 		}
-		part.Fragment = i < len(evs)
-		if err := s.send(part); err != nil {
+		if idx == len(resp.Events) {
+			cur.Fragment = false
+		}
+		if err := s.send(cur); err != nil {
 			return err
 		}
+		if !cur.Fragment {
+			return nil
+		}
 	}
-	return nil
 }
 
 // synced tells whether the stream has delivered everything the hub has that concerns

@@ -28,6 +28,7 @@ import (
 
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/watch/v1/watchv1connect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/tests/harness"
 )
@@ -165,14 +166,6 @@ func TestHealthAndUnbuiltServices(t *testing.T) {
 	if _, err := pb.NewLeaseClient(conn).LeaseGrant(ctxT(t), &pb.LeaseGrantRequest{TTL: 5}); status.Code(err) != codes.Unimplemented {
 		t.Fatalf("gRPC LeaseGrant: %v, want Unimplemented", err)
 	}
-	w, err := pb.NewWatchClient(conn).Watch(ctxT(t))
-	if err == nil {
-		w.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{Key: []byte("k")}}})
-		_, err = w.Recv()
-	}
-	if status.Code(err) != codes.Unimplemented {
-		t.Fatalf("gRPC Watch: %v, want Unimplemented", err)
-	}
 	_, err = etcdserverpbconnect.NewAuthClient(h2c.NewClient(), srv.ClientURL()).AuthStatus(ctxT(t), connect.NewRequest(&pb.AuthStatusRequest{}))
 	var ce *connect.Error
 	if !errors.As(err, &ce) || ce.Code() != connect.CodeUnimplemented {
@@ -208,6 +201,53 @@ func TestHealthAndUnbuiltServices(t *testing.T) {
 
 // TestBadConfigurationFailsWithOneLine starts the binary with bad settings: it must
 // exit at once, with one line naming the variable.
+// TestWatchOverConnect watches through the faces that etcd's clients do not use:
+// etcd's bidi Watch over Connect on h2c, and kvmesh's server-streaming WatchService over
+// HTTP/1.1 (what a browser can hold), in the Connect protocol with JSON.
+func TestWatchOverConnect(t *testing.T) {
+	srv := start(t)
+	base := srv.ClientURL()
+	kv := etcdserverpbconnect.NewKVClient(h2c.NewClient(), base)
+	ctx := ctxT(t)
+
+	bidi := etcdserverpbconnect.NewWatchClient(h2c.NewClient(), base).Watch(ctx)
+	if err := bidi.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{Key: []byte("pw/"), RangeEnd: []byte("pw0"), PrevKv: true}}}); err != nil {
+		t.Fatal(err)
+	}
+	created, err := bidi.Receive()
+	if err != nil || !created.GetCreated() || created.GetWatchId() != 0 {
+		t.Fatalf("Connect bidi Watch create: %v, %v", created, err)
+	}
+
+	one, err := watchv1connect.NewWatchServiceClient(http.DefaultClient, base, connect.WithProtoJSON()).Watch(ctx, connect.NewRequest(&pb.WatchCreateRequest{Key: []byte("pw/a")}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !one.Receive() || !one.Msg().GetCreated() {
+		t.Fatalf("server-streaming Watch over HTTP/1.1: %v, %v", one.Msg(), one.Err())
+	}
+
+	for _, v := range []string{"1", "2"} {
+		if _, err := kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte("pw/a"), Value: []byte(v)})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, want := range []string{"1", "2"} {
+		ev, err := bidi.Receive()
+		if err != nil || len(ev.GetEvents()) != 1 || string(ev.GetEvents()[0].GetKv().GetValue()) != want {
+			t.Fatalf("Connect bidi Watch: %v, %v; want the put of %s", ev, err, want)
+		}
+		if want == "2" && string(ev.GetEvents()[0].GetPrevKv().GetValue()) != "1" {
+			t.Fatalf("Connect bidi Watch: prev_kv %v, want 1", ev.GetEvents()[0].GetPrevKv())
+		}
+		if !one.Receive() || len(one.Msg().GetEvents()) != 1 || string(one.Msg().GetEvents()[0].GetKv().GetValue()) != want {
+			t.Fatalf("server-streaming Watch: %v, %v; want the put of %s", one.Msg(), one.Err(), want)
+		}
+	}
+	bidi.CloseRequest()
+	one.Close()
+}
+
 func TestBadConfigurationFailsWithOneLine(t *testing.T) {
 	if kind, _ := harness.Target(); kind != harness.KindKvmesh {
 		t.Skip("about kvmesh's own configuration")
