@@ -25,6 +25,7 @@ type proc struct {
 	t    *testing.T
 	name string
 	bin  string
+	args []string
 	env  []string
 	log  string
 	cmd  *exec.Cmd
@@ -37,7 +38,7 @@ func (p *proc) start() {
 	if err != nil {
 		p.t.Fatal(err)
 	}
-	p.cmd = exec.Command(p.bin)
+	p.cmd = exec.Command(p.bin, p.args...)
 	p.cmd.Env = append(os.Environ(), p.env...)
 	p.cmd.Stdout, p.cmd.Stderr = f, f
 	if err := p.cmd.Start(); err != nil {
@@ -99,32 +100,7 @@ func TestMeshSurvivesLeaderKill(t *testing.T) {
 	}
 	defer cli.Close()
 
-	// Which process leads? Status names the leader's member ID; MemberList maps it
-	// to a peer URL.
-	st, err := cli.Status(ctxT(t), endpoints[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	ml, err := cli.MemberList(ctxT(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(ml.Members) != 3 {
-		t.Fatalf("MemberList: %d members, want 3", len(ml.Members))
-	}
-	var leader *proc
-	for _, m := range ml.Members {
-		if m.ID == st.Leader {
-			for i, u := range urls {
-				if len(m.PeerURLs) > 0 && m.PeerURLs[0] == u {
-					leader = replicas[i]
-				}
-			}
-		}
-	}
-	if leader == nil {
-		t.Fatalf("leader %x is none of the replicas %v", st.Leader, urls)
-	}
+	leader := leaderProc(t, m, cli)
 
 	var (
 		mu      sync.Mutex
@@ -240,22 +216,32 @@ type mesh struct {
 	gateways   []*proc
 	endpoints  []string // gateways' client addresses
 	all        []*proc
+	gatewayBin string
+	fanoutBin  string
+	nats       *proc
+	natsURL    string
+	fanouts    []*proc
 }
 
-// startMesh starts n replicas (with env added to theirs) and two gateways, each
-// gateway configured with the replicas in a different order, and waits until both
-// gateways are healthy.
+// startMesh starts n replicas (with env added to theirs), a NATS server with
+// JetStream, the fanout and two gateways, each gateway configured with the replicas in
+// a different order, and waits until both gateways are healthy.
 func startMesh(t *testing.T, n int, env ...string) *mesh {
 	t.Helper()
-	replicaBin, err := harness.BuildPackage("github.com/kvmesh/kvmesh/services/replica/cmd/kvmesh-replica")
-	if err != nil {
-		t.Fatal(err)
+	bins := map[string]string{}
+	for _, pkg := range []string{
+		"github.com/kvmesh/kvmesh/services/replica/cmd/kvmesh-replica",
+		"github.com/kvmesh/kvmesh/services/gateway/cmd/kvmesh-gateway",
+		"github.com/kvmesh/kvmesh/services/fanout/cmd/kvmesh-fanout",
+		"github.com/nats-io/nats-server/v2",
+	} {
+		bin, err := harness.BuildPackage(pkg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bins[filepath.Base(pkg)] = bin
 	}
-	gatewayBin, err := harness.BuildPackage("github.com/kvmesh/kvmesh/services/gateway/cmd/kvmesh-gateway")
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := &mesh{t: t, dir: t.TempDir(), replicaBin: replicaBin}
+	m := &mesh{t: t, dir: t.TempDir(), replicaBin: bins["kvmesh-replica"], gatewayBin: bins["kvmesh-gateway"], fanoutBin: bins["kvmesh-fanout"]}
 	for i := range n {
 		addr, err := harness.FreePort()
 		if err != nil {
@@ -270,18 +256,27 @@ func startMesh(t *testing.T, n int, env ...string) *mesh {
 		r.env = append(r.env, "KVMESH_REPLICA_INITIAL_CLUSTER="+strings.Join(m.initial, ","))
 		r.start()
 	}
-	for i := range 2 {
-		addr, err := harness.FreePort()
-		if err != nil {
-			t.Fatal(err)
-		}
-		order := append(append([]string{}, m.urls[i%n:]...), m.urls[:i%n]...)
-		name := fmt.Sprintf("g%d", i)
-		m.gateways = append(m.gateways, &proc{t: t, name: name, bin: gatewayBin, log: filepath.Join(m.dir, name+".log"),
-			env: []string{"KVMESH_GATEWAY_LISTEN=" + addr, "KVMESH_GATEWAY_REPLICAS=" + strings.Join(order, ","), "KVMESH_LOG_FORMAT=text"}})
-		m.endpoints = append(m.endpoints, addr)
+
+	// NATS, as a process of its own with its store on disk (a restart keeps it).
+	natsAddr, err := harness.FreePort()
+	if err != nil {
+		t.Fatal(err)
 	}
-	m.all = append(append([]*proc{}, m.replicas...), m.gateways...)
+	host, port, _ := strings.Cut(natsAddr, ":")
+	conf := filepath.Join(m.dir, "nats.conf")
+	if err := os.WriteFile(conf, []byte(fmt.Sprintf("host: %s\nport: %s\nmax_payload: 8MB\njetstream { store_dir: %q }\n", host, port, filepath.Join(m.dir, "nats"))), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m.natsURL = "nats://" + natsAddr
+	m.nats = &proc{t: t, name: "nats", bin: bins["v2"], args: []string{"-c", conf}, log: filepath.Join(m.dir, "nats.log")}
+	m.nats.start()
+	m.fanouts = append(m.fanouts, m.fanoutProc("f0"))
+
+	for i := range 2 {
+		m.gateways = append(m.gateways, m.gatewayProc(fmt.Sprintf("g%d", i), i))
+	}
+	m.all = append(append(append([]*proc{}, m.replicas...), m.gateways...), m.nats)
+	m.all = append(m.all, m.fanouts...)
 	t.Cleanup(func() {
 		for _, p := range m.all {
 			p.kill()
@@ -292,13 +287,69 @@ func startMesh(t *testing.T, n int, env ...string) *mesh {
 			}
 		}
 	})
-	for _, g := range m.gateways {
-		g.start()
+	for _, p := range append(m.gateways, m.fanouts...) {
+		p.start()
 	}
 	for _, e := range m.endpoints {
 		waitHealthy(t, "http://"+e, m.all)
 	}
 	return m
+}
+
+// leaderProc finds the process of the Raft leader: Status names the leader's member
+// ID, MemberList maps it to a peer URL.
+func leaderProc(t *testing.T, m *mesh, cli *clientv3.Client) *proc {
+	t.Helper()
+	st, err := cli.Status(ctxT(t), m.endpoints[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	ml, err := cli.MemberList(ctxT(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ml.Members) != len(m.replicas) {
+		t.Fatalf("MemberList: %d members, want %d", len(ml.Members), len(m.replicas))
+	}
+	for _, mem := range ml.Members {
+		if mem.ID == st.Leader {
+			for i, u := range m.urls {
+				if len(mem.PeerURLs) > 0 && mem.PeerURLs[0] == u {
+					return m.replicas[i]
+				}
+			}
+		}
+	}
+	t.Fatalf("leader %x is none of the replicas %v", st.Leader, m.urls)
+	return nil
+}
+
+// gatewayProc describes (without starting) a gateway that lists the replicas from the
+// i-th on.
+func (m *mesh) gatewayProc(name string, i int) *proc {
+	m.t.Helper()
+	addr, err := harness.FreePort()
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	n := len(m.urls)
+	order := append(append([]string{}, m.urls[i%n:]...), m.urls[:i%n]...)
+	m.endpoints = append(m.endpoints, addr)
+	return &proc{t: m.t, name: name, bin: m.gatewayBin, log: filepath.Join(m.dir, name+".log"),
+		env: []string{"KVMESH_GATEWAY_LISTEN=" + addr, "KVMESH_GATEWAY_REPLICAS=" + strings.Join(order, ","), "KVMESH_LOG_FORMAT=text",
+			"KVMESH_NATS_URL=" + m.natsURL}}
+}
+
+// fanoutProc describes (without starting) a fanout tailing every replica.
+func (m *mesh) fanoutProc(name string) *proc {
+	m.t.Helper()
+	addr, err := harness.FreePort()
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	return &proc{t: m.t, name: name, bin: m.fanoutBin, log: filepath.Join(m.dir, name+".log"),
+		env: []string{"KVMESH_FANOUT_LISTEN=" + addr, "KVMESH_FANOUT_REPLICAS=" + strings.Join(m.urls, ","), "KVMESH_LOG_FORMAT=text",
+			"KVMESH_NATS_URL=" + m.natsURL}}
 }
 
 // replicaProc describes (without starting) a replica process listening on addr.
