@@ -47,6 +47,8 @@ type Config struct {
 	// WatchRingRevisions is how many recent revisions the gateway keeps in memory for
 	// watchers that start slightly in the past or fell behind.
 	WatchRingRevisions int `env:"WATCH_RING_REVISIONS, default=20000"`
+	// WatchRingBytes bounds the memory of those revisions.
+	WatchRingBytes int `env:"WATCH_RING_BYTES, default=67108864"`
 	// WatchStreamQueue is how many revisions wait for one slow client stream before it
 	// is caught up from history instead.
 	WatchStreamQueue int `env:"WATCH_STREAM_QUEUE, default=1024"`
@@ -74,6 +76,9 @@ func (c *Config) Validate() error {
 	}
 	if c.WatchRingRevisions < 16 {
 		return errors.New("KVMESH_GATEWAY_WATCH_RING_REVISIONS: must be at least 16")
+	}
+	if c.WatchRingBytes < 1<<20 {
+		return errors.New("KVMESH_GATEWAY_WATCH_RING_BYTES: must be at least 1 MiB")
 	}
 	if c.WatchStreamQueue < 1 {
 		return errors.New("KVMESH_GATEWAY_WATCH_STREAM_QUEUE: must be positive")

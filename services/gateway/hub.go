@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
@@ -32,11 +33,12 @@ import (
 // hrev is a revision as the hub holds it, shared by every stream (read-only).
 type hrev struct {
 	*replicav1.Revision
+	size   int // encoded size
 	once   sync.Once
 	noPrev []*mvccpb.Event // the events without prev_kv, made on first use
 }
 
-func newHrev(r *replicav1.Revision) *hrev { return &hrev{Revision: r} }
+func newHrev(r *replicav1.Revision) *hrev { return &hrev{Revision: r, size: proto.Size(r)} }
 
 // eventsWithoutPrev returns the events stripped of prev_kv, for watchers that did not
 // ask for it.
@@ -60,13 +62,15 @@ type hub struct {
 	js  jetstream.JetStream
 	cfg revstream.Config
 
-	ringCap  int
-	queueCap int
+	ringCap   int
+	ringBytes int // bound on the ring's encoded size
+	queueCap  int
 
 	mu         sync.Mutex
 	rev        int64 // last revision handed to the streams; 0 until known
 	compactRev int64
 	ring       []*hrev // consecutive revisions ending at rev
+	ringSize   int     // encoded bytes of the ring's revisions
 	keys       map[string]map[*wstream]int
 	ranges     map[*watcher]struct{}
 	changed    chan struct{} // closed and replaced at every revision
@@ -93,7 +97,7 @@ func newHub(g *Gateway, nc *nats.Conn, cfg revstream.Config) (*hub, error) {
 	}
 	h := &hub{
 		g: g, log: g.log.With("component", "watch"), js: js, cfg: cfg,
-		ringCap: g.cfg.WatchRingRevisions, queueCap: g.cfg.WatchStreamQueue,
+		ringCap: g.cfg.WatchRingRevisions, ringBytes: g.cfg.WatchRingBytes, queueCap: g.cfg.WatchStreamQueue,
 		keys:    make(map[string]map[*wstream]int),
 		ranges:  make(map[*watcher]struct{}),
 		changed: make(chan struct{}),
@@ -127,6 +131,9 @@ func (h *hub) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
+		if err == nil {
+			continue
+		}
 		h.log.Warn("revision stream consumer stopped; restarting", "err", err)
 		select {
 		case <-ctx.Done():
@@ -140,6 +147,14 @@ func (h *hub) consume(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	s, err := h.js.Stream(ctx, h.cfg.Stream)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		h.log.Info("waiting for the fanout to create the revision stream", "stream", h.cfg.Stream)
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+		return nil
+	}
 	if err != nil {
 		return fmt.Errorf("stream %s: %w", h.cfg.Stream, err)
 	}
@@ -265,11 +280,22 @@ func (h *hub) publish(r *hrev) {
 	h.rev = r.GetRevision()
 	h.compactRev = max(h.compactRev, r.GetCompactRevision())
 	h.ring = append(h.ring, r)
-	if len(h.ring) > h.ringCap {
-		// Drop the oldest quarter at once, so that trimming is not a copy per revision.
-		n := copy(h.ring, h.ring[len(h.ring)-h.ringCap*3/4:])
+	h.ringSize += r.size
+	if len(h.ring) > h.ringCap || (h.ringSize > h.ringBytes && len(h.ring) > 1) {
+		// Drop the oldest quarter at once (or down to the byte bound), so that
+		// trimming is not a copy per revision.
+		drop := max(len(h.ring)-h.ringCap*3/4, 0)
+		size := h.ringSize
+		for i := range drop {
+			size -= h.ring[i].size
+		}
+		for drop < len(h.ring)-1 && size > h.ringBytes*3/4 {
+			size -= h.ring[drop].size
+			drop++
+		}
+		n := copy(h.ring, h.ring[drop:])
 		clear(h.ring[n:])
-		h.ring = h.ring[:n]
+		h.ring, h.ringSize = h.ring[:n], size
 	}
 	for _, ev := range r.Events {
 		for s := range h.keys[string(ev.Kv.Key)] {
