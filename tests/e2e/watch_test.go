@@ -14,6 +14,8 @@ import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/encoding/prototext"
 
 	"github.com/kvmesh/kvmesh/tests/harness"
@@ -382,6 +384,93 @@ func TestWatchCatchesUpAfterRestart(t *testing.T) {
 				t.Fatalf("event at revision %d, want %d", ev.Kv.ModRevision, want)
 			}
 			want++
+		}
+	}
+}
+
+// TestWatchSlowClientCatchesUp holds a watch stream's reader still (small HTTP/2
+// windows, no Recv) while thousands of revisions are written, with a gateway whose
+// per-stream queue and in-memory history are tiny: the stream overflows and must be
+// caught up from the older history (JetStream, a replica) once the client reads again,
+// with every revision delivered once, in order. Another watcher on another stream is
+// not held back meanwhile.
+func TestWatchSlowClientCatchesUp(t *testing.T) {
+	t.Parallel()
+	kind := harness.MustTarget(t)
+	s := harness.Start(t, kind, harness.Options{Name: "watch-slow", Env: []string{
+		"KVMESH_GATEWAY_WATCH_STREAM_QUEUE=16", "KVMESH_GATEWAY_WATCH_RING_REVISIONS=64", "KVMESH_GATEWAY_WATCH_RING_BYTES=1048576",
+	}})
+	cli := etcdclient.NewClient(t, s)
+	ctx := harness.WaitCtx(t, 120*time.Second)
+
+	conn, err := grpc.NewClient(s.Endpoint(), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	slow, err := pb.NewWatchClient(conn).Watch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := cli.Put(ctx, "slow/start", "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	from := first.Header.Revision + 1
+	if err := slow.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{Key: []byte("slow/"), RangeEnd: []byte("slow0"), StartRevision: from}}}); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := slow.Recv(); err != nil || !r.Created {
+		t.Fatalf("create: %v, %v", r, err)
+	}
+	fast := cli.Watch(ctx, "fast", clientv3.WithRev(from))
+
+	const n = 2000
+	value := strings.Repeat("v", 1024)
+	var last, fastRev int64
+	for i := range n {
+		r, err := cli.Put(ctx, fmt.Sprintf("slow/%d", i%50), value)
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = r.Header.Revision
+		if i == n/2 {
+			// Meanwhile a watcher on another stream is served at once.
+			put, err := cli.Put(ctx, "fast", "1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			fastRev = put.Header.Revision
+			select {
+			case resp := <-fast:
+				if len(resp.Events) != 1 || resp.Events[0].Kv.ModRevision != put.Header.Revision {
+					t.Fatalf("fast watcher: %+v", resp)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("a watcher on another stream was held back by the slow one")
+			}
+		}
+	}
+	want := from
+	for want <= last {
+		r, err := slow.Recv()
+		if err != nil {
+			t.Fatalf("slow watcher at revision %d: %v", want, err)
+		}
+		for _, ev := range r.Events {
+			if want == fastRev { // the "fast" put is not in this watch's range
+				want++
+			}
+			if ev.Kv.ModRevision != want {
+				t.Fatalf("slow watcher: event at revision %d, want %d", ev.Kv.ModRevision, want)
+			}
+			want++
+		}
+	}
+	if kind == harness.KindKvmesh {
+		if v := metricOf(s.ClientURL(), "kvmesh_gateway_watch_stream_overflows_total"); v < 1 {
+			t.Fatalf("the slow stream never overflowed (metric %v): the test did not test the catch-up", v)
 		}
 	}
 }
