@@ -6,6 +6,7 @@ package config
 import (
 	"context"
 	"fmt"
+	"net/url"
 	"reflect"
 	"strings"
 
@@ -56,3 +57,18 @@ func envName(v any, field string) string {
 
 // MapLookuper returns a Lookuper over a fixed map, for tests.
 func MapLookuper(m map[string]string) envconfig.Lookuper { return envconfig.MapLookuper(m) }
+
+// CheckReplicaURLs checks a list of replica URLs set by the variable name: at least
+// one, each an http(s) URL with a host.
+func CheckReplicaURLs(name string, urls []string) error {
+	if len(urls) == 0 {
+		return fmt.Errorf("%s: at least one replica URL is needed", name)
+	}
+	for _, u := range urls {
+		p, err := url.Parse(u)
+		if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
+			return fmt.Errorf("%s: %q is not an http(s) URL", name, u)
+		}
+	}
+	return nil
+}

@@ -18,7 +18,6 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -28,6 +27,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/kvmesh/kvmesh/libs/config"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
@@ -57,14 +57,8 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("KVMESH_FANOUT_LISTEN: %w", err)
 		}
 	}
-	if len(c.Replicas) == 0 {
-		return errors.New("KVMESH_FANOUT_REPLICAS: at least one replica URL is needed")
-	}
-	for _, u := range c.Replicas {
-		p, err := url.Parse(u)
-		if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
-			return fmt.Errorf("KVMESH_FANOUT_REPLICAS: %q is not an http(s) URL", u)
-		}
+	if err := config.CheckReplicaURLs("KVMESH_FANOUT_REPLICAS", c.Replicas); err != nil {
+		return err
 	}
 	if c.MaxInFlight <= 0 {
 		return errors.New("KVMESH_FANOUT_MAX_IN_FLIGHT: must be positive")

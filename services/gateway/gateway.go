@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"net/url"
 	"sync/atomic"
 	"time"
 
@@ -19,6 +18,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"google.golang.org/grpc"
 
+	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/watch/v1/watchv1connect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb/v3electionpbconnect"
@@ -59,14 +59,8 @@ func (c *Config) Validate() error {
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("KVMESH_GATEWAY_LISTEN: %w", err)
 	}
-	if len(c.Replicas) == 0 {
-		return errors.New("KVMESH_GATEWAY_REPLICAS: at least one replica URL is needed")
-	}
-	for _, u := range c.Replicas {
-		p, err := url.Parse(u)
-		if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
-			return fmt.Errorf("KVMESH_GATEWAY_REPLICAS: %q is not an http(s) URL", u)
-		}
+	if err := config.CheckReplicaURLs("KVMESH_GATEWAY_REPLICAS", c.Replicas); err != nil {
+		return err
 	}
 	if c.MaxRequestBytes <= 0 {
 		return errors.New("KVMESH_GATEWAY_MAX_REQUEST_BYTES: must be positive")

@@ -554,21 +554,21 @@ func (s *wstream) sendFragments(resp *pb.WatchResponse) error {
 	}
 }
 
-// synced tells whether the stream has delivered everything the hub has that concerns
-// it; the hub's lock must be held.
-func (s *wstream) syncedLocked() bool {
+// syncedRev returns the hub's revision and whether the stream has delivered
+// everything the hub has that concerns it.
+func (s *wstream) syncedRev() (int64, bool) {
+	s.h.mu.Lock()
+	defer s.h.mu.Unlock()
 	s.qmu.Lock()
 	defer s.qmu.Unlock()
-	return len(s.queue) == 0 && s.overflow == 0
+	return s.h.rev, len(s.queue) == 0 && s.overflow == 0
 }
 
 // answerProgress answers a pending WatchProgressRequest once the stream is synced and
 // the hub has reached every watcher's start: the revision reported is then one below
 // which every event has been sent (etcd's RequestProgressAll).
 func (s *wstream) answerProgress() error {
-	s.h.mu.Lock()
-	rev, ok := s.h.rev, s.syncedLocked()
-	s.h.mu.Unlock()
+	rev, ok := s.syncedRev()
 	if !ok {
 		return nil
 	}
@@ -584,9 +584,7 @@ func (s *wstream) answerProgress() error {
 // progressTick sends the periodic progress notification (progress_notify) to each
 // watcher that asked for it and was sent no events since the last tick.
 func (s *wstream) progressTick() error {
-	s.h.mu.Lock()
-	rev, ok := s.h.rev, s.syncedLocked()
-	s.h.mu.Unlock()
+	rev, ok := s.syncedRev()
 	if !ok {
 		return nil
 	}
