@@ -117,9 +117,6 @@ func New(cfg Config, stream revstream.Config, tel *telemetry.Telemetry, client c
 	return f, nil
 }
 
-// Published is the last revision JetStream acknowledged from this fanout.
-func (f *Fanout) Published() int64 { return f.published.Load() }
-
 // Listen binds cfg.Listen for /metrics and health (nothing when it is empty).
 func (f *Fanout) Listen() error {
 	if f.cfg.Listen == "" {

@@ -198,12 +198,8 @@ func (h *hub) consume(ctx context.Context) error {
 		return err
 	}
 	defer it.Stop()
-	go func() {
-		<-ctx.Done()
-		it.Stop()
-	}()
 	for {
-		msg, err := it.Next()
+		msg, err := it.Next(jetstream.NextContext(ctx))
 		if err != nil {
 			return err
 		}
@@ -245,10 +241,7 @@ func (h *hub) ingest(ctx context.Context, r *replicav1.Revision) error {
 		}
 	}
 	if r.GetTooLarge() {
-		if err := h.repair(ctx, r.GetRevision()); err != nil {
-			return err
-		}
-		return nil
+		return h.repair(ctx, r.GetRevision())
 	}
 	h.publish(newHrev(r))
 	return nil
@@ -406,9 +399,7 @@ func (h *hub) fromStream(ctx context.Context, from, to int64, fn func(*hrev) err
 	defer it.Stop()
 	var n int64
 	for next := from; next <= to; {
-		mctx, mcancel := context.WithTimeout(ctx, 2*time.Second)
-		msg, err := nextMsg(mctx, it)
-		mcancel()
+		msg, err := it.Next(jetstream.NextContext(ctx), jetstream.NextMaxWait(2*time.Second))
 		if err != nil {
 			return n, nil // stop here; the caller goes on from elsewhere
 		}
@@ -431,26 +422,6 @@ func (h *hub) fromStream(ctx context.Context, from, to int64, fn func(*hrev) err
 		next++
 	}
 	return n, nil
-}
-
-// nextMsg is MessagesContext.Next bounded by ctx.
-func nextMsg(ctx context.Context, it jetstream.MessagesContext) (jetstream.Msg, error) {
-	type result struct {
-		m   jetstream.Msg
-		err error
-	}
-	ch := make(chan result, 1)
-	go func() {
-		m, err := it.Next()
-		ch <- result{m, err}
-	}()
-	select {
-	case r := <-ch:
-		return r.m, r.err
-	case <-ctx.Done():
-		it.Stop()
-		return nil, ctx.Err()
-	}
 }
 
 // compactedError is a history read that started below a replica's compacted revision.

@@ -43,6 +43,8 @@ type watcher struct {
 	fragment bool
 	progress bool // progress_notify
 	sent     bool // events sent since the last progress tick
+	// picked is the last revision deliver chose w for (so it is chosen once).
+	picked int64
 	// compactRev is the compacted revision when the watch was created: etcd fills
 	// prev_kv at sending time, so an event whose previous revision is compacted by
 	// then has none.
@@ -186,7 +188,7 @@ func (g *Gateway) serveWatch(ctx context.Context, recv func() (*pb.WatchRequest,
 				case err := <-recvErr:
 					// A client that closed its side still gets its events, as
 					// etcd's watch server keeps sending until the stream ends.
-					if !errors.Is(err, io.EOF) && !isClientGone(err) {
+					if !errors.Is(err, io.EOF) && !errors.Is(err, context.Canceled) {
 						return err
 					}
 				default:
@@ -206,10 +208,6 @@ func (g *Gateway) serveWatch(ctx context.Context, recv func() (*pb.WatchRequest,
 			return err
 		}
 	}
-}
-
-func isClientGone(err error) bool {
-	return err == nil || errors.Is(err, context.Canceled)
 }
 
 func (s *wstream) header(rev int64) *pb.ResponseHeader {
@@ -457,17 +455,17 @@ func (s *wstream) deliver(r *hrev) error {
 		}
 	}
 	var targets []*watcher
-	seen := make(map[*watcher]bool)
+	rev := r.GetRevision()
 	for _, ev := range r.Events {
 		for _, w := range s.keyW[string(ev.Kv.Key)] {
-			if !seen[w] {
-				seen[w] = true
+			if w.picked != rev {
+				w.picked = rev
 				targets = append(targets, w)
 			}
 		}
 		for _, w := range s.rangeW {
-			if !seen[w] && w.matches(ev.Kv.Key) {
-				seen[w] = true
+			if w.picked != rev && w.matches(ev.Kv.Key) {
+				w.picked = rev
 				targets = append(targets, w)
 			}
 		}
