@@ -494,9 +494,12 @@ func (w *watcher) take(r *hrev) []*mvccpb.Event {
 	if !w.prevKV || r.GetRevision()-1 < w.compactRev {
 		evs = r.eventsWithoutPrev()
 	}
+	// Compacting at C removes the tombstones written at C, so etcd never shows a
+	// watcher a deletion at the compacted revision.
+	noDelete := w.noDelete || r.GetRevision() <= w.compactRev
 	var out []*mvccpb.Event
 	for _, ev := range evs {
-		if !w.matches(ev.Kv.Key) || (w.noPut && ev.Type == mvccpb.Event_PUT) || (w.noDelete && ev.Type == mvccpb.Event_DELETE) {
+		if !w.matches(ev.Kv.Key) || (w.noPut && ev.Type == mvccpb.Event_PUT) || (noDelete && ev.Type == mvccpb.Event_DELETE) {
 			continue
 		}
 		out = append(out, ev)
