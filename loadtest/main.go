@@ -4,6 +4,7 @@
 //
 //	loadtest [global flags] put   [--key-size=8] [--val-size=256] [--total=10000] [--sequential-keys] [--key-space-size=1]
 //	loadtest [global flags] range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]
+//	loadtest [global flags] watch [--watchers=100000] [--streams=100] [--hot] [--rates=1000] [--step=10s] [--server-pids=PID,…]
 //
 // Global flags may also be given after the subcommand.
 package main
@@ -16,6 +17,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -49,8 +51,9 @@ func (g *globalFlags) register(fs *flag.FlagSet) {
 const usage = `Usage:
   loadtest [global flags] put   [--key-size=8] [--val-size=256] [--total=10000] [--sequential-keys] [--key-space-size=1]
   loadtest [global flags] range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]
+  loadtest [global flags] watch [--watchers=100000] [--streams=100] [--hot] [--rates=1000] [--step=10s] [--server-pids=PID,…]
 
-Run "loadtest put -h" or "loadtest range -h" for the subcommand flags.
+Run "loadtest put -h", "loadtest range -h" or "loadtest watch -h" for the subcommand flags.
 
 Global flags (also accepted after the subcommand):
 `
@@ -90,6 +93,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err error
 	)
 	switch cmd {
+	case "watch":
+		return runWatch(ctx, &g, rest, stdout, stderr)
 	case "put":
 		rep, err = runPut(ctx, &g, rest, stderr)
 	case "range":
@@ -260,4 +265,72 @@ func runRange(ctx context.Context, g *globalFlags, args []string, stderr io.Writ
 		opts.RangeEnd = pos[1]
 	}
 	return bench.Range(ctx, cfg, opts)
+}
+
+func runWatch(ctx context.Context, g *globalFlags, args []string, stdout, stderr io.Writer) int {
+	fs := newSubFlagSet("watch",
+		"watch [--watchers=100000] [--streams=100] [--hot] [--rates=1000] [--step=10s] [--server-pids=PID,…]", g, stderr)
+	var opts bench.WatchOptions
+	fs.IntVar(&opts.Watchers, "watchers", 100000, "number of watches")
+	fs.IntVar(&opts.Streams, "streams", 100, "number of Watch streams the watches are spread over (round-robin over the conns)")
+	fs.BoolVar(&opts.Hot, "hot", false, "watch one key with every watch (otherwise each watch has its own key and each put writes a random watched key)")
+	fs.StringVar(&opts.Prefix, "prefix", "/loadtest/watch/", "prefix of the watched keys")
+	fs.IntVar(&opts.ValSize, "val-size", 64, "value size in bytes")
+	fs.IntVar(&opts.Writers, "writers", 32, "concurrent put loops sharing the rate")
+	rates := fs.String("rates", "1000", "comma-separated put rates (puts/s), one step each, in order")
+	fs.DurationVar(&opts.Step, "step", 10*time.Second, "how long each step puts")
+	fs.DurationVar(&opts.Drain, "drain", 10*time.Second, "how long to wait after a step for its events")
+	fs.DurationVar(&opts.Settle, "settle", 5*time.Second, "idle time after the watches are created before the servers' memory is read")
+	fs.DurationVar(&opts.MaxP99, "max-p99", 0, "stop after the first step whose p99 delivery latency exceeds this (0: run every step)")
+	pids := fs.String("server-pids", "", "comma-separated server process ids whose resident memory is read (Linux)")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return exitCode(err)
+	}
+	if len(pos) != 0 {
+		fmt.Fprintf(stderr, "loadtest watch: unexpected arguments %q\n", pos)
+		fs.Usage()
+		return 2
+	}
+	for _, f := range strings.Split(*rates, ",") {
+		r, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+		if err != nil {
+			fmt.Fprintf(stderr, "loadtest watch: --rates: %v\n", err)
+			return 2
+		}
+		opts.Rates = append(opts.Rates, r)
+	}
+	if *pids != "" {
+		for _, f := range strings.Split(*pids, ",") {
+			pid, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil {
+				fmt.Fprintf(stderr, "loadtest watch: --server-pids: %v\n", err)
+				return 2
+			}
+			opts.ServerPIDs = append(opts.ServerPIDs, pid)
+		}
+	}
+	rep, err := bench.Watch(ctx, g.config(0, false, stderr), opts)
+	if err != nil {
+		fmt.Fprintf(stderr, "loadtest watch: %v\n", err)
+		return 1
+	}
+	text := stdout
+	if g.json {
+		text = stderr
+	}
+	if err := rep.WriteText(text); err != nil {
+		fmt.Fprintf(stderr, "loadtest: %v\n", err)
+		return 1
+	}
+	if g.json {
+		if err := rep.WriteJSON(stdout); err != nil {
+			fmt.Fprintf(stderr, "loadtest: %v\n", err)
+			return 1
+		}
+	}
+	if rep.Interrupted {
+		return 130
+	}
+	return 0
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -69,9 +70,9 @@ type hub struct {
 	mu         sync.Mutex
 	rev        int64 // last revision handed to the streams; 0 until known
 	compactRev int64
-	ring       []*hrev // consecutive revisions ending at rev
-	ringSize   int     // encoded bytes of the ring's revisions
-	keys       map[string]map[*wstream]int
+	ring       []*hrev                // consecutive revisions ending at rev
+	ringSize   int                    // encoded bytes of the ring's revisions
+	keys       map[string][]streamRef // the streams with watchers of a key, and how many
 	ranges     map[*watcher]struct{}
 	changed    chan struct{} // closed and replaced at every revision
 	ready      chan struct{} // closed once rev is known
@@ -98,7 +99,7 @@ func newHub(g *Gateway, nc *nats.Conn, cfg revstream.Config) (*hub, error) {
 	h := &hub{
 		g: g, log: g.log.With("component", "watch"), js: js, cfg: cfg,
 		ringCap: g.cfg.WatchRingRevisions, ringBytes: g.cfg.WatchRingBytes, queueCap: g.cfg.WatchStreamQueue,
-		keys:    make(map[string]map[*wstream]int),
+		keys:    make(map[string][]streamRef),
 		ranges:  make(map[*watcher]struct{}),
 		changed: make(chan struct{}),
 		ready:   make(chan struct{}),
@@ -291,8 +292,8 @@ func (h *hub) publish(r *hrev) {
 		h.ring, h.ringSize = h.ring[:n], size
 	}
 	for _, ev := range r.Events {
-		for s := range h.keys[string(ev.Kv.Key)] {
-			s.enqueue(r)
+		for _, ref := range h.keys[string(ev.Kv.Key)] {
+			ref.s.enqueue(r)
 		}
 		for w := range h.ranges {
 			if w.matches(ev.Kv.Key) {
@@ -551,18 +552,26 @@ func (h *hub) waitReady(ctx context.Context) error {
 	}
 }
 
+// streamRef is a stream with n watchers of one key.
+type streamRef struct {
+	s *wstream
+	n int
+}
+
 // register adds w to the hub's index and returns the hub's revision at that moment:
 // every later revision that concerns w is queued to its stream.
 func (h *hub) register(w *watcher) (rev, compactRev int64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if w.end == nil {
-		m := h.keys[string(w.key)]
-		if m == nil {
-			m = make(map[*wstream]int)
-			h.keys[string(w.key)] = m
+		k := w.mapKey()
+		refs := h.keys[k]
+		i := slices.IndexFunc(refs, func(r streamRef) bool { return r.s == w.s })
+		if i < 0 {
+			h.keys[k] = append(refs, streamRef{s: w.s, n: 1})
+		} else {
+			refs[i].n++
 		}
-		m[w.s]++
 	} else {
 		h.ranges[w] = struct{}{}
 	}
@@ -575,13 +584,17 @@ func (h *hub) unregister(w *watcher) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if w.end == nil {
-		if m := h.keys[string(w.key)]; m != nil {
-			if m[w.s]--; m[w.s] <= 0 {
-				delete(m, w.s)
+		k := w.mapKey()
+		refs := h.keys[k]
+		if i := slices.IndexFunc(refs, func(r streamRef) bool { return r.s == w.s }); i >= 0 {
+			if refs[i].n--; refs[i].n <= 0 {
+				refs = slices.Delete(refs, i, i+1)
 			}
-			if len(m) == 0 {
-				delete(h.keys, string(w.key))
-			}
+		}
+		if len(refs) == 0 {
+			delete(h.keys, k)
+		} else {
+			h.keys[k] = refs
 		}
 	} else {
 		delete(h.ranges, w)

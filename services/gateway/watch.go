@@ -7,6 +7,7 @@ import (
 	"io"
 	"sync"
 	"time"
+	"unsafe"
 
 	"google.golang.org/protobuf/proto"
 
@@ -49,7 +50,13 @@ type watcher struct {
 	// prev_kv at sending time, so an event whose previous revision is compacted by
 	// then has none.
 	compactRev int64
+	// sameKey is the next of the stream's watchers of the same key.
+	sameKey *watcher
 }
+
+// mapKey is w's key as a string that shares its bytes, for the indexes' maps: 100,000
+// watchers would otherwise each copy their key twice. w.key is never modified.
+func (w *watcher) mapKey() string { return unsafe.String(unsafe.SliceData(w.key), len(w.key)) }
 
 // matches tells whether key is in w's range.
 func (w *watcher) matches(key []byte) bool {
@@ -74,7 +81,7 @@ type wstream struct {
 
 	// The stream goroutine's own.
 	watchers map[int64]*watcher
-	keyW     map[string][]*watcher
+	keyW     map[string]*watcher // the stream's watchers of a key, linked by sameKey
 	rangeW   []*watcher
 	nextID   int64
 	progress bool // a WatchProgressRequest awaits its answer
@@ -133,7 +140,7 @@ func (g *Gateway) serveWatch(ctx context.Context, recv func() (*pb.WatchRequest,
 		h: h, ctx: ctx, send: send,
 		notify:   make(chan struct{}, 1),
 		watchers: make(map[int64]*watcher),
-		keyW:     make(map[string][]*watcher),
+		keyW:     make(map[string]*watcher),
 	}
 	h.m.streams.Inc()
 	defer h.m.streams.Dec()
@@ -352,7 +359,9 @@ func compactedResponse(s *wstream, id, compactRev int64) *pb.WatchResponse {
 func (s *wstream) add(w *watcher) {
 	s.watchers[w.id] = w
 	if w.end == nil {
-		s.keyW[string(w.key)] = append(s.keyW[string(w.key)], w)
+		k := w.mapKey()
+		w.sameKey = s.keyW[k]
+		s.keyW[k] = w
 	} else {
 		s.rangeW = append(s.rangeW, w)
 	}
@@ -362,17 +371,19 @@ func (s *wstream) remove(w *watcher) {
 	s.h.unregister(w)
 	delete(s.watchers, w.id)
 	if w.end == nil {
-		ws := s.keyW[string(w.key)]
-		for i, x := range ws {
-			if x == w {
-				ws = append(ws[:i], ws[i+1:]...)
+		k := w.mapKey()
+		for p := s.keyW[k]; p != nil; p = p.sameKey {
+			if p == w {
+				s.keyW[k] = w.sameKey
+				break
+			}
+			if p.sameKey == w {
+				p.sameKey = w.sameKey
 				break
 			}
 		}
-		if len(ws) == 0 {
-			delete(s.keyW, string(w.key))
-		} else {
-			s.keyW[string(w.key)] = ws
+		if s.keyW[k] == nil {
+			delete(s.keyW, k)
 		}
 		return
 	}
@@ -457,7 +468,7 @@ func (s *wstream) deliver(r *hrev) error {
 	var targets []*watcher
 	rev := r.GetRevision()
 	for _, ev := range r.Events {
-		for _, w := range s.keyW[string(ev.Kv.Key)] {
+		for w := s.keyW[string(ev.Kv.Key)]; w != nil; w = w.sameKey {
 			if w.picked != rev {
 				w.picked = rev
 				targets = append(targets, w)

@@ -1,7 +1,10 @@
 package gateway
 
 import (
+	"slices"
 	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
@@ -33,5 +36,59 @@ func TestWatcherTakeAtCompactedRevision(t *testing.T) {
 	}
 	if got := w.take(at(6)); got != nil {
 		t.Fatalf("a revision the watcher is past was delivered again: %v", got)
+	}
+}
+
+// The indexes follow watchers of one key on two streams through adds and removals
+// from the head, the middle and the tail of a stream's list.
+func TestWatchIndexes(t *testing.T) {
+	h := &hub{keys: make(map[string][]streamRef), ranges: make(map[*watcher]struct{})}
+	h.m.watchers = prometheus.NewGauge(prometheus.GaugeOpts{Name: "test_watchers"})
+	newStream := func() *wstream {
+		return &wstream{h: h, watchers: make(map[int64]*watcher), keyW: make(map[string]*watcher)}
+	}
+	s1, s2 := newStream(), newStream()
+	var ws []*watcher
+	for i, s := range []*wstream{s1, s1, s1, s2} {
+		w := &watcher{s: s, id: int64(i), key: []byte("k")}
+		h.register(w)
+		s.add(w)
+		ws = append(ws, w)
+	}
+	listed := func(s *wstream) (ids []int64) {
+		for w := s.keyW["k"]; w != nil; w = w.sameKey {
+			ids = append(ids, w.id)
+		}
+		slices.Sort(ids)
+		return ids
+	}
+	counts := func() map[*wstream]int {
+		m := map[*wstream]int{}
+		for _, r := range h.keys["k"] {
+			m[r.s] = r.n
+		}
+		return m
+	}
+	if got := listed(s1); !slices.Equal(got, []int64{0, 1, 2}) {
+		t.Fatalf("stream 1 lists %v", got)
+	}
+	if c := counts(); c[s1] != 3 || c[s2] != 1 {
+		t.Fatalf("hub counts %v", c)
+	}
+	for _, i := range []int{1, 2, 0} { // middle, then head, then the last one
+		ws[i].s.remove(ws[i])
+	}
+	if got := listed(s1); got != nil {
+		t.Fatalf("stream 1 still lists %v", got)
+	}
+	if _, ok := s1.keyW["k"]; ok {
+		t.Fatal("stream 1 keeps an empty entry")
+	}
+	if c := counts(); len(c) != 1 || c[s2] != 1 {
+		t.Fatalf("hub counts %v after stream 1's watchers left", c)
+	}
+	s2.remove(ws[3])
+	if _, ok := h.keys["k"]; ok {
+		t.Fatal("the hub keeps an empty entry")
 	}
 }
