@@ -28,6 +28,8 @@ func (g *Gateway) newGRPCServer() *grpc.Server {
 		// Reused workers keep their grown stacks; a fresh goroutine per call would
 		// grow its stack through the whole gateway-replica call chain every time.
 		grpc.NumStreamWorkers(streamWorkers),
+		// Protobuf, and watch responses already in wire form (watchenc.go).
+		grpc.ForceServerCodecV2(newGRPCCodec()),
 	)
 	s := grpc.NewServer(opts...)
 	pb.RegisterKVServer(s, grpcKV{g: g})

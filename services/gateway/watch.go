@@ -71,6 +71,9 @@ type wstream struct {
 	h    *hub
 	ctx  context.Context
 	send func(*pb.WatchResponse) error
+	// sendRaw writes responses encoded by wire (nil: every response goes to send).
+	sendRaw func(encodedMsg) error
+	wire    wireCache
 
 	// Filled by the hub (under qmu); drained by the stream's goroutine.
 	qmu        sync.Mutex
@@ -131,13 +134,14 @@ func (g *Gateway) monitorLeader(ctx context.Context, cancel context.CancelCauseF
 
 // serveWatch runs one client Watch stream: recv reads the client's requests, send
 // writes responses (only ever from one goroutine).
-func (g *Gateway) serveWatch(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error) error {
+// sendRaw, when not nil, writes a response already in wire form (the gRPC face).
+func (g *Gateway) serveWatch(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error, sendRaw func(encodedMsg) error) error {
 	h := g.hub
 	if err := h.waitReady(ctx); err != nil {
 		return err
 	}
 	s := &wstream{
-		h: h, ctx: ctx, send: send,
+		h: h, ctx: ctx, send: send, sendRaw: sendRaw,
 		notify:   make(chan struct{}, 1),
 		watchers: make(map[int64]*watcher),
 		keyW:     make(map[string]*watcher),
@@ -508,12 +512,24 @@ func (w *watcher) take(r *hrev) []*mvccpb.Event {
 	// Compacting at C removes the tombstones written at C, so etcd never shows a
 	// watcher a deletion at the compacted revision.
 	noDelete := w.noDelete || r.GetRevision() <= w.compactRev
+	keep := func(ev *mvccpb.Event) bool {
+		return w.matches(ev.Kv.Key) && !(w.noPut && ev.Type == mvccpb.Event_PUT) && !(noDelete && ev.Type == mvccpb.Event_DELETE)
+	}
+	all := true
+	for _, ev := range evs {
+		if !keep(ev) {
+			all = false
+			break
+		}
+	}
+	if all {
+		return evs // shared, never modified
+	}
 	var out []*mvccpb.Event
 	for _, ev := range evs {
-		if !w.matches(ev.Kv.Key) || (w.noPut && ev.Type == mvccpb.Event_PUT) || (noDelete && ev.Type == mvccpb.Event_DELETE) {
-			continue
+		if keep(ev) {
+			out = append(out, ev)
 		}
-		out = append(out, ev)
 	}
 	return out
 }
@@ -525,6 +541,10 @@ func (s *wstream) sendEvents(w *watcher, headerRev int64, evs []*mvccpb.Event) e
 	}
 	w.sent = true
 	s.h.m.events.Add(float64(len(evs)))
+	if s.sendRaw != nil && !w.fragment {
+		hdr := s.wire.header(s.h.g.view.clusterID(), s.h.g.view.leaderID(), headerRev)
+		return s.sendRaw(s.wire.encode(hdr, w.id, evs))
+	}
 	resp := &pb.WatchResponse{Header: s.header(headerRev), WatchId: w.id, Events: evs}
 	if !w.fragment {
 		return s.send(resp)

@@ -20,7 +20,7 @@ var errWatchDisabled = connect.NewError(connect.CodeUnimplemented, errors.New("k
 
 // watch serves one stream, failing with etcd's "no leader" when the client asked for
 // a leader (hasleader) and the cluster has none, at the start or later.
-func (g *Gateway) watch(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error) error {
+func (g *Gateway) watch(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error, sendRaw func(encodedMsg) error) error {
 	if g.hub == nil {
 		return errWatchDisabled
 	}
@@ -33,7 +33,7 @@ func (g *Gateway) watch(ctx context.Context, recv func() (*pb.WatchRequest, erro
 		defer cancel(nil)
 		go g.monitorLeader(ctx, cancel)
 	}
-	err := g.serveWatch(ctx, recv, send)
+	err := g.serveWatch(ctx, recv, send, sendRaw)
 	if cause := context.Cause(ctx); errors.Is(cause, etcderr.ErrNoLeader) {
 		return etcderr.ErrNoLeader
 	}
@@ -52,7 +52,8 @@ func (s grpcWatch) Watch(stream pb.Watch_WatchServer) error {
 			ctx = withRequireLeader(ctx)
 		}
 	}
-	err := s.g.watch(ctx, stream.Recv, stream.Send)
+	sendRaw := func(b encodedMsg) error { return stream.SendMsg(b) }
+	err := s.g.watch(ctx, stream.Recv, stream.Send, sendRaw)
 	if err == nil || errors.Is(err, context.Canceled) {
 		return nil
 	}
@@ -68,7 +69,7 @@ func (h connectWatch) Watch(ctx context.Context, stream *connect.BidiStream[pb.W
 	if stream.RequestHeader().Get(hasLeaderKey) == "true" {
 		ctx = withRequireLeader(ctx)
 	}
-	err := h.g.watch(ctx, stream.Receive, stream.Send)
+	err := h.g.watch(ctx, stream.Receive, stream.Send, nil)
 	if err == nil || errors.Is(err, context.Canceled) {
 		return nil
 	}
@@ -104,7 +105,7 @@ func (h connectWatchOne) Watch(ctx context.Context, req *connect.Request[pb.Watc
 		}
 		return nil
 	}
-	err := h.g.watch(ctx, recv, send)
+	err := h.g.watch(ctx, recv, send, nil)
 	if err == nil || errors.Is(err, context.Canceled) {
 		return nil
 	}
