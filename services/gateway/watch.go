@@ -123,7 +123,7 @@ func (g *Gateway) monitorLeader(ctx context.Context, cancel context.CancelCauseF
 			return
 		case <-t.C:
 		}
-		if g.view.leaderID() != 0 {
+		if g.hasLeader(ctx) {
 			misses = 0
 		} else if misses++; misses >= 2 {
 			cancel(etcderr.ErrNoLeader)
