@@ -113,22 +113,29 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 
-	text := stdout
+	return printReport(&g, stdout, stderr, func(w io.Writer) error { return rep.WriteText(w, g.precise) }, rep.WriteJSON, rep.Interrupted)
+}
+
+// printReport writes a report's text (to stderr when --json puts the JSON object on
+// stdout) and JSON, and returns the exit code: 130 when the run was interrupted (the
+// partial report was printed).
+func printReport(g *globalFlags, stdout, stderr io.Writer, text, json func(io.Writer) error, interrupted bool) int {
+	tw := stdout
 	if g.json {
-		text = stderr
+		tw = stderr
 	}
-	if err := rep.WriteText(text, g.precise); err != nil {
+	if err := text(tw); err != nil {
 		fmt.Fprintf(stderr, "loadtest: %v\n", err)
 		return 1
 	}
 	if g.json {
-		if err := rep.WriteJSON(stdout); err != nil {
+		if err := json(stdout); err != nil {
 			fmt.Fprintf(stderr, "loadtest: %v\n", err)
 			return 1
 		}
 	}
-	if rep.Interrupted {
-		return 130 // the partial report was printed; signal the run is incomplete
+	if interrupted {
+		return 130
 	}
 	return 0
 }
@@ -315,22 +322,5 @@ func runWatch(ctx context.Context, g *globalFlags, args []string, stdout, stderr
 		fmt.Fprintf(stderr, "loadtest watch: %v\n", err)
 		return 1
 	}
-	text := stdout
-	if g.json {
-		text = stderr
-	}
-	if err := rep.WriteText(text); err != nil {
-		fmt.Fprintf(stderr, "loadtest: %v\n", err)
-		return 1
-	}
-	if g.json {
-		if err := rep.WriteJSON(stdout); err != nil {
-			fmt.Fprintf(stderr, "loadtest: %v\n", err)
-			return 1
-		}
-	}
-	if rep.Interrupted {
-		return 130
-	}
-	return 0
+	return printReport(g, stdout, stderr, rep.WriteText, rep.WriteJSON, rep.Interrupted)
 }

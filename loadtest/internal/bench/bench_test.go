@@ -35,6 +35,10 @@ type memKV struct {
 	fail func(n int64) error
 	// Optional per-request delay.
 	delay time.Duration
+	// Optional: told of every put, under the store's lock.
+	onPut func(key []byte, rev int64)
+	// Optional Watch service.
+	watch etcdserverpbconnect.WatchHandler
 }
 
 func (m *memKV) Put(ctx context.Context, req *connect.Request[etcdserverpb.PutRequest]) (*connect.Response[etcdserverpb.PutResponse], error) {
@@ -57,6 +61,9 @@ func (m *memKV) Put(ctx context.Context, req *connect.Request[etcdserverpb.PutRe
 	defer m.mu.Unlock()
 	m.rev++
 	m.data[string(req.Msg.Key)] = req.Msg.Value
+	if m.onPut != nil {
+		m.onPut(req.Msg.Key, m.rev)
+	}
 	return connect.NewResponse(&etcdserverpb.PutResponse{
 		Header: &etcdserverpb.ResponseHeader{Revision: m.rev},
 	}), nil
@@ -89,6 +96,9 @@ func startServer(t *testing.T, m *memKV) (string, *atomic.Int64) {
 	}
 	mux := http.NewServeMux()
 	mux.Handle(etcdserverpbconnect.NewKVHandler(m))
+	if m.watch != nil {
+		mux.Handle(etcdserverpbconnect.NewWatchHandler(m.watch))
+	}
 	p := new(http.Protocols)
 	p.SetHTTP1(true)
 	p.SetUnencryptedHTTP2(true)
@@ -425,6 +435,9 @@ func TestReconnect(t *testing.T) {
 	m := &memKV{data: map[string][]byte{}}
 	mux := http.NewServeMux()
 	mux.Handle(etcdserverpbconnect.NewKVHandler(m))
+	if m.watch != nil {
+		mux.Handle(etcdserverpbconnect.NewWatchHandler(m.watch))
+	}
 	p := new(http.Protocols)
 	p.SetHTTP1(true)
 	p.SetUnencryptedHTTP2(true)

@@ -1,11 +1,20 @@
 package bench
 
 import (
+	"bytes"
+	"context"
+	"os"
+	"strings"
+	"sync"
 	"testing"
+	"time"
+
+	"connectrpc.com/connect"
 
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
 )
 
@@ -78,5 +87,88 @@ func TestWatchCodec(t *testing.T) {
 	}
 	if err := (watchCodec{}).Unmarshal(b[:len(b)-3], &r); err == nil {
 		t.Fatal("a truncated response was read without an error")
+	}
+}
+
+// memWatch is a trivial Watch service over memKV, for tests only: exact-key watches,
+// each put sent to every watch of its key.
+type memWatch struct {
+	etcdserverpbconnect.UnimplementedWatchHandler
+	mu      sync.Mutex
+	watches map[string][]memWatcher
+}
+
+type memWatcher struct {
+	id   int64
+	send func(*etcdserverpb.WatchResponse) error
+}
+
+func (m *memWatch) Watch(ctx context.Context, s *connect.BidiStream[etcdserverpb.WatchRequest, etcdserverpb.WatchResponse]) error {
+	var smu sync.Mutex
+	send := func(r *etcdserverpb.WatchResponse) error {
+		smu.Lock()
+		defer smu.Unlock()
+		return s.Send(r)
+	}
+	for id := int64(0); ; id++ {
+		req, err := s.Receive()
+		if err != nil {
+			return nil
+		}
+		key := string(req.GetCreateRequest().GetKey())
+		m.mu.Lock()
+		m.watches[key] = append(m.watches[key], memWatcher{id: id, send: send})
+		m.mu.Unlock()
+		if err := send(&etcdserverpb.WatchResponse{WatchId: id, Created: true}); err != nil {
+			return err
+		}
+	}
+}
+
+func (m *memWatch) put(key []byte, rev int64) {
+	m.mu.Lock()
+	ws := m.watches[string(key)]
+	m.mu.Unlock()
+	for _, w := range ws {
+		w.send(&etcdserverpb.WatchResponse{WatchId: w.id, Header: &etcdserverpb.ResponseHeader{Revision: rev},
+			Events: []*mvccpb.Event{{Kv: &mvccpb.KeyValue{Key: key, ModRevision: rev}}}})
+	}
+}
+
+func TestWatchBenchmark(t *testing.T) {
+	for _, hot := range []bool{false, true} {
+		mw := &memWatch{watches: map[string][]memWatcher{}}
+		addr, _ := startServer(t, &memKV{watch: mw, onPut: mw.put})
+		cfg := testConfig(addr)
+		opts := WatchOptions{Watchers: 200, Streams: 4, Hot: hot, Prefix: "/w/", ValSize: 8, Writers: 4,
+			Rates: []float64{200, 400}, Step: 500 * time.Millisecond, Drain: 5 * time.Second, Settle: 10 * time.Millisecond,
+			ServerPIDs: []int{os.Getpid()}}
+		rep, err := Watch(context.Background(), cfg, opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		perPut := int64(1)
+		if hot {
+			perPut = 200
+		}
+		if len(rep.Steps) != 2 || rep.Canceled != 0 || len(rep.Memory) != 1 || rep.Memory[0].RSSBefore <= 0 {
+			t.Fatalf("hot=%v: report %+v", hot, rep)
+		}
+		for i, st := range rep.Steps {
+			want := int64(opts.Rates[i] * opts.Step.Seconds())
+			if st.Puts != want || st.PutErrors != 0 || st.Expected != want*perPut || st.Delivered != st.Expected || st.Missing != 0 {
+				t.Fatalf("hot=%v step %d: %+v (want %d puts)", hot, i, st, want)
+			}
+			if st.P50 == nil || st.P99 == nil || st.Max == nil || *st.P99 > 1 || *st.P50 > *st.P99 || *st.P99 > *st.Max*1.07 {
+				t.Fatalf("hot=%v step %d: latencies p50 %v p99 %v max %v", hot, i, st.P50, st.P99, st.Max)
+			}
+			if st.EventsPerSec <= 0 {
+				t.Fatalf("hot=%v step %d: %v events/s", hot, i, st.EventsPerSec)
+			}
+		}
+		var buf bytes.Buffer
+		if err := rep.WriteText(&buf); err != nil || !strings.Contains(buf.String(), "memory per idle watch") {
+			t.Fatalf("text report: %v\n%s", err, buf.String())
+		}
 	}
 }
