@@ -116,7 +116,7 @@ func TestCompactReadsAndKeyspace(t *testing.T) {
 	seed := testSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 7))
 	e := newEnv(t)
-	m := newModel(NoLeases{})
+	m := newModel(leaseSet{})
 	keys := []string{"a", "a\x00", "a\x00b", "ab", "b", "c", "d\x00", "e"}
 	randomHistory(t, e, m, rng, keys, 150)
 	checkKeyspace(t, e, m, "before any compaction")
@@ -235,7 +235,7 @@ func TestCompactRemovesSupersededSubRevisions(t *testing.T) {
 func TestCompactManyKeys(t *testing.T) {
 	e := newEnv(t)
 	e.commit = pebble.NoSync
-	m := newModel(NoLeases{})
+	m := newModel(leaseSet{})
 	n := compactBatch*2 + 37
 	var batch []proto.Message
 	flush := func() {
@@ -273,7 +273,7 @@ func TestCompactManyKeys(t *testing.T) {
 
 func TestCompactSurvivesRestart(t *testing.T) {
 	e := newEnv(t)
-	m := newModel(NoLeases{})
+	m := newModel(leaseSet{})
 	rng := rand.New(rand.NewPCG(1, 1))
 	keys := []string{"a", "b", "b\x00", "c"}
 	randomHistory(t, e, m, rng, keys, 60)
@@ -313,7 +313,7 @@ func TestCompactInterruptedResumesOnOpen(t *testing.T) {
 	}
 	history := func(t *testing.T) (*testEnv, *model) {
 		e := newEnv(t)
-		m := newModel(NoLeases{})
+		m := newModel(leaseSet{})
 		randomHistory(t, e, m, rand.New(rand.NewPCG(5, 5)), []string{"a", "a\x00", "b", "c", "d"}, 80)
 		return e, m
 	}

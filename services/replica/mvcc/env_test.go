@@ -33,7 +33,7 @@ type testEnv struct {
 	commit *pebble.WriteOptions
 }
 
-func newEnv(t testing.TB) *testEnv { return newEnvWithLeases(t, NoLeases{}) }
+func newEnv(t testing.TB) *testEnv { return newEnvWithLeases(t, leaseSet{}) }
 
 func newEnvWithLeases(t testing.TB, leases Leases) *testEnv {
 	t.Helper()
@@ -114,6 +114,13 @@ func applyOne(ctx context.Context, w *Writer, req proto.Message) (resp proto.Mes
 		return nilIfErr(w.Txn(ctx, r))
 	case *pb.CompactionRequest:
 		return nilIfErr(w.Compact(r))
+	case *pb.LeaseGrantRequest:
+		if err := w.LeaseGrant(r.GetID(), r.GetTTL()); err != nil {
+			return nil, err
+		}
+		return &pb.LeaseGrantResponse{ID: r.GetID(), TTL: r.GetTTL()}, nil
+	case *pb.LeaseRevokeRequest:
+		return nilIfErr(w.LeaseRevoke(ctx, r.GetID()))
 	}
 	panic(fmt.Sprintf("applyOne: unexpected request %T", req))
 }

@@ -100,7 +100,7 @@ func checkRange(t *testing.T, e *testEnv, m *model, what string, r *pb.RangeRequ
 
 func TestRangeKeySelection(t *testing.T) {
 	e := newEnv(t)
-	m := newModel(NoLeases{})
+	m := newModel(leaseSet{})
 	write := func(reqs ...proto.Message) {
 		t.Helper()
 		for _, r := range reqs {
@@ -206,7 +206,7 @@ func TestRangeAtRevisionBeforeKeyExisted(t *testing.T) {
 
 func TestRangeLimitMoreCount(t *testing.T) {
 	e := newEnv(t)
-	m := newModel(NoLeases{})
+	m := newModel(leaseSet{})
 	keys := []string{"k1", "k2", "k3", "k4", "k5"}
 	for _, k := range keys {
 		r := &pb.PutRequest{Key: []byte(k), Value: []byte("v" + k)}
@@ -276,7 +276,7 @@ func sortFixture(t *testing.T, e *testEnv, m *model) {
 
 func TestRangeSort(t *testing.T) {
 	e := newEnv(t)
-	m := newModel(NoLeases{})
+	m := newModel(leaseSet{})
 	sortFixture(t, e, m)
 	targets := []pb.RangeRequest_SortTarget{pb.RangeRequest_KEY, pb.RangeRequest_VERSION, pb.RangeRequest_CREATE, pb.RangeRequest_MOD, pb.RangeRequest_VALUE}
 	orders := []pb.RangeRequest_SortOrder{pb.RangeRequest_NONE, pb.RangeRequest_ASCEND, pb.RangeRequest_DESCEND}
@@ -326,7 +326,7 @@ func TestRangeSort(t *testing.T) {
 
 func TestRangeRevisionFilters(t *testing.T) {
 	e := newEnv(t)
-	m := newModel(NoLeases{})
+	m := newModel(leaseSet{})
 	sortFixture(t, e, m)
 	for _, rev := range []int64{0, 8} {
 		for _, f := range []struct {
@@ -427,7 +427,7 @@ func TestRangeEveryRevisionMatchesModel(t *testing.T) {
 	seed := testSeed(t)
 	rng := rand.New(rand.NewPCG(seed, 99))
 	e := newEnv(t)
-	m := newModel(NoLeases{})
+	m := newModel(leaseSet{})
 	randomHistory(t, e, m, rng, trickyKeys, 300)
 	bounds := trickyBounds()
 	for rev := int64(1); rev <= m.rev; rev++ {

@@ -19,7 +19,7 @@ func TestRestartKeepsRevisionDataAndHistory(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t)
-			m := newModel(NoLeases{})
+			m := newModel(leaseSet{})
 			rng := rand.New(rand.NewPCG(3, 4))
 			keys := []string{"a", "a\x00", "ab", "b", "\x00"}
 			randomHistory(t, e, m, rng, keys, 50)
@@ -56,7 +56,7 @@ func TestRestartKeepsRevisionDataAndHistory(t *testing.T) {
 // A store reopened on a database written by several batches of many requests each.
 func TestRestartAfterMultiRequestBatches(t *testing.T) {
 	e := newEnv(t)
-	m := newModel(NoLeases{})
+	m := newModel(leaseSet{})
 	reqs := []proto.Message{
 		&pb.PutRequest{Key: []byte("a"), Value: []byte("1")},
 		&pb.PutRequest{Key: []byte("b"), Value: []byte("1")},

@@ -27,17 +27,11 @@ import (
 	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
 )
 
-// Leases tells the store whether a lease exists, for puts that attach one.
+// Leases tells the store whether a lease exists, for puts that attach one. A store
+// opened without one keeps its own lease table (lease.go); tests give a fixed set.
 type Leases interface {
 	Exists(id int64) bool
 }
-
-// NoLeases is the lease table of a store that has no lease service: every lease is
-// unknown, so a put with a lease fails as etcd fails for an unknown lease.
-type NoLeases struct{}
-
-// Exists implements Leases.
-func (NoLeases) Exists(int64) bool { return false }
 
 // keyMeta is what a put needs to know of a key's live version. The store keeps it in
 // memory for every live key (as etcd keeps its key index in memory), so that a put
@@ -48,7 +42,8 @@ type keyMeta struct{ create, version, lease int64 }
 type Store struct {
 	db     *pebble.DB
 	log    *slog.Logger
-	leases Leases
+	leases Leases // nil: lt decides
+	lt     leaseTable
 
 	// live holds every live key's keyMeta. Only the apply goroutine (Writers and
 	// Committed) uses it.
@@ -96,6 +91,9 @@ func Open(db *pebble.DB, leases Leases, log *slog.Logger) (*Store, error) {
 	s.rev.Store(rev)
 	s.compactRev.Store(compact)
 	if err := s.loadLive(); err != nil {
+		return nil, err
+	}
+	if err := s.lt.load(db, s.live); err != nil {
 		return nil, err
 	}
 	go s.compactLoop()
@@ -280,6 +278,7 @@ type Writer struct {
 	compactRev int64
 	compacted  bool
 	pending    map[string]*keyMeta // live-key changes of this batch; nil means deleted
+	leaseOps   map[int64]*Lease    // lease changes of this batch; nil means revoked
 }
 
 // meta returns key's live metadata as of the requests applied so far.
@@ -387,6 +386,7 @@ func (s *Store) Commit(w *Writer, opts *pebble.WriteOptions) error {
 // committed publishes w's changes to the in-memory state; it reports whether the
 // revisions moved, which wakes history readers.
 func (s *Store) committed(w *Writer) bool {
+	s.commitLeases(w)
 	for k, m := range w.pending {
 		if m == nil {
 			delete(s.live, k)

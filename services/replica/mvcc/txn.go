@@ -92,7 +92,7 @@ func currentKV(it *pebble.Iterator, key []byte) (*mvccpb.KeyValue, error) {
 // checkPut validates a put against the state before the request, as etcd does before
 // it writes anything, so a failing request changes nothing.
 func (t *txn) checkPut(r *pb.PutRequest) error {
-	if r.GetLease() != 0 && !t.s.leases.Exists(r.GetLease()) {
+	if r.GetLease() != 0 && !t.w.leaseExists(r.GetLease()) {
 		return etcderr.ErrLeaseNotFound
 	}
 	if r.GetIgnoreValue() || r.GetIgnoreLease() {
@@ -186,19 +186,10 @@ func (t *txn) deleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.De
 	if err != nil {
 		return nil, err
 	}
-	rev := t.beginRev + 1
 	for _, kv := range doomed {
-		tomb, err := proto.Marshal(&mvccpb.KeyValue{Key: kv.GetKey(), ModRevision: rev})
-		if err != nil {
+		if err := t.deleteKey(kv.GetKey()); err != nil {
 			return nil, err
 		}
-		if err := t.record(kv.GetKey(), kindDelete, tomb); err != nil {
-			return nil, err
-		}
-		if err := t.b.Delete(currentKey(kv.GetKey()), nil); err != nil {
-			return nil, err
-		}
-		t.w.setMeta(kv.GetKey(), nil)
 	}
 	resp.Deleted = int64(len(doomed))
 	if r.GetPrevKv() {

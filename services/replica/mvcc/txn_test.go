@@ -384,7 +384,7 @@ func TestTxnNested(t *testing.T) {
 		}
 	}
 	// The same through the model.
-	m := newModel(NoLeases{})
+	m := newModel(leaseSet{})
 	m.apply(&pb.PutRequest{Key: []byte("k"), Value: []byte("v")})
 	if mresp, err := m.apply(r); err != nil || !proto.Equal(mresp, resp) {
 		t.Errorf("model disagrees (err %v):%s", err, protoDiff(resp, mresp))
