@@ -294,6 +294,12 @@ func (r *Replica) applyRequest(ctx context.Context, wr *mvcc.Writer, req *replic
 		res.resp, res.err = wr.Txn(ctx, op.Txn)
 	case *replicav1.RaftRequest_Compaction:
 		res.resp, res.err = wr.Compact(op.Compaction)
+	case *replicav1.RaftRequest_LeaseGrant:
+		res.resp, res.err = applyLeaseGrant(wr, op.LeaseGrant, r.minLeaseTTL())
+	case *replicav1.RaftRequest_LeaseRevoke:
+		res.resp, res.err = wr.LeaseRevoke(ctx, op.LeaseRevoke.GetID())
+	case *replicav1.RaftRequest_LeaseCheckpoint:
+		res.resp, res.err = applyLeaseCheckpoint(wr, op.LeaseCheckpoint)
 	default:
 		res.err = fmt.Errorf("unknown raft request %T", op)
 	}

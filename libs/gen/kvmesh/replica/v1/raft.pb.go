@@ -38,6 +38,9 @@ type RaftRequest struct {
 	//	*RaftRequest_Compaction
 	//	*RaftRequest_MemberAttributes
 	//	*RaftRequest_MemberUpdate
+	//	*RaftRequest_LeaseGrant
+	//	*RaftRequest_LeaseRevoke
+	//	*RaftRequest_LeaseCheckpoint
 	Request       isRaftRequest_Request `protobuf_oneof:"request"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -141,6 +144,33 @@ func (x *RaftRequest) GetMemberUpdate() *etcdserverpb.MemberUpdateRequest {
 	return nil
 }
 
+func (x *RaftRequest) GetLeaseGrant() *etcdserverpb.LeaseGrantRequest {
+	if x != nil {
+		if x, ok := x.Request.(*RaftRequest_LeaseGrant); ok {
+			return x.LeaseGrant
+		}
+	}
+	return nil
+}
+
+func (x *RaftRequest) GetLeaseRevoke() *etcdserverpb.LeaseRevokeRequest {
+	if x != nil {
+		if x, ok := x.Request.(*RaftRequest_LeaseRevoke); ok {
+			return x.LeaseRevoke
+		}
+	}
+	return nil
+}
+
+func (x *RaftRequest) GetLeaseCheckpoint() *etcdserverpb.LeaseCheckpointRequest {
+	if x != nil {
+		if x, ok := x.Request.(*RaftRequest_LeaseCheckpoint); ok {
+			return x.LeaseCheckpoint
+		}
+	}
+	return nil
+}
+
 type isRaftRequest_Request interface {
 	isRaftRequest_Request()
 }
@@ -169,6 +199,20 @@ type RaftRequest_MemberUpdate struct {
 	MemberUpdate *etcdserverpb.MemberUpdateRequest `protobuf:"bytes,7,opt,name=member_update,json=memberUpdate,proto3,oneof"`
 }
 
+type RaftRequest_LeaseGrant struct {
+	// lease_grant carries the lease ID the proposer chose (never 0).
+	LeaseGrant *etcdserverpb.LeaseGrantRequest `protobuf:"bytes,8,opt,name=lease_grant,json=leaseGrant,proto3,oneof"`
+}
+
+type RaftRequest_LeaseRevoke struct {
+	LeaseRevoke *etcdserverpb.LeaseRevokeRequest `protobuf:"bytes,9,opt,name=lease_revoke,json=leaseRevoke,proto3,oneof"`
+}
+
+type RaftRequest_LeaseCheckpoint struct {
+	// lease_checkpoint records leases' remaining TTLs, proposed by the leader.
+	LeaseCheckpoint *etcdserverpb.LeaseCheckpointRequest `protobuf:"bytes,10,opt,name=lease_checkpoint,json=leaseCheckpoint,proto3,oneof"`
+}
+
 func (*RaftRequest_Put) isRaftRequest_Request() {}
 
 func (*RaftRequest_DeleteRange) isRaftRequest_Request() {}
@@ -180,6 +224,12 @@ func (*RaftRequest_Compaction) isRaftRequest_Request() {}
 func (*RaftRequest_MemberAttributes) isRaftRequest_Request() {}
 
 func (*RaftRequest_MemberUpdate) isRaftRequest_Request() {}
+
+func (*RaftRequest_LeaseGrant) isRaftRequest_Request() {}
+
+func (*RaftRequest_LeaseRevoke) isRaftRequest_Request() {}
+
+func (*RaftRequest_LeaseCheckpoint) isRaftRequest_Request() {}
 
 // ConfChangeContext is the context of a Raft conf change entry: the member it adds or
 // promotes (as MemberList will show it) and the proposal waiting for it.
@@ -306,7 +356,7 @@ var File_kvmesh_replica_v1_raft_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"\xac\x03\n" +
+	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"\x8a\x05\n" +
 	"\vRaftRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
 	"\x03put\x18\x02 \x01(\v2\x18.etcdserverpb.PutRequestH\x00R\x03put\x12E\n" +
@@ -316,7 +366,12 @@ const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"compaction\x18\x05 \x01(\v2\x1f.etcdserverpb.CompactionRequestH\x00R\n" +
 	"compaction\x12R\n" +
 	"\x11member_attributes\x18\x06 \x01(\v2#.kvmesh.replica.v1.MemberAttributesH\x00R\x10memberAttributes\x12H\n" +
-	"\rmember_update\x18\a \x01(\v2!.etcdserverpb.MemberUpdateRequestH\x00R\fmemberUpdateB\t\n" +
+	"\rmember_update\x18\a \x01(\v2!.etcdserverpb.MemberUpdateRequestH\x00R\fmemberUpdate\x12B\n" +
+	"\vlease_grant\x18\b \x01(\v2\x1f.etcdserverpb.LeaseGrantRequestH\x00R\n" +
+	"leaseGrant\x12E\n" +
+	"\flease_revoke\x18\t \x01(\v2 .etcdserverpb.LeaseRevokeRequestH\x00R\vleaseRevoke\x12Q\n" +
+	"\x10lease_checkpoint\x18\n" +
+	" \x01(\v2$.etcdserverpb.LeaseCheckpointRequestH\x00R\x0fleaseCheckpointB\t\n" +
 	"\arequest\"`\n" +
 	"\x11ConfChangeContext\x12,\n" +
 	"\x06member\x18\x01 \x01(\v2\x14.etcdserverpb.MemberR\x06member\x12\x1d\n" +
@@ -343,29 +398,35 @@ func file_kvmesh_replica_v1_raft_proto_rawDescGZIP() []byte {
 
 var file_kvmesh_replica_v1_raft_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
 var file_kvmesh_replica_v1_raft_proto_goTypes = []any{
-	(*RaftRequest)(nil),                      // 0: kvmesh.replica.v1.RaftRequest
-	(*ConfChangeContext)(nil),                // 1: kvmesh.replica.v1.ConfChangeContext
-	(*MemberAttributes)(nil),                 // 2: kvmesh.replica.v1.MemberAttributes
-	(*etcdserverpb.PutRequest)(nil),          // 3: etcdserverpb.PutRequest
-	(*etcdserverpb.DeleteRangeRequest)(nil),  // 4: etcdserverpb.DeleteRangeRequest
-	(*etcdserverpb.TxnRequest)(nil),          // 5: etcdserverpb.TxnRequest
-	(*etcdserverpb.CompactionRequest)(nil),   // 6: etcdserverpb.CompactionRequest
-	(*etcdserverpb.MemberUpdateRequest)(nil), // 7: etcdserverpb.MemberUpdateRequest
-	(*etcdserverpb.Member)(nil),              // 8: etcdserverpb.Member
+	(*RaftRequest)(nil),                         // 0: kvmesh.replica.v1.RaftRequest
+	(*ConfChangeContext)(nil),                   // 1: kvmesh.replica.v1.ConfChangeContext
+	(*MemberAttributes)(nil),                    // 2: kvmesh.replica.v1.MemberAttributes
+	(*etcdserverpb.PutRequest)(nil),             // 3: etcdserverpb.PutRequest
+	(*etcdserverpb.DeleteRangeRequest)(nil),     // 4: etcdserverpb.DeleteRangeRequest
+	(*etcdserverpb.TxnRequest)(nil),             // 5: etcdserverpb.TxnRequest
+	(*etcdserverpb.CompactionRequest)(nil),      // 6: etcdserverpb.CompactionRequest
+	(*etcdserverpb.MemberUpdateRequest)(nil),    // 7: etcdserverpb.MemberUpdateRequest
+	(*etcdserverpb.LeaseGrantRequest)(nil),      // 8: etcdserverpb.LeaseGrantRequest
+	(*etcdserverpb.LeaseRevokeRequest)(nil),     // 9: etcdserverpb.LeaseRevokeRequest
+	(*etcdserverpb.LeaseCheckpointRequest)(nil), // 10: etcdserverpb.LeaseCheckpointRequest
+	(*etcdserverpb.Member)(nil),                 // 11: etcdserverpb.Member
 }
 var file_kvmesh_replica_v1_raft_proto_depIdxs = []int32{
-	3, // 0: kvmesh.replica.v1.RaftRequest.put:type_name -> etcdserverpb.PutRequest
-	4, // 1: kvmesh.replica.v1.RaftRequest.delete_range:type_name -> etcdserverpb.DeleteRangeRequest
-	5, // 2: kvmesh.replica.v1.RaftRequest.txn:type_name -> etcdserverpb.TxnRequest
-	6, // 3: kvmesh.replica.v1.RaftRequest.compaction:type_name -> etcdserverpb.CompactionRequest
-	2, // 4: kvmesh.replica.v1.RaftRequest.member_attributes:type_name -> kvmesh.replica.v1.MemberAttributes
-	7, // 5: kvmesh.replica.v1.RaftRequest.member_update:type_name -> etcdserverpb.MemberUpdateRequest
-	8, // 6: kvmesh.replica.v1.ConfChangeContext.member:type_name -> etcdserverpb.Member
-	7, // [7:7] is the sub-list for method output_type
-	7, // [7:7] is the sub-list for method input_type
-	7, // [7:7] is the sub-list for extension type_name
-	7, // [7:7] is the sub-list for extension extendee
-	0, // [0:7] is the sub-list for field type_name
+	3,  // 0: kvmesh.replica.v1.RaftRequest.put:type_name -> etcdserverpb.PutRequest
+	4,  // 1: kvmesh.replica.v1.RaftRequest.delete_range:type_name -> etcdserverpb.DeleteRangeRequest
+	5,  // 2: kvmesh.replica.v1.RaftRequest.txn:type_name -> etcdserverpb.TxnRequest
+	6,  // 3: kvmesh.replica.v1.RaftRequest.compaction:type_name -> etcdserverpb.CompactionRequest
+	2,  // 4: kvmesh.replica.v1.RaftRequest.member_attributes:type_name -> kvmesh.replica.v1.MemberAttributes
+	7,  // 5: kvmesh.replica.v1.RaftRequest.member_update:type_name -> etcdserverpb.MemberUpdateRequest
+	8,  // 6: kvmesh.replica.v1.RaftRequest.lease_grant:type_name -> etcdserverpb.LeaseGrantRequest
+	9,  // 7: kvmesh.replica.v1.RaftRequest.lease_revoke:type_name -> etcdserverpb.LeaseRevokeRequest
+	10, // 8: kvmesh.replica.v1.RaftRequest.lease_checkpoint:type_name -> etcdserverpb.LeaseCheckpointRequest
+	11, // 9: kvmesh.replica.v1.ConfChangeContext.member:type_name -> etcdserverpb.Member
+	10, // [10:10] is the sub-list for method output_type
+	10, // [10:10] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_kvmesh_replica_v1_raft_proto_init() }
@@ -380,6 +441,9 @@ func file_kvmesh_replica_v1_raft_proto_init() {
 		(*RaftRequest_Compaction)(nil),
 		(*RaftRequest_MemberAttributes)(nil),
 		(*RaftRequest_MemberUpdate)(nil),
+		(*RaftRequest_LeaseGrant)(nil),
+		(*RaftRequest_LeaseRevoke)(nil),
+		(*RaftRequest_LeaseCheckpoint)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
