@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -48,6 +49,9 @@ func (c *replicaConn) up(now time.Time) bool { return c.downUntil.Load() <= now.
 
 // refreshInterval is how often the view is refreshed when nothing fails.
 const refreshInterval = 500 * time.Millisecond
+
+// updateTimeout bounds one refresh of the view.
+const updateTimeout = 2 * time.Second
 
 // downFor is how long a replica that could not be reached is passed over.
 const downFor = time.Second
@@ -105,7 +109,9 @@ func (v *view) run(ctx context.Context) {
 // every voter for its view of the leader; the leader is the one a majority of the
 // answers name, so a replica cut off from the others cannot mislead the gateway.
 func (v *view) update(ctx context.Context) {
-	ctx, cancel := context.WithTimeout(ctx, refreshInterval)
+	// Longer than the refresh interval: on a loaded machine a replica can take that
+	// long to answer, and a timeout must not pass for a cluster without a leader.
+	ctx, cancel := context.WithTimeout(ctx, updateTimeout)
 	defer cancel()
 	v.mu.RLock()
 	order := append([]*replicaConn(nil), v.voters...)
@@ -146,6 +152,7 @@ func (v *view) update(ctx context.Context) {
 
 	// Each voter's opinion of the leader, in parallel.
 	votes := make([]uint64, len(voters))
+	answered := make([]bool, len(voters))
 	var wg sync.WaitGroup
 	for i, c := range voters {
 		wg.Add(1)
@@ -157,10 +164,17 @@ func (v *view) update(ctx context.Context) {
 				return
 			}
 			c.downUntil.Store(0)
-			votes[i] = st.Msg.GetLeader()
+			votes[i], answered[i] = st.Msg.GetLeader(), true
 		}()
 	}
 	wg.Wait()
+	if !slices.ContainsFunc(answered, func(a bool) bool { return a }) {
+		// No voter answered: keep the leader we knew (the next update asks again).
+		v.mu.Lock()
+		v.voters = voters
+		v.mu.Unlock()
+		return
+	}
 	count := map[uint64]int{}
 	var lead uint64
 	for _, l := range votes {

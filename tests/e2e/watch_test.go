@@ -63,6 +63,9 @@ func collect(ch clientv3.WatchChan) *watchLog {
 			}
 			if resp.Canceled {
 				l.add("canceled")
+				if err := resp.Err(); err != nil && resp.CompactRevision == 0 {
+					l.add("error: " + err.Error())
+				}
 			}
 			for _, ev := range resp.Events {
 				l.add(eventLine(ev))
