@@ -45,7 +45,7 @@ func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(*
 	if g.inProcess {
 		ctx = inproc.Context(ctx)
 	}
-	if requiresLeader(ctx) && g.view.leaderID() == 0 {
+	if requiresLeader(ctx) && !g.hasLeader(ctx) {
 		return nil, etcderr.ErrNoLeader
 	}
 	order := g.view.forRead()
@@ -206,6 +206,14 @@ func (g *Gateway) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusRe
 func (g *Gateway) MoveLeader(ctx context.Context, r *pb.MoveLeaderRequest) (*pb.MoveLeaderResponse, error) {
 	defer g.view.kick()
 	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MoveLeaderRequest, pb.MoveLeaderResponse] { return c.maint.MoveLeader }, r)
+}
+
+// hasLeader tells whether the cluster has a leader, refreshing the view when it knows
+// none (as right after an election).
+func (g *Gateway) hasLeader(ctx context.Context) bool {
+	ctx, cancel := context.WithTimeout(ctx, 2*updateTimeout)
+	defer cancel()
+	return g.view.leaderNow(ctx) != 0
 }
 
 // check is etcd's health check: a leader exists and a serializable read succeeds.

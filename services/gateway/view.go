@@ -30,6 +30,7 @@ type view struct {
 	seeds   []*replicaConn
 	next    atomic.Uint32 // round robin over voters
 	refresh chan struct{}
+	updated chan struct{} // closed and replaced at the end of every refresh (under mu)
 	cluster atomic.Uint64 // the cluster's ID, once a replica told it
 }
 
@@ -57,7 +58,7 @@ const updateTimeout = 2 * time.Second
 const downFor = time.Second
 
 func newView(g *Gateway, urls []string) *view {
-	v := &view{g: g, conns: make(map[string]*replicaConn), refresh: make(chan struct{}, 1)}
+	v := &view{g: g, conns: make(map[string]*replicaConn), refresh: make(chan struct{}, 1), updated: make(chan struct{})}
 	for _, u := range urls {
 		v.seeds = append(v.seeds, v.conn(u))
 	}
@@ -96,6 +97,10 @@ func (v *view) run(ctx context.Context) {
 	defer t.Stop()
 	for {
 		v.update(ctx)
+		v.mu.Lock()
+		close(v.updated)
+		v.updated = make(chan struct{})
+		v.mu.Unlock()
 		select {
 		case <-ctx.Done():
 			return
@@ -206,6 +211,28 @@ func (v *view) leaderID() uint64 {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	return v.leadID
+}
+
+// leaderNow is leaderID, except that when the view knows no leader it first waits for
+// a refresh that began after the call (the view lags an election by up to a refresh
+// interval). Callers share the refreshes: a thousand watch streams asking at once
+// cost the replicas one round of Status calls. 0 when ctx ends first.
+func (v *view) leaderNow(ctx context.Context) uint64 {
+	for range 2 { // the refresh running now may have begun before the call
+		v.mu.RLock()
+		id, updated := v.leadID, v.updated
+		v.mu.RUnlock()
+		if id != 0 {
+			return id
+		}
+		v.kick()
+		select {
+		case <-updated:
+		case <-ctx.Done():
+			return 0
+		}
+	}
+	return v.leaderID()
 }
 
 // forWrite lists the replicas to try for a request that must reach the leader: the

@@ -3,7 +3,6 @@ package gateway
 import (
 	"context"
 	"errors"
-	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/grpc/metadata"
@@ -18,20 +17,6 @@ import (
 // over HTTP/1.1). All three run Gateway.watch.
 
 var errWatchDisabled = connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh: watch needs a NATS server (KVMESH_NATS_URL)"))
-
-// hasLeader tells whether the cluster has a leader: the view's, or, when the view
-// knows none (it is refreshed periodically, so it lags an election), what a replica
-// answers now.
-func (g *Gateway) hasLeader(ctx context.Context) bool {
-	if g.view.leaderID() != 0 {
-		return true
-	}
-	g.view.kick()
-	ctx, cancel := context.WithTimeout(ctx, time.Second)
-	defer cancel()
-	st, err := g.Status(ctx, &pb.StatusRequest{})
-	return err == nil && st.GetLeader() != 0
-}
 
 // watch serves one stream, failing with etcd's "no leader" when the client asked for
 // a leader (hasleader) and the cluster has none, at the start or later.

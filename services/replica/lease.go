@@ -29,13 +29,14 @@ func (r *Replica) minLeaseTTL() int64 {
 	return int64((d + time.Second - 1) / time.Second)
 }
 
-// applyLeaseGrant grants the lease of a committed grant request.
-func applyLeaseGrant(wr *mvcc.Writer, req *pb.LeaseGrantRequest, minTTL int64) (*pb.LeaseGrantResponse, error) {
-	ttl := max(req.GetTTL(), minTTL)
-	if err := wr.LeaseGrant(req.GetID(), ttl); err != nil {
+// applyLeaseGrant grants the lease of a committed grant request: its ID and TTL were
+// settled by the proposer, so every member applies the same lease whatever its own
+// configuration.
+func applyLeaseGrant(wr *mvcc.Writer, req *pb.LeaseGrantRequest) (*pb.LeaseGrantResponse, error) {
+	if err := wr.LeaseGrant(req.GetID(), req.GetTTL()); err != nil {
 		return nil, err
 	}
-	return &pb.LeaseGrantResponse{Header: &pb.ResponseHeader{Revision: wr.Rev()}, ID: req.GetID(), TTL: ttl}, nil
+	return &pb.LeaseGrantResponse{Header: &pb.ResponseHeader{Revision: wr.Rev()}, ID: req.GetID(), TTL: req.GetTTL()}, nil
 }
 
 // applyLeaseCheckpoint records the remaining TTLs of a committed checkpoint.
@@ -56,7 +57,7 @@ func (r *Replica) LeaseGrant(ctx context.Context, req *pb.LeaseGrantRequest) (*p
 	if req.GetID() < 0 {
 		return nil, etcderr.ErrLeaseNotFound
 	}
-	g := &pb.LeaseGrantRequest{TTL: req.GetTTL(), ID: req.GetID()}
+	g := &pb.LeaseGrantRequest{TTL: max(req.GetTTL(), r.minLeaseTTL()), ID: req.GetID()}
 	for g.ID == 0 {
 		var b [8]byte
 		rand.Read(b[:])

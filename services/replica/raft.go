@@ -295,7 +295,7 @@ func (r *Replica) applyRequest(ctx context.Context, wr *mvcc.Writer, req *replic
 	case *replicav1.RaftRequest_Compaction:
 		res.resp, res.err = wr.Compact(op.Compaction)
 	case *replicav1.RaftRequest_LeaseGrant:
-		res.resp, res.err = applyLeaseGrant(wr, op.LeaseGrant, r.minLeaseTTL())
+		res.resp, res.err = applyLeaseGrant(wr, op.LeaseGrant)
 	case *replicav1.RaftRequest_LeaseRevoke:
 		res.resp, res.err = wr.LeaseRevoke(ctx, op.LeaseRevoke.GetID())
 	case *replicav1.RaftRequest_LeaseCheckpoint:

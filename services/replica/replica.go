@@ -218,7 +218,7 @@ func (r *Replica) openState(dir string) (*state, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open state database %s: %w", dir, err)
 	}
-	kv, err := mvcc.Open(db, nil, r.log)
+	kv, err := mvcc.Open(db, r.log)
 	if err != nil {
 		db.Close()
 		return nil, err

@@ -23,21 +23,21 @@ import (
 // testEnv is a store over a Pebble database in a temporary directory, driven as the
 // replica's apply loop drives it.
 type testEnv struct {
-	t      testing.TB
-	dir    string
-	db     *pebble.DB
-	s      *Store
-	leases Leases
-	logs   *recordingHandler
+	t    testing.TB
+	dir  string
+	db   *pebble.DB
+	s    *Store
+	logs *recordingHandler
 	// commit is the sync mode of the apply batches (the apply loop uses Sync).
 	commit *pebble.WriteOptions
 }
 
-func newEnv(t testing.TB) *testEnv { return newEnvWithLeases(t, leaseSet{}) }
+func newEnv(t testing.TB) *testEnv { return newEnvWithLeases(t, nil) }
 
-func newEnvWithLeases(t testing.TB, leases Leases) *testEnv {
+// newEnvWithLeases opens a store in which the leases of the set are granted.
+func newEnvWithLeases(t testing.TB, leases leaseSet) *testEnv {
 	t.Helper()
-	e := &testEnv{t: t, dir: t.TempDir(), leases: leases, logs: &recordingHandler{}, commit: pebble.Sync}
+	e := &testEnv{t: t, dir: t.TempDir(), logs: &recordingHandler{}, commit: pebble.Sync}
 	e.openDB()
 	e.openStore()
 	t.Cleanup(func() {
@@ -46,6 +46,13 @@ func newEnvWithLeases(t testing.TB, leases Leases) *testEnv {
 			t.Errorf("store logged an error: %s", r)
 		}
 	})
+	for id, ok := range leases {
+		if ok {
+			if _, err := e.apply(&pb.LeaseGrantRequest{ID: id, TTL: 60}); err != nil {
+				t.Fatalf("grant lease %d: %v", id, err)
+			}
+		}
+	}
 	return e
 }
 
@@ -60,7 +67,7 @@ func (e *testEnv) openDB() {
 
 func (e *testEnv) openStore() {
 	e.t.Helper()
-	s, err := Open(e.db, e.leases, slog.New(e.logs))
+	s, err := Open(e.db, slog.New(e.logs))
 	if err != nil {
 		e.t.Fatalf("mvcc.Open: %v", err)
 	}
@@ -342,7 +349,7 @@ func testSeed(t testing.TB) uint64 {
 	return seed
 }
 
-// leaseSet is a lease table holding a fixed set of leases.
+// leaseSet is a fixed set of leases: granted in a test store, known to the model.
 type leaseSet map[int64]bool
 
 func (l leaseSet) Exists(id int64) bool { return l[id] }

@@ -125,9 +125,6 @@ func (s *Store) Leases() []Lease {
 
 // leaseExists tells whether lease id exists as of the requests applied so far.
 func (w *Writer) leaseExists(id int64) bool {
-	if w.s.leases != nil {
-		return w.s.leases.Exists(id)
-	}
 	if l, ok := w.leaseOps[id]; ok {
 		return l != nil
 	}

@@ -21,7 +21,7 @@ func leaseKeyNames(s *Store, id int64) []string {
 // Put with a lease attaches, put with ignore_lease keeps, put without a lease
 // detaches; revoking deletes exactly the lease's keys, in one revision, in key order.
 func TestLeaseAttachAndRevoke(t *testing.T) {
-	e := newEnvWithLeases(t, nil)
+	e := newEnv(t)
 	if _, err := e.apply(&pb.LeaseGrantRequest{ID: 7, TTL: 30}); err != nil {
 		t.Fatal(err)
 	}
@@ -94,7 +94,7 @@ func TestLeaseAttachAndRevoke(t *testing.T) {
 
 // Grants, attachments and revokes inside one batch see each other.
 func TestLeaseWithinOneBatch(t *testing.T) {
-	e := newEnvWithLeases(t, nil)
+	e := newEnv(t)
 	e.mustPut("k", "old")
 	res := e.applyBatch(
 		&pb.LeaseGrantRequest{ID: 3, TTL: 10},
@@ -121,7 +121,7 @@ func TestLeaseWithinOneBatch(t *testing.T) {
 
 // The table, the keys' attachments and checkpoints survive a restart.
 func TestLeaseRestart(t *testing.T) {
-	e := newEnvWithLeases(t, nil)
+	e := newEnv(t)
 	e.apply(&pb.LeaseGrantRequest{ID: 1, TTL: 60})
 	e.apply(&pb.LeaseGrantRequest{ID: 2, TTL: 5})
 	for _, k := range []string{"p", "q"} {

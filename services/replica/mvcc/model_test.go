@@ -19,13 +19,13 @@ import (
 type model struct {
 	rev     int64
 	compact int64
-	leases  Leases
+	leases  leaseSet
 	// hist holds every change of every key in order; a tombstone is a KeyValue with
 	// CreateRevision 0 (as the store writes it).
 	hist map[string][]*mvccpb.KeyValue
 }
 
-func newModel(leases Leases) *model {
+func newModel(leases leaseSet) *model {
 	return &model{rev: 1, compact: -1, leases: leases, hist: map[string][]*mvccpb.KeyValue{}}
 }
 

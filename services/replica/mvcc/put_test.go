@@ -246,11 +246,11 @@ func TestPutFailuresWriteNothing(t *testing.T) {
 	}
 }
 
-func TestPutWithLeaseNoLeases(t *testing.T) {
+func TestPutWithUnknownLease(t *testing.T) {
 	e := newEnv(t)
 	_, err := e.put(&pb.PutRequest{Key: []byte("k"), Value: []byte("v"), Lease: 1})
 	if !isErr(err, etcderr.ErrLeaseNotFound) {
-		t.Fatalf("put with a lease on a store with NoLeases: err = %v, want ErrLeaseNotFound", err)
+		t.Fatalf("put with a lease never granted: err = %v, want ErrLeaseNotFound", err)
 	}
 	if e.s.Rev() != 1 || e.get("k", 0) != nil {
 		t.Errorf("failed put changed the store: rev %d, k = %v", e.s.Rev(), e.get("k", 0))

@@ -27,12 +27,6 @@ import (
 	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
 )
 
-// Leases tells the store whether a lease exists, for puts that attach one. A store
-// opened without one keeps its own lease table (lease.go); tests give a fixed set.
-type Leases interface {
-	Exists(id int64) bool
-}
-
 // keyMeta is what a put needs to know of a key's live version. The store keeps it in
 // memory for every live key (as etcd keeps its key index in memory), so that a put
 // reads nothing from Pebble unless it needs the previous value itself.
@@ -40,10 +34,9 @@ type keyMeta struct{ create, version, lease int64 }
 
 // Store is the MVCC key-value store.
 type Store struct {
-	db     *pebble.DB
-	log    *slog.Logger
-	leases Leases // nil: lt decides
-	lt     leaseTable
+	db  *pebble.DB
+	log *slog.Logger
+	lt  leaseTable
 
 	// live holds every live key's keyMeta. Only the apply goroutine (Writers and
 	// Committed) uses it.
@@ -68,9 +61,9 @@ type Store struct {
 }
 
 // Open loads the store kept in db and resumes an interrupted compaction.
-func Open(db *pebble.DB, leases Leases, log *slog.Logger) (*Store, error) {
+func Open(db *pebble.DB, log *slog.Logger) (*Store, error) {
 	s := &Store{
-		db: db, log: log, leases: leases,
+		db: db, log: log,
 		compactc:    make(chan int64, 64),
 		compactDone: make(chan struct{}),
 		stop:        make(chan struct{}),
