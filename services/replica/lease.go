@@ -4,7 +4,12 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/binary"
+	"errors"
+	"io"
+	"sync"
 	"time"
+
+	"connectrpc.com/connect"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
@@ -15,9 +20,7 @@ import (
 // Leases, through Raft. A grant carries the ID its proposer chose, so every member
 // applies the same lease; a revoke deletes the lease's keys in one revision.
 //
-// Not built yet (the lease issue's next part): the leader's expiry of leases,
-// keep-alives, checkpoints proposed by the leader, and the public Lease API. Until
-// then the gateway's Lease service answers Unimplemented.
+// The leader's lease clocks (expiry, keep-alives, checkpoints) are in lessor.go.
 
 // maxLeaseTTL is etcd's MaxLeaseTTL: 9,000,000,000 seconds.
 const maxLeaseTTL = 9_000_000_000
@@ -81,4 +84,155 @@ func (r *Replica) LeaseRevoke(ctx context.Context, req *pb.LeaseRevokeRequest) (
 	out := resp.(*pb.LeaseRevokeResponse)
 	r.header(out.Header)
 	return out, nil
+}
+
+// appendLeaseOp adds req to ops when it is a lease change the lessor follows.
+func appendLeaseOp(ops []leaseOp, req *replicav1.RaftRequest) []leaseOp {
+	switch op := req.GetRequest().(type) {
+	case *replicav1.RaftRequest_LeaseGrant:
+		return append(ops, leaseOp{grant: op.LeaseGrant})
+	case *replicav1.RaftRequest_LeaseRevoke:
+		return append(ops, leaseOp{revoke: op.LeaseRevoke.GetID()})
+	case *replicav1.RaftRequest_LeaseCheckpoint:
+		return append(ops, leaseOp{checkpoint: op.LeaseCheckpoint})
+	}
+	return ops
+}
+
+// leaseService is etcd's Lease API for gateways.
+type leaseService struct{ r *Replica }
+
+func (s *leaseService) LeaseGrant(ctx context.Context, req *connect.Request[pb.LeaseGrantRequest]) (*connect.Response[pb.LeaseGrantResponse], error) {
+	if err := s.r.serving(false); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	resp, err := s.r.LeaseGrant(ctx, req.Msg)
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	s.r.m.leasesGranted.Inc()
+	return connect.NewResponse(resp), nil
+}
+
+func (s *leaseService) LeaseRevoke(ctx context.Context, req *connect.Request[pb.LeaseRevokeRequest]) (*connect.Response[pb.LeaseRevokeResponse], error) {
+	if err := s.r.serving(false); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	resp, err := s.r.LeaseRevoke(ctx, req.Msg)
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	s.r.m.leasesRevoked.Inc()
+	return connect.NewResponse(resp), nil
+}
+
+// LeaseTimeToLive answers on the leader only: it alone keeps the clocks. An unknown
+// lease answers TTL -1, as etcd.
+func (s *leaseService) LeaseTimeToLive(ctx context.Context, req *connect.Request[pb.LeaseTimeToLiveRequest]) (*connect.Response[pb.LeaseTimeToLiveResponse], error) {
+	r := s.r
+	if err := r.serving(false); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	term, err := r.leaseLeader(ctx)
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	id := req.Msg.GetID()
+	left, ttl, ok, err := r.lessor.remaining(term, id)
+	if err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	resp := &pb.LeaseTimeToLiveResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), ID: id, TTL: -1}
+	if ok {
+		resp.TTL, resp.GrantedTTL = left, ttl
+		if req.Msg.GetKeys() {
+			st := r.acquire()
+			resp.Keys = st.kv.LeaseKeys(id)
+			st.release()
+		}
+	}
+	return connect.NewResponse(resp), nil
+}
+
+// LeaseLeases lists the committed leases this member knows.
+func (s *leaseService) LeaseLeases(ctx context.Context, req *connect.Request[pb.LeaseLeasesRequest]) (*connect.Response[pb.LeaseLeasesResponse], error) {
+	r := s.r
+	if err := r.serving(false); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
+	st := r.acquire()
+	leases := st.kv.Leases()
+	st.release()
+	resp := &pb.LeaseLeasesResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Leases: make([]*pb.LeaseStatus, len(leases))}
+	for i, l := range leases {
+		resp.Leases[i] = &pb.LeaseStatus{ID: l.ID}
+	}
+	return connect.NewResponse(resp), nil
+}
+
+// KeepAlive renews batches of leases; each batch is answered when it is done, in its
+// own goroutine, so a batch that waits (for an expired lease's revoke) holds up no
+// other.
+func (s *leaseService) KeepAlive(ctx context.Context, stream *connect.BidiStream[replicav1.KeepAliveBatch, replicav1.KeepAliveResults]) error {
+	var sendMu sync.Mutex
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		b, err := stream.Receive()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res := s.r.keepAlive(ctx, b)
+			sendMu.Lock()
+			defer sendMu.Unlock()
+			stream.Send(res) // a broken stream ends Receive too
+		}()
+	}
+}
+
+// leaseLeader confirms that this member leads (a batched ReadIndex round, which also
+// waits until everything committed before is applied) and keeps the lease clocks.
+func (r *Replica) leaseLeader(ctx context.Context) (uint64, error) {
+	if r.leader.Load() != r.id {
+		return 0, errNotPrimary
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
+	defer cancel()
+	if err := r.read.linearizable(ctx); err != nil {
+		return 0, errNotPrimary
+	}
+	return r.lessor.primary(ctx)
+}
+
+// keepAlive renews a batch of leases on the leader.
+func (r *Replica) keepAlive(ctx context.Context, b *replicav1.KeepAliveBatch) *replicav1.KeepAliveResults {
+	out := &replicav1.KeepAliveResults{Seq: b.GetSeq()}
+	term, err := r.leaseLeader(ctx)
+	if err != nil {
+		out.NotLeader = true
+		return out
+	}
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
+	defer cancel()
+	out.Ttls = make([]int64, len(b.GetIds()))
+	for i, id := range b.GetIds() {
+		ttl, err := r.lessor.renew(ctx, term, id)
+		switch {
+		case err == nil:
+			out.Ttls[i] = ttl
+		case errors.Is(err, etcderr.ErrLeaseNotFound):
+			out.Ttls[i] = 0
+		default:
+			return &replicav1.KeepAliveResults{Seq: b.GetSeq(), NotLeader: true}
+		}
+	}
+	r.m.leasesRenewed.Add(float64(len(b.GetIds())))
+	out.Header = r.header(&pb.ResponseHeader{Revision: r.rev()})
+	return out
 }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 )
 
 // Leases go through Raft: a grant gets an ID and at least the minimum TTL, puts attach
@@ -68,5 +69,120 @@ func TestLeasesThroughRaft(t *testing.T) {
 	}
 	if l, ok := tr.r.st.kv.Lease(1000); !ok || l.TTL != 60 {
 		t.Fatalf("lease 1000 after restart: %v, %v", l, ok)
+	}
+}
+
+func timeToLive(t *testing.T, r *Replica, id int64) *pb.LeaseTimeToLiveResponse {
+	t.Helper()
+	resp, err := (&leaseService{r}).LeaseTimeToLive(context.Background(), connect.NewRequest(&pb.LeaseTimeToLiveRequest{ID: id, Keys: true}))
+	if err != nil {
+		t.Fatalf("time to live of %x: %v", id, err)
+	}
+	return resp.Msg
+}
+
+func renewOnce(t *testing.T, r *Replica, id int64) *replicav1.KeepAliveResults {
+	t.Helper()
+	return r.keepAlive(context.Background(), &replicav1.KeepAliveBatch{Seq: 7, Ids: []int64{id}})
+}
+
+// The leader's clocks: keep-alives hold a lease without Raft writes, and a lease whose
+// keep-alives stop is revoked through Raft with its keys, in one revision.
+func TestLeaseKeepAliveAndExpiry(t *testing.T) {
+	tr := startReplica(t, testConfig(t))
+	ctx := context.Background()
+	g, err := tr.r.LeaseGrant(ctx, &pb.LeaseGrantRequest{ID: 42, TTL: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"a", "b"} {
+		if _, err := tr.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte(k), Value: []byte("v"), Lease: g.GetID()})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	applied := tr.r.applied.Load()
+	for range 10 { // 2 s: twice the TTL
+		res := renewOnce(t, tr.r, 42)
+		if res.GetNotLeader() || res.GetSeq() != 7 || len(res.GetTtls()) != 1 || res.GetTtls()[0] != 1 || res.GetHeader().GetMemberId() != tr.r.ID() {
+			t.Fatalf("keep-alive answered %v", res)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if got := tr.r.applied.Load(); got != applied {
+		t.Fatalf("keep-alives wrote to the raft log: applied index %d → %d", applied, got)
+	}
+	if ttl := timeToLive(t, tr.r, 42); ttl.GetGrantedTTL() != 1 || ttl.GetTTL() < 0 || ttl.GetTTL() > 1 || len(ttl.GetKeys()) != 2 {
+		t.Fatalf("time to live of a kept lease: %v", ttl)
+	}
+	rev := tr.get("a", 0).GetHeader().GetRevision()
+
+	deadline := time.Now().Add(3 * time.Second)
+	for len(tr.get("a", 0).GetKvs()) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the lease's key outlived its TTL by 2 s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	resp := tr.get("b", 0)
+	if len(resp.GetKvs()) != 0 || resp.GetHeader().GetRevision() != rev+1 {
+		t.Fatalf("after expiry: b = %v at revision %d; want both keys deleted in revision %d", resp.GetKvs(), resp.GetHeader().GetRevision(), rev+1)
+	}
+	if ttl := timeToLive(t, tr.r, 42); ttl.GetTTL() != -1 {
+		t.Fatalf("time to live of an expired lease: %v, want TTL -1", ttl)
+	}
+	if res := renewOnce(t, tr.r, 42); res.GetNotLeader() || res.GetTtls()[0] != 0 {
+		t.Fatalf("keep-alive of an expired lease answered %v; want TTL 0", res)
+	}
+}
+
+// A lease whose keep-alives stopped has its remaining TTL checkpointed, so that a new
+// leader does not start it over; a renewal clears the checkpoint first.
+func TestLeaseCheckpointsSurviveLeaderChange(t *testing.T) {
+	members := startCluster(t, 3)
+	lead := leader(t, members)
+	ctx := context.Background()
+	for _, id := range []int64{1, 2} {
+		if _, err := lead.r.LeaseGrant(ctx, &pb.LeaseGrantRequest{ID: id, TTL: 8}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Checkpoints begin once half the TTL is left, at the next checkpoint round.
+	time.Sleep(5500 * time.Millisecond)
+	if res := renewOnce(t, lead.r, 2); res.GetNotLeader() || res.GetTtls()[0] != 8 {
+		t.Fatalf("renewal answered %v", res)
+	}
+	for _, m := range members {
+		deadline := time.Now().Add(time.Second)
+		for {
+			l1, _ := m.r.st.kv.Lease(1)
+			l2, _ := m.r.st.kv.Lease(2)
+			if l1.Remaining >= 2 && l1.Remaining <= 4 && l2.Remaining == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s holds checkpoints %d and %d; want 2–4 s for the lapsing lease, none for the renewed one", m.cfg.Name, l1.Remaining, l2.Remaining)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	lead.stop(t)
+	next := leader(t, members)
+	// The extension a new leader grants is one election timeout (100 ms here).
+	if ttl := timeToLive(t, next.r, 1); ttl.GetTTL() < 0 || ttl.GetTTL() > 4 {
+		t.Fatalf("after the leader change the lapsing lease has TTL %d; want at most its checkpoint", ttl.GetTTL())
+	}
+	if ttl := timeToLive(t, next.r, 2); ttl.GetTTL() < 6 {
+		t.Fatalf("after the leader change the renewed lease has TTL %d; want about its whole TTL", ttl.GetTTL())
+	}
+	// A deposed leader's lessor entries are ignored: apply compares terms.
+	if _, err := next.r.propose(ctx, &replicav1.RaftRequest{LessorTerm: 1,
+		Request: &replicav1.RaftRequest_LeaseRevoke{LeaseRevoke: &pb.LeaseRevokeRequest{ID: 2}}}); !errors.Is(err, etcderr.ErrNotLeader) {
+		t.Fatalf("a revoke of another term: %v", err)
+	}
+	if _, ok := next.r.st.kv.Lease(2); !ok {
+		t.Fatal("a revoke of another term was applied")
+	}
+	if res := renewOnce(t, follower(members, next).r, 2); !res.GetNotLeader() {
+		t.Fatalf("a follower renewed: %v", res)
 	}
 }

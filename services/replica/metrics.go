@@ -18,6 +18,11 @@ type metrics struct {
 	snapshotsSent      prometheus.Counter
 	snapshotsInstalled prometheus.Counter
 	feedRevisions      prometheus.Counter
+
+	leasesGranted  prometheus.Counter
+	leasesRevoked  prometheus.Counter
+	leasesExpired  prometheus.Counter
+	leasesRenewed  prometheus.Counter
 }
 
 func newMetrics(r *Replica) *metrics {
@@ -54,10 +59,22 @@ func newMetrics(r *Replica) *metrics {
 		feedRevisions: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kvmesh_replica_feed_revisions_sent_total", Help: "Revisions sent to history readers (the fanout and catching-up gateways) over Feed.",
 		}),
+		leasesGranted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "etcd_debugging_server_lease_granted_total", Help: "The total number of granted leases.",
+		}),
+		leasesRevoked: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "etcd_debugging_server_lease_revoked_total", Help: "The total number of revoked leases.",
+		}),
+		leasesExpired: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "etcd_debugging_server_lease_expired_total", Help: "The total number of expired leases.",
+		}),
+		leasesRenewed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "etcd_debugging_server_lease_renewed_total", Help: "The number of renewed leases seen by the leader.",
+		}),
 	}
 	reg := r.tel.Registry
 	reg.MustRegister(m.hasLeader, m.leaderChanges, m.applied, m.pending, m.failed, m.walFsync, m.backendCommit,
-		m.snapshotsSent, m.snapshotsInstalled, m.feedRevisions,
+		m.snapshotsSent, m.snapshotsInstalled, m.feedRevisions, m.leasesGranted, m.leasesRevoked, m.leasesExpired, m.leasesRenewed,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "etcd_mvcc_db_total_size_in_bytes", Help: "Total size of the underlying database physically allocated in bytes.",
 		}, func() float64 { return float64(r.dbSize()) }),

@@ -191,6 +191,7 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 	defer b.Close()
 	wr := st.kv.NewWriter(b)
 	var done []applied
+	var lops []leaseOp
 	var n uint64
 	for _, e := range ents {
 		if e.GetIndex() <= r.applied.Load() {
@@ -221,8 +222,14 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 				res.resp = attrs
 			} else if u := req.GetMemberUpdate(); u != nil {
 				res.err = r.applyMemberUpdate(b, u)
+			} else if t := req.GetLessorTerm(); t != 0 && t != e.GetTerm() {
+				// A deposed leader's lessor decided this; the new leader decides alone.
+				res.err = errNotPrimary
 			} else {
 				res = r.applyRequest(ctx, wr, req)
+				if res.err == nil {
+					lops = appendLeaseOp(lops, req)
+				}
 			}
 			span.End()
 			if w != nil {
@@ -264,6 +271,9 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 	r.m.backendCommit.Observe(time.Since(start).Seconds())
 	for _, id := range r.members.committed() {
 		r.peers.forget(id)
+	}
+	if len(lops) > 0 {
+		r.lessor.applied(lops)
 	}
 	r.applied.Store(last)
 	r.appliedTerm.Store(lastTerm)

@@ -81,6 +81,13 @@ type Config struct {
 	MaxTxnOps int `env:"MAX_TXN_OPS, default=128"`
 	// RequestTimeout bounds how long a proposal waits to be applied.
 	RequestTimeout time.Duration `env:"REQUEST_TIMEOUT, default=7s"`
+	// LeaseCheckpointInterval is how often the leader records, through Raft, the
+	// remaining TTL of leases that have gone half their TTL without a keep-alive, so
+	// that a new leader does not give them their whole TTL again.
+	LeaseCheckpointInterval time.Duration `env:"LEASE_CHECKPOINT_INTERVAL, default=1s"`
+	// LeaseRevokeRate is the most expired leases the leader revokes per second, so that
+	// an expiry storm cannot crowd out writes (etcd's leaseRevokeRate).
+	LeaseRevokeRate int `env:"LEASE_REVOKE_RATE, default=1000"`
 
 	// EnableFaultInjection serves POST /debug/faults/isolate and /debug/faults/heal on
 	// the internal API, which cut this member's peer traffic both ways and restore it:
@@ -106,6 +113,10 @@ func (c *Config) Validate() error {
 		return errors.New("KVMESH_REPLICA_MAX_REQUEST_BYTES: must be positive")
 	case c.MaxTxnOps <= 0:
 		return errors.New("KVMESH_REPLICA_MAX_TXN_OPS: must be positive")
+	case c.LeaseCheckpointInterval <= 0:
+		return errors.New("KVMESH_REPLICA_LEASE_CHECKPOINT_INTERVAL: must be positive")
+	case c.LeaseRevokeRate <= 0:
+		return errors.New("KVMESH_REPLICA_LEASE_REVOKE_RATE: must be positive")
 	case c.SnapshotCount == 0:
 		return errors.New("KVMESH_REPLICA_SNAPSHOT_COUNT: must be positive")
 	case c.InitialClusterState != "new" && c.InitialClusterState != "existing":
@@ -152,8 +163,9 @@ type Replica struct {
 	waitMu  sync.Mutex
 	waiters map[uint64]*waiter
 
-	read  readLoop
-	peers *transport
+	read   readLoop
+	peers  *transport
+	lessor lessor
 
 	removeOnce sync.Once
 	removedc   chan struct{} // closed once this member is removed from the cluster
@@ -324,12 +336,14 @@ func (r *Replica) open() error {
 	// ids never repeat across restarts.
 	r.nextID.Store(r.id<<48 | uint64(time.Now().UnixMilli())<<8&(1<<48-1))
 	r.read.init(r)
+	r.lessor.init(r)
 	if id != nil {
 		r.campaignIfAlone(r.members.confState())
 	}
 	go r.raftLoop()
 	go r.applyLoop()
 	go r.read.run()
+	go r.lessor.run()
 	go r.publish()
 	return nil
 }
@@ -400,6 +414,7 @@ func (r *Replica) Handler() http.Handler {
 	mux.Handle(replicav1connect.NewKVServiceHandler(&kvService{r}, opts...))
 	mux.Handle(replicav1connect.NewClusterServiceHandler(&clusterService{r}, opts...))
 	mux.Handle(replicav1connect.NewMaintenanceServiceHandler(&maintenanceService{r}, opts...))
+	mux.Handle(replicav1connect.NewLeaseServiceHandler(&leaseService{r}, opts...))
 	mux.Handle(replicav1connect.NewFeedServiceHandler(&feedService{r}, opts...))
 	mux.Handle(peerv1connect.NewPeerServiceHandler(&peerService{r}, r.tel.InternalHandler()...))
 	mux.Handle("/metrics", r.tel.MetricsHandler())
@@ -468,6 +483,7 @@ func (r *Replica) Stop(ctx context.Context) error {
 	r.peers.stop()
 	<-r.doneApp
 	r.read.wait()
+	r.lessor.wait()
 	r.snaps.wait()
 	r.stateMu.Lock()
 	st := r.st

@@ -113,6 +113,7 @@ func testConfig(t *testing.T) Config {
 		PeerURLs: []string{"http://127.0.0.1:2380"}, ClientURLs: []string{"http://127.0.0.1:2379"},
 		ClusterToken: "test", TickInterval: 10 * time.Millisecond, ElectionTicks: 10,
 		SnapshotCount: 10000, MaxRequestBytes: 1572864, MaxTxnOps: 128, RequestTimeout: 5 * time.Second, InitialClusterState: "new",
+		LeaseCheckpointInterval: time.Second, LeaseRevokeRate: 1000,
 	}
 }
 

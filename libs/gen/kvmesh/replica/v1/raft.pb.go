@@ -41,7 +41,12 @@ type RaftRequest struct {
 	//	*RaftRequest_LeaseGrant
 	//	*RaftRequest_LeaseRevoke
 	//	*RaftRequest_LeaseCheckpoint
-	Request       isRaftRequest_Request `protobuf_oneof:"request"`
+	Request isRaftRequest_Request `protobuf_oneof:"request"`
+	// lessor_term is set on what the leader's lessor proposes by itself (expiry revokes,
+	// checkpoints): the term in which it was leader. Such an entry is applied only when
+	// its log entry has that term, so a deposed leader's decisions, forwarded to the new
+	// leader before the old one learned of it, change nothing.
+	LessorTerm    uint64 `protobuf:"varint,11,opt,name=lessor_term,json=lessorTerm,proto3" json:"lessor_term,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -169,6 +174,13 @@ func (x *RaftRequest) GetLeaseCheckpoint() *etcdserverpb.LeaseCheckpointRequest 
 		}
 	}
 	return nil
+}
+
+func (x *RaftRequest) GetLessorTerm() uint64 {
+	if x != nil {
+		return x.LessorTerm
+	}
+	return 0
 }
 
 type isRaftRequest_Request interface {
@@ -356,7 +368,7 @@ var File_kvmesh_replica_v1_raft_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"\x8a\x05\n" +
+	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"\xab\x05\n" +
 	"\vRaftRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
 	"\x03put\x18\x02 \x01(\v2\x18.etcdserverpb.PutRequestH\x00R\x03put\x12E\n" +
@@ -371,7 +383,9 @@ const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"leaseGrant\x12E\n" +
 	"\flease_revoke\x18\t \x01(\v2 .etcdserverpb.LeaseRevokeRequestH\x00R\vleaseRevoke\x12Q\n" +
 	"\x10lease_checkpoint\x18\n" +
-	" \x01(\v2$.etcdserverpb.LeaseCheckpointRequestH\x00R\x0fleaseCheckpointB\t\n" +
+	" \x01(\v2$.etcdserverpb.LeaseCheckpointRequestH\x00R\x0fleaseCheckpoint\x12\x1f\n" +
+	"\vlessor_term\x18\v \x01(\x04R\n" +
+	"lessorTermB\t\n" +
 	"\arequest\"`\n" +
 	"\x11ConfChangeContext\x12,\n" +
 	"\x06member\x18\x01 \x01(\v2\x14.etcdserverpb.MemberR\x06member\x12\x1d\n" +

@@ -11,6 +11,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
+	sync "sync"
 	unsafe "unsafe"
 )
 
@@ -21,11 +22,149 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// KeepAliveBatch is a batch of keep-alives.
+type KeepAliveBatch struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// seq names the batch in its answer.
+	Seq uint64 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	// ids are the leases to renew (an ID may appear more than once).
+	Ids           []int64 `protobuf:"varint,2,rep,packed,name=ids,proto3" json:"ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeepAliveBatch) Reset() {
+	*x = KeepAliveBatch{}
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeepAliveBatch) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeepAliveBatch) ProtoMessage() {}
+
+func (x *KeepAliveBatch) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeepAliveBatch.ProtoReflect.Descriptor instead.
+func (*KeepAliveBatch) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *KeepAliveBatch) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *KeepAliveBatch) GetIds() []int64 {
+	if x != nil {
+		return x.Ids
+	}
+	return nil
+}
+
+// KeepAliveResults answers one KeepAliveBatch.
+type KeepAliveResults struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Seq   uint64                 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	// header is the response header for every answer of the batch.
+	Header *etcdserverpb.ResponseHeader `protobuf:"bytes,2,opt,name=header,proto3" json:"header,omitempty"`
+	// ttls are the renewed TTLs in seconds, one per ID of the batch in order: 0 for a
+	// lease that does not exist (etcd's answer to a keep-alive of an unknown lease).
+	Ttls []int64 `protobuf:"varint,3,rep,packed,name=ttls,proto3" json:"ttls,omitempty"`
+	// not_leader is set when this replica could not renew as the leader: no TTL is
+	// given, and the batch should go to the leader.
+	NotLeader     bool `protobuf:"varint,4,opt,name=not_leader,json=notLeader,proto3" json:"not_leader,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeepAliveResults) Reset() {
+	*x = KeepAliveResults{}
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeepAliveResults) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeepAliveResults) ProtoMessage() {}
+
+func (x *KeepAliveResults) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeepAliveResults.ProtoReflect.Descriptor instead.
+func (*KeepAliveResults) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *KeepAliveResults) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *KeepAliveResults) GetHeader() *etcdserverpb.ResponseHeader {
+	if x != nil {
+		return x.Header
+	}
+	return nil
+}
+
+func (x *KeepAliveResults) GetTtls() []int64 {
+	if x != nil {
+		return x.Ttls
+	}
+	return nil
+}
+
+func (x *KeepAliveResults) GetNotLeader() bool {
+	if x != nil {
+		return x.NotLeader
+	}
+	return false
+}
+
 var File_kvmesh_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
-	"\x1fkvmesh/replica/v1/replica.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto2\xe7\x02\n" +
+	"\x1fkvmesh/replica/v1/replica.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"4\n" +
+	"\x0eKeepAliveBatch\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x10\n" +
+	"\x03ids\x18\x02 \x03(\x03R\x03ids\"\x8d\x01\n" +
+	"\x10KeepAliveResults\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\x124\n" +
+	"\x06header\x18\x02 \x01(\v2\x1c.etcdserverpb.ResponseHeaderR\x06header\x12\x12\n" +
+	"\x04ttls\x18\x03 \x03(\x03R\x04ttls\x12\x1d\n" +
+	"\n" +
+	"not_leader\x18\x04 \x01(\bR\tnotLeader2\xe7\x02\n" +
 	"\tKVService\x12@\n" +
 	"\x05Range\x12\x1a.etcdserverpb.RangeRequest\x1a\x1b.etcdserverpb.RangeResponse\x12:\n" +
 	"\x03Put\x12\x18.etcdserverpb.PutRequest\x1a\x19.etcdserverpb.PutResponse\x12R\n" +
@@ -44,73 +183,115 @@ const file_kvmesh_replica_v1_replica_proto_rawDesc = "" +
 	"\x06HashKV\x12\x1b.etcdserverpb.HashKVRequest\x1a\x1c.etcdserverpb.HashKVResponse\x12=\n" +
 	"\x04Hash\x12\x19.etcdserverpb.HashRequest\x1a\x1a.etcdserverpb.HashResponse\x12O\n" +
 	"\n" +
-	"MoveLeader\x12\x1f.etcdserverpb.MoveLeaderRequest\x1a .etcdserverpb.MoveLeaderResponseB\xca\x01\n" +
+	"MoveLeader\x12\x1f.etcdserverpb.MoveLeaderRequest\x1a .etcdserverpb.MoveLeaderResponse2\xc0\x03\n" +
+	"\fLeaseService\x12O\n" +
+	"\n" +
+	"LeaseGrant\x12\x1f.etcdserverpb.LeaseGrantRequest\x1a .etcdserverpb.LeaseGrantResponse\x12R\n" +
+	"\vLeaseRevoke\x12 .etcdserverpb.LeaseRevokeRequest\x1a!.etcdserverpb.LeaseRevokeResponse\x12^\n" +
+	"\x0fLeaseTimeToLive\x12$.etcdserverpb.LeaseTimeToLiveRequest\x1a%.etcdserverpb.LeaseTimeToLiveResponse\x12R\n" +
+	"\vLeaseLeases\x12 .etcdserverpb.LeaseLeasesRequest\x1a!.etcdserverpb.LeaseLeasesResponse\x12W\n" +
+	"\tKeepAlive\x12!.kvmesh.replica.v1.KeepAliveBatch\x1a#.kvmesh.replica.v1.KeepAliveResults(\x010\x01B\xca\x01\n" +
 	"\x15com.kvmesh.replica.v1B\fReplicaProtoP\x01Z=github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1;replicav1\xa2\x02\x03KRX\xaa\x02\x11Kvmesh.Replica.V1\xca\x02\x11Kvmesh\\Replica\\V1\xe2\x02\x1dKvmesh\\Replica\\V1\\GPBMetadata\xea\x02\x13Kvmesh::Replica::V1b\x06proto3"
 
+var (
+	file_kvmesh_replica_v1_replica_proto_rawDescOnce sync.Once
+	file_kvmesh_replica_v1_replica_proto_rawDescData []byte
+)
+
+func file_kvmesh_replica_v1_replica_proto_rawDescGZIP() []byte {
+	file_kvmesh_replica_v1_replica_proto_rawDescOnce.Do(func() {
+		file_kvmesh_replica_v1_replica_proto_rawDescData = protoimpl.X.CompressGZIP(unsafe.Slice(unsafe.StringData(file_kvmesh_replica_v1_replica_proto_rawDesc), len(file_kvmesh_replica_v1_replica_proto_rawDesc)))
+	})
+	return file_kvmesh_replica_v1_replica_proto_rawDescData
+}
+
+var file_kvmesh_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
 var file_kvmesh_replica_v1_replica_proto_goTypes = []any{
-	(*etcdserverpb.RangeRequest)(nil),          // 0: etcdserverpb.RangeRequest
-	(*etcdserverpb.PutRequest)(nil),            // 1: etcdserverpb.PutRequest
-	(*etcdserverpb.DeleteRangeRequest)(nil),    // 2: etcdserverpb.DeleteRangeRequest
-	(*etcdserverpb.TxnRequest)(nil),            // 3: etcdserverpb.TxnRequest
-	(*etcdserverpb.CompactionRequest)(nil),     // 4: etcdserverpb.CompactionRequest
-	(*etcdserverpb.MemberListRequest)(nil),     // 5: etcdserverpb.MemberListRequest
-	(*etcdserverpb.MemberAddRequest)(nil),      // 6: etcdserverpb.MemberAddRequest
-	(*etcdserverpb.MemberRemoveRequest)(nil),   // 7: etcdserverpb.MemberRemoveRequest
-	(*etcdserverpb.MemberUpdateRequest)(nil),   // 8: etcdserverpb.MemberUpdateRequest
-	(*etcdserverpb.MemberPromoteRequest)(nil),  // 9: etcdserverpb.MemberPromoteRequest
-	(*etcdserverpb.StatusRequest)(nil),         // 10: etcdserverpb.StatusRequest
-	(*etcdserverpb.HashKVRequest)(nil),         // 11: etcdserverpb.HashKVRequest
-	(*etcdserverpb.HashRequest)(nil),           // 12: etcdserverpb.HashRequest
-	(*etcdserverpb.MoveLeaderRequest)(nil),     // 13: etcdserverpb.MoveLeaderRequest
-	(*etcdserverpb.RangeResponse)(nil),         // 14: etcdserverpb.RangeResponse
-	(*etcdserverpb.PutResponse)(nil),           // 15: etcdserverpb.PutResponse
-	(*etcdserverpb.DeleteRangeResponse)(nil),   // 16: etcdserverpb.DeleteRangeResponse
-	(*etcdserverpb.TxnResponse)(nil),           // 17: etcdserverpb.TxnResponse
-	(*etcdserverpb.CompactionResponse)(nil),    // 18: etcdserverpb.CompactionResponse
-	(*etcdserverpb.MemberListResponse)(nil),    // 19: etcdserverpb.MemberListResponse
-	(*etcdserverpb.MemberAddResponse)(nil),     // 20: etcdserverpb.MemberAddResponse
-	(*etcdserverpb.MemberRemoveResponse)(nil),  // 21: etcdserverpb.MemberRemoveResponse
-	(*etcdserverpb.MemberUpdateResponse)(nil),  // 22: etcdserverpb.MemberUpdateResponse
-	(*etcdserverpb.MemberPromoteResponse)(nil), // 23: etcdserverpb.MemberPromoteResponse
-	(*etcdserverpb.StatusResponse)(nil),        // 24: etcdserverpb.StatusResponse
-	(*etcdserverpb.HashKVResponse)(nil),        // 25: etcdserverpb.HashKVResponse
-	(*etcdserverpb.HashResponse)(nil),          // 26: etcdserverpb.HashResponse
-	(*etcdserverpb.MoveLeaderResponse)(nil),    // 27: etcdserverpb.MoveLeaderResponse
+	(*KeepAliveBatch)(nil),                       // 0: kvmesh.replica.v1.KeepAliveBatch
+	(*KeepAliveResults)(nil),                     // 1: kvmesh.replica.v1.KeepAliveResults
+	(*etcdserverpb.ResponseHeader)(nil),          // 2: etcdserverpb.ResponseHeader
+	(*etcdserverpb.RangeRequest)(nil),            // 3: etcdserverpb.RangeRequest
+	(*etcdserverpb.PutRequest)(nil),              // 4: etcdserverpb.PutRequest
+	(*etcdserverpb.DeleteRangeRequest)(nil),      // 5: etcdserverpb.DeleteRangeRequest
+	(*etcdserverpb.TxnRequest)(nil),              // 6: etcdserverpb.TxnRequest
+	(*etcdserverpb.CompactionRequest)(nil),       // 7: etcdserverpb.CompactionRequest
+	(*etcdserverpb.MemberListRequest)(nil),       // 8: etcdserverpb.MemberListRequest
+	(*etcdserverpb.MemberAddRequest)(nil),        // 9: etcdserverpb.MemberAddRequest
+	(*etcdserverpb.MemberRemoveRequest)(nil),     // 10: etcdserverpb.MemberRemoveRequest
+	(*etcdserverpb.MemberUpdateRequest)(nil),     // 11: etcdserverpb.MemberUpdateRequest
+	(*etcdserverpb.MemberPromoteRequest)(nil),    // 12: etcdserverpb.MemberPromoteRequest
+	(*etcdserverpb.StatusRequest)(nil),           // 13: etcdserverpb.StatusRequest
+	(*etcdserverpb.HashKVRequest)(nil),           // 14: etcdserverpb.HashKVRequest
+	(*etcdserverpb.HashRequest)(nil),             // 15: etcdserverpb.HashRequest
+	(*etcdserverpb.MoveLeaderRequest)(nil),       // 16: etcdserverpb.MoveLeaderRequest
+	(*etcdserverpb.LeaseGrantRequest)(nil),       // 17: etcdserverpb.LeaseGrantRequest
+	(*etcdserverpb.LeaseRevokeRequest)(nil),      // 18: etcdserverpb.LeaseRevokeRequest
+	(*etcdserverpb.LeaseTimeToLiveRequest)(nil),  // 19: etcdserverpb.LeaseTimeToLiveRequest
+	(*etcdserverpb.LeaseLeasesRequest)(nil),      // 20: etcdserverpb.LeaseLeasesRequest
+	(*etcdserverpb.RangeResponse)(nil),           // 21: etcdserverpb.RangeResponse
+	(*etcdserverpb.PutResponse)(nil),             // 22: etcdserverpb.PutResponse
+	(*etcdserverpb.DeleteRangeResponse)(nil),     // 23: etcdserverpb.DeleteRangeResponse
+	(*etcdserverpb.TxnResponse)(nil),             // 24: etcdserverpb.TxnResponse
+	(*etcdserverpb.CompactionResponse)(nil),      // 25: etcdserverpb.CompactionResponse
+	(*etcdserverpb.MemberListResponse)(nil),      // 26: etcdserverpb.MemberListResponse
+	(*etcdserverpb.MemberAddResponse)(nil),       // 27: etcdserverpb.MemberAddResponse
+	(*etcdserverpb.MemberRemoveResponse)(nil),    // 28: etcdserverpb.MemberRemoveResponse
+	(*etcdserverpb.MemberUpdateResponse)(nil),    // 29: etcdserverpb.MemberUpdateResponse
+	(*etcdserverpb.MemberPromoteResponse)(nil),   // 30: etcdserverpb.MemberPromoteResponse
+	(*etcdserverpb.StatusResponse)(nil),          // 31: etcdserverpb.StatusResponse
+	(*etcdserverpb.HashKVResponse)(nil),          // 32: etcdserverpb.HashKVResponse
+	(*etcdserverpb.HashResponse)(nil),            // 33: etcdserverpb.HashResponse
+	(*etcdserverpb.MoveLeaderResponse)(nil),      // 34: etcdserverpb.MoveLeaderResponse
+	(*etcdserverpb.LeaseGrantResponse)(nil),      // 35: etcdserverpb.LeaseGrantResponse
+	(*etcdserverpb.LeaseRevokeResponse)(nil),     // 36: etcdserverpb.LeaseRevokeResponse
+	(*etcdserverpb.LeaseTimeToLiveResponse)(nil), // 37: etcdserverpb.LeaseTimeToLiveResponse
+	(*etcdserverpb.LeaseLeasesResponse)(nil),     // 38: etcdserverpb.LeaseLeasesResponse
 }
 var file_kvmesh_replica_v1_replica_proto_depIdxs = []int32{
-	0,  // 0: kvmesh.replica.v1.KVService.Range:input_type -> etcdserverpb.RangeRequest
-	1,  // 1: kvmesh.replica.v1.KVService.Put:input_type -> etcdserverpb.PutRequest
-	2,  // 2: kvmesh.replica.v1.KVService.DeleteRange:input_type -> etcdserverpb.DeleteRangeRequest
-	3,  // 3: kvmesh.replica.v1.KVService.Txn:input_type -> etcdserverpb.TxnRequest
-	4,  // 4: kvmesh.replica.v1.KVService.Compact:input_type -> etcdserverpb.CompactionRequest
-	5,  // 5: kvmesh.replica.v1.ClusterService.MemberList:input_type -> etcdserverpb.MemberListRequest
-	6,  // 6: kvmesh.replica.v1.ClusterService.MemberAdd:input_type -> etcdserverpb.MemberAddRequest
-	7,  // 7: kvmesh.replica.v1.ClusterService.MemberRemove:input_type -> etcdserverpb.MemberRemoveRequest
-	8,  // 8: kvmesh.replica.v1.ClusterService.MemberUpdate:input_type -> etcdserverpb.MemberUpdateRequest
-	9,  // 9: kvmesh.replica.v1.ClusterService.MemberPromote:input_type -> etcdserverpb.MemberPromoteRequest
-	10, // 10: kvmesh.replica.v1.MaintenanceService.Status:input_type -> etcdserverpb.StatusRequest
-	11, // 11: kvmesh.replica.v1.MaintenanceService.HashKV:input_type -> etcdserverpb.HashKVRequest
-	12, // 12: kvmesh.replica.v1.MaintenanceService.Hash:input_type -> etcdserverpb.HashRequest
-	13, // 13: kvmesh.replica.v1.MaintenanceService.MoveLeader:input_type -> etcdserverpb.MoveLeaderRequest
-	14, // 14: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
-	15, // 15: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
-	16, // 16: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
-	17, // 17: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
-	18, // 18: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
-	19, // 19: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
-	20, // 20: kvmesh.replica.v1.ClusterService.MemberAdd:output_type -> etcdserverpb.MemberAddResponse
-	21, // 21: kvmesh.replica.v1.ClusterService.MemberRemove:output_type -> etcdserverpb.MemberRemoveResponse
-	22, // 22: kvmesh.replica.v1.ClusterService.MemberUpdate:output_type -> etcdserverpb.MemberUpdateResponse
-	23, // 23: kvmesh.replica.v1.ClusterService.MemberPromote:output_type -> etcdserverpb.MemberPromoteResponse
-	24, // 24: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
-	25, // 25: kvmesh.replica.v1.MaintenanceService.HashKV:output_type -> etcdserverpb.HashKVResponse
-	26, // 26: kvmesh.replica.v1.MaintenanceService.Hash:output_type -> etcdserverpb.HashResponse
-	27, // 27: kvmesh.replica.v1.MaintenanceService.MoveLeader:output_type -> etcdserverpb.MoveLeaderResponse
-	14, // [14:28] is the sub-list for method output_type
-	0,  // [0:14] is the sub-list for method input_type
-	0,  // [0:0] is the sub-list for extension type_name
-	0,  // [0:0] is the sub-list for extension extendee
-	0,  // [0:0] is the sub-list for field type_name
+	2,  // 0: kvmesh.replica.v1.KeepAliveResults.header:type_name -> etcdserverpb.ResponseHeader
+	3,  // 1: kvmesh.replica.v1.KVService.Range:input_type -> etcdserverpb.RangeRequest
+	4,  // 2: kvmesh.replica.v1.KVService.Put:input_type -> etcdserverpb.PutRequest
+	5,  // 3: kvmesh.replica.v1.KVService.DeleteRange:input_type -> etcdserverpb.DeleteRangeRequest
+	6,  // 4: kvmesh.replica.v1.KVService.Txn:input_type -> etcdserverpb.TxnRequest
+	7,  // 5: kvmesh.replica.v1.KVService.Compact:input_type -> etcdserverpb.CompactionRequest
+	8,  // 6: kvmesh.replica.v1.ClusterService.MemberList:input_type -> etcdserverpb.MemberListRequest
+	9,  // 7: kvmesh.replica.v1.ClusterService.MemberAdd:input_type -> etcdserverpb.MemberAddRequest
+	10, // 8: kvmesh.replica.v1.ClusterService.MemberRemove:input_type -> etcdserverpb.MemberRemoveRequest
+	11, // 9: kvmesh.replica.v1.ClusterService.MemberUpdate:input_type -> etcdserverpb.MemberUpdateRequest
+	12, // 10: kvmesh.replica.v1.ClusterService.MemberPromote:input_type -> etcdserverpb.MemberPromoteRequest
+	13, // 11: kvmesh.replica.v1.MaintenanceService.Status:input_type -> etcdserverpb.StatusRequest
+	14, // 12: kvmesh.replica.v1.MaintenanceService.HashKV:input_type -> etcdserverpb.HashKVRequest
+	15, // 13: kvmesh.replica.v1.MaintenanceService.Hash:input_type -> etcdserverpb.HashRequest
+	16, // 14: kvmesh.replica.v1.MaintenanceService.MoveLeader:input_type -> etcdserverpb.MoveLeaderRequest
+	17, // 15: kvmesh.replica.v1.LeaseService.LeaseGrant:input_type -> etcdserverpb.LeaseGrantRequest
+	18, // 16: kvmesh.replica.v1.LeaseService.LeaseRevoke:input_type -> etcdserverpb.LeaseRevokeRequest
+	19, // 17: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:input_type -> etcdserverpb.LeaseTimeToLiveRequest
+	20, // 18: kvmesh.replica.v1.LeaseService.LeaseLeases:input_type -> etcdserverpb.LeaseLeasesRequest
+	0,  // 19: kvmesh.replica.v1.LeaseService.KeepAlive:input_type -> kvmesh.replica.v1.KeepAliveBatch
+	21, // 20: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
+	22, // 21: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
+	23, // 22: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
+	24, // 23: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
+	25, // 24: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
+	26, // 25: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
+	27, // 26: kvmesh.replica.v1.ClusterService.MemberAdd:output_type -> etcdserverpb.MemberAddResponse
+	28, // 27: kvmesh.replica.v1.ClusterService.MemberRemove:output_type -> etcdserverpb.MemberRemoveResponse
+	29, // 28: kvmesh.replica.v1.ClusterService.MemberUpdate:output_type -> etcdserverpb.MemberUpdateResponse
+	30, // 29: kvmesh.replica.v1.ClusterService.MemberPromote:output_type -> etcdserverpb.MemberPromoteResponse
+	31, // 30: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
+	32, // 31: kvmesh.replica.v1.MaintenanceService.HashKV:output_type -> etcdserverpb.HashKVResponse
+	33, // 32: kvmesh.replica.v1.MaintenanceService.Hash:output_type -> etcdserverpb.HashResponse
+	34, // 33: kvmesh.replica.v1.MaintenanceService.MoveLeader:output_type -> etcdserverpb.MoveLeaderResponse
+	35, // 34: kvmesh.replica.v1.LeaseService.LeaseGrant:output_type -> etcdserverpb.LeaseGrantResponse
+	36, // 35: kvmesh.replica.v1.LeaseService.LeaseRevoke:output_type -> etcdserverpb.LeaseRevokeResponse
+	37, // 36: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:output_type -> etcdserverpb.LeaseTimeToLiveResponse
+	38, // 37: kvmesh.replica.v1.LeaseService.LeaseLeases:output_type -> etcdserverpb.LeaseLeasesResponse
+	1,  // 38: kvmesh.replica.v1.LeaseService.KeepAlive:output_type -> kvmesh.replica.v1.KeepAliveResults
+	20, // [20:39] is the sub-list for method output_type
+	1,  // [1:20] is the sub-list for method input_type
+	1,  // [1:1] is the sub-list for extension type_name
+	1,  // [1:1] is the sub-list for extension extendee
+	0,  // [0:1] is the sub-list for field type_name
 }
 
 func init() { file_kvmesh_replica_v1_replica_proto_init() }
@@ -124,12 +305,13 @@ func file_kvmesh_replica_v1_replica_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvmesh_replica_v1_replica_proto_rawDesc), len(file_kvmesh_replica_v1_replica_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   0,
+			NumMessages:   2,
 			NumExtensions: 0,
-			NumServices:   3,
+			NumServices:   4,
 		},
 		GoTypes:           file_kvmesh_replica_v1_replica_proto_goTypes,
 		DependencyIndexes: file_kvmesh_replica_v1_replica_proto_depIdxs,
+		MessageInfos:      file_kvmesh_replica_v1_replica_proto_msgTypes,
 	}.Build()
 	File_kvmesh_replica_v1_replica_proto = out.File
 	file_kvmesh_replica_v1_replica_proto_goTypes = nil

@@ -788,3 +788,276 @@ var MaintenanceService_ServiceDesc = grpc.ServiceDesc{
 	Streams:  []grpc.StreamDesc{},
 	Metadata: "kvmesh/replica/v1/replica.proto",
 }
+
+const (
+	LeaseService_LeaseGrant_FullMethodName      = "/kvmesh.replica.v1.LeaseService/LeaseGrant"
+	LeaseService_LeaseRevoke_FullMethodName     = "/kvmesh.replica.v1.LeaseService/LeaseRevoke"
+	LeaseService_LeaseTimeToLive_FullMethodName = "/kvmesh.replica.v1.LeaseService/LeaseTimeToLive"
+	LeaseService_LeaseLeases_FullMethodName     = "/kvmesh.replica.v1.LeaseService/LeaseLeases"
+	LeaseService_KeepAlive_FullMethodName       = "/kvmesh.replica.v1.LeaseService/KeepAlive"
+)
+
+// LeaseServiceClient is the client API for LeaseService service.
+//
+// For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
+//
+// LeaseService is etcd's Lease API on a replica. Grants and revokes go through Raft
+// from any member; keep-alives and TimeToLive are answered by the leader alone, which
+// alone knows when leases expire (a follower answers NOT_LEADER / "not leader", and the
+// gateway asks the leader it learns of next).
+type LeaseServiceClient interface {
+	// LeaseGrant grants a lease (the client's ID or one the replica chooses).
+	LeaseGrant(ctx context.Context, in *etcdserverpb.LeaseGrantRequest, opts ...grpc.CallOption) (*etcdserverpb.LeaseGrantResponse, error)
+	// LeaseRevoke revokes a lease, deleting its keys in one revision.
+	LeaseRevoke(ctx context.Context, in *etcdserverpb.LeaseRevokeRequest, opts ...grpc.CallOption) (*etcdserverpb.LeaseRevokeResponse, error)
+	// LeaseTimeToLive answers a lease's remaining TTL (leader only).
+	LeaseTimeToLive(ctx context.Context, in *etcdserverpb.LeaseTimeToLiveRequest, opts ...grpc.CallOption) (*etcdserverpb.LeaseTimeToLiveResponse, error)
+	// LeaseLeases lists the leases.
+	LeaseLeases(ctx context.Context, in *etcdserverpb.LeaseLeasesRequest, opts ...grpc.CallOption) (*etcdserverpb.LeaseLeasesResponse, error)
+	// KeepAlive renews leases for a gateway. One stream carries the keep-alives of every
+	// client of that gateway, in batches; each batch is answered once, by its sequence
+	// number, in whatever order batches finish.
+	KeepAlive(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[KeepAliveBatch, KeepAliveResults], error)
+}
+
+type leaseServiceClient struct {
+	cc grpc.ClientConnInterface
+}
+
+func NewLeaseServiceClient(cc grpc.ClientConnInterface) LeaseServiceClient {
+	return &leaseServiceClient{cc}
+}
+
+func (c *leaseServiceClient) LeaseGrant(ctx context.Context, in *etcdserverpb.LeaseGrantRequest, opts ...grpc.CallOption) (*etcdserverpb.LeaseGrantResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.LeaseGrantResponse)
+	err := c.cc.Invoke(ctx, LeaseService_LeaseGrant_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *leaseServiceClient) LeaseRevoke(ctx context.Context, in *etcdserverpb.LeaseRevokeRequest, opts ...grpc.CallOption) (*etcdserverpb.LeaseRevokeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.LeaseRevokeResponse)
+	err := c.cc.Invoke(ctx, LeaseService_LeaseRevoke_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *leaseServiceClient) LeaseTimeToLive(ctx context.Context, in *etcdserverpb.LeaseTimeToLiveRequest, opts ...grpc.CallOption) (*etcdserverpb.LeaseTimeToLiveResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.LeaseTimeToLiveResponse)
+	err := c.cc.Invoke(ctx, LeaseService_LeaseTimeToLive_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *leaseServiceClient) LeaseLeases(ctx context.Context, in *etcdserverpb.LeaseLeasesRequest, opts ...grpc.CallOption) (*etcdserverpb.LeaseLeasesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.LeaseLeasesResponse)
+	err := c.cc.Invoke(ctx, LeaseService_LeaseLeases_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *leaseServiceClient) KeepAlive(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[KeepAliveBatch, KeepAliveResults], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &LeaseService_ServiceDesc.Streams[0], LeaseService_KeepAlive_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[KeepAliveBatch, KeepAliveResults]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type LeaseService_KeepAliveClient = grpc.BidiStreamingClient[KeepAliveBatch, KeepAliveResults]
+
+// LeaseServiceServer is the server API for LeaseService service.
+// All implementations must embed UnimplementedLeaseServiceServer
+// for forward compatibility.
+//
+// LeaseService is etcd's Lease API on a replica. Grants and revokes go through Raft
+// from any member; keep-alives and TimeToLive are answered by the leader alone, which
+// alone knows when leases expire (a follower answers NOT_LEADER / "not leader", and the
+// gateway asks the leader it learns of next).
+type LeaseServiceServer interface {
+	// LeaseGrant grants a lease (the client's ID or one the replica chooses).
+	LeaseGrant(context.Context, *etcdserverpb.LeaseGrantRequest) (*etcdserverpb.LeaseGrantResponse, error)
+	// LeaseRevoke revokes a lease, deleting its keys in one revision.
+	LeaseRevoke(context.Context, *etcdserverpb.LeaseRevokeRequest) (*etcdserverpb.LeaseRevokeResponse, error)
+	// LeaseTimeToLive answers a lease's remaining TTL (leader only).
+	LeaseTimeToLive(context.Context, *etcdserverpb.LeaseTimeToLiveRequest) (*etcdserverpb.LeaseTimeToLiveResponse, error)
+	// LeaseLeases lists the leases.
+	LeaseLeases(context.Context, *etcdserverpb.LeaseLeasesRequest) (*etcdserverpb.LeaseLeasesResponse, error)
+	// KeepAlive renews leases for a gateway. One stream carries the keep-alives of every
+	// client of that gateway, in batches; each batch is answered once, by its sequence
+	// number, in whatever order batches finish.
+	KeepAlive(grpc.BidiStreamingServer[KeepAliveBatch, KeepAliveResults]) error
+	mustEmbedUnimplementedLeaseServiceServer()
+}
+
+// UnimplementedLeaseServiceServer must be embedded to have
+// forward compatible implementations.
+//
+// NOTE: this should be embedded by value instead of pointer to avoid a nil
+// pointer dereference when methods are called.
+type UnimplementedLeaseServiceServer struct{}
+
+func (UnimplementedLeaseServiceServer) LeaseGrant(context.Context, *etcdserverpb.LeaseGrantRequest) (*etcdserverpb.LeaseGrantResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method LeaseGrant not implemented")
+}
+func (UnimplementedLeaseServiceServer) LeaseRevoke(context.Context, *etcdserverpb.LeaseRevokeRequest) (*etcdserverpb.LeaseRevokeResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method LeaseRevoke not implemented")
+}
+func (UnimplementedLeaseServiceServer) LeaseTimeToLive(context.Context, *etcdserverpb.LeaseTimeToLiveRequest) (*etcdserverpb.LeaseTimeToLiveResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method LeaseTimeToLive not implemented")
+}
+func (UnimplementedLeaseServiceServer) LeaseLeases(context.Context, *etcdserverpb.LeaseLeasesRequest) (*etcdserverpb.LeaseLeasesResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method LeaseLeases not implemented")
+}
+func (UnimplementedLeaseServiceServer) KeepAlive(grpc.BidiStreamingServer[KeepAliveBatch, KeepAliveResults]) error {
+	return status.Errorf(codes.Unimplemented, "method KeepAlive not implemented")
+}
+func (UnimplementedLeaseServiceServer) mustEmbedUnimplementedLeaseServiceServer() {}
+func (UnimplementedLeaseServiceServer) testEmbeddedByValue()                      {}
+
+// UnsafeLeaseServiceServer may be embedded to opt out of forward compatibility for this service.
+// Use of this interface is not recommended, as added methods to LeaseServiceServer will
+// result in compilation errors.
+type UnsafeLeaseServiceServer interface {
+	mustEmbedUnimplementedLeaseServiceServer()
+}
+
+func RegisterLeaseServiceServer(s grpc.ServiceRegistrar, srv LeaseServiceServer) {
+	// If the following call pancis, it indicates UnimplementedLeaseServiceServer was
+	// embedded by pointer and is nil.  This will cause panics if an
+	// unimplemented method is ever invoked, so we test this at initialization
+	// time to prevent it from happening at runtime later due to I/O.
+	if t, ok := srv.(interface{ testEmbeddedByValue() }); ok {
+		t.testEmbeddedByValue()
+	}
+	s.RegisterService(&LeaseService_ServiceDesc, srv)
+}
+
+func _LeaseService_LeaseGrant_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.LeaseGrantRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LeaseServiceServer).LeaseGrant(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LeaseService_LeaseGrant_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LeaseServiceServer).LeaseGrant(ctx, req.(*etcdserverpb.LeaseGrantRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LeaseService_LeaseRevoke_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.LeaseRevokeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LeaseServiceServer).LeaseRevoke(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LeaseService_LeaseRevoke_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LeaseServiceServer).LeaseRevoke(ctx, req.(*etcdserverpb.LeaseRevokeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LeaseService_LeaseTimeToLive_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.LeaseTimeToLiveRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LeaseServiceServer).LeaseTimeToLive(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LeaseService_LeaseTimeToLive_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LeaseServiceServer).LeaseTimeToLive(ctx, req.(*etcdserverpb.LeaseTimeToLiveRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LeaseService_LeaseLeases_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.LeaseLeasesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(LeaseServiceServer).LeaseLeases(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: LeaseService_LeaseLeases_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(LeaseServiceServer).LeaseLeases(ctx, req.(*etcdserverpb.LeaseLeasesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _LeaseService_KeepAlive_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(LeaseServiceServer).KeepAlive(&grpc.GenericServerStream[KeepAliveBatch, KeepAliveResults]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type LeaseService_KeepAliveServer = grpc.BidiStreamingServer[KeepAliveBatch, KeepAliveResults]
+
+// LeaseService_ServiceDesc is the grpc.ServiceDesc for LeaseService service.
+// It's only intended for direct use with grpc.RegisterService,
+// and not to be introspected or modified (even as a copy)
+var LeaseService_ServiceDesc = grpc.ServiceDesc{
+	ServiceName: "kvmesh.replica.v1.LeaseService",
+	HandlerType: (*LeaseServiceServer)(nil),
+	Methods: []grpc.MethodDesc{
+		{
+			MethodName: "LeaseGrant",
+			Handler:    _LeaseService_LeaseGrant_Handler,
+		},
+		{
+			MethodName: "LeaseRevoke",
+			Handler:    _LeaseService_LeaseRevoke_Handler,
+		},
+		{
+			MethodName: "LeaseTimeToLive",
+			Handler:    _LeaseService_LeaseTimeToLive_Handler,
+		},
+		{
+			MethodName: "LeaseLeases",
+			Handler:    _LeaseService_LeaseLeases_Handler,
+		},
+	},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "KeepAlive",
+			Handler:       _LeaseService_KeepAlive_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
+	Metadata: "kvmesh/replica/v1/replica.proto",
+}

@@ -28,6 +28,8 @@ const (
 	ClusterServiceName = "kvmesh.replica.v1.ClusterService"
 	// MaintenanceServiceName is the fully-qualified name of the MaintenanceService service.
 	MaintenanceServiceName = "kvmesh.replica.v1.MaintenanceService"
+	// LeaseServiceName is the fully-qualified name of the LeaseService service.
+	LeaseServiceName = "kvmesh.replica.v1.LeaseService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -74,6 +76,19 @@ const (
 	// MaintenanceServiceMoveLeaderProcedure is the fully-qualified name of the MaintenanceService's
 	// MoveLeader RPC.
 	MaintenanceServiceMoveLeaderProcedure = "/kvmesh.replica.v1.MaintenanceService/MoveLeader"
+	// LeaseServiceLeaseGrantProcedure is the fully-qualified name of the LeaseService's LeaseGrant RPC.
+	LeaseServiceLeaseGrantProcedure = "/kvmesh.replica.v1.LeaseService/LeaseGrant"
+	// LeaseServiceLeaseRevokeProcedure is the fully-qualified name of the LeaseService's LeaseRevoke
+	// RPC.
+	LeaseServiceLeaseRevokeProcedure = "/kvmesh.replica.v1.LeaseService/LeaseRevoke"
+	// LeaseServiceLeaseTimeToLiveProcedure is the fully-qualified name of the LeaseService's
+	// LeaseTimeToLive RPC.
+	LeaseServiceLeaseTimeToLiveProcedure = "/kvmesh.replica.v1.LeaseService/LeaseTimeToLive"
+	// LeaseServiceLeaseLeasesProcedure is the fully-qualified name of the LeaseService's LeaseLeases
+	// RPC.
+	LeaseServiceLeaseLeasesProcedure = "/kvmesh.replica.v1.LeaseService/LeaseLeases"
+	// LeaseServiceKeepAliveProcedure is the fully-qualified name of the LeaseService's KeepAlive RPC.
+	LeaseServiceKeepAliveProcedure = "/kvmesh.replica.v1.LeaseService/KeepAlive"
 )
 
 // KVServiceClient is a client for the kvmesh.replica.v1.KVService service.
@@ -601,4 +616,192 @@ func (UnimplementedMaintenanceServiceHandler) Hash(context.Context, *connect.Req
 
 func (UnimplementedMaintenanceServiceHandler) MoveLeader(context.Context, *connect.Request[etcdserverpb.MoveLeaderRequest]) (*connect.Response[etcdserverpb.MoveLeaderResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.MaintenanceService.MoveLeader is not implemented"))
+}
+
+// LeaseServiceClient is a client for the kvmesh.replica.v1.LeaseService service.
+type LeaseServiceClient interface {
+	// LeaseGrant grants a lease (the client's ID or one the replica chooses).
+	LeaseGrant(context.Context, *connect.Request[etcdserverpb.LeaseGrantRequest]) (*connect.Response[etcdserverpb.LeaseGrantResponse], error)
+	// LeaseRevoke revokes a lease, deleting its keys in one revision.
+	LeaseRevoke(context.Context, *connect.Request[etcdserverpb.LeaseRevokeRequest]) (*connect.Response[etcdserverpb.LeaseRevokeResponse], error)
+	// LeaseTimeToLive answers a lease's remaining TTL (leader only).
+	LeaseTimeToLive(context.Context, *connect.Request[etcdserverpb.LeaseTimeToLiveRequest]) (*connect.Response[etcdserverpb.LeaseTimeToLiveResponse], error)
+	// LeaseLeases lists the leases.
+	LeaseLeases(context.Context, *connect.Request[etcdserverpb.LeaseLeasesRequest]) (*connect.Response[etcdserverpb.LeaseLeasesResponse], error)
+	// KeepAlive renews leases for a gateway. One stream carries the keep-alives of every
+	// client of that gateway, in batches; each batch is answered once, by its sequence
+	// number, in whatever order batches finish.
+	KeepAlive(context.Context) *connect.BidiStreamForClient[v1.KeepAliveBatch, v1.KeepAliveResults]
+}
+
+// NewLeaseServiceClient constructs a client for the kvmesh.replica.v1.LeaseService service. By
+// default, it uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses,
+// and sends uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the
+// connect.WithGRPC() or connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewLeaseServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) LeaseServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	leaseServiceMethods := v1.File_kvmesh_replica_v1_replica_proto.Services().ByName("LeaseService").Methods()
+	return &leaseServiceClient{
+		leaseGrant: connect.NewClient[etcdserverpb.LeaseGrantRequest, etcdserverpb.LeaseGrantResponse](
+			httpClient,
+			baseURL+LeaseServiceLeaseGrantProcedure,
+			connect.WithSchema(leaseServiceMethods.ByName("LeaseGrant")),
+			connect.WithClientOptions(opts...),
+		),
+		leaseRevoke: connect.NewClient[etcdserverpb.LeaseRevokeRequest, etcdserverpb.LeaseRevokeResponse](
+			httpClient,
+			baseURL+LeaseServiceLeaseRevokeProcedure,
+			connect.WithSchema(leaseServiceMethods.ByName("LeaseRevoke")),
+			connect.WithClientOptions(opts...),
+		),
+		leaseTimeToLive: connect.NewClient[etcdserverpb.LeaseTimeToLiveRequest, etcdserverpb.LeaseTimeToLiveResponse](
+			httpClient,
+			baseURL+LeaseServiceLeaseTimeToLiveProcedure,
+			connect.WithSchema(leaseServiceMethods.ByName("LeaseTimeToLive")),
+			connect.WithClientOptions(opts...),
+		),
+		leaseLeases: connect.NewClient[etcdserverpb.LeaseLeasesRequest, etcdserverpb.LeaseLeasesResponse](
+			httpClient,
+			baseURL+LeaseServiceLeaseLeasesProcedure,
+			connect.WithSchema(leaseServiceMethods.ByName("LeaseLeases")),
+			connect.WithClientOptions(opts...),
+		),
+		keepAlive: connect.NewClient[v1.KeepAliveBatch, v1.KeepAliveResults](
+			httpClient,
+			baseURL+LeaseServiceKeepAliveProcedure,
+			connect.WithSchema(leaseServiceMethods.ByName("KeepAlive")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// leaseServiceClient implements LeaseServiceClient.
+type leaseServiceClient struct {
+	leaseGrant      *connect.Client[etcdserverpb.LeaseGrantRequest, etcdserverpb.LeaseGrantResponse]
+	leaseRevoke     *connect.Client[etcdserverpb.LeaseRevokeRequest, etcdserverpb.LeaseRevokeResponse]
+	leaseTimeToLive *connect.Client[etcdserverpb.LeaseTimeToLiveRequest, etcdserverpb.LeaseTimeToLiveResponse]
+	leaseLeases     *connect.Client[etcdserverpb.LeaseLeasesRequest, etcdserverpb.LeaseLeasesResponse]
+	keepAlive       *connect.Client[v1.KeepAliveBatch, v1.KeepAliveResults]
+}
+
+// LeaseGrant calls kvmesh.replica.v1.LeaseService.LeaseGrant.
+func (c *leaseServiceClient) LeaseGrant(ctx context.Context, req *connect.Request[etcdserverpb.LeaseGrantRequest]) (*connect.Response[etcdserverpb.LeaseGrantResponse], error) {
+	return c.leaseGrant.CallUnary(ctx, req)
+}
+
+// LeaseRevoke calls kvmesh.replica.v1.LeaseService.LeaseRevoke.
+func (c *leaseServiceClient) LeaseRevoke(ctx context.Context, req *connect.Request[etcdserverpb.LeaseRevokeRequest]) (*connect.Response[etcdserverpb.LeaseRevokeResponse], error) {
+	return c.leaseRevoke.CallUnary(ctx, req)
+}
+
+// LeaseTimeToLive calls kvmesh.replica.v1.LeaseService.LeaseTimeToLive.
+func (c *leaseServiceClient) LeaseTimeToLive(ctx context.Context, req *connect.Request[etcdserverpb.LeaseTimeToLiveRequest]) (*connect.Response[etcdserverpb.LeaseTimeToLiveResponse], error) {
+	return c.leaseTimeToLive.CallUnary(ctx, req)
+}
+
+// LeaseLeases calls kvmesh.replica.v1.LeaseService.LeaseLeases.
+func (c *leaseServiceClient) LeaseLeases(ctx context.Context, req *connect.Request[etcdserverpb.LeaseLeasesRequest]) (*connect.Response[etcdserverpb.LeaseLeasesResponse], error) {
+	return c.leaseLeases.CallUnary(ctx, req)
+}
+
+// KeepAlive calls kvmesh.replica.v1.LeaseService.KeepAlive.
+func (c *leaseServiceClient) KeepAlive(ctx context.Context) *connect.BidiStreamForClient[v1.KeepAliveBatch, v1.KeepAliveResults] {
+	return c.keepAlive.CallBidiStream(ctx)
+}
+
+// LeaseServiceHandler is an implementation of the kvmesh.replica.v1.LeaseService service.
+type LeaseServiceHandler interface {
+	// LeaseGrant grants a lease (the client's ID or one the replica chooses).
+	LeaseGrant(context.Context, *connect.Request[etcdserverpb.LeaseGrantRequest]) (*connect.Response[etcdserverpb.LeaseGrantResponse], error)
+	// LeaseRevoke revokes a lease, deleting its keys in one revision.
+	LeaseRevoke(context.Context, *connect.Request[etcdserverpb.LeaseRevokeRequest]) (*connect.Response[etcdserverpb.LeaseRevokeResponse], error)
+	// LeaseTimeToLive answers a lease's remaining TTL (leader only).
+	LeaseTimeToLive(context.Context, *connect.Request[etcdserverpb.LeaseTimeToLiveRequest]) (*connect.Response[etcdserverpb.LeaseTimeToLiveResponse], error)
+	// LeaseLeases lists the leases.
+	LeaseLeases(context.Context, *connect.Request[etcdserverpb.LeaseLeasesRequest]) (*connect.Response[etcdserverpb.LeaseLeasesResponse], error)
+	// KeepAlive renews leases for a gateway. One stream carries the keep-alives of every
+	// client of that gateway, in batches; each batch is answered once, by its sequence
+	// number, in whatever order batches finish.
+	KeepAlive(context.Context, *connect.BidiStream[v1.KeepAliveBatch, v1.KeepAliveResults]) error
+}
+
+// NewLeaseServiceHandler builds an HTTP handler from the service implementation. It returns the
+// path on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewLeaseServiceHandler(svc LeaseServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	leaseServiceMethods := v1.File_kvmesh_replica_v1_replica_proto.Services().ByName("LeaseService").Methods()
+	leaseServiceLeaseGrantHandler := connect.NewUnaryHandler(
+		LeaseServiceLeaseGrantProcedure,
+		svc.LeaseGrant,
+		connect.WithSchema(leaseServiceMethods.ByName("LeaseGrant")),
+		connect.WithHandlerOptions(opts...),
+	)
+	leaseServiceLeaseRevokeHandler := connect.NewUnaryHandler(
+		LeaseServiceLeaseRevokeProcedure,
+		svc.LeaseRevoke,
+		connect.WithSchema(leaseServiceMethods.ByName("LeaseRevoke")),
+		connect.WithHandlerOptions(opts...),
+	)
+	leaseServiceLeaseTimeToLiveHandler := connect.NewUnaryHandler(
+		LeaseServiceLeaseTimeToLiveProcedure,
+		svc.LeaseTimeToLive,
+		connect.WithSchema(leaseServiceMethods.ByName("LeaseTimeToLive")),
+		connect.WithHandlerOptions(opts...),
+	)
+	leaseServiceLeaseLeasesHandler := connect.NewUnaryHandler(
+		LeaseServiceLeaseLeasesProcedure,
+		svc.LeaseLeases,
+		connect.WithSchema(leaseServiceMethods.ByName("LeaseLeases")),
+		connect.WithHandlerOptions(opts...),
+	)
+	leaseServiceKeepAliveHandler := connect.NewBidiStreamHandler(
+		LeaseServiceKeepAliveProcedure,
+		svc.KeepAlive,
+		connect.WithSchema(leaseServiceMethods.ByName("KeepAlive")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/kvmesh.replica.v1.LeaseService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case LeaseServiceLeaseGrantProcedure:
+			leaseServiceLeaseGrantHandler.ServeHTTP(w, r)
+		case LeaseServiceLeaseRevokeProcedure:
+			leaseServiceLeaseRevokeHandler.ServeHTTP(w, r)
+		case LeaseServiceLeaseTimeToLiveProcedure:
+			leaseServiceLeaseTimeToLiveHandler.ServeHTTP(w, r)
+		case LeaseServiceLeaseLeasesProcedure:
+			leaseServiceLeaseLeasesHandler.ServeHTTP(w, r)
+		case LeaseServiceKeepAliveProcedure:
+			leaseServiceKeepAliveHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedLeaseServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedLeaseServiceHandler struct{}
+
+func (UnimplementedLeaseServiceHandler) LeaseGrant(context.Context, *connect.Request[etcdserverpb.LeaseGrantRequest]) (*connect.Response[etcdserverpb.LeaseGrantResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.LeaseService.LeaseGrant is not implemented"))
+}
+
+func (UnimplementedLeaseServiceHandler) LeaseRevoke(context.Context, *connect.Request[etcdserverpb.LeaseRevokeRequest]) (*connect.Response[etcdserverpb.LeaseRevokeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.LeaseService.LeaseRevoke is not implemented"))
+}
+
+func (UnimplementedLeaseServiceHandler) LeaseTimeToLive(context.Context, *connect.Request[etcdserverpb.LeaseTimeToLiveRequest]) (*connect.Response[etcdserverpb.LeaseTimeToLiveResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.LeaseService.LeaseTimeToLive is not implemented"))
+}
+
+func (UnimplementedLeaseServiceHandler) LeaseLeases(context.Context, *connect.Request[etcdserverpb.LeaseLeasesRequest]) (*connect.Response[etcdserverpb.LeaseLeasesResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.LeaseService.LeaseLeases is not implemented"))
+}
+
+func (UnimplementedLeaseServiceHandler) KeepAlive(context.Context, *connect.BidiStream[v1.KeepAliveBatch, v1.KeepAliveResults]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.LeaseService.KeepAlive is not implemented"))
 }
