@@ -19,10 +19,10 @@ type metrics struct {
 	snapshotsInstalled prometheus.Counter
 	feedRevisions      prometheus.Counter
 
-	leasesGranted  prometheus.Counter
-	leasesRevoked  prometheus.Counter
-	leasesExpired  prometheus.Counter
-	leasesRenewed  prometheus.Counter
+	leasesGranted prometheus.Counter
+	leasesRevoked prometheus.Counter
+	leasesExpired prometheus.Counter
+	leasesRenewed prometheus.Counter
 }
 
 func newMetrics(r *Replica) *metrics {
