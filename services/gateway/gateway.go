@@ -103,6 +103,7 @@ type Gateway struct {
 	client   connect.HTTPClient
 	view     *view
 	stopView context.CancelFunc
+	leases   *leaseRouter
 
 	lis    net.Listener
 	split  *splitListener
@@ -123,6 +124,7 @@ func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gate
 	_, g.inProcess = client.(*inproc.Client)
 	g.client = client
 	g.view = newView(g, cfg.Replicas)
+	g.leases = newLeaseRouter(g)
 	ctx, cancel := context.WithCancel(context.Background())
 	g.stopView = cancel
 	go g.view.run(ctx)
@@ -163,10 +165,10 @@ func (g *Gateway) Handler() http.Handler {
 	mux.Handle(etcdserverpbconnect.NewKVHandler(connectKV{g: g}, opts...))
 	mux.Handle(etcdserverpbconnect.NewClusterHandler(connectCluster{g: g}, opts...))
 	mux.Handle(etcdserverpbconnect.NewMaintenanceHandler(connectMaintenance{g: g}, opts...))
-	// Not built yet: these answer Unimplemented, as the generated defaults do.
 	mux.Handle(etcdserverpbconnect.NewWatchHandler(connectWatch{g: g}, opts...))
 	mux.Handle(watchv1connect.NewWatchServiceHandler(connectWatchOne{g: g}, opts...))
-	mux.Handle(etcdserverpbconnect.NewLeaseHandler(etcdserverpbconnect.UnimplementedLeaseHandler{}, opts...))
+	mux.Handle(etcdserverpbconnect.NewLeaseHandler(connectLease{g: g}, opts...))
+	// Not built yet: these answer Unimplemented, as the generated defaults do.
 	mux.Handle(etcdserverpbconnect.NewAuthHandler(etcdserverpbconnect.UnimplementedAuthHandler{}, opts...))
 	mux.Handle(v3lockpbconnect.NewLockHandler(v3lockpbconnect.UnimplementedLockHandler{}, opts...))
 	mux.Handle(v3electionpbconnect.NewElectionHandler(v3electionpbconnect.UnimplementedElectionHandler{}, opts...))
@@ -216,6 +218,7 @@ func (g *Gateway) Serve() error {
 // Stop stops accepting requests and waits for those in flight until ctx ends.
 func (g *Gateway) Stop(ctx context.Context) error {
 	g.stopView()
+	g.leases.stop()
 	if g.stopHub != nil {
 		g.stopHub()
 	}

@@ -36,8 +36,8 @@ func (g *Gateway) newGRPCServer() *grpc.Server {
 	pb.RegisterClusterServer(s, grpcCluster{g: g})
 	pb.RegisterMaintenanceServer(s, grpcMaintenance{g: g})
 	pb.RegisterWatchServer(s, grpcWatch{g: g})
+	pb.RegisterLeaseServer(s, grpcLease{g: g})
 	// Not built yet: these answer Unimplemented.
-	pb.RegisterLeaseServer(s, pb.UnimplementedLeaseServer{})
 	pb.RegisterAuthServer(s, pb.UnimplementedAuthServer{})
 	v3lockpb.RegisterLockServer(s, v3lockpb.UnimplementedLockServer{})
 	v3electionpb.RegisterElectionServer(s, v3electionpb.UnimplementedElectionServer{})

@@ -42,6 +42,7 @@ type replicaConn struct {
 	cluster replicav1connect.ClusterServiceClient
 	maint   replicav1connect.MaintenanceServiceClient
 	feed    replicav1connect.FeedServiceClient
+	lease   replicav1connect.LeaseServiceClient
 	// downUntil is when a replica that could not be reached is tried again.
 	downUntil atomic.Int64
 }
@@ -79,6 +80,7 @@ func (v *view) conn(u string) *replicaConn {
 		cluster: replicav1connect.NewClusterServiceClient(v.g.client, u, opts...),
 		maint:   replicav1connect.NewMaintenanceServiceClient(v.g.client, u, opts...),
 		feed:    replicav1connect.NewFeedServiceClient(v.g.client, u, opts...),
+		lease:   replicav1connect.NewLeaseServiceClient(v.g.client, u, opts...),
 	}
 	v.conns[u] = c
 	return c

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"slices"
 	"strings"
@@ -9,10 +10,7 @@ import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
-	"github.com/kvmesh/kvmesh/tests/harness"
 )
 
 func mustPut(t *testing.T, cli *clientv3.Client, key, val string, opts ...clientv3.OpOption) *clientv3.PutResponse {
@@ -91,19 +89,11 @@ func expectKV(t *testing.T, what string, kv *mvccpb.KeyValue, key, val string, c
 func equalStrings(a, b []string) bool { return slices.Equal(a, b) }
 
 // grantLease grants a 300 s lease for tests that attach keys to one, revoked at the
-// end of the test. kvmesh has no Lease service yet (it comes with the leases work):
-// there the test instead checks that LeaseGrant answers Unimplemented, as an RPC that
-// is not built must, and ok is false so the caller leaves out only what needs a lease.
-func grantLease(t *testing.T, cli *clientv3.Client) (id clientv3.LeaseID, ok bool) {
+// end of the test.
+func grantLease(t *testing.T, cli *clientv3.Client) clientv3.LeaseID {
 	t.Helper()
 	lease, err := cli.Grant(ctxT(t), 300)
-	if kind, _ := harness.Target(); kind == harness.KindKvmesh {
-		if status.Code(err) != codes.Unimplemented {
-			t.Fatalf("LeaseGrant on kvmesh: got %v, want Unimplemented until leases are built", err)
-		}
-		return 0, false
-	}
 	requireOK(t, "Grant", err)
-	t.Cleanup(func() { _, _ = cli.Revoke(ctxT(t), lease.ID) })
-	return lease.ID, true
+	t.Cleanup(func() { _, _ = cli.Revoke(context.Background(), lease.ID) })
+	return lease.ID
 }

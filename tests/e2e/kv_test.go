@@ -552,10 +552,7 @@ func TestKVPut(t *testing.T) {
 	}
 
 	// Leases: attach, keep with ignore_lease, detach with a plain put.
-	lease, ok := grantLease(t, cli)
-	if !ok {
-		return
-	}
+	lease := grantLease(t, cli)
 	r = mustPut(t, cli, p+"l", "v1", clientv3.WithLease(lease))
 	checkHeader(t, "put with lease", r.Header, r0+5)
 	g = mustGet(t, cli, p+"l")
@@ -651,11 +648,8 @@ type txnCase struct {
 func TestKVTxnCompare(t *testing.T) {
 	cli := sharedClient(t)
 	p := prefixFor(t)
-	lease, haveLease := grantLease(t, cli)
-	var leaseOpts []clientv3.OpOption
-	if haveLease {
-		leaseOpts = append(leaseOpts, clientv3.WithLease(lease))
-	}
+	lease := grantLease(t, cli)
+	leaseOpts := []clientv3.OpOption{clientv3.WithLease(lease)}
 
 	k, k2, m := p+"k", p+"k2", p+"missing"
 	c := mustPut(t, cli, k, "v1").Header.Revision
@@ -723,14 +717,12 @@ func TestKVTxnCompare(t *testing.T) {
 		{"false and true", []clientv3.Cmp{cmp(V(k), "=", 3), cmp(Val(k2), "=", "x")}, false},
 		{"no compares", nil, true},
 	}
-	if haveLease {
-		cases = append(cases,
-			txnCase{"lease =", []clientv3.Cmp{cmp(Ls(k), "=", L)}, true},
-			txnCase{"lease != 0", []clientv3.Cmp{cmp(Ls(k), "!=", 0)}, true},
-			txnCase{"lease > 0", []clientv3.Cmp{cmp(Ls(k), ">", 0)}, true},
-			txnCase{"lease < ", []clientv3.Cmp{cmp(Ls(k), "<", L)}, false},
-		)
-	}
+	cases = append(cases,
+		txnCase{"lease =", []clientv3.Cmp{cmp(Ls(k), "=", L)}, true},
+		txnCase{"lease != 0", []clientv3.Cmp{cmp(Ls(k), "!=", 0)}, true},
+		txnCase{"lease > 0", []clientv3.Cmp{cmp(Ls(k), ">", 0)}, true},
+		txnCase{"lease < ", []clientv3.Cmp{cmp(Ls(k), "<", L)}, false},
+	)
 	rev := currentRev(t, cli)
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -163,8 +163,8 @@ func TestHealthAndUnbuiltServices(t *testing.T) {
 	}
 
 	// Not built yet: they say so, over every protocol.
-	if _, err := pb.NewLeaseClient(conn).LeaseGrant(ctxT(t), &pb.LeaseGrantRequest{TTL: 5}); status.Code(err) != codes.Unimplemented {
-		t.Fatalf("gRPC LeaseGrant: %v, want Unimplemented", err)
+	if _, err := pb.NewAuthClient(conn).AuthStatus(ctxT(t), &pb.AuthStatusRequest{}); status.Code(err) != codes.Unimplemented {
+		t.Fatalf("gRPC AuthStatus: %v, want Unimplemented", err)
 	}
 	_, err = etcdserverpbconnect.NewAuthClient(h2c.NewClient(), srv.ClientURL()).AuthStatus(ctxT(t), connect.NewRequest(&pb.AuthStatusRequest{}))
 	var ce *connect.Error
@@ -270,5 +270,33 @@ func TestBadConfigurationFailsWithOneLine(t *testing.T) {
 		if err == nil || len(lines) != 1 || !strings.Contains(lines[0], variable) {
 			t.Errorf("%s=%s: exit %v, output %q; want failure with one line naming %s", variable, value, err, out, variable)
 		}
+	}
+}
+
+// TestLeaseOverConnect grants a lease with Connect JSON, keeps it alive over a Connect
+// bidi stream, and reads its TTL over gRPC-Web.
+func TestLeaseOverConnect(t *testing.T) {
+	srv := start(t)
+	base := srv.ClientURL()
+	ctx := ctxT(t)
+	g, err := etcdserverpbconnect.NewLeaseClient(http.DefaultClient, base, connect.WithProtoJSON()).LeaseGrant(ctx, connect.NewRequest(&pb.LeaseGrantRequest{TTL: 30}))
+	if err != nil || g.Msg.GetID() == 0 || g.Msg.GetTTL() != 30 {
+		t.Fatalf("Connect JSON LeaseGrant: %v, %v", g, err)
+	}
+	id := g.Msg.GetID()
+	bidi := etcdserverpbconnect.NewLeaseClient(h2c.NewClient(), base).LeaseKeepAlive(ctx)
+	for range 3 {
+		if err := bidi.Send(&pb.LeaseKeepAliveRequest{ID: id}); err != nil {
+			t.Fatal(err)
+		}
+		ka, err := bidi.Receive()
+		if err != nil || ka.GetID() != id || ka.GetTTL() != 30 || ka.GetHeader().GetRevision() == 0 {
+			t.Fatalf("Connect bidi LeaseKeepAlive: %v, %v", ka, err)
+		}
+	}
+	bidi.CloseRequest()
+	ttl, err := etcdserverpbconnect.NewLeaseClient(http.DefaultClient, base, connect.WithGRPCWeb()).LeaseTimeToLive(ctx, connect.NewRequest(&pb.LeaseTimeToLiveRequest{ID: id}))
+	if err != nil || ttl.Msg.GetGrantedTTL() != 30 || ttl.Msg.GetTTL() < 28 {
+		t.Fatalf("gRPC-Web LeaseTimeToLive: %v, %v", ttl, err)
 	}
 }

@@ -1,0 +1,399 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/grpc/metadata"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/inproc"
+)
+
+// The Lease API. Grants and revokes are writes (to the leader, like puts). Keep-alives
+// and TimeToLive can only be answered by the leader, which alone keeps the lease
+// clocks: a replica that is not the leader says so, and the gateway asks the leader it
+// learns of next, so a client's keep-alive stream outlives leader changes unnoticed.
+//
+// Keep-alives from every client stream travel to a replica over one stream per
+// replica (a keeper), in batches: whatever queued while the previous batch was being
+// written goes out as the next one.
+
+// renewTimeout bounds how long a keep-alive looks for a leader before the client's
+// stream fails (clientv3 then opens another).
+const renewTimeout = 5 * time.Second
+
+// renewRetry is the pause before a keep-alive that found no leader is sent again.
+const renewRetry = 50 * time.Millisecond
+
+func (g *Gateway) LeaseGrant(ctx context.Context, r *pb.LeaseGrantRequest) (*pb.LeaseGrantResponse, error) {
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseGrantRequest, pb.LeaseGrantResponse] { return c.lease.LeaseGrant }, r)
+}
+
+func (g *Gateway) LeaseRevoke(ctx context.Context, r *pb.LeaseRevokeRequest) (*pb.LeaseRevokeResponse, error) {
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseRevokeRequest, pb.LeaseRevokeResponse] { return c.lease.LeaseRevoke }, r)
+}
+
+// LeaseLeases goes to the leader, so a client sees the leases it was just granted.
+func (g *Gateway) LeaseLeases(ctx context.Context, r *pb.LeaseLeasesRequest) (*pb.LeaseLeasesResponse, error) {
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseLeasesRequest, pb.LeaseLeasesResponse] { return c.lease.LeaseLeases }, r)
+}
+
+// LeaseTimeToLive asks the leader, looking for it while replicas answer "not leader".
+func (g *Gateway) LeaseTimeToLive(ctx context.Context, r *pb.LeaseTimeToLiveRequest) (*pb.LeaseTimeToLiveResponse, error) {
+	ctx, cancel := context.WithTimeout(ctx, renewTimeout)
+	defer cancel()
+	for {
+		resp, err := call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseTimeToLiveRequest, pb.LeaseTimeToLiveResponse] {
+			return c.lease.LeaseTimeToLive
+		}, r)
+		if !isNotLeader(err) {
+			return resp, err
+		}
+		g.view.kick()
+		select {
+		case <-ctx.Done():
+			return nil, etcderr.ErrNoLeader
+		case <-time.After(renewRetry):
+		}
+	}
+}
+
+func isNotLeader(err error) bool {
+	if err == nil {
+		return false
+	}
+	_, msg := etcderr.CodeMessage(err)
+	return msg == etcderr.ErrNotLeader.Error()
+}
+
+// keepAlive serves one client's keep-alive stream: each request is renewed on the
+// leader and answered when done, in whatever order they finish.
+func (g *Gateway) keepAlive(ctx context.Context, recv func() (*pb.LeaseKeepAliveRequest, error), send func(*pb.LeaseKeepAliveResponse) error) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	if requiresLeader(ctx) {
+		if !g.hasLeader(ctx) {
+			return etcderr.ErrNoLeader
+		}
+		go g.monitorLeader(ctx, cancel)
+	}
+	var sendMu sync.Mutex
+	closed := false
+	defer func() {
+		sendMu.Lock()
+		closed = true
+		sendMu.Unlock()
+	}()
+	go func() {
+		for {
+			req, err := recv()
+			if err != nil {
+				if errors.Is(err, io.EOF) {
+					err = errStreamEnded
+				}
+				cancel(err)
+				return
+			}
+			id := req.GetID()
+			g.leases.submit(&renewal{id: id, ctx: ctx, deadline: time.Now().Add(renewTimeout),
+				done: func(ttl int64, h *pb.ResponseHeader, err error) {
+					if err != nil {
+						cancel(err)
+						return
+					}
+					sendMu.Lock()
+					defer sendMu.Unlock()
+					if closed {
+						return
+					}
+					if err := send(&pb.LeaseKeepAliveResponse{Header: h, ID: id, TTL: ttl}); err != nil {
+						cancel(err)
+					}
+				}})
+		}
+	}()
+	<-ctx.Done()
+	err := context.Cause(ctx)
+	if errors.Is(err, errStreamEnded) || errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+var errStreamEnded = errors.New("the client closed its side of the stream")
+
+// renewal is one keep-alive on its way to the leader.
+type renewal struct {
+	id       int64
+	ctx      context.Context // the client's stream: once it ends, nobody waits
+	deadline time.Time
+	done     func(ttl int64, h *pb.ResponseHeader, err error)
+}
+
+// leaseRouter sends keep-alives to the leader, one keeper per replica.
+type leaseRouter struct {
+	g       *Gateway
+	mu      sync.Mutex
+	keepers map[*replicaConn]*keeper
+	stopped bool
+}
+
+func newLeaseRouter(g *Gateway) *leaseRouter {
+	return &leaseRouter{g: g, keepers: make(map[*replicaConn]*keeper)}
+}
+
+// submit queues rn on the keeper of the replica most likely to lead.
+func (lr *leaseRouter) submit(rn *renewal) {
+	for {
+		if rn.ctx.Err() != nil {
+			return
+		}
+		if time.Now().After(rn.deadline) {
+			err := error(etcderr.ErrTimeout)
+			if lr.g.view.leaderID() == 0 {
+				err = etcderr.ErrNoLeader
+			}
+			rn.done(0, nil, err)
+			return
+		}
+		order := lr.g.view.forWrite()
+		if len(order) == 0 {
+			lr.retry(rn)
+			return
+		}
+		k := lr.keeper(order[0])
+		if k == nil {
+			rn.done(0, nil, etcderr.ErrStopped)
+			return
+		}
+		if k.add(rn) {
+			return
+		}
+	}
+}
+
+// retry submits rn again shortly, once the view had a chance to learn the leader.
+func (lr *leaseRouter) retry(rn *renewal) {
+	lr.g.view.kick()
+	time.AfterFunc(renewRetry, func() { lr.submit(rn) })
+}
+
+func (lr *leaseRouter) keeper(c *replicaConn) *keeper {
+	lr.mu.Lock()
+	defer lr.mu.Unlock()
+	if lr.stopped {
+		return nil
+	}
+	k := lr.keepers[c]
+	if k == nil {
+		k = &keeper{lr: lr, c: c, sent: make(map[uint64][]*renewal), wake: make(chan struct{}, 1)}
+		ctx := context.Background()
+		if lr.g.inProcess {
+			ctx = inproc.Context(ctx)
+		}
+		ctx, k.cancel = context.WithCancel(ctx)
+		lr.keepers[c] = k
+		go k.run(ctx)
+	}
+	return k
+}
+
+func (lr *leaseRouter) forget(k *keeper) {
+	lr.mu.Lock()
+	defer lr.mu.Unlock()
+	if lr.keepers[k.c] == k {
+		delete(lr.keepers, k.c)
+	}
+}
+
+func (lr *leaseRouter) stop() {
+	lr.mu.Lock()
+	lr.stopped = true
+	keepers := lr.keepers
+	lr.keepers = nil
+	lr.mu.Unlock()
+	for _, k := range keepers {
+		k.cancel()
+	}
+}
+
+// keeper carries keep-alives to one replica over one KeepAlive stream.
+type keeper struct {
+	lr     *leaseRouter
+	c      *replicaConn
+	cancel context.CancelFunc
+	wake   chan struct{}
+
+	mu    sync.Mutex
+	queue []*renewal
+	sent  map[uint64][]*renewal
+	seq   uint64
+	dead  bool
+}
+
+// add queues rn; false when the keeper's stream has failed (submit picks another).
+func (k *keeper) add(rn *renewal) bool {
+	k.mu.Lock()
+	if k.dead {
+		k.mu.Unlock()
+		return false
+	}
+	k.queue = append(k.queue, rn)
+	k.mu.Unlock()
+	select {
+	case k.wake <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+func (k *keeper) run(ctx context.Context) {
+	stream := k.c.lease.KeepAlive(ctx)
+	go k.receive(stream)
+	for {
+		select {
+		case <-ctx.Done():
+			k.fail(ctx.Err())
+			return
+		case <-k.wake:
+		}
+		k.mu.Lock()
+		batch := k.queue
+		k.queue = nil
+		if len(batch) == 0 || k.dead {
+			k.mu.Unlock()
+			continue
+		}
+		k.seq++
+		seq := k.seq
+		k.sent[seq] = batch
+		k.mu.Unlock()
+		ids := make([]int64, len(batch))
+		for i, rn := range batch {
+			ids[i] = rn.id
+		}
+		if err := stream.Send(&replicav1.KeepAliveBatch{Seq: seq, Ids: ids}); err != nil {
+			k.fail(err)
+			return
+		}
+	}
+}
+
+func (k *keeper) receive(stream *connect.BidiStreamForClient[replicav1.KeepAliveBatch, replicav1.KeepAliveResults]) {
+	for {
+		res, err := stream.Receive()
+		if err != nil {
+			k.fail(err)
+			return
+		}
+		k.mu.Lock()
+		batch := k.sent[res.GetSeq()]
+		delete(k.sent, res.GetSeq())
+		k.mu.Unlock()
+		if res.GetNotLeader() || len(res.GetTtls()) != len(batch) {
+			for _, rn := range batch {
+				k.lr.retry(rn)
+			}
+			continue
+		}
+		if rev := res.GetHeader().GetRevision(); rev > 0 {
+			k.lr.g.sawRevision(rev)
+		}
+		for i, rn := range batch {
+			rn.done(res.GetTtls()[i], res.GetHeader(), nil)
+		}
+	}
+}
+
+// fail ends the keeper: what it had queued or sent goes to the leader again (a
+// renewal sent twice is harmless).
+func (k *keeper) fail(err error) {
+	k.mu.Lock()
+	if k.dead {
+		k.mu.Unlock()
+		return
+	}
+	k.dead = true
+	pending := k.queue
+	for _, b := range k.sent {
+		pending = append(pending, b...)
+	}
+	k.queue, k.sent = nil, nil
+	k.mu.Unlock()
+	k.cancel()
+	k.lr.forget(k)
+	if neverArrived(err) {
+		k.lr.g.view.markDown(k.c)
+	} else if !errors.Is(err, context.Canceled) {
+		k.lr.g.log.Debug("keep-alive stream to a replica ended", "replica", k.c.url, "err", err)
+	}
+	for _, rn := range pending {
+		k.lr.retry(rn)
+	}
+}
+
+type grpcLease struct {
+	pb.UnimplementedLeaseServer
+	g *Gateway
+}
+
+func (s grpcLease) LeaseGrant(ctx context.Context, r *pb.LeaseGrantRequest) (*pb.LeaseGrantResponse, error) {
+	return grpcUnary(ctx, r, s.g.LeaseGrant)
+}
+
+func (s grpcLease) LeaseRevoke(ctx context.Context, r *pb.LeaseRevokeRequest) (*pb.LeaseRevokeResponse, error) {
+	return grpcUnary(ctx, r, s.g.LeaseRevoke)
+}
+
+func (s grpcLease) LeaseTimeToLive(ctx context.Context, r *pb.LeaseTimeToLiveRequest) (*pb.LeaseTimeToLiveResponse, error) {
+	return grpcUnary(ctx, r, s.g.LeaseTimeToLive)
+}
+
+func (s grpcLease) LeaseLeases(ctx context.Context, r *pb.LeaseLeasesRequest) (*pb.LeaseLeasesResponse, error) {
+	return grpcUnary(ctx, r, s.g.LeaseLeases)
+}
+
+func (s grpcLease) LeaseKeepAlive(stream pb.Lease_LeaseKeepAliveServer) error {
+	ctx := stream.Context()
+	if md, ok := metadata.FromIncomingContext(ctx); ok {
+		if v := md.Get(hasLeaderKey); len(v) > 0 && v[0] == "true" {
+			ctx = withRequireLeader(ctx)
+		}
+	}
+	if err := s.g.keepAlive(ctx, stream.Recv, stream.Send); err != nil {
+		return etcderr.ToGRPC(err)
+	}
+	return nil
+}
+
+type connectLease struct{ g *Gateway }
+
+func (h connectLease) LeaseGrant(ctx context.Context, r *connect.Request[pb.LeaseGrantRequest]) (*connect.Response[pb.LeaseGrantResponse], error) {
+	return unary(ctx, r, h.g.LeaseGrant)
+}
+
+func (h connectLease) LeaseRevoke(ctx context.Context, r *connect.Request[pb.LeaseRevokeRequest]) (*connect.Response[pb.LeaseRevokeResponse], error) {
+	return unary(ctx, r, h.g.LeaseRevoke)
+}
+
+func (h connectLease) LeaseTimeToLive(ctx context.Context, r *connect.Request[pb.LeaseTimeToLiveRequest]) (*connect.Response[pb.LeaseTimeToLiveResponse], error) {
+	return unary(ctx, r, h.g.LeaseTimeToLive)
+}
+
+func (h connectLease) LeaseLeases(ctx context.Context, r *connect.Request[pb.LeaseLeasesRequest]) (*connect.Response[pb.LeaseLeasesResponse], error) {
+	return unary(ctx, r, h.g.LeaseLeases)
+}
+
+func (h connectLease) LeaseKeepAlive(ctx context.Context, stream *connect.BidiStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]) error {
+	if err := h.g.keepAlive(ctx, stream.Receive, stream.Send); err != nil {
+		return etcderr.ToConnect(err)
+	}
+	return nil
+}
