@@ -57,9 +57,6 @@ func (r *Replica) LeaseGrant(ctx context.Context, req *pb.LeaseGrantRequest) (*p
 	if req.GetTTL() > maxLeaseTTL {
 		return nil, etcderr.ErrLeaseTTLTooLarge
 	}
-	if req.GetID() < 0 {
-		return nil, etcderr.ErrLeaseNotFound
-	}
 	g := &pb.LeaseGrantRequest{TTL: max(req.GetTTL(), r.minLeaseTTL()), ID: req.GetID()}
 	for g.ID == 0 {
 		var b [8]byte

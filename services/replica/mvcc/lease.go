@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -134,8 +135,8 @@ func (w *Writer) leaseExists(id int64) bool {
 
 // LeaseGrant adds lease id with ttl seconds. It writes no revision.
 func (w *Writer) LeaseGrant(id, ttl int64) error {
-	if id <= 0 {
-		return fmt.Errorf("mvcc: lease ID %d is not positive", id)
+	if id == 0 {
+		return errors.New("mvcc: lease ID 0 means no lease")
 	}
 	if w.leaseExists(id) {
 		return etcderr.ErrLeaseExist
