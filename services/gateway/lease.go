@@ -37,12 +37,16 @@ func (g *Gateway) LeaseGrant(ctx context.Context, r *pb.LeaseGrantRequest) (*pb.
 }
 
 func (g *Gateway) LeaseRevoke(ctx context.Context, r *pb.LeaseRevokeRequest) (*pb.LeaseRevokeResponse, error) {
-	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseRevokeRequest, pb.LeaseRevokeResponse] { return c.lease.LeaseRevoke }, r)
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseRevokeRequest, pb.LeaseRevokeResponse] {
+		return c.lease.LeaseRevoke
+	}, r)
 }
 
 // LeaseLeases goes to the leader, so a client sees the leases it was just granted.
 func (g *Gateway) LeaseLeases(ctx context.Context, r *pb.LeaseLeasesRequest) (*pb.LeaseLeasesResponse, error) {
-	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseLeasesRequest, pb.LeaseLeasesResponse] { return c.lease.LeaseLeases }, r)
+	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseLeasesRequest, pb.LeaseLeasesResponse] {
+		return c.lease.LeaseLeases
+	}, r)
 }
 
 // LeaseTimeToLive asks the leader, looking for it while replicas answer "not leader".

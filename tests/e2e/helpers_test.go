@@ -10,7 +10,6 @@ import (
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
-
 )
 
 func mustPut(t *testing.T, cli *clientv3.Client, key, val string, opts ...clientv3.OpOption) *clientv3.PutResponse {
