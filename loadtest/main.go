@@ -5,6 +5,7 @@
 //	loadtest [global flags] put   [--key-size=8] [--val-size=256] [--total=10000] [--sequential-keys] [--key-space-size=1]
 //	loadtest [global flags] range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]
 //	loadtest [global flags] watch [--watchers=100000] [--streams=100] [--hot] [--rates=1000] [--step=10s] [--server-pids=PID,…]
+//	loadtest [global flags] lease-keepalive [--total=10000] [--ttl=100] [--leases-per-client=1] [--once]
 //
 // Global flags may also be given after the subcommand.
 package main
@@ -52,8 +53,9 @@ const usage = `Usage:
   loadtest [global flags] put   [--key-size=8] [--val-size=256] [--total=10000] [--sequential-keys] [--key-space-size=1]
   loadtest [global flags] range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]
   loadtest [global flags] watch [--watchers=100000] [--streams=100] [--hot] [--rates=1000] [--step=10s] [--server-pids=PID,…]
+  loadtest [global flags] lease-keepalive [--total=10000] [--ttl=100] [--leases-per-client=1] [--once]
 
-Run "loadtest put -h", "loadtest range -h" or "loadtest watch -h" for the subcommand flags.
+Run "loadtest COMMAND -h" for the subcommand flags.
 
 Global flags (also accepted after the subcommand):
 `
@@ -99,6 +101,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		rep, err = runPut(ctx, &g, rest, stderr)
 	case "range":
 		rep, err = runRange(ctx, &g, rest, stderr)
+	case "lease-keepalive":
+		rep, err = runLeaseKeepAlive(ctx, &g, rest, stderr)
 	default:
 		fmt.Fprintf(stderr, "loadtest: unknown command %q\n\n", cmd)
 		root.Usage()
@@ -272,6 +276,25 @@ func runRange(ctx context.Context, g *globalFlags, args []string, stderr io.Writ
 		opts.RangeEnd = pos[1]
 	}
 	return bench.Range(ctx, cfg, opts)
+}
+
+func runLeaseKeepAlive(ctx context.Context, g *globalFlags, args []string, stderr io.Writer) (*bench.Report, error) {
+	fs := newSubFlagSet("lease-keepalive", "lease-keepalive [--total=10000] [--ttl=100] [--leases-per-client=1] [--once]", g, stderr)
+	total := fs.Int64("total", 10000, "total number of keep-alives")
+	var opts bench.LeaseOptions
+	fs.Int64Var(&opts.TTL, "ttl", 100, "TTL of the granted leases, seconds")
+	fs.IntVar(&opts.LeasesPerClient, "leases-per-client", 1, "leases each client grants before the run and keeps alive in turn")
+	fs.BoolVar(&opts.Once, "once", false, "a new LeaseKeepAlive stream per keep-alive (clientv3's KeepAliveOnce, etcd's benchmark) instead of one stream per client")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	if len(pos) != 0 {
+		fmt.Fprintln(stderr, "loadtest lease-keepalive: takes no arguments")
+		fs.Usage()
+		return nil, usageError{errors.New("bad arguments")}
+	}
+	return bench.LeaseKeepAlive(ctx, g.config(*total, isSet(fs, "total"), stderr), opts)
 }
 
 func runWatch(ctx context.Context, g *globalFlags, args []string, stdout, stderr io.Writer) int {

@@ -95,6 +95,8 @@ workloads=(
 	"put, 100 conns / 1000 clients|--conns=100 --clients=1000 put --key-size=8 --val-size=256 --sequential-keys --total=100000"
 	"range serializable, 100 / 1000|--conns=100 --clients=1000 range foo --consistency=s --total=100000"
 	"range linearizable, 100 / 1000|--conns=100 --clients=1000 range foo --consistency=l --total=100000"
+	"lease-keepalive, 100 / 1000, one stream per client|--conns=100 --clients=1000 lease-keepalive --leases-per-client=10 --total=200000"
+	"lease-keepalive once (etcd's benchmark), 100 / 1000|--conns=100 --clients=1000 lease-keepalive --once --total=50000"
 )
 results="$dir/results.tsv"
 : >"$results"

@@ -18,7 +18,6 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
 )
 
 // Config holds the options shared by all benchmarks.
@@ -127,9 +126,9 @@ func Put(ctx context.Context, cfg Config, opts PutOptions) (*Report, error) {
 		"key_size": opts.KeySize, "val_size": opts.ValSize,
 		"key_space_size": opts.KeySpaceSize, "sequential_keys": opts.SequentialKeys,
 	}
-	return run(ctx, cfg, "put", params, func(int) requestFunc {
+	return run(ctx, cfg, "put", params, nil, func(int) requestFunc {
 		rng := mrand.New(mrand.NewPCG(mrand.Uint64(), mrand.Uint64()))
-		return func(ctx context.Context, kv etcdserverpbconnect.KVClient, i int64) error {
+		return func(ctx context.Context, c *conn, i int64) error {
 			var n int64
 			if opts.SequentialKeys {
 				n = i % space
@@ -137,7 +136,7 @@ func Put(ctx context.Context, cfg Config, opts PutOptions) (*Report, error) {
 				n = rng.Int64N(space)
 			}
 			req := &etcdserverpb.PutRequest{Key: encodeKey(n, opts.KeySize), Value: val}
-			_, err := kv.Put(ctx, connect.NewRequest(req))
+			_, err := c.kv.Put(ctx, connect.NewRequest(req))
 			return err
 		}
 	})
@@ -169,8 +168,8 @@ func Range(ctx context.Context, cfg Config, opts RangeOptions) (*Report, error) 
 	if opts.RangeEnd != "" {
 		params["range_end"] = opts.RangeEnd
 	}
-	return run(ctx, cfg, "range", params, func(int) requestFunc {
-		return func(ctx context.Context, kv etcdserverpbconnect.KVClient, _ int64) error {
+	return run(ctx, cfg, "range", params, nil, func(int) requestFunc {
+		return func(ctx context.Context, c *conn, _ int64) error {
 			req := &etcdserverpb.RangeRequest{
 				Key:          []byte(opts.Key),
 				Serializable: opts.Consistency == "s",
@@ -179,14 +178,18 @@ func Range(ctx context.Context, cfg Config, opts RangeOptions) (*Report, error) 
 			if opts.RangeEnd != "" {
 				req.RangeEnd = []byte(opts.RangeEnd)
 			}
-			_, err := kv.Range(ctx, connect.NewRequest(req))
+			_, err := c.kv.Range(ctx, connect.NewRequest(req))
 			return err
 		}
 	})
 }
 
-// requestFunc sends the i-th request of the run.
-type requestFunc func(ctx context.Context, kv etcdserverpbconnect.KVClient, i int64) error
+// requestFunc sends the i-th request of the run over c.
+type requestFunc func(ctx context.Context, c *conn, i int64) error
+
+// prepareFunc readies a client before the measured run starts (for example grants
+// the leases it will keep alive).
+type prepareFunc func(ctx context.Context, client int, c *conn) error
 
 // clientResult is what one client goroutine collected.
 type clientResult struct {
@@ -199,7 +202,7 @@ type clientResult struct {
 // duration elapsed, or ctx was cancelled. Cancelling ctx stops dispatching new
 // requests; in-flight ones finish (bounded by cfg.Timeout) and the partial
 // run is reported.
-func run(ctx context.Context, cfg Config, op string, params map[string]any, newClient func(client int) requestFunc) (*Report, error) {
+func run(ctx context.Context, cfg Config, op string, params map[string]any, prepare prepareFunc, newClient func(client int) requestFunc) (*Report, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
@@ -220,6 +223,11 @@ func run(ctx context.Context, cfg Config, op string, params map[string]any, newC
 	for i := range fns {
 		fns[i] = newClient(i)
 	}
+	if prepare != nil {
+		if err := prepareAll(ctx, cfg, conns, prepare); err != nil {
+			return nil, err
+		}
+	}
 
 	var prog *progress
 	if cfg.Progress != nil {
@@ -237,7 +245,7 @@ func run(ctx context.Context, cfg Config, op string, params map[string]any, newC
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			kv := conns[c%len(conns)].kv
+			cn := conns[c%len(conns)]
 			send := fns[c]
 			res := &results[c]
 			res.errs = map[errKey]int64{}
@@ -252,7 +260,7 @@ func run(ctx context.Context, cfg Config, op string, params map[string]any, newC
 				}
 				rctx, cancel := context.WithTimeout(reqCtx, cfg.Timeout)
 				t0 := time.Now()
-				err := send(rctx, kv, i)
+				err := send(rctx, cn, i)
 				d := time.Since(t0)
 				cancel()
 				if err != nil {
@@ -295,6 +303,29 @@ func run(ctx context.Context, cfg Config, op string, params map[string]any, newC
 	rep.Clients = cfg.Clients
 	rep.Interrupted = wasInterrupted
 	return rep, nil
+}
+
+// prepareAll runs prepare for every client, a few hundred at a time.
+func prepareAll(ctx context.Context, cfg Config, conns []*conn, prepare prepareFunc) error {
+	sem := make(chan struct{}, 256)
+	errc := make(chan error, cfg.Clients)
+	var wg sync.WaitGroup
+	for c := 0; c < cfg.Clients; c++ {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			pctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
+			defer cancel()
+			if err := prepare(pctx, c, conns[c%len(conns)]); err != nil {
+				errc <- fmt.Errorf("preparing client %d: %w", c, err)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errc)
+	return <-errc
 }
 
 // classify maps an error to its gRPC code and message.

@@ -39,6 +39,8 @@ type memKV struct {
 	onPut func(key []byte, rev int64)
 	// Optional Watch service.
 	watch etcdserverpbconnect.WatchHandler
+	// Optional Lease service.
+	lease etcdserverpbconnect.LeaseHandler
 }
 
 func (m *memKV) Put(ctx context.Context, req *connect.Request[etcdserverpb.PutRequest]) (*connect.Response[etcdserverpb.PutResponse], error) {
@@ -98,6 +100,9 @@ func startServer(t *testing.T, m *memKV) (string, *atomic.Int64) {
 	mux.Handle(etcdserverpbconnect.NewKVHandler(m))
 	if m.watch != nil {
 		mux.Handle(etcdserverpbconnect.NewWatchHandler(m.watch))
+	}
+	if m.lease != nil {
+		mux.Handle(etcdserverpbconnect.NewLeaseHandler(m.lease))
 	}
 	p := new(http.Protocols)
 	p.SetHTTP1(true)
@@ -437,6 +442,9 @@ func TestReconnect(t *testing.T) {
 	mux.Handle(etcdserverpbconnect.NewKVHandler(m))
 	if m.watch != nil {
 		mux.Handle(etcdserverpbconnect.NewWatchHandler(m.watch))
+	}
+	if m.lease != nil {
+		mux.Handle(etcdserverpbconnect.NewLeaseHandler(m.lease))
 	}
 	p := new(http.Protocols)
 	p.SetHTTP1(true)

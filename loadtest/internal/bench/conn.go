@@ -21,6 +21,7 @@ type conn struct {
 	transport *http.Transport
 	dialer    *dialer
 	kv        etcdserverpbconnect.KVClient
+	lease     etcdserverpbconnect.LeaseClient
 }
 
 func (c *conn) close() {
@@ -116,7 +117,8 @@ func dialConns(ctx context.Context, endpoints []string, n int, timeout time.Dura
 		}
 		hc := &http.Client{Transport: tr}
 		kv := etcdserverpbconnect.NewKVClient(hc, "http://"+ep, connect.WithGRPC())
-		conns = append(conns, &conn{endpoint: ep, transport: tr, dialer: d, kv: kv})
+		lease := etcdserverpbconnect.NewLeaseClient(hc, "http://"+ep, connect.WithGRPC())
+		conns = append(conns, &conn{endpoint: ep, transport: tr, dialer: d, kv: kv, lease: lease})
 	}
 	return conns, nil
 }
