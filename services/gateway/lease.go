@@ -78,7 +78,10 @@ func isNotLeader(err error) bool {
 }
 
 // keepAlive serves one client's keep-alive stream: each request is renewed on the
-// leader and answered when done, in whatever order they finish.
+// leader and answered when done, in whatever order they finish. A client that does
+// not read its answers holds up only its own stream: at most keepAliveWindow
+// keep-alives of a stream are under way, and reading the next request waits for one
+// of them to be answered (as etcd, which answers one at a time, stops reading).
 func (g *Gateway) keepAlive(ctx context.Context, recv func() (*pb.LeaseKeepAliveRequest, error), send func(*pb.LeaseKeepAliveResponse) error) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -88,21 +91,30 @@ func (g *Gateway) keepAlive(ctx context.Context, recv func() (*pb.LeaseKeepAlive
 		}
 		go g.monitorLeader(ctx, cancel)
 	}
-	var sendMu sync.Mutex
-	closed := false
-	defer func() {
-		sendMu.Lock()
-		closed = true
-		sendMu.Unlock()
-	}()
+	slots := make(chan struct{}, keepAliveWindow)
+	out := make(chan *pb.LeaseKeepAliveResponse, keepAliveWindow)
 	go func() {
 		for {
 			req, err := recv()
 			if err != nil {
 				if errors.Is(err, io.EOF) {
+					// The client sent its last request: answer what is under way
+					// (every slot free again) before ending the stream.
+					for range keepAliveWindow {
+						select {
+						case slots <- struct{}{}:
+						case <-ctx.Done():
+							return
+						}
+					}
 					err = errStreamEnded
 				}
 				cancel(err)
+				return
+			}
+			select {
+			case slots <- struct{}{}:
+			case <-ctx.Done():
 				return
 			}
 			id := req.GetID()
@@ -112,24 +124,29 @@ func (g *Gateway) keepAlive(ctx context.Context, recv func() (*pb.LeaseKeepAlive
 						cancel(err)
 						return
 					}
-					sendMu.Lock()
-					defer sendMu.Unlock()
-					if closed {
-						return
-					}
-					if err := send(&pb.LeaseKeepAliveResponse{Header: h, ID: id, TTL: ttl}); err != nil {
-						cancel(err)
-					}
+					out <- &pb.LeaseKeepAliveResponse{Header: h, ID: id, TTL: ttl} // never blocks: one slot each
 				}})
 		}
 	}()
-	<-ctx.Done()
-	err := context.Cause(ctx)
-	if errors.Is(err, errStreamEnded) || errors.Is(err, context.Canceled) {
-		return nil
+	for {
+		select {
+		case resp := <-out:
+			if err := send(resp); err != nil {
+				return err
+			}
+			<-slots
+		case <-ctx.Done():
+			err := context.Cause(ctx)
+			if errors.Is(err, errStreamEnded) || errors.Is(err, context.Canceled) {
+				return nil
+			}
+			return err
+		}
 	}
-	return err
 }
+
+// keepAliveWindow is how many keep-alives of one client stream may be under way.
+const keepAliveWindow = 1024
 
 var errStreamEnded = errors.New("the client closed its side of the stream")
 

@@ -3,6 +3,7 @@ package replica
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -184,5 +185,56 @@ func TestLeaseCheckpointsSurviveLeaderChange(t *testing.T) {
 	}
 	if res := renewOnce(t, follower(members, next).r, 2); !res.GetNotLeader() {
 		t.Fatalf("a follower renewed: %v", res)
+	}
+}
+
+// An expiry storm is revoked at LeaseRevokeRate, and writes go on meanwhile.
+func TestLeaseExpiryStormIsRateLimited(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.LeaseRevokeRate = 200
+	tr := startReplica(t, cfg)
+	ctx := context.Background()
+	const n = 600
+	for i := range n {
+		id := int64(i + 1)
+		if _, err := tr.r.LeaseGrant(ctx, &pb.LeaseGrantRequest{ID: id, TTL: 1}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tr.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte(fmt.Sprintf("s/%04d", i)), Value: []byte("v"), Lease: id})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	left := func() int {
+		st := tr.r.acquire()
+		defer st.release()
+		return len(st.kv.Leases())
+	}
+	// Wait for the storm to begin, then follow it while writing.
+	for left() == n {
+		time.Sleep(5 * time.Millisecond)
+	}
+	began := time.Now()
+	var puts int
+	for left() > 0 {
+		if time.Since(began) > 10*time.Second {
+			t.Fatalf("%d of %d expired leases still there after 10 s", left(), n)
+		}
+		gone := n - left()
+		// At most the rate over the time elapsed, plus the tick's burst.
+		if limit := int(time.Since(began).Seconds()*float64(cfg.LeaseRevokeRate)) + cfg.LeaseRevokeRate/10 + 1; gone > limit {
+			t.Fatalf("%d leases revoked %v into the storm; the rate allows %d", gone, time.Since(began), limit)
+		}
+		tr.put("writer", fmt.Sprint(puts))
+		puts++
+	}
+	if took := time.Since(began); took < 2*time.Second {
+		t.Fatalf("%d leases revoked in %v at %d/s", n, took, cfg.LeaseRevokeRate)
+	}
+	if puts < 10 {
+		t.Fatalf("only %d puts went through during the storm", puts)
+	}
+	rest, err := tr.kv.Range(ctx, connect.NewRequest(&pb.RangeRequest{Key: []byte("s/"), RangeEnd: []byte("s0"), CountOnly: true}))
+	if err != nil || rest.Msg.GetCount() != 0 {
+		t.Fatalf("keys of expired leases remain: %v, %v", rest, err)
 	}
 }
