@@ -49,13 +49,18 @@ func (g *Gateway) newGRPCServer() *grpc.Server {
 // them get goroutines of their own. Calls wait for Raft, so many are in flight.
 const streamWorkers = 1024
 
-func grpcUnary[Req, Res any](ctx context.Context, req *Req, fn func(context.Context, *Req) (*Res, error)) (*Res, error) {
+// grpcContext carries what a gRPC call's metadata asks of the gateway (hasleader).
+func grpcContext(ctx context.Context) context.Context {
 	if md, ok := metadata.FromIncomingContext(ctx); ok {
 		if v := md.Get(hasLeaderKey); len(v) > 0 && v[0] == "true" {
 			ctx = withRequireLeader(ctx)
 		}
 	}
-	res, err := fn(ctx, req)
+	return ctx
+}
+
+func grpcUnary[Req, Res any](ctx context.Context, req *Req, fn func(context.Context, *Req) (*Res, error)) (*Res, error) {
+	res, err := fn(grpcContext(ctx), req)
 	if err != nil {
 		return nil, etcderr.ToGRPC(err)
 	}

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
-	"google.golang.org/grpc/metadata"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
@@ -382,13 +381,7 @@ func (s grpcLease) LeaseLeases(ctx context.Context, r *pb.LeaseLeasesRequest) (*
 }
 
 func (s grpcLease) LeaseKeepAlive(stream pb.Lease_LeaseKeepAliveServer) error {
-	ctx := stream.Context()
-	if md, ok := metadata.FromIncomingContext(ctx); ok {
-		if v := md.Get(hasLeaderKey); len(v) > 0 && v[0] == "true" {
-			ctx = withRequireLeader(ctx)
-		}
-	}
-	if err := s.g.keepAlive(ctx, stream.Recv, stream.Send); err != nil {
+	if err := s.g.keepAlive(grpcContext(stream.Context()), stream.Recv, stream.Send); err != nil {
 		return etcderr.ToGRPC(err)
 	}
 	return nil
@@ -413,6 +406,9 @@ func (h connectLease) LeaseLeases(ctx context.Context, r *connect.Request[pb.Lea
 }
 
 func (h connectLease) LeaseKeepAlive(ctx context.Context, stream *connect.BidiStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]) error {
+	if stream.RequestHeader().Get(hasLeaderKey) == "true" {
+		ctx = withRequireLeader(ctx)
+	}
 	if err := h.g.keepAlive(ctx, stream.Receive, stream.Send); err != nil {
 		return etcderr.ToConnect(err)
 	}

@@ -5,7 +5,6 @@ import (
 	"errors"
 
 	"connectrpc.com/connect"
-	"google.golang.org/grpc/metadata"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
@@ -46,12 +45,7 @@ type grpcWatch struct {
 }
 
 func (s grpcWatch) Watch(stream pb.Watch_WatchServer) error {
-	ctx := stream.Context()
-	if md, ok := metadata.FromIncomingContext(ctx); ok {
-		if v := md.Get(hasLeaderKey); len(v) > 0 && v[0] == "true" {
-			ctx = withRequireLeader(ctx)
-		}
-	}
+	ctx := grpcContext(stream.Context())
 	sendRaw := func(b encodedMsg) error { return stream.SendMsg(b) }
 	err := s.g.watch(ctx, stream.Recv, stream.Send, sendRaw)
 	if err == nil || errors.Is(err, context.Canceled) {
