@@ -69,7 +69,7 @@ type leaseClock struct {
 	index   int // in the expiry heap; -1 while its revoke is under way
 	// expired is set once the lease expired: it is never renewed again.
 	expired bool
-	// gone is closed when the lease is revoked (or the primary demoted).
+	// gone is closed when the lease is revoked (demotion closes the lessor's demotec).
 	gone chan struct{}
 	// cp is the remaining TTL a new leader would start the lease from, as last proposed
 	// or applied; 0 means its whole TTL.
@@ -112,18 +112,29 @@ func (l *lessor) tick(now time.Time) {
 		l.demoteLocked()
 		return
 	}
-	if l.term != term {
-		l.demoteLocked()
-		if r.appliedTerm.Load() < term {
-			return // not caught up with what earlier leaders committed yet
-		}
-		l.promoteLocked(term, now)
+	if !l.followLocked(term, now) {
+		return
 	}
 	l.expireLocked(now)
 	if now.Sub(l.lastCP) >= r.cfg.LeaseCheckpointInterval {
 		l.lastCP = now
 		l.checkpointLocked(now)
 	}
+}
+
+// followLocked makes the clocks those of term, the term this member leads in: it
+// promotes once the member has applied an entry of term (so every lease committed
+// before is known), and answers false until then.
+func (l *lessor) followLocked(term uint64, now time.Time) bool {
+	if l.term == term {
+		return true
+	}
+	l.demoteLocked()
+	if l.r.appliedTerm.Load() < term {
+		return false
+	}
+	l.promoteLocked(term, now)
+	return true
 }
 
 // promoteLocked starts the clocks of every committed lease.
@@ -170,17 +181,11 @@ func (l *lessor) primary(ctx context.Context) (uint64, error) {
 			return 0, errNotPrimary
 		}
 		l.mu.Lock()
-		if l.term == term {
-			l.mu.Unlock()
-			return term, nil
-		}
-		if r.appliedTerm.Load() >= term {
-			l.demoteLocked()
-			l.promoteLocked(term, time.Now())
-			l.mu.Unlock()
-			return term, nil
-		}
+		ok := l.followLocked(term, time.Now())
 		l.mu.Unlock()
+		if ok {
+			return term, nil
+		}
 		wctx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
 		err := r.waitAppliedInTerm(wctx, 0, term)
 		cancel()
