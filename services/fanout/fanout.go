@@ -33,6 +33,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/revstream"
+	"github.com/kvmesh/kvmesh/libs/health"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
@@ -128,17 +129,22 @@ func (f *Fanout) Listen() error {
 	}
 	mux := rpcmux.New()
 	mux.Handle("/metrics", f.tel.MetricsHandler())
-	health := func(w http.ResponseWriter, _ *http.Request) {
-		if f.nc.IsConnected() {
-			fmt.Fprint(w, `{"health":"true"}`)
-			return
+	// The fanout's readiness is its NATS connection; it is alive while it answers.
+	natsUp := func(context.Context) error {
+		if !f.nc.IsConnected() {
+			return errors.New("NATS not connected")
 		}
-		w.WriteHeader(http.StatusServiceUnavailable)
-		fmt.Fprint(w, `{"health":"false","reason":"NATS not connected"}`)
+		return nil
 	}
-	mux.HandleFunc("/health", health)
-	mux.HandleFunc("/readyz", health)
-	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "ok") })
+	h := health.New(f.log, f.tel.Registry)
+	h.Health(func(ctx context.Context, _ bool) (string, bool) {
+		if err := natsUp(ctx); err != nil {
+			return err.Error(), false
+		}
+		return "", true
+	})
+	h.Ready("nats", natsUp)
+	h.Install(mux)
 	f.lis, f.server = lis, &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	return nil
 }

@@ -2,16 +2,15 @@ package gateway
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"net"
-	"net/http"
 	"time"
 
 	"connectrpc.com/connect"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/health"
 	"github.com/kvmesh/kvmesh/libs/inproc"
 )
 
@@ -231,27 +230,46 @@ func (g *Gateway) check(ctx context.Context) error {
 	return err
 }
 
-// serveHealth answers /health as etcd does: {"health":"true","reason":""}.
-func (g *Gateway) serveHealth(w http.ResponseWriter, r *http.Request) {
-	type health struct {
-		Health string `json:"health"`
-		Reason string `json:"reason"`
+// healthRead is the read etcd's health checks make, through the replicas.
+func (g *Gateway) healthRead(ctx context.Context, serializable bool) error {
+	ctx, cancel := context.WithTimeout(ctx, healthRequestTimeout)
+	defer cancel()
+	_, err := g.Range(ctx, &pb.RangeRequest{Key: []byte("health"), KeysOnly: true, Limit: 1, Serializable: serializable})
+	if err != nil && ctx.Err() != nil {
+		return etcderr.ErrTimeout
 	}
-	w.Header().Set("Content-Type", "application/json")
-	if err := g.check(r.Context()); err != nil {
+	if err != nil {
 		_, msg := etcderr.CodeMessage(err)
-		w.WriteHeader(http.StatusServiceUnavailable)
-		json.NewEncoder(w).Encode(health{Health: "false", Reason: msg})
-		return
+		return errors.New(msg)
 	}
-	json.NewEncoder(w).Encode(health{Health: "true"})
+	return nil
 }
 
-func (g *Gateway) serveReady(w http.ResponseWriter, r *http.Request) {
-	if err := g.check(r.Context()); err != nil {
-		_, msg := etcderr.CodeMessage(err)
-		http.Error(w, "not ready: "+msg, http.StatusServiceUnavailable)
-		return
-	}
-	w.Write([]byte("ok"))
+// healthRequestTimeout bounds a health check's read: etcd's request timeout with its
+// default election timeout (5 s + 2 × 1 s).
+const healthRequestTimeout = 7 * time.Second
+
+// healthEndpoints are /health, /livez and /readyz as etcd answers them. /health and
+// /readyz ask the cluster, through this gateway, what etcd asks its member. /livez asks
+// nothing of the replicas: a gateway that cannot reach them is still alive, and
+// restarting it would not help.
+func (g *Gateway) healthEndpoints() *health.Endpoints {
+	e := health.New(g.log, g.tel.Registry)
+	e.Health(func(ctx context.Context, serializable bool) (string, bool) {
+		if !serializable {
+			ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			st, err := g.Status(ctx, &pb.StatusRequest{})
+			cancel()
+			if err != nil || st.GetLeader() == 0 {
+				return "RAFT NO LEADER", false
+			}
+		}
+		if err := g.healthRead(ctx, serializable); err != nil {
+			return "RANGE ERROR:" + err.Error(), false
+		}
+		return "", true
+	})
+	e.Ready("serializable_read", func(ctx context.Context) error { return g.healthRead(ctx, true) })
+	e.Ready("linearizable_read", func(ctx context.Context) error { return g.healthRead(ctx, false) })
+	return e
 }

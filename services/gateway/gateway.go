@@ -174,9 +174,7 @@ func (g *Gateway) Handler() http.Handler {
 	mux.Handle(v3electionpbconnect.NewElectionHandler(v3electionpbconnect.UnimplementedElectionHandler{}, opts...))
 	mux.Handle(healthCheckPath, connect.NewUnaryHandler(healthCheckPath, g.connectHealthCheck, opts...))
 	mux.Handle("/metrics", g.tel.MetricsHandler())
-	mux.HandleFunc("/health", g.serveHealth)
-	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "ok") })
-	mux.HandleFunc("/readyz", g.serveReady)
+	g.healthEndpoints().Install(mux)
 	if g.cfg.EnablePprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)

@@ -2,6 +2,8 @@ package replica
 
 import (
 	"context"
+	"errors"
+	"time"
 
 	"connectrpc.com/connect"
 	"go.etcd.io/raft/v3"
@@ -9,6 +11,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/health"
 	"github.com/kvmesh/kvmesh/services/replica/mvcc"
 )
 
@@ -208,4 +211,49 @@ func (s *maintenanceService) Hash(ctx context.Context, req *connect.Request[pb.H
 		return nil, etcderr.ToConnect(err)
 	}
 	return connect.NewResponse(&pb.HashResponse{Header: s.r.header(&pb.ResponseHeader{Revision: rev}), Hash: hash}), nil
+}
+
+// healthRequestTimeout is how long a health check's read may take: etcd's request
+// timeout with its default election timeout (5 s + 2 × 1 s).
+const healthRequestTimeout = 7 * time.Second
+
+// healthRead is the read etcd's health checks make: one key, serializable (local) or
+// linearizable (through a ReadIndex round), with etcd's errors.
+func (r *Replica) healthRead(ctx context.Context, serializable bool) error {
+	ctx, cancel := context.WithTimeout(ctx, healthRequestTimeout)
+	defer cancel()
+	_, err := (&kvService{r}).Range(ctx, connect.NewRequest(&pb.RangeRequest{Key: []byte("health"), KeysOnly: true, Limit: 1, Serializable: serializable}))
+	if err != nil && ctx.Err() != nil {
+		return etcderr.ErrTimeout
+	}
+	if err != nil {
+		_, msg := etcderr.CodeMessage(err)
+		return errors.New(msg)
+	}
+	return nil
+}
+
+// healthEndpoints are /health, /livez and /readyz with etcd's checks.
+func (r *Replica) healthEndpoints() *health.Endpoints {
+	e := health.New(r.log, r.tel.Registry)
+	e.Health(func(ctx context.Context, serializable bool) (string, bool) {
+		if !serializable && r.leader.Load() == raft.None {
+			return "RAFT NO LEADER", false
+		}
+		if err := r.healthRead(ctx, serializable); err != nil {
+			return "RANGE ERROR:" + err.Error(), false
+		}
+		return "", true
+	})
+	serializable := func(ctx context.Context) error { return r.healthRead(ctx, true) }
+	e.Live("serializable_read", serializable)
+	e.Ready("serializable_read", serializable)
+	e.Ready("linearizable_read", func(ctx context.Context) error { return r.healthRead(ctx, false) })
+	e.Ready("non_learner", func(context.Context) error {
+		if r.isLearner() {
+			return errors.New("not supported for learner")
+		}
+		return nil
+	})
+	return e
 }

@@ -418,6 +418,7 @@ func (r *Replica) Handler() http.Handler {
 	mux.Handle(replicav1connect.NewFeedServiceHandler(&feedService{r}, opts...))
 	mux.Handle(peerv1connect.NewPeerServiceHandler(&peerService{r}, r.tel.InternalHandler()...))
 	mux.Handle("/metrics", r.tel.MetricsHandler())
+	r.healthEndpoints().Install(mux)
 	if r.cfg.EnableFaultInjection {
 		fault := func(isolate bool) http.HandlerFunc {
 			return func(w http.ResponseWriter, req *http.Request) {

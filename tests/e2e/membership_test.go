@@ -151,6 +151,11 @@ func TestMeshPartitionMembershipAndSnapshots(t *testing.T) {
 	if r, err := callReplica(short(), fURL, "KVService/Range", `{"key":"`+b64("a/0000")+`","serializable":true}`); err != nil || fmt.Sprint(r["count"]) != "1" {
 		t.Fatalf("serializable read on the cut-off follower: %v, %v", r, err)
 	}
+	// Its health endpoints say so, as an etcd member's do: alive, not ready.
+	expectHTTP(t, fURL+"/livez", 200, "ok\n")
+	expectHTTP(t, fURL+"/health?serializable=true", 200, `{"health":"true","reason":""}`)
+	expectHTTP(t, fURL+"/readyz/linearizable_read", 503, "[-]linearizable_read failed: etcdserver: request timed out\n\n")
+	expectHTTP(t, m.urls[lead]+"/readyz?verbose", 200, "[+]serializable_read ok\n[+]linearizable_read ok\n[+]non_learner ok\nok\n")
 	post(fURL + "/debug/faults/heal")
 	cur, err := cli.Get(ctxT(t), "b/0049")
 	if err != nil {
@@ -183,6 +188,8 @@ func TestMeshPartitionMembershipAndSnapshots(t *testing.T) {
 	if n := metricOf(lURL, "kvmesh_replica_snapshots_installed_total"); n < 1 {
 		t.Fatalf("the learner installed %v snapshots; it should have needed one", n)
 	}
+	expectHTTP(t, lURL+"/readyz/non_learner", 503, "[-]non_learner failed: not supported for learner\n\n")
+	expectHTTP(t, lURL+"/livez", 200, "ok\n")
 	waitFor(t, "the learner is promoted", 30*time.Second, func() bool {
 		_, err := cli.MemberPromote(ctxT(t), add.Member.ID)
 		return err == nil
@@ -213,6 +220,7 @@ func TestMeshPartitionMembershipAndSnapshots(t *testing.T) {
 			t.Fatalf("member %x is still a learner after its promotion", mem.ID)
 		}
 	}
+	expectHTTP(t, lURL+"/readyz", 200, "ok\n")
 
 	// Writes go on, also with hasleader; every member hashes the same history.
 	for i := range 50 {
@@ -248,5 +256,20 @@ func TestMeshPartitionMembershipAndSnapshots(t *testing.T) {
 	}
 	if r, err := cli.Get(ctxT(t), "d/", clientv3.WithPrefix(), clientv3.WithCountOnly()); err != nil || r.Count != 20 {
 		t.Fatalf("read after losing a gateway: %v, %v", r, err)
+	}
+}
+
+// expectHTTP checks the status and body of a GET.
+func expectHTTP(t *testing.T, url string, code int, body string) {
+	t.Helper()
+	client := &http.Client{Timeout: 15 * time.Second}
+	resp, err := client.Get(url)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != code || string(b) != body {
+		t.Fatalf("GET %s: %d %q, want %d %q", url, resp.StatusCode, b, code, body)
 	}
 }
