@@ -120,6 +120,13 @@ else
 	scripts/images.sh
 fi
 
+# An engine that starts but cannot run containers (no overlay file system, no cgroups,
+# as in some sandboxes) is no engine for this test.
+if ! out=$(docker run --rm --entrypoint /kvmesh-probe kvmesh/gateway:dev 2>&1) && [[ $out != usage:* ]]; then
+	echo "$out" >&2
+	skip_or_fail "the Docker engine cannot run a container"
+fi
+
 wait_healthy() { # SERVICE... : every container of each service healthy, within 120s
 	local deadline=$((SECONDS + 120))
 	for svc in "$@"; do

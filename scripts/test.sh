@@ -37,3 +37,8 @@ go test -count=1 -timeout 15m "$@" "${modules[@]}"
 # The differential test once more, with the current etcd (3.7, pinned in tools/etcd)
 # as the oracle.
 KVMESH_E2E_ETCD_BIN="$root/.bin/etcd" go test -count=1 -timeout 5m -run 'TestDifferential' "$@" github.com/kvmesh/kvmesh/tests/e2e
+
+# The compose smoke test (scripts/smoke.sh): the images, the mesh of docker-compose.yml,
+# etcdctl through both gateways, a replica killed. Skipped, saying so, where no Docker
+# engine can be started.
+scripts/smoke.sh --if-possible

@@ -6,10 +6,12 @@ package telemetry
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"os"
 	"strings"
@@ -163,4 +165,17 @@ func (t *Telemetry) Shutdown(ctx context.Context) error {
 		errs = append(errs, f(ctx))
 	}
 	return errors.Join(errs...)
+}
+
+// Untraced marks ctx as belonging to background work (polls, health checks): RPCs made
+// with it record no spans, neither here nor downstream, so that they do not bury the
+// traces of requests. It carries a span context that is not sampled, which the SDK's
+// default (parent-based) sampler and every downstream service follow.
+func Untraced(ctx context.Context) context.Context {
+	var tid trace.TraceID
+	var sid trace.SpanID
+	binary.BigEndian.PutUint64(tid[:8], rand.Uint64())
+	binary.BigEndian.PutUint64(tid[8:], rand.Uint64()|1)
+	binary.BigEndian.PutUint64(sid[:], rand.Uint64()|1)
+	return trace.ContextWithSpanContext(ctx, trace.NewSpanContext(trace.SpanContextConfig{TraceID: tid, SpanID: sid}))
 }

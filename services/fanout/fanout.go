@@ -26,6 +26,11 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/kvmesh/kvmesh/libs/config"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
@@ -79,6 +84,7 @@ type Fanout struct {
 	client connect.HTTPClient
 	nc     *nats.Conn
 	js     jetstream.JetStream
+	tracer trace.Tracer
 
 	published atomic.Int64 // last revision acknowledged by JetStream
 	avoid     atomic.Int64 // index+1 of a replica found stalled, skipped at the next pick
@@ -107,7 +113,8 @@ func New(cfg Config, stream revstream.Config, tel *telemetry.Telemetry, client c
 	if err != nil {
 		return nil, err
 	}
-	f := &Fanout{cfg: cfg, stream: stream, tel: tel, log: tel.Log.With("role", "fanout"), client: client, nc: nc, js: js}
+	f := &Fanout{cfg: cfg, stream: stream, tel: tel, log: tel.Log.With("role", "fanout"), client: client, nc: nc, js: js,
+		tracer: tel.Tracer.Tracer("kvmesh/fanout")}
 	f.m.published = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_published_revisions_total", Help: "Revisions published to the JetStream stream."})
 	f.m.conflicts = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_conflicts_total", Help: "Publishes refused because another publisher got there first."})
 	f.m.switches = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_feed_restarts_total", Help: "Times the fanout (re)started tailing a replica."})
@@ -149,8 +156,10 @@ func (f *Fanout) Listen() error {
 	return nil
 }
 
-// Run publishes until ctx ends.
+// Run publishes until ctx ends. Its calls to the replicas are background work, not
+// traced; each published revision is a trace of its own (see tail).
 func (f *Fanout) Run(ctx context.Context) error {
+	ctx = telemetry.Untraced(ctx)
 	if f.server != nil {
 		go f.server.Serve(f.lis)
 		defer f.server.Close()
@@ -240,12 +249,17 @@ func (f *Fanout) tail(ctx context.Context) error {
 			case <-a.fut.Ok():
 				f.published.Store(a.rev)
 				f.m.published.Inc()
+				a.span.End()
 			case err := <-a.fut.Err():
 				if isWrongLastSequence(err) {
 					err = &conflictError{a.rev}
 				}
+				a.span.SetStatus(codes.Error, err.Error())
+				a.span.End()
 				cancel(err)
-				for range acks { // drain: everything after a failure fails too
+				for a := range acks { // drain: everything after a failure fails too
+					a.span.SetStatus(codes.Error, "an earlier publish failed")
+					a.span.End()
 				}
 				return
 			}
@@ -270,16 +284,20 @@ func (f *Fanout) tail(ctx context.Context) error {
 			if tooLarge {
 				f.m.tooLarge.Inc()
 			}
+			span := f.publishSpan(ctx, msg, r)
 			fut, err := f.js.PublishMsgAsync(msg, jetstream.WithExpectLastSequence(seq), jetstream.WithMsgID(f.stream.Stream+"-"+fmt.Sprint(r.GetRevision())))
 			if err != nil {
+				span.SetStatus(codes.Error, err.Error())
+				span.End()
 				if isWrongLastSequence(err) {
 					return &conflictError{r.GetRevision()}
 				}
 				return fmt.Errorf("publish revision %d: %w", r.GetRevision(), err)
 			}
 			select {
-			case acks <- ack{fut, r.GetRevision()}:
+			case acks <- ack{fut, r.GetRevision(), span}:
 			case <-ctx.Done():
+				span.End()
 				return context.Cause(ctx)
 			}
 			seq, next = seq+1, r.GetRevision()+1
@@ -295,8 +313,26 @@ func (f *Fanout) tail(ctx context.Context) error {
 }
 
 type ack struct {
-	fut jetstream.PubAckFuture
-	rev int64
+	fut  jetstream.PubAckFuture
+	rev  int64
+	span trace.Span
+}
+
+// publishSpan starts the trace of a revision's delivery to watchers: "fanout.publish",
+// from the publish to JetStream's acknowledgement. Its context travels in the message's
+// headers (W3C trace context), so that the gateways' spans for the revision join it.
+// Without tracing it is a no-op span and the headers stay as they are.
+func (f *Fanout) publishSpan(ctx context.Context, msg *nats.Msg, r *replicav1.Revision) trace.Span {
+	ctx, span := f.tracer.Start(ctx, "fanout.publish", trace.WithNewRoot(), trace.WithSpanKind(trace.SpanKindProducer),
+		trace.WithAttributes(
+			attribute.Int64("kvmesh.revision", r.GetRevision()),
+			attribute.Int("kvmesh.events", len(r.GetEvents())),
+			attribute.String("messaging.system", "nats"),
+			attribute.String("messaging.destination.name", msg.Subject)))
+	if span.SpanContext().IsSampled() {
+		otel.GetTextMapPropagator().Inject(ctx, propagation.HeaderCarrier(msg.Header))
+	}
+	return span
 }
 
 var errStalled = errors.New("the tailed replica is behind another one")

@@ -12,6 +12,7 @@ import (
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/health"
 	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 
 // The gateway's logic, once per RPC, whatever the protocol: the Connect handlers
@@ -232,7 +233,7 @@ func (g *Gateway) check(ctx context.Context) error {
 
 // healthRead is the read etcd's health checks make, through the replicas.
 func (g *Gateway) healthRead(ctx context.Context, serializable bool) error {
-	ctx, cancel := context.WithTimeout(ctx, healthRequestTimeout)
+	ctx, cancel := context.WithTimeout(telemetry.Untraced(ctx), healthRequestTimeout)
 	defer cancel()
 	_, err := g.Range(ctx, &pb.RangeRequest{Key: []byte("health"), KeysOnly: true, Limit: 1, Serializable: serializable})
 	if err != nil && ctx.Err() != nil {
@@ -257,7 +258,7 @@ func (g *Gateway) healthEndpoints() *health.Endpoints {
 	e := health.New(g.log, g.tel.Registry)
 	e.Health(func(ctx context.Context, serializable bool) (string, bool) {
 		if !serializable {
-			ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			ctx, cancel := context.WithTimeout(telemetry.Untraced(ctx), 2*time.Second)
 			st, err := g.Status(ctx, &pb.StatusRequest{})
 			cancel()
 			if err != nil || st.GetLeader() == 0 {

@@ -127,7 +127,7 @@ func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gate
 	g.leases = newLeaseRouter(g)
 	ctx, cancel := context.WithCancel(context.Background())
 	g.stopView = cancel
-	go g.view.run(ctx)
+	go g.view.run(telemetry.Untraced(ctx))
 	return g, nil
 }
 
@@ -143,7 +143,7 @@ func (g *Gateway) EnableWatch(nc *nats.Conn, stream revstream.Config) error {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	g.hub, g.stopHub = h, cancel
-	go h.run(ctx)
+	go h.run(telemetry.Untraced(ctx))
 	return nil
 }
 

@@ -14,6 +14,11 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
@@ -34,7 +39,8 @@ import (
 // hrev is a revision as the hub holds it, shared by every stream (read-only).
 type hrev struct {
 	*replicav1.Revision
-	size   int // encoded size
+	size   int               // encoded size
+	span   trace.SpanContext // the hub's watch.deliver span, when it is traced
 	once   sync.Once
 	noPrev []*mvccpb.Event // the events without prev_kv, made on first use
 }
@@ -58,10 +64,11 @@ func (r *hrev) eventsWithoutPrev() []*mvccpb.Event {
 }
 
 type hub struct {
-	g   *Gateway
-	log *slog.Logger
-	js  jetstream.JetStream
-	cfg revstream.Config
+	g      *Gateway
+	log    *slog.Logger
+	js     jetstream.JetStream
+	cfg    revstream.Config
+	tracer trace.Tracer
 
 	ringCap   int
 	ringBytes int // bound on the ring's encoded size
@@ -97,7 +104,7 @@ func newHub(g *Gateway, nc *nats.Conn, cfg revstream.Config) (*hub, error) {
 		return nil, err
 	}
 	h := &hub{
-		g: g, log: g.log.With("component", "watch"), js: js, cfg: cfg,
+		g: g, log: g.log.With("component", "watch"), js: js, cfg: cfg, tracer: g.tel.Tracer.Tracer("kvmesh/gateway"),
 		ringCap: g.cfg.WatchRingRevisions, ringBytes: g.cfg.WatchRingBytes, queueCap: g.cfg.WatchStreamQueue,
 		keys:    make(map[string][]streamRef),
 		ranges:  make(map[*watcher]struct{}),
@@ -213,7 +220,18 @@ func (h *hub) consume(ctx context.Context) error {
 			h.offset.Store(r.GetRevision() - int64(md.Sequence.Stream))
 			h.offsetOK.Store(true)
 		}
-		if err := h.ingest(ctx, r); err != nil {
+		// The revision's trace, when the fanout traced it, goes on here:
+		// "watch.deliver" is the hub handing it to the watch streams, and each
+		// stream's "watch.send" (see wstream.deliver) a child of it.
+		mctx, span := h.tracer.Start(otel.GetTextMapPropagator().Extract(ctx, propagation.HeaderCarrier(msg.Headers())),
+			"watch.deliver", trace.WithSpanKind(trace.SpanKindConsumer),
+			trace.WithAttributes(attribute.Int64("kvmesh.revision", r.GetRevision()), attribute.Int("kvmesh.events", len(r.GetEvents()))))
+		err = h.ingest(mctx, r)
+		if err != nil {
+			span.SetStatus(codes.Error, err.Error())
+		}
+		span.End()
+		if err != nil {
 			return err
 		}
 	}
@@ -244,7 +262,11 @@ func (h *hub) ingest(ctx context.Context, r *replicav1.Revision) error {
 	if r.GetTooLarge() {
 		return h.repair(ctx, r.GetRevision())
 	}
-	h.publish(newHrev(r))
+	hr := newHrev(r)
+	if sc := trace.SpanContextFromContext(ctx); sc.IsSampled() {
+		hr.span = sc
+	}
+	h.publish(hr)
 	return nil
 }
 

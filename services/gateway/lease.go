@@ -13,6 +13,7 @@ import (
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 
 // The Lease API. Grants and revokes are writes (to the leader, like puts). Keep-alives
@@ -275,7 +276,9 @@ func (k *keeper) add(rn *renewal) bool {
 }
 
 func (k *keeper) run(ctx context.Context) {
-	stream := k.c.lease.KeepAlive(ctx)
+	// The keeper's stream carries the renewals of many clients for as long as the
+	// gateway runs: not a request of its own to trace.
+	stream := k.c.lease.KeepAlive(telemetry.Untraced(ctx))
 	go k.receive(stream)
 	for {
 		select {

@@ -9,6 +9,8 @@ import (
 	"time"
 	"unsafe"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
@@ -464,6 +466,11 @@ func (s *wstream) drain() error {
 
 // deliver sends r's events to every watcher of the stream they concern.
 func (s *wstream) deliver(r *hrev) error {
+	if r.span.IsSampled() {
+		_, span := s.h.tracer.Start(trace.ContextWithSpanContext(s.ctx, r.span), "watch.send",
+			trace.WithAttributes(attribute.Int64("kvmesh.revision", r.GetRevision()), attribute.Int("kvmesh.watchers", len(s.watchers))))
+		defer span.End()
+	}
 	if len(s.watchers) == 1 {
 		for _, w := range s.watchers {
 			return s.deliverTo(w, r)

@@ -3,19 +3,25 @@ package main
 import (
 	"context"
 	"io"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/nats-io/nats.go"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/kvmesh/kvmesh/libs/config"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
 	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
+	"github.com/kvmesh/kvmesh/services/fanout"
 	"github.com/kvmesh/kvmesh/services/gateway"
 	"github.com/kvmesh/kvmesh/services/replica"
 )
@@ -133,5 +139,161 @@ func TestARequestIsOneTraceFromGatewayToApply(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A revision that a watcher receives is one trace from the fanout to the gateway:
+// "fanout.publish" (the fanout, until JetStream acknowledges it), "watch.deliver" (the
+// gateway's hub taking it from NATS, its context from the message's headers) and
+// "watch.send" (the watch stream sending it to its client). Background polls between
+// the services record no spans at all.
+func TestAWatchedRevisionIsOneTraceFromFanoutToGateway(t *testing.T) {
+	spans := tracetest.NewInMemoryExporter()
+	tel, err := telemetry.New(context.Background(), "trace-test", telemetry.Config{LogLevel: "error", LogFormat: "text"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tel.WithTracerProvider(sdktrace.NewTracerProvider(sdktrace.WithSyncer(spans)))
+	var (
+		rcfg replica.Config
+		gcfg gateway.Config
+		fcfg fanout.Config
+		ncfg revstream.Config
+	)
+	defaults := config.MapLookuper(nil)
+	for prefix, v := range map[string]any{"KVMESH_REPLICA_": &rcfg, "KVMESH_GATEWAY_": &gcfg, "KVMESH_FANOUT_": &fcfg, "KVMESH_NATS_": &ncfg} {
+		if err := config.LoadFrom(context.Background(), prefix, defaults, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rcfg.DataDir, rcfg.Listen, rcfg.TickInterval = t.TempDir(), "127.0.0.1:0", 10*time.Millisecond
+	gcfg.Listen, fcfg.Listen = "127.0.0.1:0", ""
+
+	rep, err := replica.New(rcfg, tel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rep.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	go rep.Serve()
+	t.Cleanup(func() { rep.Stop(context.Background()) })
+	embedded, err := revstream.StartEmbedded(filepath.Join(rcfg.DataDir, "nats"), "", tel.Log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(embedded.Stop)
+	nc, err := nats.Connect("", nats.InProcessServer(embedded))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+
+	client := inproc.NewClient(rep.Handler())
+	gcfg.Replicas = []string{"http://" + rep.Addr()}
+	fcfg.Replicas = gcfg.Replicas
+	gw, err := gateway.New(gcfg, tel, client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := gw.EnableWatch(nc, ncfg); err != nil {
+		t.Fatal(err)
+	}
+	if err := gw.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	go gw.Serve()
+	t.Cleanup(func() { gw.Stop(context.Background()) })
+	fo, err := fanout.New(fcfg, ncfg, tel, client, nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	foCtx, stopFanout := context.WithCancel(context.Background())
+	foDone := make(chan struct{})
+	go func() { defer close(foDone); fo.Run(foCtx) }()
+	t.Cleanup(func() { stopFanout(); <-foDone })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	conn, err := grpc.NewClient(gw.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	kv := pb.NewKVClient(conn)
+	for {
+		if _, err := kv.Put(ctx, &pb.PutRequest{Key: []byte("warm"), Value: []byte("up")}); err == nil {
+			break
+		} else if ctx.Err() != nil {
+			t.Fatalf("the gateway never answered: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	w, err := pb.NewWatchClient(conn).Watch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{Key: []byte("watched")}}}); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := w.Recv(); err != nil || !resp.GetCreated() {
+		t.Fatalf("watch create: %v, %v", resp, err)
+	}
+	put, err := kv.Put(ctx, &pb.PutRequest{Key: []byte("watched"), Value: []byte("v")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev := put.GetHeader().GetRevision()
+	resp, err := w.Recv()
+	if err != nil || len(resp.GetEvents()) != 1 || resp.GetEvents()[0].GetKv().GetModRevision() != rev {
+		t.Fatalf("watch: %v, %v; want the put at revision %d", resp, err, rev)
+	}
+
+	// watch.send ends just after the response is sent: wait for it.
+	var got []tracetest.SpanStub
+	find := func(name string) *tracetest.SpanStub {
+		for i := range got {
+			if got[i].Name != name {
+				continue
+			}
+			for _, a := range got[i].Attributes {
+				if a.Key == "kvmesh.revision" && a.Value.AsInt64() == rev {
+					return &got[i]
+				}
+			}
+		}
+		return nil
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		got = spans.GetSpans()
+		if find("watch.send") != nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	publish, deliver, send := find("fanout.publish"), find("watch.deliver"), find("watch.send")
+	if publish == nil || deliver == nil || send == nil {
+		var names []string
+		for _, s := range got {
+			names = append(names, s.Name)
+		}
+		t.Fatalf("spans for revision %d: publish %v, deliver %v, send %v; all spans: %q", rev, publish != nil, deliver != nil, send != nil, names)
+	}
+	if publish.Parent.IsValid() {
+		t.Errorf("fanout.publish has a parent (%s); it starts the revision's trace", publish.Parent.SpanID())
+	}
+	if deliver.Parent.SpanID() != publish.SpanContext.SpanID() || deliver.SpanContext.TraceID() != publish.SpanContext.TraceID() {
+		t.Errorf("watch.deliver is not a child of fanout.publish")
+	}
+	if send.Parent.SpanID() != deliver.SpanContext.SpanID() || send.SpanContext.TraceID() != publish.SpanContext.TraceID() {
+		t.Errorf("watch.send is not a child of watch.deliver")
+	}
+	// Since the start, the gateway's view has polled the replica (MemberList, Status)
+	// and the hub and fanout have asked for its position: none of it was recorded.
+	for _, s := range got {
+		for _, background := range []string{"MaintenanceService/Status", "ClusterService/MemberList", "FeedService/Position"} {
+			if strings.HasSuffix(s.Name, background) {
+				t.Errorf("a background poll recorded a span: %s", s.Name)
+			}
+		}
 	}
 }
