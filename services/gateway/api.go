@@ -64,10 +64,12 @@ func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(*
 		err = e
 		if neverArrived(e) {
 			g.view.markDown(c)
+			g.m.unreachable.Inc()
 			continue
 		}
 		if rt != toLeader && retryableRead(e) && ctx.Err() == nil {
 			g.view.kick()
+			g.m.readRetries.Inc()
 			continue
 		}
 		break

@@ -104,6 +104,7 @@ type Gateway struct {
 	view     *view
 	stopView context.CancelFunc
 	leases   *leaseRouter
+	m        gatewayMetrics
 
 	lis    net.Listener
 	split  *splitListener
@@ -125,6 +126,7 @@ func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gate
 	g.client = client
 	g.view = newView(g, cfg.Replicas)
 	g.leases = newLeaseRouter(g)
+	g.registerMetrics()
 	ctx, cancel := context.WithCancel(context.Background())
 	g.stopView = cancel
 	go g.view.run(telemetry.Untraced(ctx))

@@ -22,16 +22,18 @@ import (
 type view struct {
 	g *Gateway
 
-	mu      sync.RWMutex
-	conns   map[string]*replicaConn // by internal API URL, every replica ever seen
-	voters  []*replicaConn          // members that vote, for reads and writes
-	leader  *replicaConn            // nil when unknown
-	leadID  uint64
-	seeds   []*replicaConn
-	next    atomic.Uint32 // round robin over voters
-	refresh chan struct{}
-	updated chan struct{} // closed and replaced at the end of every refresh (under mu)
-	cluster atomic.Uint64 // the cluster's ID, once a replica told it
+	mu     sync.RWMutex
+	conns  map[string]*replicaConn // by internal API URL, every replica ever seen
+	voters []*replicaConn          // members that vote, for reads and writes
+	leader *replicaConn            // nil when unknown
+	leadID uint64
+	// lastLead is the last leader known (leadID is 0 while none is), to count changes.
+	lastLead uint64
+	seeds    []*replicaConn
+	next     atomic.Uint32 // round robin over voters
+	refresh  chan struct{}
+	updated  chan struct{} // closed and replaced at the end of every refresh (under mu)
+	cluster  atomic.Uint64 // the cluster's ID, once a replica told it
 }
 
 // replicaConn is the gateway's link to one replica's internal API.
@@ -196,6 +198,12 @@ func (v *view) update(ctx context.Context) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	v.voters = voters
+	if lead != 0 && lead != v.lastLead {
+		if v.lastLead != 0 {
+			v.g.m.leaderChanges.Inc()
+		}
+		v.lastLead = lead
+	}
 	v.leadID, v.leader = lead, nil
 	for _, c := range voters {
 		if c.id == lead {
@@ -235,6 +243,19 @@ func (v *view) leaderNow(ctx context.Context) uint64 {
 		}
 	}
 	return v.leaderID()
+}
+
+// reachable counts the voters not marked down.
+func (v *view) reachable(now time.Time) int {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	n := 0
+	for _, c := range v.voters {
+		if c.up(now) {
+			n++
+		}
+	}
+	return n
 }
 
 // forWrite lists the replicas to try for a request that must reach the leader: the

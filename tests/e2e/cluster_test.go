@@ -167,6 +167,16 @@ func TestMeshSurvivesLeaderKill(t *testing.T) {
 	}
 	t.Logf("%d acknowledged writes, all present", len(acked))
 
+	// Each gateway's metrics tell what it went through: a leader again, a leader change.
+	for _, e := range endpoints {
+		if v := metricOf("http://"+e, "etcd_server_has_leader"); v != 1 {
+			t.Errorf("gateway %s: etcd_server_has_leader = %v, want 1", e, v)
+		}
+		if v := metricOf("http://"+e, "kvmesh_gateway_leader_changes_seen_total"); v < 1 {
+			t.Errorf("gateway %s: kvmesh_gateway_leader_changes_seen_total = %v, want ≥ 1 after the leader's kill", e, v)
+		}
+	}
+
 	// The killed replica restarts and catches up from the others: its own current
 	// revision (from its metrics) reaches the cluster's.
 	want := resp.Header.Revision

@@ -1,0 +1,47 @@
+package gateway
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// gatewayMetrics are the gateway's own metrics, beside the public API's (under etcd's
+// gRPC names, see libs/telemetry) and the watch hub's.
+type gatewayMetrics struct {
+	leaderChanges prometheus.Counter
+	unreachable   prometheus.Counter // a request sent to the next replica: the first could not be reached
+	readRetries   prometheus.Counter // a read sent to the next replica: the first could not serve it
+}
+
+func (g *Gateway) registerMetrics() {
+	failovers := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "kvmesh_gateway_upstream_failovers_total",
+		Help: "Requests the gateway sent on to another replica, by reason: unreachable (the request never arrived) or read_retried (the replica could not serve a read).",
+	}, []string{"reason"})
+	g.m.unreachable = failovers.WithLabelValues("unreachable")
+	g.m.readRetries = failovers.WithLabelValues("read_retried")
+	g.m.leaderChanges = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "kvmesh_gateway_leader_changes_seen_total",
+		Help: "Leader changes the gateway's view of the cluster followed.",
+	})
+	cs := []prometheus.Collector{failovers, g.m.leaderChanges,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "kvmesh_gateway_replicas_reachable",
+			Help: "Voting replicas the gateway can reach now.",
+		}, func() float64 { return float64(g.view.reachable(time.Now())) }),
+	}
+	if !g.inProcess {
+		// In the all-in-one the replica reports it, under the same name.
+		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "etcd_server_has_leader",
+			Help: "Whether or not a leader exists. 1 is existence, 0 is not.",
+		}, func() float64 {
+			if g.view.leaderID() != 0 {
+				return 1
+			}
+			return 0
+		}))
+	}
+	g.tel.Registry.MustRegister(cs...)
+}
