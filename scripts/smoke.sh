@@ -67,6 +67,15 @@ else
 	compose_cmd=(docker-compose)
 fi
 project=kvmesh-smoke-$$
+# What a run that was itself killed left behind (its containers restart with dockerd
+# and would hold the ports) goes first.
+for stale in $(docker ps -a --format '{{.Label "com.docker.compose.project"}}' | grep '^kvmesh-smoke-[0-9]*$' | sort -u); do
+	kill -0 "${stale#kvmesh-smoke-}" 2>/dev/null && continue
+	say "removing $stale, left by an earlier run"
+	docker ps -aq --filter "label=com.docker.compose.project=$stale" | xargs -r docker rm -f >/dev/null
+	docker volume ls -q --filter "label=com.docker.compose.project=$stale" | xargs -r docker volume rm >/dev/null
+	docker network ls -q --filter "label=com.docker.compose.project=$stale" | xargs -r docker network rm >/dev/null
+done
 # Host ports away from a developer's own mesh (2379, 22379-22388, 16686, 4317, 4318).
 export KVMESH_GATEWAY_PORT=${KVMESH_SMOKE_GATEWAY_PORT:-32379}
 export KVMESH_GATEWAY_POOL_PORTS=${KVMESH_SMOKE_GATEWAY_POOL_PORTS:-32380-32389}
@@ -99,7 +108,7 @@ cleanup() {
 		say "FAILED; the mesh's logs (last 60 lines):"
 		tail -60 "$logs/compose.log" >&2 || true
 	fi
-	jobs -p | xargs -r kill 2>/dev/null || true
+	[[ -n ${watch_pid:-} ]] && kill "$watch_pid" 2>/dev/null || true
 	compose down -v --remove-orphans >/dev/null 2>&1 || true
 	# Images this run added are removed again; ones that were here stay.
 	((${#new_images[@]})) && docker rmi "${new_images[@]}" >/dev/null 2>&1 || true
@@ -160,6 +169,7 @@ expect() { # WHAT WANT GOT
 
 # --- put, get and watch through both gateways -------------------------------------------
 ctl --endpoints="$g2" watch --prefix smoke/ >"$logs/watch" 2>"$logs/watch.err" &
+watch_pid=$!
 sleep 1
 ctl --endpoints="$g1" put smoke/a 1 >/dev/null
 ctl --endpoints="$g2" put smoke/b 2 >/dev/null
@@ -231,7 +241,7 @@ sys.exit(1)'; then
 fi
 
 # --- down and up: the data stays -----------------------------------------------------------
-kill %1 2>/dev/null || true
+kill "$watch_pid" 2>/dev/null || true
 compose down >/dev/null 2>&1
 compose up -d --no-build "${services[@]}"
 wait_healthy "${checked[@]}"
