@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The compose smoke test: build the images, bring the mesh of docker-compose.yml up,
 # use it with etcdctl through both gateways (put, get, watch), kill the leader's replica
-# container and check that writes go on, restart it, take the mesh down and up again
-# and check that the data is still there, and clean up everything it made.
+# container and check that writes go on, restart it, scale the gateway pool, take the
+# mesh down and up again and check that the data is still there, and clean up
+# everything it made.
 #
 #   scripts/smoke.sh                 needs a Docker engine (starts dockerd if it can)
 #   scripts/smoke.sh --if-possible   skips, saying so, when no engine can be started
@@ -239,6 +240,14 @@ sys.exit(1)'; then
 	}
 	say "a put is one trace in Jaeger, from the gateway to the apply: ok"
 fi
+
+# --- more gateways: --scale ------------------------------------------------------------
+compose up -d --no-build --scale gateway-pool=2 gateway-pool
+wait_healthy gateway-pool
+g3=$(compose port --index=2 gateway-pool 2379)
+g3=127.0.0.1:${g3##*:}
+expect "get through a gateway added by --scale" "$(printf 'smoke/d10\n10')" "$(ctl --endpoints="$g3" get smoke/d10)"
+say "a third gateway from --scale gateway-pool=2 ($g3) serves the same data: ok"
 
 # --- down and up: the data stays -----------------------------------------------------------
 kill "$watch_pid" 2>/dev/null || true
