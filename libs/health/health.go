@@ -20,8 +20,11 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // Check is one named check: nil when it passes.
@@ -189,4 +192,26 @@ func (e *Endpoints) serveChecks(w http.ResponseWriter, r *http.Request, kind str
 		w.Write(out.Bytes())
 	}
 	fmt.Fprint(w, "ok\n")
+}
+
+// RequestTimeout bounds a health check's read: etcd's request timeout with its default
+// election timeout (5 s + 2 × 1 s).
+const RequestTimeout = 7 * time.Second
+
+// Read runs read (the one-key range etcd's checks make) within RequestTimeout and
+// reports its failure in etcd's words: "etcdserver: request timed out" when the time
+// ran out, else the error's message.
+func Read(ctx context.Context, read func(ctx context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, RequestTimeout)
+	defer cancel()
+	err := read(ctx)
+	switch {
+	case err == nil:
+		return nil
+	case ctx.Err() != nil:
+		return etcderr.ErrTimeout
+	default:
+		_, msg := etcderr.CodeMessage(err)
+		return errors.New(msg)
+	}
 }

@@ -235,22 +235,11 @@ func (g *Gateway) check(ctx context.Context) error {
 
 // healthRead is the read etcd's health checks make, through the replicas.
 func (g *Gateway) healthRead(ctx context.Context, serializable bool) error {
-	ctx, cancel := context.WithTimeout(telemetry.Untraced(ctx), healthRequestTimeout)
-	defer cancel()
-	_, err := g.Range(ctx, &pb.RangeRequest{Key: []byte("health"), KeysOnly: true, Limit: 1, Serializable: serializable})
-	if err != nil && ctx.Err() != nil {
-		return etcderr.ErrTimeout
-	}
-	if err != nil {
-		_, msg := etcderr.CodeMessage(err)
-		return errors.New(msg)
-	}
-	return nil
+	return health.Read(telemetry.Untraced(ctx), func(ctx context.Context) error {
+		_, err := g.Range(ctx, &pb.RangeRequest{Key: []byte("health"), KeysOnly: true, Limit: 1, Serializable: serializable})
+		return err
+	})
 }
-
-// healthRequestTimeout bounds a health check's read: etcd's request timeout with its
-// default election timeout (5 s + 2 × 1 s).
-const healthRequestTimeout = 7 * time.Second
 
 // healthEndpoints are /health, /livez and /readyz as etcd answers them. /health and
 // /readyz ask the cluster, through this gateway, what etcd asks its member. /livez asks

@@ -30,30 +30,11 @@ import (
 // through the internal call to the replica, the Raft proposal, its commit and the
 // apply: over Connect and over gRPC (grpc-go's face).
 func TestARequestIsOneTraceFromGatewayToApply(t *testing.T) {
-	spans := tracetest.NewInMemoryExporter()
-	tel, err := telemetry.New(context.Background(), "trace-test", telemetry.Config{LogLevel: "error", LogFormat: "text"}, io.Discard)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tel.WithTracerProvider(sdktrace.NewTracerProvider(sdktrace.WithSyncer(spans)))
-	rep, err := replica.New(replica.Config{
-		Name: "trace", DataDir: t.TempDir(), Listen: "127.0.0.1:0",
-		PeerURLs: []string{"http://127.0.0.1:2380"}, ClientURLs: []string{"http://127.0.0.1:2379"},
-		ClusterToken: "trace", TickInterval: 10 * time.Millisecond, ElectionTicks: 10,
-		SnapshotCount: 10000, MaxRequestBytes: 1572864, MaxTxnOps: 128, RequestTimeout: 5 * time.Second,
-		InitialClusterState: "new", LeaseCheckpointInterval: time.Second, LeaseRevokeRate: 1000,
-	}, tel)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rep.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	go rep.Serve()
-	t.Cleanup(func() { rep.Stop(context.Background()) })
-	gw, err := gateway.New(gateway.Config{Listen: "127.0.0.1:0", Replicas: []string{"http://" + rep.Addr()},
-		MaxRequestBytes: 1572864, WatchProgressNotifyInterval: time.Minute, WatchRingRevisions: 100,
-		WatchRingBytes: 1 << 20, WatchStreamQueue: 16}, tel, inproc.NewClient(rep.Handler()))
+	tel, spans := tracedTelemetry(t)
+	rcfg, gcfg, _, _ := defaultConfigs(t)
+	rep := startReplica(t, rcfg, tel)
+	gcfg.Replicas = []string{"http://" + rep.Addr()}
+	gw, err := gateway.New(gcfg, tel, inproc.NewClient(rep.Handler()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,36 +129,9 @@ func TestARequestIsOneTraceFromGatewayToApply(t *testing.T) {
 // "watch.send" (the watch stream sending it to its client). Background polls between
 // the services record no spans at all.
 func TestAWatchedRevisionIsOneTraceFromFanoutToGateway(t *testing.T) {
-	spans := tracetest.NewInMemoryExporter()
-	tel, err := telemetry.New(context.Background(), "trace-test", telemetry.Config{LogLevel: "error", LogFormat: "text"}, io.Discard)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tel.WithTracerProvider(sdktrace.NewTracerProvider(sdktrace.WithSyncer(spans)))
-	var (
-		rcfg replica.Config
-		gcfg gateway.Config
-		fcfg fanout.Config
-		ncfg revstream.Config
-	)
-	defaults := config.MapLookuper(nil)
-	for prefix, v := range map[string]any{"KVMESH_REPLICA_": &rcfg, "KVMESH_GATEWAY_": &gcfg, "KVMESH_FANOUT_": &fcfg, "KVMESH_NATS_": &ncfg} {
-		if err := config.LoadFrom(context.Background(), prefix, defaults, v); err != nil {
-			t.Fatal(err)
-		}
-	}
-	rcfg.DataDir, rcfg.Listen, rcfg.TickInterval = t.TempDir(), "127.0.0.1:0", 10*time.Millisecond
-	gcfg.Listen, fcfg.Listen = "127.0.0.1:0", ""
-
-	rep, err := replica.New(rcfg, tel)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := rep.Listen(); err != nil {
-		t.Fatal(err)
-	}
-	go rep.Serve()
-	t.Cleanup(func() { rep.Stop(context.Background()) })
+	tel, spans := tracedTelemetry(t)
+	rcfg, gcfg, fcfg, ncfg := defaultConfigs(t)
+	rep := startReplica(t, rcfg, tel)
 	embedded, err := revstream.StartEmbedded(filepath.Join(rcfg.DataDir, "nats"), "", tel.Log)
 	if err != nil {
 		t.Fatal(err)
@@ -296,4 +250,46 @@ func TestAWatchedRevisionIsOneTraceFromFanoutToGateway(t *testing.T) {
 			}
 		}
 	}
+}
+
+// tracedTelemetry is telemetry whose spans go to an in-memory exporter.
+func tracedTelemetry(t *testing.T) (*telemetry.Telemetry, *tracetest.InMemoryExporter) {
+	t.Helper()
+	spans := tracetest.NewInMemoryExporter()
+	tel, err := telemetry.New(context.Background(), "trace-test", telemetry.Config{LogLevel: "error", LogFormat: "text"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tel.WithTracerProvider(sdktrace.NewTracerProvider(sdktrace.WithSyncer(spans)))
+	return tel, spans
+}
+
+// defaultConfigs are the services' configurations with their defaults, on free ports,
+// with a fast Raft tick.
+func defaultConfigs(t *testing.T) (rcfg replica.Config, gcfg gateway.Config, fcfg fanout.Config, ncfg revstream.Config) {
+	t.Helper()
+	defaults := config.MapLookuper(nil)
+	for prefix, v := range map[string]any{"KVMESH_REPLICA_": &rcfg, "KVMESH_GATEWAY_": &gcfg, "KVMESH_FANOUT_": &fcfg, "KVMESH_NATS_": &ncfg} {
+		if err := config.LoadFrom(context.Background(), prefix, defaults, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rcfg.DataDir, rcfg.Listen, rcfg.TickInterval = t.TempDir(), "127.0.0.1:0", 10*time.Millisecond
+	gcfg.Listen, fcfg.Listen = "127.0.0.1:0", ""
+	return
+}
+
+// startReplica starts a single-member replica, stopped when the test ends.
+func startReplica(t *testing.T, cfg replica.Config, tel *telemetry.Telemetry) *replica.Replica {
+	t.Helper()
+	rep, err := replica.New(cfg, tel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rep.Listen(); err != nil {
+		t.Fatal(err)
+	}
+	go rep.Serve()
+	t.Cleanup(func() { rep.Stop(context.Background()) })
+	return rep
 }

@@ -3,7 +3,6 @@ package replica
 import (
 	"context"
 	"errors"
-	"time"
 
 	"connectrpc.com/connect"
 	"go.etcd.io/raft/v3"
@@ -213,24 +212,13 @@ func (s *maintenanceService) Hash(ctx context.Context, req *connect.Request[pb.H
 	return connect.NewResponse(&pb.HashResponse{Header: s.r.header(&pb.ResponseHeader{Revision: rev}), Hash: hash}), nil
 }
 
-// healthRequestTimeout is how long a health check's read may take: etcd's request
-// timeout with its default election timeout (5 s + 2 × 1 s).
-const healthRequestTimeout = 7 * time.Second
-
 // healthRead is the read etcd's health checks make: one key, serializable (local) or
 // linearizable (through a ReadIndex round), with etcd's errors.
 func (r *Replica) healthRead(ctx context.Context, serializable bool) error {
-	ctx, cancel := context.WithTimeout(ctx, healthRequestTimeout)
-	defer cancel()
-	_, err := (&kvService{r}).Range(ctx, connect.NewRequest(&pb.RangeRequest{Key: []byte("health"), KeysOnly: true, Limit: 1, Serializable: serializable}))
-	if err != nil && ctx.Err() != nil {
-		return etcderr.ErrTimeout
-	}
-	if err != nil {
-		_, msg := etcderr.CodeMessage(err)
-		return errors.New(msg)
-	}
-	return nil
+	return health.Read(ctx, func(ctx context.Context) error {
+		_, err := (&kvService{r}).Range(ctx, connect.NewRequest(&pb.RangeRequest{Key: []byte("health"), KeysOnly: true, Limit: 1, Serializable: serializable}))
+		return err
+	})
 }
 
 // healthEndpoints are /health, /livez and /readyz with etcd's checks.
