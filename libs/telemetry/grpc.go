@@ -52,3 +52,25 @@ func (t *Telemetry) grpcStats() stats.Handler {
 		otelgrpc.WithPropagators(otel.GetTextMapPropagator()),
 	)
 }
+
+// GRPCInternalServer is the telemetry of a grpc-go server of kvmesh's internal API:
+// traced, continuing the caller's trace (so that a request is one trace from the
+// gateway to the apply), and not counted under etcd's public metric names.
+func (t *Telemetry) GRPCInternalServer() []grpc.ServerOption {
+	if !t.tracing {
+		return nil
+	}
+	return []grpc.ServerOption{grpc.StatsHandler(t.grpcStats())}
+}
+
+// GRPCInternalClient is the telemetry of a grpc-go client of kvmesh's internal API:
+// traced, its trace context sent along.
+func (t *Telemetry) GRPCInternalClient() []grpc.DialOption {
+	if !t.tracing {
+		return nil
+	}
+	return []grpc.DialOption{grpc.WithStatsHandler(otelgrpc.NewClientHandler(
+		otelgrpc.WithTracerProvider(t.Tracer),
+		otelgrpc.WithPropagators(otel.GetTextMapPropagator()),
+	))}
+}

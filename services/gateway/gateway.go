@@ -23,6 +23,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/watch/v1/watchv1connect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb/v3electionpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb/v3lockpbconnect"
+	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/revstream"
@@ -107,7 +108,7 @@ type Gateway struct {
 	m        gatewayMetrics
 
 	lis    net.Listener
-	split  *splitListener
+	split  *grpcsplit.Listener
 	server *http.Server
 	grpc   *grpc.Server
 }
@@ -186,7 +187,7 @@ func (g *Gateway) Handler() http.Handler {
 }
 
 // Listen binds the client address. gRPC connections go to grpc-go, the rest to
-// net/http with the Connect handlers (see sniff.go).
+// net/http with the Connect handlers (see libs/grpcsplit).
 func (g *Gateway) Listen() error {
 	lis, err := net.Listen("tcp", g.cfg.Listen)
 	if err != nil {
@@ -204,10 +205,10 @@ func (g *Gateway) Addr() string { return g.lis.Addr().String() }
 // Serve answers clients until Stop.
 func (g *Gateway) Serve() error {
 	g.log.Info("serving etcd API", "addr", g.Addr())
-	g.split = newSplitListener(g.lis, g.log)
+	g.split = grpcsplit.New(g.lis, g.log)
 	errc := make(chan error, 2)
-	go func() { errc <- g.grpc.Serve(g.split.grpcL) }()
-	go func() { errc <- g.server.Serve(g.split.httpL) }()
+	go func() { errc <- g.grpc.Serve(g.split.GRPC()) }()
+	go func() { errc <- g.server.Serve(g.split.HTTP()) }()
 	err := <-errc
 	if errors.Is(err, http.ErrServerClosed) || errors.Is(err, grpc.ErrServerStopped) || errors.Is(err, net.ErrClosed) {
 		return nil
@@ -218,6 +219,7 @@ func (g *Gateway) Serve() error {
 // Stop stops accepting requests and waits for those in flight until ctx ends.
 func (g *Gateway) Stop(ctx context.Context) error {
 	g.stopView()
+	defer g.view.close()
 	g.leases.stop()
 	if g.stopHub != nil {
 		g.stopHub()

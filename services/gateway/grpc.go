@@ -16,7 +16,7 @@ import (
 
 // The gRPC face of the public API, on grpc-go's own HTTP/2 transport. Connections whose
 // first request is gRPC (every etcd client) are handed to this server by the listener
-// in sniff.go: grpc-go serves a unary call for about a third of the CPU that connect-go
+// in libs/grpcsplit: grpc-go serves a unary call for about a third of the CPU that connect-go
 // on net/http's HTTP/2 server needs (BENCHMARKS.md), and that is the difference
 // between keeping up with etcd and not.
 

@@ -9,8 +9,10 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"google.golang.org/grpc"
 
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
 )
 
@@ -45,6 +47,7 @@ type replicaConn struct {
 	maint   replicav1connect.MaintenanceServiceClient
 	feed    replicav1connect.FeedServiceClient
 	lease   replicav1connect.LeaseServiceClient
+	grpc    *grpc.ClientConn // nil in-process
 	// downUntil is when a replica that could not be reached is tried again.
 	downUntil atomic.Int64
 }
@@ -84,8 +87,31 @@ func (v *view) conn(u string) *replicaConn {
 		feed:    replicav1connect.NewFeedServiceClient(v.g.client, u, opts...),
 		lease:   replicav1connect.NewLeaseServiceClient(v.g.client, u, opts...),
 	}
+	if !v.g.inProcess {
+		// Over the network, the unary calls go over grpc-go (see upstream.go).
+		if cc, err := v.g.dialGRPC(u); err == nil {
+			c.grpc = cc
+			c.kv = grpcKVClient{replicav1.NewKVServiceClient(cc)}
+			c.cluster = grpcClusterClient{replicav1.NewClusterServiceClient(cc)}
+			c.maint = grpcMaintenanceClient{replicav1.NewMaintenanceServiceClient(cc)}
+			c.lease = grpcLeaseClient{LeaseServiceClient: c.lease, c: replicav1.NewLeaseServiceClient(cc)}
+		} else {
+			v.g.log.Warn("no grpc-go link to the replica; using Connect", "replica", u, "err", err)
+		}
+	}
 	v.conns[u] = c
 	return c
+}
+
+// close closes the links to every replica.
+func (v *view) close() {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for _, c := range v.conns {
+		if c.grpc != nil {
+			c.grpc.Close()
+		}
+	}
 }
 
 // kick asks the refresh loop for a refresh now.

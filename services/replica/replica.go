@@ -30,6 +30,7 @@ import (
 	"github.com/cockroachdb/pebble/v2/bloom"
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"go.etcd.io/raft/v3"
+	"google.golang.org/grpc"
 	raftpb "go.etcd.io/raft/v3/raftpb"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
@@ -38,6 +39,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1/peerv1connect"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
+	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
@@ -176,6 +178,7 @@ type Replica struct {
 	doneRaft chan struct{}
 	doneApp  chan struct{}
 	server   *http.Server
+	grpc     *grpc.Server
 	lis      net.Listener
 }
 
@@ -449,16 +452,24 @@ func (r *Replica) Listen() error {
 	}
 	r.lis = lis
 	r.server = h2c.NewServer(r.Handler())
+	r.grpc = r.newGRPCServer()
 	return nil
 }
 
-// Serve answers the internal API until Stop; call Listen first.
+// Serve answers the internal API until Stop; call Listen first. Connections whose
+// first request is gRPC go to grpc-go (the gateways' unary calls), the rest to net/http
+// (Connect: streams, the peer API, /metrics, health).
 func (r *Replica) Serve() error {
 	r.log.Info("serving internal API", "addr", r.lis.Addr().String())
-	if err := r.server.Serve(r.lis); !errors.Is(err, http.ErrServerClosed) {
-		return err
+	split := grpcsplit.New(r.lis, r.log)
+	errc := make(chan error, 2)
+	go func() { errc <- r.grpc.Serve(split.GRPC()) }()
+	go func() { errc <- r.server.Serve(split.HTTP()) }()
+	err := <-errc
+	if errors.Is(err, http.ErrServerClosed) || errors.Is(err, grpc.ErrServerStopped) || errors.Is(err, net.ErrClosed) {
+		return nil
 	}
-	return nil
+	return err
 }
 
 // Addr is the internal API's listening address, once Serve has started.
@@ -474,8 +485,19 @@ func (r *Replica) Stop(ctx context.Context) error {
 	var errs []error
 	close(r.quitc)
 	if r.server != nil {
+		r.lis.Close()
+		stopped := make(chan struct{})
+		go func() {
+			r.grpc.GracefulStop()
+			close(stopped)
+		}()
 		if err := r.server.Shutdown(ctx); err != nil {
 			r.server.Close()
+		}
+		select {
+		case <-stopped:
+		case <-ctx.Done():
+			r.grpc.Stop()
 		}
 	}
 	close(r.stopc)

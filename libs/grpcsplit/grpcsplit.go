@@ -1,4 +1,8 @@
-package gateway
+// Package grpcsplit shares one port between grpc-go and net/http: a connection whose
+// first request is gRPC goes to grpc-go's server, which needs a third of the CPU per
+// call of net/http's HTTP/2 server with connect-go (see BENCHMARKS.md); every other
+// connection (Connect, gRPC-Web, HTTP/1.1, plain HTTP endpoints) goes to net/http.
+package grpcsplit
 
 import (
 	"bufio"
@@ -15,7 +19,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 )
 
-// The client port carries every protocol. A connection that starts with the HTTP/2
+// The port carries every protocol. A connection that starts with the HTTP/2
 // preface (prior-knowledge h2c) and whose first request has a gRPC content type goes to
 // grpc-go; everything else (HTTP/1.1, Connect, gRPC-Web, h2c Connect) goes to net/http.
 // gRPC clients send nothing before the server's SETTINGS arrive, so the sniffer sends
@@ -27,21 +31,28 @@ var clientPreface = []byte(http2.ClientPreface)
 
 const sniffTimeout = 10 * time.Second
 
-// splitListener routes accepted connections to grpcL or httpL.
-type splitListener struct {
+// Listener routes the connections accepted on one port to GRPC or HTTP.
+type Listener struct {
 	l     net.Listener
 	log   *slog.Logger
 	grpcL *chanListener
 	httpL *chanListener
 }
 
-func newSplitListener(l net.Listener, log *slog.Logger) *splitListener {
-	s := &splitListener{l: l, log: log, grpcL: newChanListener(l), httpL: newChanListener(l)}
+// New starts routing the connections l accepts; it stops when l is closed.
+func New(l net.Listener, log *slog.Logger) *Listener {
+	s := &Listener{l: l, log: log, grpcL: newChanListener(l), httpL: newChanListener(l)}
 	go s.run()
 	return s
 }
 
-func (s *splitListener) run() {
+// GRPC is the listener of the connections for grpc-go.
+func (s *Listener) GRPC() net.Listener { return s.grpcL }
+
+// HTTP is the listener of every other connection, for net/http.
+func (s *Listener) HTTP() net.Listener { return s.httpL }
+
+func (s *Listener) run() {
 	defer s.grpcL.Close()
 	defer s.httpL.Close()
 	for {
@@ -58,7 +69,7 @@ func (s *splitListener) run() {
 	}
 }
 
-func (s *splitListener) route(c net.Conn) {
+func (s *Listener) route(c net.Conn) {
 	c.SetReadDeadline(time.Now().Add(sniffTimeout))
 	rec := &recorder{r: c}
 	isGRPC, h2, err := sniff(c, rec)

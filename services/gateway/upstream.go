@@ -1,0 +1,139 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"math"
+	"net"
+	"net/url"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
+
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
+)
+
+// The gateway's unary calls to a replica go over grpc-go: on the same port as the
+// replica's Connect API (libs/grpcsplit routes the connection), at a third of the CPU
+// per call of connect-go over net/http's HTTP/2 client and server (see BENCHMARKS.md),
+// which matters because every request through a gateway makes one. The adapters below
+// give grpc-go's clients the Connect clients' shape, so the routing code (api.go) is
+// the same for both; streams (Feed, KeepAlive) stay on Connect. In the all-in-one the
+// replica is reached in-process over Connect, without sockets.
+
+// dialGRPC opens the grpc-go link to the replica at base (an http:// URL). It connects
+// lazily, and pings an idle connection to find a dead replica, as the h2c client does.
+func (g *Gateway) dialGRPC(base string) (*grpc.ClientConn, error) {
+	u, err := url.Parse(base)
+	if err != nil {
+		return nil, err
+	}
+	opts := append(g.tel.GRPCInternalClient(),
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32)),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}),
+	)
+	// passthrough: the address is resolved when dialing, so a replica whose name does
+	// not resolve (a stopped container) fails as a dial error, like a refused one.
+	return grpc.NewClient("passthrough:///"+u.Host, opts...)
+}
+
+// fromGRPC turns a grpc-go error into a Connect error of the same code and message.
+// A call that failed because no connection could be made never reached the replica;
+// it is marked as a dial error, so that it is retried on another one (neverArrived).
+func fromGRPC(err error) error {
+	st, ok := status.FromError(err)
+	if !ok {
+		return err
+	}
+	if msg := st.Message(); strings.Contains(msg, "Error while dialing") {
+		return connect.NewError(connect.Code(st.Code()), &net.OpError{Op: "dial", Net: "tcp", Err: errors.New(msg)})
+	}
+	return connect.NewError(connect.Code(st.Code()), errors.New(st.Message()))
+}
+
+func viaGRPC[Req, Res any](ctx context.Context, r *connect.Request[Req], f func(context.Context, *Req, ...grpc.CallOption) (*Res, error)) (*connect.Response[Res], error) {
+	resp, err := f(ctx, r.Msg)
+	if err != nil {
+		return nil, fromGRPC(err)
+	}
+	return connect.NewResponse(resp), nil
+}
+
+type grpcKVClient struct{ c replicav1.KVServiceClient }
+
+func (a grpcKVClient) Range(ctx context.Context, r *connect.Request[pb.RangeRequest]) (*connect.Response[pb.RangeResponse], error) {
+	return viaGRPC(ctx, r, a.c.Range)
+}
+func (a grpcKVClient) Put(ctx context.Context, r *connect.Request[pb.PutRequest]) (*connect.Response[pb.PutResponse], error) {
+	return viaGRPC(ctx, r, a.c.Put)
+}
+func (a grpcKVClient) DeleteRange(ctx context.Context, r *connect.Request[pb.DeleteRangeRequest]) (*connect.Response[pb.DeleteRangeResponse], error) {
+	return viaGRPC(ctx, r, a.c.DeleteRange)
+}
+func (a grpcKVClient) Txn(ctx context.Context, r *connect.Request[pb.TxnRequest]) (*connect.Response[pb.TxnResponse], error) {
+	return viaGRPC(ctx, r, a.c.Txn)
+}
+func (a grpcKVClient) Compact(ctx context.Context, r *connect.Request[pb.CompactionRequest]) (*connect.Response[pb.CompactionResponse], error) {
+	return viaGRPC(ctx, r, a.c.Compact)
+}
+
+type grpcClusterClient struct{ c replicav1.ClusterServiceClient }
+
+func (a grpcClusterClient) MemberList(ctx context.Context, r *connect.Request[pb.MemberListRequest]) (*connect.Response[pb.MemberListResponse], error) {
+	return viaGRPC(ctx, r, a.c.MemberList)
+}
+func (a grpcClusterClient) MemberAdd(ctx context.Context, r *connect.Request[pb.MemberAddRequest]) (*connect.Response[pb.MemberAddResponse], error) {
+	return viaGRPC(ctx, r, a.c.MemberAdd)
+}
+func (a grpcClusterClient) MemberRemove(ctx context.Context, r *connect.Request[pb.MemberRemoveRequest]) (*connect.Response[pb.MemberRemoveResponse], error) {
+	return viaGRPC(ctx, r, a.c.MemberRemove)
+}
+func (a grpcClusterClient) MemberUpdate(ctx context.Context, r *connect.Request[pb.MemberUpdateRequest]) (*connect.Response[pb.MemberUpdateResponse], error) {
+	return viaGRPC(ctx, r, a.c.MemberUpdate)
+}
+func (a grpcClusterClient) MemberPromote(ctx context.Context, r *connect.Request[pb.MemberPromoteRequest]) (*connect.Response[pb.MemberPromoteResponse], error) {
+	return viaGRPC(ctx, r, a.c.MemberPromote)
+}
+
+type grpcMaintenanceClient struct{ c replicav1.MaintenanceServiceClient }
+
+func (a grpcMaintenanceClient) Status(ctx context.Context, r *connect.Request[pb.StatusRequest]) (*connect.Response[pb.StatusResponse], error) {
+	return viaGRPC(ctx, r, a.c.Status)
+}
+func (a grpcMaintenanceClient) HashKV(ctx context.Context, r *connect.Request[pb.HashKVRequest]) (*connect.Response[pb.HashKVResponse], error) {
+	return viaGRPC(ctx, r, a.c.HashKV)
+}
+func (a grpcMaintenanceClient) Hash(ctx context.Context, r *connect.Request[pb.HashRequest]) (*connect.Response[pb.HashResponse], error) {
+	return viaGRPC(ctx, r, a.c.Hash)
+}
+func (a grpcMaintenanceClient) MoveLeader(ctx context.Context, r *connect.Request[pb.MoveLeaderRequest]) (*connect.Response[pb.MoveLeaderResponse], error) {
+	return viaGRPC(ctx, r, a.c.MoveLeader)
+}
+
+// grpcLeaseClient carries the unary lease calls over grpc-go and KeepAlive, a
+// long-lived stream whose per-call cost does not matter, over Connect.
+type grpcLeaseClient struct {
+	replicav1connect.LeaseServiceClient
+	c replicav1.LeaseServiceClient
+}
+
+func (a grpcLeaseClient) LeaseGrant(ctx context.Context, r *connect.Request[pb.LeaseGrantRequest]) (*connect.Response[pb.LeaseGrantResponse], error) {
+	return viaGRPC(ctx, r, a.c.LeaseGrant)
+}
+func (a grpcLeaseClient) LeaseRevoke(ctx context.Context, r *connect.Request[pb.LeaseRevokeRequest]) (*connect.Response[pb.LeaseRevokeResponse], error) {
+	return viaGRPC(ctx, r, a.c.LeaseRevoke)
+}
+func (a grpcLeaseClient) LeaseTimeToLive(ctx context.Context, r *connect.Request[pb.LeaseTimeToLiveRequest]) (*connect.Response[pb.LeaseTimeToLiveResponse], error) {
+	return viaGRPC(ctx, r, a.c.LeaseTimeToLive)
+}
+func (a grpcLeaseClient) LeaseLeases(ctx context.Context, r *connect.Request[pb.LeaseLeasesRequest]) (*connect.Response[pb.LeaseLeasesResponse], error) {
+	return viaGRPC(ctx, r, a.c.LeaseLeases)
+}

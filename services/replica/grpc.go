@@ -1,0 +1,130 @@
+package replica
+
+import (
+	"context"
+	"math"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/status"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+)
+
+// The unary calls of the internal API are also served by grpc-go, on the same port
+// (libs/grpcsplit routes each connection by its first request): gateways call them
+// over grpc-go, which costs a third of the CPU per call of connect-go on net/http's
+// HTTP/2 (see BENCHMARKS.md). These adapters are thin: the Connect handlers do the work.
+// The streams (Feed, KeepAlive, the peer API) stay on Connect, where their clients are.
+
+// newGRPCServer is the grpc-go face of the internal API.
+func (r *Replica) newGRPCServer() *grpc.Server {
+	opts := append(r.tel.GRPCInternalServer(),
+		grpc.MaxRecvMsgSize(r.cfg.MaxRequestBytes+grpcOverheadBytes),
+		grpc.MaxSendMsgSize(math.MaxInt32),
+		grpc.MaxConcurrentStreams(math.MaxUint32),
+		// Gateways ping idle links every 10 s to find dead replicas: allow it.
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}))
+	s := grpc.NewServer(opts...)
+	replicav1.RegisterKVServiceServer(s, grpcKV{s: &kvService{r}})
+	replicav1.RegisterClusterServiceServer(s, grpcCluster{s: &clusterService{r}})
+	replicav1.RegisterMaintenanceServiceServer(s, grpcMaintenance{s: &maintenanceService{r}})
+	replicav1.RegisterLeaseServiceServer(s, grpcLease{s: &leaseService{r}})
+	return s
+}
+
+// unary runs a Connect handler for a grpc-go call, with the error as a gRPC status of
+// the same code and message.
+func unary[Req, Res any](ctx context.Context, req *Req, h func(context.Context, *connect.Request[Req]) (*connect.Response[Res], error)) (*Res, error) {
+	resp, err := h(ctx, connect.NewRequest(req))
+	if err != nil {
+		code, msg := etcderr.CodeMessage(err)
+		return nil, status.Error(codes.Code(code), msg)
+	}
+	return resp.Msg, nil
+}
+
+type grpcKV struct {
+	replicav1.UnimplementedKVServiceServer
+	s *kvService
+}
+
+func (g grpcKV) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeResponse, error) {
+	return unary(ctx, r, g.s.Range)
+}
+func (g grpcKV) Put(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, error) {
+	return unary(ctx, r, g.s.Put)
+}
+func (g grpcKV) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
+	return unary(ctx, r, g.s.DeleteRange)
+}
+func (g grpcKV) Txn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
+	return unary(ctx, r, g.s.Txn)
+}
+func (g grpcKV) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.CompactionResponse, error) {
+	return unary(ctx, r, g.s.Compact)
+}
+
+type grpcCluster struct {
+	replicav1.UnimplementedClusterServiceServer
+	s *clusterService
+}
+
+func (g grpcCluster) MemberList(ctx context.Context, r *pb.MemberListRequest) (*pb.MemberListResponse, error) {
+	return unary(ctx, r, g.s.MemberList)
+}
+func (g grpcCluster) MemberAdd(ctx context.Context, r *pb.MemberAddRequest) (*pb.MemberAddResponse, error) {
+	return unary(ctx, r, g.s.MemberAdd)
+}
+func (g grpcCluster) MemberRemove(ctx context.Context, r *pb.MemberRemoveRequest) (*pb.MemberRemoveResponse, error) {
+	return unary(ctx, r, g.s.MemberRemove)
+}
+func (g grpcCluster) MemberUpdate(ctx context.Context, r *pb.MemberUpdateRequest) (*pb.MemberUpdateResponse, error) {
+	return unary(ctx, r, g.s.MemberUpdate)
+}
+func (g grpcCluster) MemberPromote(ctx context.Context, r *pb.MemberPromoteRequest) (*pb.MemberPromoteResponse, error) {
+	return unary(ctx, r, g.s.MemberPromote)
+}
+
+type grpcMaintenance struct {
+	replicav1.UnimplementedMaintenanceServiceServer
+	s *maintenanceService
+}
+
+func (g grpcMaintenance) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusResponse, error) {
+	return unary(ctx, r, g.s.Status)
+}
+func (g grpcMaintenance) HashKV(ctx context.Context, r *pb.HashKVRequest) (*pb.HashKVResponse, error) {
+	return unary(ctx, r, g.s.HashKV)
+}
+func (g grpcMaintenance) Hash(ctx context.Context, r *pb.HashRequest) (*pb.HashResponse, error) {
+	return unary(ctx, r, g.s.Hash)
+}
+func (g grpcMaintenance) MoveLeader(ctx context.Context, r *pb.MoveLeaderRequest) (*pb.MoveLeaderResponse, error) {
+	return unary(ctx, r, g.s.MoveLeader)
+}
+
+// grpcLease serves the unary lease calls; KeepAlive is served over Connect only, where
+// the gateways' keepers call it.
+type grpcLease struct {
+	replicav1.UnimplementedLeaseServiceServer
+	s *leaseService
+}
+
+func (g grpcLease) LeaseGrant(ctx context.Context, r *pb.LeaseGrantRequest) (*pb.LeaseGrantResponse, error) {
+	return unary(ctx, r, g.s.LeaseGrant)
+}
+func (g grpcLease) LeaseRevoke(ctx context.Context, r *pb.LeaseRevokeRequest) (*pb.LeaseRevokeResponse, error) {
+	return unary(ctx, r, g.s.LeaseRevoke)
+}
+func (g grpcLease) LeaseTimeToLive(ctx context.Context, r *pb.LeaseTimeToLiveRequest) (*pb.LeaseTimeToLiveResponse, error) {
+	return unary(ctx, r, g.s.LeaseTimeToLive)
+}
+func (g grpcLease) LeaseLeases(ctx context.Context, r *pb.LeaseLeasesRequest) (*pb.LeaseLeasesResponse, error) {
+	return unary(ctx, r, g.s.LeaseLeases)
+}
