@@ -85,7 +85,9 @@ func (a grpcKVClient) Compact(ctx context.Context, r *connect.Request[pb.Compact
 	return viaGRPC(ctx, r, a.c.Compact)
 }
 
-type grpcClusterClient struct{ c replicav1.ClusterServiceClient }
+type grpcClusterClient struct {
+	c replicav1.ClusterServiceClient
+}
 
 func (a grpcClusterClient) MemberList(ctx context.Context, r *connect.Request[pb.MemberListRequest]) (*connect.Response[pb.MemberListResponse], error) {
 	return viaGRPC(ctx, r, a.c.MemberList)
@@ -103,7 +105,9 @@ func (a grpcClusterClient) MemberPromote(ctx context.Context, r *connect.Request
 	return viaGRPC(ctx, r, a.c.MemberPromote)
 }
 
-type grpcMaintenanceClient struct{ c replicav1.MaintenanceServiceClient }
+type grpcMaintenanceClient struct {
+	c replicav1.MaintenanceServiceClient
+}
 
 func (a grpcMaintenanceClient) Status(ctx context.Context, r *connect.Request[pb.StatusRequest]) (*connect.Response[pb.StatusResponse], error) {
 	return viaGRPC(ctx, r, a.c.Status)

@@ -30,9 +30,9 @@ import (
 	"github.com/cockroachdb/pebble/v2/bloom"
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"go.etcd.io/raft/v3"
-	"google.golang.org/grpc"
 	raftpb "go.etcd.io/raft/v3/raftpb"
 	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
