@@ -17,6 +17,7 @@ import (
 	peerv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1/peerv1connect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 
 // transport carries Raft messages to the other members over kvmesh's peer API
@@ -140,9 +141,38 @@ func (t *transport) sender(id uint64) *peerSender {
 	return s
 }
 
+// run sends s's messages over one long-lived stream to the peer, a batch per message:
+// whatever queued while the last batch was being written, up to 256 messages. A failed
+// stream is reported to Raft (which probes the peer and resends what matters) and
+// replaced at the next batch.
 func (t *transport) run(s *peerSender) {
 	defer close(s.done)
 	client := peerv1connect.NewPeerServiceClient(t.client, s.url, t.r.tel.InternalClient()...)
+	// The stream lives as long as the sender: no trace of its own.
+	ctx, cancel := context.WithCancel(telemetry.Untraced(context.Background()))
+	defer cancel()
+	go func() {
+		// A Send blocked on a stuck connection ends when the sender stops.
+		select {
+		case <-s.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	var stream *connect.ClientStreamForClient[peerv1.SendRequest, peerv1.SendResponse]
+	fail := func() {
+		_, err := stream.CloseAndReceive()
+		stream = nil
+		if err != nil && connect.CodeOf(err) == connect.CodeFailedPrecondition && strings.Contains(err.Error(), errMemberRemoved.Error()) {
+			t.r.removedSelf()
+		}
+		t.r.node.ReportUnreachable(s.id)
+	}
+	defer func() {
+		if stream != nil {
+			stream.CloseAndReceive()
+		}
+	}()
 	for {
 		var first *raftpb.Message
 		select {
@@ -163,14 +193,11 @@ func (t *transport) run(s *peerSender) {
 				}
 			}
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_, err := client.Send(ctx, connect.NewRequest(req))
-		cancel()
-		if err != nil {
-			if connect.CodeOf(err) == connect.CodeFailedPrecondition && strings.Contains(err.Error(), errMemberRemoved.Error()) {
-				t.r.removedSelf()
-			}
-			t.r.node.ReportUnreachable(s.id)
+		if stream == nil {
+			stream = client.Stream(ctx)
+		}
+		if err := stream.Send(req); err != nil {
+			fail()
 		}
 	}
 }
@@ -219,26 +246,48 @@ var (
 )
 
 func (s *peerService) Send(ctx context.Context, req *connect.Request[peerv1.SendRequest]) (*connect.Response[peerv1.SendResponse], error) {
-	if req.Msg.GetClusterId() != s.r.clusterID {
-		return nil, connect.NewError(connect.CodeFailedPrecondition, errClusterIDMismatch)
-	}
-	if s.r.peers.isolated.Load() {
-		return nil, connect.NewError(connect.CodeUnavailable, errIsolated)
-	}
-	if s.r.members.isGone(req.Msg.GetFrom()) {
-		// Tell a removed member so: it may have missed its own removal (the leader
-		// stops replicating to a member once its removal is applied).
-		return nil, connect.NewError(connect.CodeFailedPrecondition, errMemberRemoved)
-	}
-	s.r.peers.heardNow(req.Msg.GetFrom())
-	for _, b := range req.Msg.GetMessages() {
-		m := &raftpb.Message{}
-		if err := proto.Unmarshal(b, m); err != nil {
-			return nil, connect.NewError(connect.CodeInvalidArgument, err)
-		}
-		if err := s.r.node.Step(ctx, m); err != nil {
-			return nil, connect.NewError(connect.CodeUnavailable, err)
-		}
+	if err := s.deliver(ctx, req.Msg); err != nil {
+		return nil, err
 	}
 	return connect.NewResponse(&peerv1.SendResponse{}), nil
+}
+
+// Stream takes batches from one peer until it closes the stream, or a batch is
+// refused: the error ends the stream, and the sender sees it.
+func (s *peerService) Stream(ctx context.Context, stream *connect.ClientStream[peerv1.SendRequest]) (*connect.Response[peerv1.SendResponse], error) {
+	for stream.Receive() {
+		if err := s.deliver(ctx, stream.Msg()); err != nil {
+			return nil, err
+		}
+	}
+	if err := stream.Err(); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&peerv1.SendResponse{}), nil
+}
+
+// deliver checks a batch's sender and steps its messages into Raft, in order.
+func (s *peerService) deliver(ctx context.Context, req *peerv1.SendRequest) error {
+	if req.GetClusterId() != s.r.clusterID {
+		return connect.NewError(connect.CodeFailedPrecondition, errClusterIDMismatch)
+	}
+	if s.r.peers.isolated.Load() {
+		return connect.NewError(connect.CodeUnavailable, errIsolated)
+	}
+	if s.r.members.isGone(req.GetFrom()) {
+		// Tell a removed member so: it may have missed its own removal (the leader
+		// stops replicating to a member once its removal is applied).
+		return connect.NewError(connect.CodeFailedPrecondition, errMemberRemoved)
+	}
+	s.r.peers.heardNow(req.GetFrom())
+	for _, b := range req.GetMessages() {
+		m := &raftpb.Message{}
+		if err := proto.Unmarshal(b, m); err != nil {
+			return connect.NewError(connect.CodeInvalidArgument, err)
+		}
+		if err := s.r.node.Step(ctx, m); err != nil {
+			return connect.NewError(connect.CodeUnavailable, err)
+		}
+	}
+	return nil
 }

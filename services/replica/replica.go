@@ -480,6 +480,9 @@ func (r *Replica) Addr() string {
 	return r.lis.Addr().String()
 }
 
+// stopGrace is how long Stop lets requests under way finish.
+const stopGrace = 2 * time.Second
+
 // Stop shuts down the API, the Raft node and the storage.
 func (r *Replica) Stop(ctx context.Context) error {
 	var errs []error
@@ -491,14 +494,18 @@ func (r *Replica) Stop(ctx context.Context) error {
 			r.grpc.GracefulStop()
 			close(stopped)
 		}()
-		if err := r.server.Shutdown(ctx); err != nil {
+		// Long-lived streams (peers', the fanout's feed, the gateways' keepers) never go
+		// idle: after a grace period their connections are closed.
+		sctx, cancel := context.WithTimeout(ctx, stopGrace)
+		if err := r.server.Shutdown(sctx); err != nil {
 			r.server.Close()
 		}
 		select {
 		case <-stopped:
-		case <-ctx.Done():
+		case <-sctx.Done():
 			r.grpc.Stop()
 		}
+		cancel()
 	}
 	close(r.stopc)
 	r.node.Stop()

@@ -20,6 +20,7 @@ const _ = grpc.SupportPackageIsVersion9
 
 const (
 	PeerService_Send_FullMethodName     = "/kvmesh.peer.v1.PeerService/Send"
+	PeerService_Stream_FullMethodName   = "/kvmesh.peer.v1.PeerService/Stream"
 	PeerService_Snapshot_FullMethodName = "/kvmesh.peer.v1.PeerService/Snapshot"
 )
 
@@ -31,6 +32,11 @@ const (
 type PeerServiceClient interface {
 	// Send delivers a batch of Raft messages to this replica, in order.
 	Send(ctx context.Context, in *SendRequest, opts ...grpc.CallOption) (*SendResponse, error)
+	// Stream delivers batches of Raft messages to this replica over one long-lived
+	// stream, in order: the way replicas send to each other, without a round trip per
+	// batch. The replica ends the stream with an error when it refuses the sender (another
+	// cluster, a removed member, fault injection); the sender then opens a new one.
+	Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SendRequest, SendResponse], error)
 	// Snapshot streams a snapshot of the state machine to a replica that the log can no
 	// longer catch up (it fell behind the truncated log, or it is new). The first chunk
 	// carries the Raft MsgSnap; the receiver stages the data, and hands the message to
@@ -56,9 +62,22 @@ func (c *peerServiceClient) Send(ctx context.Context, in *SendRequest, opts ...g
 	return out, nil
 }
 
+func (c *peerServiceClient) Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SendRequest, SendResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &PeerService_ServiceDesc.Streams[0], PeerService_Stream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[SendRequest, SendResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PeerService_StreamClient = grpc.ClientStreamingClient[SendRequest, SendResponse]
+
 func (c *peerServiceClient) Snapshot(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SnapshotChunk, SnapshotResponse], error) {
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	stream, err := c.cc.NewStream(ctx, &PeerService_ServiceDesc.Streams[0], PeerService_Snapshot_FullMethodName, cOpts...)
+	stream, err := c.cc.NewStream(ctx, &PeerService_ServiceDesc.Streams[1], PeerService_Snapshot_FullMethodName, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -77,6 +96,11 @@ type PeerService_SnapshotClient = grpc.ClientStreamingClient[SnapshotChunk, Snap
 type PeerServiceServer interface {
 	// Send delivers a batch of Raft messages to this replica, in order.
 	Send(context.Context, *SendRequest) (*SendResponse, error)
+	// Stream delivers batches of Raft messages to this replica over one long-lived
+	// stream, in order: the way replicas send to each other, without a round trip per
+	// batch. The replica ends the stream with an error when it refuses the sender (another
+	// cluster, a removed member, fault injection); the sender then opens a new one.
+	Stream(grpc.ClientStreamingServer[SendRequest, SendResponse]) error
 	// Snapshot streams a snapshot of the state machine to a replica that the log can no
 	// longer catch up (it fell behind the truncated log, or it is new). The first chunk
 	// carries the Raft MsgSnap; the receiver stages the data, and hands the message to
@@ -94,6 +118,9 @@ type UnimplementedPeerServiceServer struct{}
 
 func (UnimplementedPeerServiceServer) Send(context.Context, *SendRequest) (*SendResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Send not implemented")
+}
+func (UnimplementedPeerServiceServer) Stream(grpc.ClientStreamingServer[SendRequest, SendResponse]) error {
+	return status.Errorf(codes.Unimplemented, "method Stream not implemented")
 }
 func (UnimplementedPeerServiceServer) Snapshot(grpc.ClientStreamingServer[SnapshotChunk, SnapshotResponse]) error {
 	return status.Errorf(codes.Unimplemented, "method Snapshot not implemented")
@@ -137,6 +164,13 @@ func _PeerService_Send_Handler(srv interface{}, ctx context.Context, dec func(in
 	return interceptor(ctx, in, info, handler)
 }
 
+func _PeerService_Stream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(PeerServiceServer).Stream(&grpc.GenericServerStream[SendRequest, SendResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type PeerService_StreamServer = grpc.ClientStreamingServer[SendRequest, SendResponse]
+
 func _PeerService_Snapshot_Handler(srv interface{}, stream grpc.ServerStream) error {
 	return srv.(PeerServiceServer).Snapshot(&grpc.GenericServerStream[SnapshotChunk, SnapshotResponse]{ServerStream: stream})
 }
@@ -157,6 +191,11 @@ var PeerService_ServiceDesc = grpc.ServiceDesc{
 		},
 	},
 	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Stream",
+			Handler:       _PeerService_Stream_Handler,
+			ClientStreams: true,
+		},
 		{
 			StreamName:    "Snapshot",
 			Handler:       _PeerService_Snapshot_Handler,

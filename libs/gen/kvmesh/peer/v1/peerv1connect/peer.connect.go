@@ -35,6 +35,8 @@ const (
 const (
 	// PeerServiceSendProcedure is the fully-qualified name of the PeerService's Send RPC.
 	PeerServiceSendProcedure = "/kvmesh.peer.v1.PeerService/Send"
+	// PeerServiceStreamProcedure is the fully-qualified name of the PeerService's Stream RPC.
+	PeerServiceStreamProcedure = "/kvmesh.peer.v1.PeerService/Stream"
 	// PeerServiceSnapshotProcedure is the fully-qualified name of the PeerService's Snapshot RPC.
 	PeerServiceSnapshotProcedure = "/kvmesh.peer.v1.PeerService/Snapshot"
 )
@@ -43,6 +45,11 @@ const (
 type PeerServiceClient interface {
 	// Send delivers a batch of Raft messages to this replica, in order.
 	Send(context.Context, *connect.Request[v1.SendRequest]) (*connect.Response[v1.SendResponse], error)
+	// Stream delivers batches of Raft messages to this replica over one long-lived
+	// stream, in order: the way replicas send to each other, without a round trip per
+	// batch. The replica ends the stream with an error when it refuses the sender (another
+	// cluster, a removed member, fault injection); the sender then opens a new one.
+	Stream(context.Context) *connect.ClientStreamForClient[v1.SendRequest, v1.SendResponse]
 	// Snapshot streams a snapshot of the state machine to a replica that the log can no
 	// longer catch up (it fell behind the truncated log, or it is new). The first chunk
 	// carries the Raft MsgSnap; the receiver stages the data, and hands the message to
@@ -67,6 +74,12 @@ func NewPeerServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 			connect.WithSchema(peerServiceMethods.ByName("Send")),
 			connect.WithClientOptions(opts...),
 		),
+		stream: connect.NewClient[v1.SendRequest, v1.SendResponse](
+			httpClient,
+			baseURL+PeerServiceStreamProcedure,
+			connect.WithSchema(peerServiceMethods.ByName("Stream")),
+			connect.WithClientOptions(opts...),
+		),
 		snapshot: connect.NewClient[v1.SnapshotChunk, v1.SnapshotResponse](
 			httpClient,
 			baseURL+PeerServiceSnapshotProcedure,
@@ -79,12 +92,18 @@ func NewPeerServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 // peerServiceClient implements PeerServiceClient.
 type peerServiceClient struct {
 	send     *connect.Client[v1.SendRequest, v1.SendResponse]
+	stream   *connect.Client[v1.SendRequest, v1.SendResponse]
 	snapshot *connect.Client[v1.SnapshotChunk, v1.SnapshotResponse]
 }
 
 // Send calls kvmesh.peer.v1.PeerService.Send.
 func (c *peerServiceClient) Send(ctx context.Context, req *connect.Request[v1.SendRequest]) (*connect.Response[v1.SendResponse], error) {
 	return c.send.CallUnary(ctx, req)
+}
+
+// Stream calls kvmesh.peer.v1.PeerService.Stream.
+func (c *peerServiceClient) Stream(ctx context.Context) *connect.ClientStreamForClient[v1.SendRequest, v1.SendResponse] {
+	return c.stream.CallClientStream(ctx)
 }
 
 // Snapshot calls kvmesh.peer.v1.PeerService.Snapshot.
@@ -96,6 +115,11 @@ func (c *peerServiceClient) Snapshot(ctx context.Context) *connect.ClientStreamF
 type PeerServiceHandler interface {
 	// Send delivers a batch of Raft messages to this replica, in order.
 	Send(context.Context, *connect.Request[v1.SendRequest]) (*connect.Response[v1.SendResponse], error)
+	// Stream delivers batches of Raft messages to this replica over one long-lived
+	// stream, in order: the way replicas send to each other, without a round trip per
+	// batch. The replica ends the stream with an error when it refuses the sender (another
+	// cluster, a removed member, fault injection); the sender then opens a new one.
+	Stream(context.Context, *connect.ClientStream[v1.SendRequest]) (*connect.Response[v1.SendResponse], error)
 	// Snapshot streams a snapshot of the state machine to a replica that the log can no
 	// longer catch up (it fell behind the truncated log, or it is new). The first chunk
 	// carries the Raft MsgSnap; the receiver stages the data, and hands the message to
@@ -116,6 +140,12 @@ func NewPeerServiceHandler(svc PeerServiceHandler, opts ...connect.HandlerOption
 		connect.WithSchema(peerServiceMethods.ByName("Send")),
 		connect.WithHandlerOptions(opts...),
 	)
+	peerServiceStreamHandler := connect.NewClientStreamHandler(
+		PeerServiceStreamProcedure,
+		svc.Stream,
+		connect.WithSchema(peerServiceMethods.ByName("Stream")),
+		connect.WithHandlerOptions(opts...),
+	)
 	peerServiceSnapshotHandler := connect.NewClientStreamHandler(
 		PeerServiceSnapshotProcedure,
 		svc.Snapshot,
@@ -126,6 +156,8 @@ func NewPeerServiceHandler(svc PeerServiceHandler, opts ...connect.HandlerOption
 		switch r.URL.Path {
 		case PeerServiceSendProcedure:
 			peerServiceSendHandler.ServeHTTP(w, r)
+		case PeerServiceStreamProcedure:
+			peerServiceStreamHandler.ServeHTTP(w, r)
 		case PeerServiceSnapshotProcedure:
 			peerServiceSnapshotHandler.ServeHTTP(w, r)
 		default:
@@ -139,6 +171,10 @@ type UnimplementedPeerServiceHandler struct{}
 
 func (UnimplementedPeerServiceHandler) Send(context.Context, *connect.Request[v1.SendRequest]) (*connect.Response[v1.SendResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.peer.v1.PeerService.Send is not implemented"))
+}
+
+func (UnimplementedPeerServiceHandler) Stream(context.Context, *connect.ClientStream[v1.SendRequest]) (*connect.Response[v1.SendResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.peer.v1.PeerService.Stream is not implemented"))
 }
 
 func (UnimplementedPeerServiceHandler) Snapshot(context.Context, *connect.ClientStream[v1.SnapshotChunk]) (*connect.Response[v1.SnapshotResponse], error) {
