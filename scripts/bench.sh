@@ -9,7 +9,8 @@
 #                                        replicas behind one gateway instead
 #   scripts/bench.sh [ROUNDS [FILTER]]   (default 3 rounds, every workload; prints a
 #                                        Markdown table; FILTER keeps the workloads
-#                                        whose name contains it, e.g. "range")
+#                                        whose name matches it, an extended regular
+#                                        expression: "range", "^(put|range)")
 #
 # Data directories live under BENCH_DIR (default: a temporary directory on the same
 # disk for both servers). Both servers run for the whole benchmark; only one is loaded
@@ -104,7 +105,7 @@ for round in $(seq "$rounds"); do
 	for w in "${workloads[@]}"; do
 		name=${w%%|*}
 		args=${w#*|}
-		[[ -z $filter || $name == *"$filter"* ]] || continue
+		[[ -z $filter || $name =~ $filter ]] || continue
 		for target in etcd kvmesh; do
 			endpoints=$ep procs=("${etcd_pids[@]}")
 			[[ $target == kvmesh ]] && endpoints="127.0.0.1:$kp" procs=("${kvmesh_pids[@]}")

@@ -10,9 +10,11 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	peerv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 )
 
@@ -24,8 +26,19 @@ import (
 
 // newGRPCServer is the grpc-go face of the internal API.
 func (r *Replica) newGRPCServer() *grpc.Server {
+	limit := r.cfg.MaxRequestBytes + grpcOverheadBytes
 	opts := append(r.tel.GRPCInternalServer(),
-		grpc.MaxRecvMsgSize(r.cfg.MaxRequestBytes+grpcOverheadBytes),
+		// Peer batches may be large (many entries): the limit on one request is the
+		// unary calls' (an interceptor), as the Connect handlers' read limit.
+		grpc.MaxRecvMsgSize(math.MaxInt32),
+		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
+			if m, ok := req.(proto.Message); ok {
+				if n := proto.Size(m); n > limit {
+					return nil, status.Errorf(codes.ResourceExhausted, "grpc: received message larger than max (%d vs. %d)", n, limit)
+				}
+			}
+			return next(ctx, req)
+		}),
 		grpc.MaxSendMsgSize(math.MaxInt32),
 		grpc.MaxConcurrentStreams(math.MaxUint32),
 		// Gateways ping idle links every 10 s to find dead replicas: allow it.
@@ -35,6 +48,7 @@ func (r *Replica) newGRPCServer() *grpc.Server {
 	replicav1.RegisterClusterServiceServer(s, grpcCluster{s: &clusterService{r}})
 	replicav1.RegisterMaintenanceServiceServer(s, grpcMaintenance{s: &maintenanceService{r}})
 	replicav1.RegisterLeaseServiceServer(s, grpcLease{s: &leaseService{r}})
+	peerv1.RegisterPeerServiceServer(s, grpcPeer{s: &peerService{r}})
 	return s
 }
 
