@@ -203,7 +203,9 @@ func TestAWatchedRevisionIsOneTraceFromFanoutToGateway(t *testing.T) {
 		t.Fatalf("watch: %v, %v; want the put at revision %d", resp, err, rev)
 	}
 
-	// watch.send ends just after the response is sent: wait for it.
+	// watch.send ends just after the response is sent, and fanout.publish when
+	// JetStream's acknowledgement reaches the fanout, which may be after the gateway
+	// delivered the revision: wait for all three.
 	var got []tracetest.SpanStub
 	find := func(name string) *tracetest.SpanStub {
 		for i := range got {
@@ -220,7 +222,7 @@ func TestAWatchedRevisionIsOneTraceFromFanoutToGateway(t *testing.T) {
 	}
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		got = spans.GetSpans()
-		if find("watch.send") != nil || time.Now().After(deadline) {
+		if find("fanout.publish") != nil && find("watch.deliver") != nil && find("watch.send") != nil || time.Now().After(deadline) {
 			break
 		}
 	}

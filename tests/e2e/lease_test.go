@@ -261,9 +261,16 @@ func TestMeshLeasesAcrossLeaderKill(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	// The new leader restarts the lease's clock from its last checkpoint (at most a
+	// checkpoint interval old when the leader died) plus an election timeout, as etcd
+	// does; from the kill until it took over, the clock did not run. So what it reports
+	// may exceed what is truly left by the time from the kill to the answer, a
+	// checkpoint interval, an election timeout and a second of rounding up; but never
+	// reach the whole TTL again.
 	left := time.Until(granted.Add(10 * time.Second))
-	if ttl.TTL < 0 || time.Duration(ttl.TTL)*time.Second > left+3*time.Second {
-		t.Fatalf("after the leader change the lapsing lease has TTL %d s; %v were left of it", ttl.TTL, left.Round(time.Second))
+	slack := time.Since(killed) + 3*time.Second
+	if ttl.TTL < 0 || ttl.TTL >= 10 || time.Duration(ttl.TTL)*time.Second > left+slack {
+		t.Fatalf("after the leader change the lapsing lease has TTL %d s; %v were left of it (%v since the kill)", ttl.TTL, left.Round(time.Second), time.Since(killed).Round(100*time.Millisecond))
 	}
 	if got := mustGet(t, cli, "lapsing"); got.Count != 1 && time.Since(granted) < 9*time.Second {
 		t.Fatalf("the lapsing lease's key went %v after the grant, before its TTL", time.Since(granted))
