@@ -10,13 +10,18 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math"
 	"net"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/keepalive"
 )
 
 // The port carries every protocol. A connection that starts with the HTTP/2
@@ -225,3 +230,26 @@ func (l *chanListener) Close() error {
 }
 
 func (l *chanListener) Addr() net.Addr { return l.addr }
+
+// Dial opens a grpc-go link to a kvmesh port served through a Listener, at base (an
+// http:// URL): plaintext, connected lazily, the address resolved at each dial (a name
+// that no longer resolves, such as a stopped container's, fails as a dial error, like
+// a refused connection), and an idle link pinged every 10 s to find a dead peer.
+func Dial(base string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	u, err := url.Parse(base)
+	if err != nil {
+		return nil, err
+	}
+	return grpc.NewClient("passthrough:///"+u.Host, append(opts,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32)),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}))...)
+}
+
+// ServerOptions are what a grpc-go server behind a Listener needs for the links Dial
+// makes: their pings allowed.
+func ServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
+	}
+}

@@ -92,6 +92,9 @@ func New(ctx context.Context, service string, cfg Config, logOut io.Writer) (*Te
 	return t, nil
 }
 
+// Tracing tells whether spans go anywhere, so that hot paths can skip building them.
+func (t *Telemetry) Tracing() bool { return t.tracing }
+
 // WithTracerProvider replaces the tracer provider and turns tracing on, for tests with
 // an in-memory exporter. Call it before building clients and handlers.
 func (t *Telemetry) WithTracerProvider(tp trace.TracerProvider) {

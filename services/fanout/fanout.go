@@ -318,11 +318,17 @@ type ack struct {
 	span trace.Span
 }
 
+// noSpan is the span of a revision when nothing is traced.
+var noSpan = trace.SpanFromContext(context.Background())
+
 // publishSpan starts the trace of a revision's delivery to watchers: "fanout.publish",
 // from the publish to JetStream's acknowledgement. Its context travels in the message's
 // headers (W3C trace context), so that the gateways' spans for the revision join it.
 // Without tracing it is a no-op span and the headers stay as they are.
 func (f *Fanout) publishSpan(ctx context.Context, msg *nats.Msg, r *replicav1.Revision) trace.Span {
+	if !f.tel.Tracing() {
+		return noSpan
+	}
 	ctx, span := f.tracer.Start(ctx, "fanout.publish", trace.WithNewRoot(), trace.WithSpanKind(trace.SpanKindProducer),
 		trace.WithAttributes(
 			attribute.Int64("kvmesh.revision", r.GetRevision()),

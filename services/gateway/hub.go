@@ -220,18 +220,7 @@ func (h *hub) consume(ctx context.Context) error {
 			h.offset.Store(r.GetRevision() - int64(md.Sequence.Stream))
 			h.offsetOK.Store(true)
 		}
-		// The revision's trace, when the fanout traced it, goes on here:
-		// "watch.deliver" is the hub handing it to the watch streams, and each
-		// stream's "watch.send" (see wstream.deliver) a child of it.
-		mctx, span := h.tracer.Start(otel.GetTextMapPropagator().Extract(ctx, propagation.HeaderCarrier(msg.Headers())),
-			"watch.deliver", trace.WithSpanKind(trace.SpanKindConsumer),
-			trace.WithAttributes(attribute.Int64("kvmesh.revision", r.GetRevision()), attribute.Int("kvmesh.events", len(r.GetEvents()))))
-		err = h.ingest(mctx, r)
-		if err != nil {
-			span.SetStatus(codes.Error, err.Error())
-		}
-		span.End()
-		if err != nil {
+		if err := h.ingestTraced(ctx, r, msg.Headers()); err != nil {
 			return err
 		}
 	}
@@ -246,6 +235,24 @@ func (h *hub) start(rev int64) {
 		h.lastMove.Store(time.Now().UnixNano())
 		close(h.ready)
 	}
+}
+
+// ingestTraced is ingest, continuing the revision's trace when the fanout traced it:
+// "watch.deliver" is the hub handing it to the watch streams, and each stream's
+// "watch.send" (see wstream.deliver) a child of it.
+func (h *hub) ingestTraced(ctx context.Context, r *replicav1.Revision, headers nats.Header) error {
+	if !h.g.tel.Tracing() {
+		return h.ingest(ctx, r)
+	}
+	ctx, span := h.tracer.Start(otel.GetTextMapPropagator().Extract(ctx, propagation.HeaderCarrier(headers)),
+		"watch.deliver", trace.WithSpanKind(trace.SpanKindConsumer),
+		trace.WithAttributes(attribute.Int64("kvmesh.revision", r.GetRevision()), attribute.Int("kvmesh.events", len(r.GetEvents()))))
+	defer span.End()
+	err := h.ingest(ctx, r)
+	if err != nil {
+		span.SetStatus(codes.Error, err.Error())
+	}
+	return err
 }
 
 // ingest hands r to the streams, first repairing any revisions missing before it.

@@ -3,16 +3,11 @@ package gateway
 import (
 	"context"
 	"errors"
-	"math"
 	"net"
-	"net/url"
 	"strings"
-	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
@@ -27,23 +22,6 @@ import (
 // give grpc-go's clients the Connect clients' shape, so the routing code (api.go) is
 // the same for both; streams (Feed, KeepAlive) stay on Connect. In the all-in-one the
 // replica is reached in-process over Connect, without sockets.
-
-// dialGRPC opens the grpc-go link to the replica at base (an http:// URL). It connects
-// lazily, and pings an idle connection to find a dead replica, as the h2c client does.
-func (g *Gateway) dialGRPC(base string) (*grpc.ClientConn, error) {
-	u, err := url.Parse(base)
-	if err != nil {
-		return nil, err
-	}
-	opts := append(g.tel.GRPCInternalClient(),
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32)),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}),
-	)
-	// passthrough: the address is resolved when dialing, so a replica whose name does
-	// not resolve (a stopped container) fails as a dial error, like a refused one.
-	return grpc.NewClient("passthrough:///"+u.Host, opts...)
-}
 
 // fromGRPC turns a grpc-go error into a Connect error of the same code and message.
 // A call that failed because no connection could be made never reached the replica;

@@ -14,6 +14,7 @@ import (
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
+	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 )
 
 // view is the gateway's picture of the cluster: the members (learned from the
@@ -89,7 +90,7 @@ func (v *view) conn(u string) *replicaConn {
 	}
 	if !v.g.inProcess {
 		// Over the network, the unary calls go over grpc-go (see upstream.go).
-		if cc, err := v.g.dialGRPC(u); err == nil {
+		if cc, err := grpcsplit.Dial(u, v.g.tel.GRPCInternalClient()...); err == nil {
 			c.grpc = cc
 			c.kv = grpcKVClient{replicav1.NewKVServiceClient(cc)}
 			c.cluster = grpcClusterClient{replicav1.NewClusterServiceClient(cc)}

@@ -3,12 +3,10 @@ package replica
 import (
 	"context"
 	"math"
-	"time"
 
 	"connectrpc.com/connect"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -16,6 +14,7 @@ import (
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	peerv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 )
 
 // The unary calls of the internal API are also served by grpc-go, on the same port
@@ -40,9 +39,8 @@ func (r *Replica) newGRPCServer() *grpc.Server {
 			return next(ctx, req)
 		}),
 		grpc.MaxSendMsgSize(math.MaxInt32),
-		grpc.MaxConcurrentStreams(math.MaxUint32),
-		// Gateways ping idle links every 10 s to find dead replicas: allow it.
-		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}))
+		grpc.MaxConcurrentStreams(math.MaxUint32))
+	opts = append(opts, grpcsplit.ServerOptions()...)
 	s := grpc.NewServer(opts...)
 	replicav1.RegisterKVServiceServer(s, grpcKV{s: &kvService{r}})
 	replicav1.RegisterClusterServiceServer(s, grpcCluster{s: &clusterService{r}})

@@ -4,9 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
-	"math"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -17,13 +15,12 @@ import (
 	raftpb "go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	peerv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1"
+	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
@@ -157,7 +154,7 @@ func (t *transport) sender(id uint64) *peerSender {
 // HTTP/2 (BENCHMARKS.md), and every write crosses it twice.
 func (t *transport) run(s *peerSender) {
 	defer close(s.done)
-	cc, err := dialPeer(s.url, t.r.tel)
+	cc, err := grpcsplit.Dial(s.url, t.r.tel.GRPCInternalClient()...)
 	if err != nil {
 		t.r.log.Error("bad peer URL", "peer", s.url, "err", err)
 		<-s.stop
@@ -223,19 +220,6 @@ func (t *transport) run(s *peerSender) {
 	}
 }
 
-// dialPeer opens the grpc-go link to a peer's internal port (an http:// URL): lazily
-// connected, with pings on an idle link to find a dead peer.
-func dialPeer(base string, tel *telemetry.Telemetry) (*grpc.ClientConn, error) {
-	u, err := url.Parse(base)
-	if err != nil {
-		return nil, err
-	}
-	return grpc.NewClient("passthrough:///"+u.Host, append(tel.GRPCInternalClient(),
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(math.MaxInt32)),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}))...)
-}
-
 // hint tells the transport where a member not yet in the applied membership is.
 func (t *transport) hint(id uint64, url string) {
 	t.mu.Lock()
@@ -279,13 +263,6 @@ var (
 	errMemberRemoved     = errors.New("the member has been permanently removed from the cluster")
 )
 
-func (s *peerService) Send(ctx context.Context, req *connect.Request[peerv1.SendRequest]) (*connect.Response[peerv1.SendResponse], error) {
-	if err := s.deliver(ctx, req.Msg); err != nil {
-		return nil, err
-	}
-	return connect.NewResponse(&peerv1.SendResponse{}), nil
-}
-
 // Stream takes batches from one peer until it closes the stream, or a batch is
 // refused: the error ends the stream, and the sender sees it.
 func (s *peerService) Stream(ctx context.Context, stream *connect.ClientStream[peerv1.SendRequest]) (*connect.Response[peerv1.SendResponse], error) {
@@ -300,8 +277,8 @@ func (s *peerService) Stream(ctx context.Context, stream *connect.ClientStream[p
 	return connect.NewResponse(&peerv1.SendResponse{}), nil
 }
 
-// grpcPeer serves Stream over grpc-go, where the peers send; Send and Snapshot are
-// served over Connect.
+// grpcPeer serves Stream over grpc-go, where the peers send it (the Connect handler
+// serves it too); Snapshot is served over Connect only, where snapshot.go sends it.
 type grpcPeer struct {
 	peerv1.UnimplementedPeerServiceServer
 	s *peerService

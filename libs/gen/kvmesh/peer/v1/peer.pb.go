@@ -85,7 +85,7 @@ func (x *SendRequest) GetMessages() [][]byte {
 	return nil
 }
 
-// SendResponse acknowledges a batch.
+// SendResponse ends a stream of batches.
 type SendResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -281,9 +281,8 @@ const file_kvmesh_peer_v1_peer_proto_rawDesc = "" +
 	"\x06values\x18\x05 \x03(\fR\x06values\x12\x12\n" +
 	"\x04last\x18\x06 \x01(\bR\x04last\x12\x14\n" +
 	"\x05total\x18\a \x01(\x04R\x05total\"\x12\n" +
-	"\x10SnapshotResponse2\xe6\x01\n" +
-	"\vPeerService\x12A\n" +
-	"\x04Send\x12\x1b.kvmesh.peer.v1.SendRequest\x1a\x1c.kvmesh.peer.v1.SendResponse\x12E\n" +
+	"\x10SnapshotResponse2\xa3\x01\n" +
+	"\vPeerService\x12E\n" +
 	"\x06Stream\x12\x1b.kvmesh.peer.v1.SendRequest\x1a\x1c.kvmesh.peer.v1.SendResponse(\x01\x12M\n" +
 	"\bSnapshot\x12\x1d.kvmesh.peer.v1.SnapshotChunk\x1a .kvmesh.peer.v1.SnapshotResponse(\x01B\xb2\x01\n" +
 	"\x12com.kvmesh.peer.v1B\tPeerProtoP\x01Z7github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1;peerv1\xa2\x02\x03KPX\xaa\x02\x0eKvmesh.Peer.V1\xca\x02\x0eKvmesh\\Peer\\V1\xe2\x02\x1aKvmesh\\Peer\\V1\\GPBMetadata\xea\x02\x10Kvmesh::Peer::V1b\x06proto3"
@@ -308,14 +307,12 @@ var file_kvmesh_peer_v1_peer_proto_goTypes = []any{
 	(*SnapshotResponse)(nil), // 3: kvmesh.peer.v1.SnapshotResponse
 }
 var file_kvmesh_peer_v1_peer_proto_depIdxs = []int32{
-	0, // 0: kvmesh.peer.v1.PeerService.Send:input_type -> kvmesh.peer.v1.SendRequest
-	0, // 1: kvmesh.peer.v1.PeerService.Stream:input_type -> kvmesh.peer.v1.SendRequest
-	2, // 2: kvmesh.peer.v1.PeerService.Snapshot:input_type -> kvmesh.peer.v1.SnapshotChunk
-	1, // 3: kvmesh.peer.v1.PeerService.Send:output_type -> kvmesh.peer.v1.SendResponse
-	1, // 4: kvmesh.peer.v1.PeerService.Stream:output_type -> kvmesh.peer.v1.SendResponse
-	3, // 5: kvmesh.peer.v1.PeerService.Snapshot:output_type -> kvmesh.peer.v1.SnapshotResponse
-	3, // [3:6] is the sub-list for method output_type
-	0, // [0:3] is the sub-list for method input_type
+	0, // 0: kvmesh.peer.v1.PeerService.Stream:input_type -> kvmesh.peer.v1.SendRequest
+	2, // 1: kvmesh.peer.v1.PeerService.Snapshot:input_type -> kvmesh.peer.v1.SnapshotChunk
+	1, // 2: kvmesh.peer.v1.PeerService.Stream:output_type -> kvmesh.peer.v1.SendResponse
+	3, // 3: kvmesh.peer.v1.PeerService.Snapshot:output_type -> kvmesh.peer.v1.SnapshotResponse
+	2, // [2:4] is the sub-list for method output_type
+	0, // [0:2] is the sub-list for method input_type
 	0, // [0:0] is the sub-list for extension type_name
 	0, // [0:0] is the sub-list for extension extendee
 	0, // [0:0] is the sub-list for field type_name

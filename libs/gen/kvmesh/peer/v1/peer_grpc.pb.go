@@ -19,7 +19,6 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	PeerService_Send_FullMethodName     = "/kvmesh.peer.v1.PeerService/Send"
 	PeerService_Stream_FullMethodName   = "/kvmesh.peer.v1.PeerService/Stream"
 	PeerService_Snapshot_FullMethodName = "/kvmesh.peer.v1.PeerService/Snapshot"
 )
@@ -30,11 +29,8 @@ const (
 //
 // PeerService carries Raft messages between the replicas of one cluster.
 type PeerServiceClient interface {
-	// Send delivers a batch of Raft messages to this replica, in order.
-	Send(ctx context.Context, in *SendRequest, opts ...grpc.CallOption) (*SendResponse, error)
 	// Stream delivers batches of Raft messages to this replica over one long-lived
-	// stream, in order: the way replicas send to each other, without a round trip per
-	// batch. The replica ends the stream with an error when it refuses the sender (another
+	// stream, in order, without a round trip per batch. The replica ends the stream with an error when it refuses the sender (another
 	// cluster, a removed member, fault injection); the sender then opens a new one.
 	Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SendRequest, SendResponse], error)
 	// Snapshot streams a snapshot of the state machine to a replica that the log can no
@@ -50,16 +46,6 @@ type peerServiceClient struct {
 
 func NewPeerServiceClient(cc grpc.ClientConnInterface) PeerServiceClient {
 	return &peerServiceClient{cc}
-}
-
-func (c *peerServiceClient) Send(ctx context.Context, in *SendRequest, opts ...grpc.CallOption) (*SendResponse, error) {
-	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
-	out := new(SendResponse)
-	err := c.cc.Invoke(ctx, PeerService_Send_FullMethodName, in, out, cOpts...)
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
 }
 
 func (c *peerServiceClient) Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SendRequest, SendResponse], error) {
@@ -94,11 +80,8 @@ type PeerService_SnapshotClient = grpc.ClientStreamingClient[SnapshotChunk, Snap
 //
 // PeerService carries Raft messages between the replicas of one cluster.
 type PeerServiceServer interface {
-	// Send delivers a batch of Raft messages to this replica, in order.
-	Send(context.Context, *SendRequest) (*SendResponse, error)
 	// Stream delivers batches of Raft messages to this replica over one long-lived
-	// stream, in order: the way replicas send to each other, without a round trip per
-	// batch. The replica ends the stream with an error when it refuses the sender (another
+	// stream, in order, without a round trip per batch. The replica ends the stream with an error when it refuses the sender (another
 	// cluster, a removed member, fault injection); the sender then opens a new one.
 	Stream(grpc.ClientStreamingServer[SendRequest, SendResponse]) error
 	// Snapshot streams a snapshot of the state machine to a replica that the log can no
@@ -116,9 +99,6 @@ type PeerServiceServer interface {
 // pointer dereference when methods are called.
 type UnimplementedPeerServiceServer struct{}
 
-func (UnimplementedPeerServiceServer) Send(context.Context, *SendRequest) (*SendResponse, error) {
-	return nil, status.Errorf(codes.Unimplemented, "method Send not implemented")
-}
 func (UnimplementedPeerServiceServer) Stream(grpc.ClientStreamingServer[SendRequest, SendResponse]) error {
 	return status.Errorf(codes.Unimplemented, "method Stream not implemented")
 }
@@ -146,24 +126,6 @@ func RegisterPeerServiceServer(s grpc.ServiceRegistrar, srv PeerServiceServer) {
 	s.RegisterService(&PeerService_ServiceDesc, srv)
 }
 
-func _PeerService_Send_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
-	in := new(SendRequest)
-	if err := dec(in); err != nil {
-		return nil, err
-	}
-	if interceptor == nil {
-		return srv.(PeerServiceServer).Send(ctx, in)
-	}
-	info := &grpc.UnaryServerInfo{
-		Server:     srv,
-		FullMethod: PeerService_Send_FullMethodName,
-	}
-	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
-		return srv.(PeerServiceServer).Send(ctx, req.(*SendRequest))
-	}
-	return interceptor(ctx, in, info, handler)
-}
-
 func _PeerService_Stream_Handler(srv interface{}, stream grpc.ServerStream) error {
 	return srv.(PeerServiceServer).Stream(&grpc.GenericServerStream[SendRequest, SendResponse]{ServerStream: stream})
 }
@@ -184,12 +146,7 @@ type PeerService_SnapshotServer = grpc.ClientStreamingServer[SnapshotChunk, Snap
 var PeerService_ServiceDesc = grpc.ServiceDesc{
 	ServiceName: "kvmesh.peer.v1.PeerService",
 	HandlerType: (*PeerServiceServer)(nil),
-	Methods: []grpc.MethodDesc{
-		{
-			MethodName: "Send",
-			Handler:    _PeerService_Send_Handler,
-		},
-	},
+	Methods:     []grpc.MethodDesc{},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "Stream",

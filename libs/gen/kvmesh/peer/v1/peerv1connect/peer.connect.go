@@ -33,8 +33,6 @@ const (
 // reflection-formatted method names, remove the leading slash and convert the remaining slash to a
 // period.
 const (
-	// PeerServiceSendProcedure is the fully-qualified name of the PeerService's Send RPC.
-	PeerServiceSendProcedure = "/kvmesh.peer.v1.PeerService/Send"
 	// PeerServiceStreamProcedure is the fully-qualified name of the PeerService's Stream RPC.
 	PeerServiceStreamProcedure = "/kvmesh.peer.v1.PeerService/Stream"
 	// PeerServiceSnapshotProcedure is the fully-qualified name of the PeerService's Snapshot RPC.
@@ -43,11 +41,8 @@ const (
 
 // PeerServiceClient is a client for the kvmesh.peer.v1.PeerService service.
 type PeerServiceClient interface {
-	// Send delivers a batch of Raft messages to this replica, in order.
-	Send(context.Context, *connect.Request[v1.SendRequest]) (*connect.Response[v1.SendResponse], error)
 	// Stream delivers batches of Raft messages to this replica over one long-lived
-	// stream, in order: the way replicas send to each other, without a round trip per
-	// batch. The replica ends the stream with an error when it refuses the sender (another
+	// stream, in order, without a round trip per batch. The replica ends the stream with an error when it refuses the sender (another
 	// cluster, a removed member, fault injection); the sender then opens a new one.
 	Stream(context.Context) *connect.ClientStreamForClient[v1.SendRequest, v1.SendResponse]
 	// Snapshot streams a snapshot of the state machine to a replica that the log can no
@@ -68,12 +63,6 @@ func NewPeerServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 	baseURL = strings.TrimRight(baseURL, "/")
 	peerServiceMethods := v1.File_kvmesh_peer_v1_peer_proto.Services().ByName("PeerService").Methods()
 	return &peerServiceClient{
-		send: connect.NewClient[v1.SendRequest, v1.SendResponse](
-			httpClient,
-			baseURL+PeerServiceSendProcedure,
-			connect.WithSchema(peerServiceMethods.ByName("Send")),
-			connect.WithClientOptions(opts...),
-		),
 		stream: connect.NewClient[v1.SendRequest, v1.SendResponse](
 			httpClient,
 			baseURL+PeerServiceStreamProcedure,
@@ -91,14 +80,8 @@ func NewPeerServiceClient(httpClient connect.HTTPClient, baseURL string, opts ..
 
 // peerServiceClient implements PeerServiceClient.
 type peerServiceClient struct {
-	send     *connect.Client[v1.SendRequest, v1.SendResponse]
 	stream   *connect.Client[v1.SendRequest, v1.SendResponse]
 	snapshot *connect.Client[v1.SnapshotChunk, v1.SnapshotResponse]
-}
-
-// Send calls kvmesh.peer.v1.PeerService.Send.
-func (c *peerServiceClient) Send(ctx context.Context, req *connect.Request[v1.SendRequest]) (*connect.Response[v1.SendResponse], error) {
-	return c.send.CallUnary(ctx, req)
 }
 
 // Stream calls kvmesh.peer.v1.PeerService.Stream.
@@ -113,11 +96,8 @@ func (c *peerServiceClient) Snapshot(ctx context.Context) *connect.ClientStreamF
 
 // PeerServiceHandler is an implementation of the kvmesh.peer.v1.PeerService service.
 type PeerServiceHandler interface {
-	// Send delivers a batch of Raft messages to this replica, in order.
-	Send(context.Context, *connect.Request[v1.SendRequest]) (*connect.Response[v1.SendResponse], error)
 	// Stream delivers batches of Raft messages to this replica over one long-lived
-	// stream, in order: the way replicas send to each other, without a round trip per
-	// batch. The replica ends the stream with an error when it refuses the sender (another
+	// stream, in order, without a round trip per batch. The replica ends the stream with an error when it refuses the sender (another
 	// cluster, a removed member, fault injection); the sender then opens a new one.
 	Stream(context.Context, *connect.ClientStream[v1.SendRequest]) (*connect.Response[v1.SendResponse], error)
 	// Snapshot streams a snapshot of the state machine to a replica that the log can no
@@ -134,12 +114,6 @@ type PeerServiceHandler interface {
 // and JSON codecs. They also support gzip compression.
 func NewPeerServiceHandler(svc PeerServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
 	peerServiceMethods := v1.File_kvmesh_peer_v1_peer_proto.Services().ByName("PeerService").Methods()
-	peerServiceSendHandler := connect.NewUnaryHandler(
-		PeerServiceSendProcedure,
-		svc.Send,
-		connect.WithSchema(peerServiceMethods.ByName("Send")),
-		connect.WithHandlerOptions(opts...),
-	)
 	peerServiceStreamHandler := connect.NewClientStreamHandler(
 		PeerServiceStreamProcedure,
 		svc.Stream,
@@ -154,8 +128,6 @@ func NewPeerServiceHandler(svc PeerServiceHandler, opts ...connect.HandlerOption
 	)
 	return "/kvmesh.peer.v1.PeerService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
-		case PeerServiceSendProcedure:
-			peerServiceSendHandler.ServeHTTP(w, r)
 		case PeerServiceStreamProcedure:
 			peerServiceStreamHandler.ServeHTTP(w, r)
 		case PeerServiceSnapshotProcedure:
@@ -168,10 +140,6 @@ func NewPeerServiceHandler(svc PeerServiceHandler, opts ...connect.HandlerOption
 
 // UnimplementedPeerServiceHandler returns CodeUnimplemented from all methods.
 type UnimplementedPeerServiceHandler struct{}
-
-func (UnimplementedPeerServiceHandler) Send(context.Context, *connect.Request[v1.SendRequest]) (*connect.Response[v1.SendResponse], error) {
-	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.peer.v1.PeerService.Send is not implemented"))
-}
 
 func (UnimplementedPeerServiceHandler) Stream(context.Context, *connect.ClientStream[v1.SendRequest]) (*connect.Response[v1.SendResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.peer.v1.PeerService.Stream is not implemented"))
