@@ -67,6 +67,34 @@ var (
 	ErrUnhealthy                  = newError(connect.CodeUnavailable, "etcdserver: unhealthy cluster")
 	ErrNotSupportedForLearner     = newError(connect.CodeFailedPrecondition, "etcdserver: rpc not supported for learner")
 
+	ErrRootUserNotExist     = newError(connect.CodeFailedPrecondition, "etcdserver: root user does not exist")
+	ErrRootRoleNotExist     = newError(connect.CodeFailedPrecondition, "etcdserver: root user does not have root role")
+	ErrUserAlreadyExist     = newError(connect.CodeFailedPrecondition, "etcdserver: user name already exists")
+	ErrUserEmpty            = newError(connect.CodeInvalidArgument, "etcdserver: user name is empty")
+	ErrUserNotFound         = newError(connect.CodeFailedPrecondition, "etcdserver: user name not found")
+	ErrRoleAlreadyExist     = newError(connect.CodeFailedPrecondition, "etcdserver: role name already exists")
+	ErrRoleNotFound         = newError(connect.CodeFailedPrecondition, "etcdserver: role name not found")
+	ErrRoleEmpty            = newError(connect.CodeInvalidArgument, "etcdserver: role name is empty")
+	ErrAuthFailed           = newError(connect.CodeInvalidArgument, "etcdserver: authentication failed, invalid user ID or password")
+	ErrPermissionNotGiven   = newError(connect.CodeInvalidArgument, "etcdserver: permission not given")
+	ErrPermissionDenied     = newError(connect.CodePermissionDenied, "etcdserver: permission denied")
+	ErrRoleNotGranted       = newError(connect.CodeFailedPrecondition, "etcdserver: role is not granted to the user")
+	ErrPermissionNotGranted = newError(connect.CodeFailedPrecondition, "etcdserver: permission is not granted to the role")
+	ErrAuthNotEnabled       = newError(connect.CodeFailedPrecondition, "etcdserver: authentication is not enabled")
+	ErrInvalidAuthToken     = newError(connect.CodeUnauthenticated, "etcdserver: invalid auth token")
+	ErrInvalidAuthMgmt      = newError(connect.CodeInvalidArgument, "etcdserver: invalid auth management")
+	ErrAuthOldRevision      = newError(connect.CodeInvalidArgument, "etcdserver: revision of auth store is old")
+	// ErrNoPasswordUser is not one of rpctypes' errors: etcd answers it as Unknown
+	// with the auth package's own message.
+	ErrNoPasswordUser = newError(connect.CodeUnknown, "auth: authentication failed, password was given for no password user")
+	// ErrAuthStale is kvmesh's own, between a gateway and a replica: the auth state the
+	// gateway checked a request with is no longer the replica's. The request changed
+	// nothing; the gateway refreshes its copy and decides again. Clients never see it.
+	ErrAuthStale = newError(connect.CodeAborted, "kvmesh: auth state changed")
+	// ErrTooManyAuthFailures is kvmesh's own: Authenticate is refused for a while after
+	// repeated failures for the same user or from the same address.
+	ErrTooManyAuthFailures = newError(connect.CodeResourceExhausted, "etcdserver: too many failed authentication attempts, retry later")
+
 	ErrCanceled         = newError(connect.CodeCanceled, "etcdserver: request canceled")
 	ErrDeadlineExceeded = newError(connect.CodeDeadlineExceeded, "etcdserver: context deadline exceeded")
 )

@@ -8,6 +8,8 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/kvmesh/kvmesh/libs/authz"
+	"github.com/kvmesh/kvmesh/libs/etcdcheck"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/health"
@@ -54,7 +56,9 @@ func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(*
 	}
 	err := error(etcderr.ErrNoLeader)
 	for _, c := range order {
-		resp, e := method(c)(ctx, connect.NewRequest(req))
+		creq := connect.NewRequest(req)
+		setDecisionHeader(ctx, creq)
+		resp, e := method(c)(ctx, creq)
 		if e == nil {
 			if h, ok := any(resp.Msg).(interface{ GetHeader() *pb.ResponseHeader }); ok {
 				g.sawRevision(h.GetHeader().GetRevision())
@@ -140,23 +144,47 @@ func rangeRoute(r *pb.RangeRequest) route {
 }
 
 func (g *Gateway) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeResponse, error) {
-	return call(ctx, g, rangeRoute(r), func(c *replicaConn) unaryFunc[pb.RangeRequest, pb.RangeResponse] { return c.kv.Range }, r)
+	if err := etcdcheck.RangeRequest(r); err != nil {
+		return nil, err
+	}
+	return authorized(ctx, g, func(s *authz.Store, ai *authz.Info) error { return s.IsRangePermitted(ai, r.GetKey(), r.GetRangeEnd()) },
+		func(ctx context.Context) (*pb.RangeResponse, error) {
+			return call(ctx, g, rangeRoute(r), func(c *replicaConn) unaryFunc[pb.RangeRequest, pb.RangeResponse] { return c.kv.Range }, r)
+		})
 }
 
 func (g *Gateway) Put(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, error) {
-	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.PutRequest, pb.PutResponse] { return c.kv.Put }, r)
+	if err := etcdcheck.PutRequest(r); err != nil {
+		return nil, err
+	}
+	return authorized(ctx, g, func(s *authz.Store, ai *authz.Info) error { return s.CheckPut(ai, r.GetKey(), r.GetPrevKv()) },
+		func(ctx context.Context) (*pb.PutResponse, error) {
+			return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.PutRequest, pb.PutResponse] { return c.kv.Put }, r)
+		})
 }
 
 func (g *Gateway) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
-	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.DeleteRangeRequest, pb.DeleteRangeResponse] { return c.kv.DeleteRange }, r)
+	if len(r.GetKey()) == 0 {
+		return nil, etcderr.ErrEmptyKey
+	}
+	return authorized(ctx, g, func(s *authz.Store, ai *authz.Info) error {
+		return s.CheckDeleteRange(ai, r.GetKey(), r.GetRangeEnd(), r.GetPrevKv())
+	}, func(ctx context.Context) (*pb.DeleteRangeResponse, error) {
+		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.DeleteRangeRequest, pb.DeleteRangeResponse] { return c.kv.DeleteRange }, r)
+	})
 }
 
 func (g *Gateway) Txn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
-	return call(ctx, g, txnRoute(r), func(c *replicaConn) unaryFunc[pb.TxnRequest, pb.TxnResponse] { return c.kv.Txn }, r)
+	return authorized(ctx, g, func(s *authz.Store, ai *authz.Info) error { return s.CheckTxn(ai, r) },
+		func(ctx context.Context) (*pb.TxnResponse, error) {
+			return call(ctx, g, txnRoute(r), func(c *replicaConn) unaryFunc[pb.TxnRequest, pb.TxnResponse] { return c.kv.Txn }, r)
+		})
 }
 
 func (g *Gateway) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.CompactionResponse, error) {
-	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.CompactionRequest, pb.CompactionResponse] { return c.kv.Compact }, r)
+	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.CompactionResponse, error) {
+		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.CompactionRequest, pb.CompactionResponse] { return c.kv.Compact }, r)
+	})
 }
 
 func (g *Gateway) MemberList(ctx context.Context, r *pb.MemberListRequest) (*pb.MemberListResponse, error) {
@@ -167,47 +195,63 @@ func (g *Gateway) MemberList(ctx context.Context, r *pb.MemberListRequest) (*pb.
 
 func (g *Gateway) MemberAdd(ctx context.Context, r *pb.MemberAddRequest) (*pb.MemberAddResponse, error) {
 	defer g.view.kick()
-	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberAddRequest, pb.MemberAddResponse] { return c.cluster.MemberAdd }, r)
+	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.MemberAddResponse, error) {
+		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberAddRequest, pb.MemberAddResponse] { return c.cluster.MemberAdd }, r)
+	})
 }
 
 func (g *Gateway) MemberRemove(ctx context.Context, r *pb.MemberRemoveRequest) (*pb.MemberRemoveResponse, error) {
 	defer g.view.kick()
-	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberRemoveRequest, pb.MemberRemoveResponse] {
-		return c.cluster.MemberRemove
-	}, r)
+	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.MemberRemoveResponse, error) {
+		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberRemoveRequest, pb.MemberRemoveResponse] {
+			return c.cluster.MemberRemove
+		}, r)
+	})
 }
 
 func (g *Gateway) MemberUpdate(ctx context.Context, r *pb.MemberUpdateRequest) (*pb.MemberUpdateResponse, error) {
 	defer g.view.kick()
-	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberUpdateRequest, pb.MemberUpdateResponse] {
-		return c.cluster.MemberUpdate
-	}, r)
+	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.MemberUpdateResponse, error) {
+		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberUpdateRequest, pb.MemberUpdateResponse] {
+			return c.cluster.MemberUpdate
+		}, r)
+	})
 }
 
 func (g *Gateway) MemberPromote(ctx context.Context, r *pb.MemberPromoteRequest) (*pb.MemberPromoteResponse, error) {
 	defer g.view.kick()
-	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberPromoteRequest, pb.MemberPromoteResponse] {
-		return c.cluster.MemberPromote
-	}, r)
+	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.MemberPromoteResponse, error) {
+		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberPromoteRequest, pb.MemberPromoteResponse] {
+			return c.cluster.MemberPromote
+		}, r)
+	})
 }
 
 func (g *Gateway) HashKV(ctx context.Context, r *pb.HashKVRequest) (*pb.HashKVResponse, error) {
-	return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.HashKVRequest, pb.HashKVResponse] { return c.maint.HashKV }, r)
+	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.HashKVResponse, error) {
+		return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.HashKVRequest, pb.HashKVResponse] { return c.maint.HashKV }, r)
+	})
 }
 
 func (g *Gateway) Hash(ctx context.Context, r *pb.HashRequest) (*pb.HashResponse, error) {
-	return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.HashRequest, pb.HashResponse] { return c.maint.Hash }, r)
+	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.HashResponse, error) {
+		return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.HashRequest, pb.HashResponse] { return c.maint.Hash }, r)
+	})
 }
 
 // Status answers the leader's status: a gateway stands for the whole cluster, and tools
 // (etcdctl move-leader) find the leader as the endpoint whose member ID is the leader.
 func (g *Gateway) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusResponse, error) {
-	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.StatusRequest, pb.StatusResponse] { return c.maint.Status }, r)
+	return authorized(ctx, g, requireInfo, func(ctx context.Context) (*pb.StatusResponse, error) {
+		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.StatusRequest, pb.StatusResponse] { return c.maint.Status }, r)
+	})
 }
 
 func (g *Gateway) MoveLeader(ctx context.Context, r *pb.MoveLeaderRequest) (*pb.MoveLeaderResponse, error) {
 	defer g.view.kick()
-	return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MoveLeaderRequest, pb.MoveLeaderResponse] { return c.maint.MoveLeader }, r)
+	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.MoveLeaderResponse, error) {
+		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MoveLeaderRequest, pb.MoveLeaderResponse] { return c.maint.MoveLeader }, r)
+	})
 }
 
 // hasLeader tells whether the cluster has a leader, refreshing the view when it knows
@@ -220,7 +264,7 @@ func (g *Gateway) hasLeader(ctx context.Context) bool {
 
 // check is etcd's health check: a leader exists and a serializable read succeeds.
 func (g *Gateway) check(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	ctx, cancel := context.WithTimeout(internal(ctx), 2*time.Second)
 	defer cancel()
 	st, err := g.Status(ctx, &pb.StatusRequest{})
 	if err != nil {
@@ -235,7 +279,7 @@ func (g *Gateway) check(ctx context.Context) error {
 
 // healthRead is the read etcd's health checks make, through the replicas.
 func (g *Gateway) healthRead(ctx context.Context, serializable bool) error {
-	return health.Read(telemetry.Untraced(ctx), func(ctx context.Context) error {
+	return health.Read(internal(telemetry.Untraced(ctx)), func(ctx context.Context) error {
 		_, err := g.Range(ctx, &pb.RangeRequest{Key: []byte("health"), KeysOnly: true, Limit: 1, Serializable: serializable})
 		return err
 	})
@@ -249,7 +293,7 @@ func (g *Gateway) healthEndpoints() *health.Endpoints {
 	e := health.New(g.log, g.tel.Registry)
 	e.Health(func(ctx context.Context, serializable bool) (string, bool) {
 		if !serializable {
-			ctx, cancel := context.WithTimeout(telemetry.Untraced(ctx), 2*time.Second)
+			ctx, cancel := context.WithTimeout(internal(telemetry.Untraced(ctx)), 2*time.Second)
 			st, err := g.Status(ctx, &pb.StatusRequest{})
 			cancel()
 			if err != nil || st.GetLeader() == 0 {
@@ -265,3 +309,6 @@ func (g *Gateway) healthEndpoints() *health.Endpoints {
 	e.Ready("linearizable_read", func(ctx context.Context) error { return g.healthRead(ctx, false) })
 	return e
 }
+
+// requireInfo is etcd's requireAuthInfo: with auth enabled, a user must be given.
+func requireInfo(s *authz.Store, ai *authz.Info) error { return s.RequireInfo(ai) }

@@ -18,6 +18,7 @@ func unary[Req, Res any](ctx context.Context, req *connect.Request[Req], fn func
 	if req.Header().Get(hasLeaderKey) == "true" {
 		ctx = withRequireLeader(ctx)
 	}
+	ctx = withCredentials(ctx, req.Header().Get)
 	res, err := fn(ctx, req.Msg)
 	if err != nil {
 		return nil, etcderr.ToConnect(err)

@@ -105,6 +105,7 @@ type Gateway struct {
 	view     *view
 	stopView context.CancelFunc
 	leases   *leaseRouter
+	auth     *authCache
 	m        gatewayMetrics
 
 	lis    net.Listener
@@ -127,10 +128,12 @@ func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gate
 	g.client = client
 	g.view = newView(g, cfg.Replicas)
 	g.leases = newLeaseRouter(g)
+	g.auth = newAuthCache(g)
 	g.registerMetrics()
 	ctx, cancel := context.WithCancel(context.Background())
 	g.stopView = cancel
 	go g.view.run(telemetry.Untraced(ctx))
+	go g.auth.run(telemetry.Untraced(ctx))
 	return g, nil
 }
 
@@ -172,7 +175,7 @@ func (g *Gateway) Handler() http.Handler {
 	mux.Handle(watchv1connect.NewWatchServiceHandler(connectWatchOne{g: g}, opts...))
 	mux.Handle(etcdserverpbconnect.NewLeaseHandler(connectLease{g: g}, opts...))
 	// Not built yet: these answer Unimplemented, as the generated defaults do.
-	mux.Handle(etcdserverpbconnect.NewAuthHandler(etcdserverpbconnect.UnimplementedAuthHandler{}, opts...))
+	mux.Handle(etcdserverpbconnect.NewAuthHandler(connectAuth{g: g}, opts...))
 	mux.Handle(v3lockpbconnect.NewLockHandler(v3lockpbconnect.UnimplementedLockHandler{}, opts...))
 	mux.Handle(v3electionpbconnect.NewElectionHandler(v3electionpbconnect.UnimplementedElectionHandler{}, opts...))
 	mux.Handle(healthCheckPath, connect.NewUnaryHandler(healthCheckPath, g.connectHealthCheck, opts...))

@@ -38,7 +38,7 @@ func (g *Gateway) newGRPCServer() *grpc.Server {
 	pb.RegisterWatchServer(s, grpcWatch{g: g})
 	pb.RegisterLeaseServer(s, grpcLease{g: g})
 	// Not built yet: these answer Unimplemented.
-	pb.RegisterAuthServer(s, pb.UnimplementedAuthServer{})
+	pb.RegisterAuthServer(s, grpcAuth{g: g})
 	v3lockpb.RegisterLockServer(s, v3lockpb.UnimplementedLockServer{})
 	v3electionpb.RegisterElectionServer(s, v3electionpb.UnimplementedElectionServer{})
 	healthv1.RegisterHealthServer(s, grpcHealth{g: g})
@@ -55,6 +55,12 @@ func grpcContext(ctx context.Context) context.Context {
 		if v := md.Get(hasLeaderKey); len(v) > 0 && v[0] == "true" {
 			ctx = withRequireLeader(ctx)
 		}
+		ctx = withCredentials(ctx, func(k string) string {
+			if v := md.Get(k); len(v) > 0 {
+				return v[0]
+			}
+			return ""
+		})
 	}
 	return ctx
 }

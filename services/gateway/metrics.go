@@ -12,6 +12,9 @@ type gatewayMetrics struct {
 	leaderChanges prometheus.Counter
 	unreachable   prometheus.Counter // a request sent to the next replica: the first could not be reached
 	readRetries   prometheus.Counter // a read sent to the next replica: the first could not serve it
+	authFailures  prometheus.Counter // Authenticate answered "authentication failed"
+	authThrottled prometheus.Counter // Authenticate refused after too many failures
+	authStale     prometheus.Counter // requests decided again: the auth state changed under them
 }
 
 func (g *Gateway) registerMetrics() {
@@ -25,7 +28,19 @@ func (g *Gateway) registerMetrics() {
 		Name: "kvmesh_gateway_leader_changes_seen_total",
 		Help: "Leader changes the gateway's view of the cluster followed.",
 	})
-	cs := []prometheus.Collector{failovers, g.m.leaderChanges,
+	g.m.authFailures = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "kvmesh_gateway_auth_failures_total",
+		Help: "Authenticate requests that failed for a wrong user name or password.",
+	})
+	g.m.authThrottled = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "kvmesh_gateway_auth_throttled_total",
+		Help: "Authenticate requests refused because the user or the client address failed too often.",
+	})
+	g.m.authStale = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "kvmesh_gateway_auth_redecided_total",
+		Help: "Requests decided again because the auth state changed between the gateway's decision and the replica.",
+	})
+	cs := []prometheus.Collector{failovers, g.m.leaderChanges, g.m.authFailures, g.m.authThrottled, g.m.authStale,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "kvmesh_gateway_replicas_reachable",
 			Help: "Voting replicas the gateway can reach now.",

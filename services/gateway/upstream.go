@@ -8,7 +8,10 @@ import (
 
 	"connectrpc.com/connect"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+
+	"github.com/kvmesh/kvmesh/libs/authz"
 
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
@@ -38,6 +41,9 @@ func fromGRPC(err error) error {
 }
 
 func viaGRPC[Req, Res any](ctx context.Context, r *connect.Request[Req], f func(context.Context, *Req, ...grpc.CallOption) (*Res, error)) (*connect.Response[Res], error) {
+	if v := r.Header().Get(authz.MetadataKey); v != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, authz.MetadataKey, v)
+	}
 	resp, err := f(ctx, r.Msg)
 	if err != nil {
 		return nil, fromGRPC(err)
@@ -118,4 +124,16 @@ func (a grpcLeaseClient) LeaseTimeToLive(ctx context.Context, r *connect.Request
 }
 func (a grpcLeaseClient) LeaseLeases(ctx context.Context, r *connect.Request[pb.LeaseLeasesRequest]) (*connect.Response[pb.LeaseLeasesResponse], error) {
 	return viaGRPC(ctx, r, a.c.LeaseLeases)
+}
+
+type grpcAuthClient struct{ c replicav1.AuthServiceClient }
+
+func (a grpcAuthClient) State(ctx context.Context, r *connect.Request[replicav1.AuthStateRequest]) (*connect.Response[replicav1.AuthStateResponse], error) {
+	return viaGRPC(ctx, r, a.c.State)
+}
+func (a grpcAuthClient) Authenticate(ctx context.Context, r *connect.Request[pb.AuthenticateRequest]) (*connect.Response[pb.AuthenticateResponse], error) {
+	return viaGRPC(ctx, r, a.c.Authenticate)
+}
+func (a grpcAuthClient) Call(ctx context.Context, r *connect.Request[replicav1.AuthRequest]) (*connect.Response[replicav1.AuthResponse], error) {
+	return viaGRPC(ctx, r, a.c.Call)
 }

@@ -48,6 +48,7 @@ type replicaConn struct {
 	maint   replicav1connect.MaintenanceServiceClient
 	feed    replicav1connect.FeedServiceClient
 	lease   replicav1connect.LeaseServiceClient
+	auth    replicav1connect.AuthServiceClient
 	grpc    *grpc.ClientConn // nil in-process
 	// downUntil is when a replica that could not be reached is tried again.
 	downUntil atomic.Int64
@@ -87,6 +88,7 @@ func (v *view) conn(u string) *replicaConn {
 		maint:   replicav1connect.NewMaintenanceServiceClient(v.g.client, u, opts...),
 		feed:    replicav1connect.NewFeedServiceClient(v.g.client, u, opts...),
 		lease:   replicav1connect.NewLeaseServiceClient(v.g.client, u, opts...),
+		auth:    replicav1connect.NewAuthServiceClient(v.g.client, u, opts...),
 	}
 	if !v.g.inProcess {
 		// Over the network, the unary calls go over grpc-go (see upstream.go).
@@ -96,6 +98,7 @@ func (v *view) conn(u string) *replicaConn {
 			c.cluster = grpcClusterClient{replicav1.NewClusterServiceClient(cc)}
 			c.maint = grpcMaintenanceClient{replicav1.NewMaintenanceServiceClient(cc)}
 			c.lease = grpcLeaseClient{LeaseServiceClient: c.lease, c: replicav1.NewLeaseServiceClient(cc)}
+			c.auth = grpcAuthClient{replicav1.NewAuthServiceClient(cc)}
 		} else {
 			v.g.log.Warn("no grpc-go link to the replica; using Connect", "replica", u, "err", err)
 		}

@@ -261,6 +261,9 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 	if len(end) != 0 && bytes.Compare(key, end) >= 0 {
 		return fail(errEmptyWatcherRange)
 	}
+	if err := s.h.g.watchPermitted(s.ctx, cr); err != nil {
+		return fail(err)
+	}
 	id := cr.GetWatchId()
 	if id == 0 {
 		for s.watchers[s.nextID] != nil {

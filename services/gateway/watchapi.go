@@ -63,6 +63,7 @@ func (h connectWatch) Watch(ctx context.Context, stream *connect.BidiStream[pb.W
 	if stream.RequestHeader().Get(hasLeaderKey) == "true" {
 		ctx = withRequireLeader(ctx)
 	}
+	ctx = withCredentials(ctx, stream.RequestHeader().Get)
 	err := h.g.watch(ctx, stream.Receive, stream.Send, nil)
 	if err == nil || errors.Is(err, context.Canceled) {
 		return nil
@@ -77,6 +78,7 @@ func (h connectWatchOne) Watch(ctx context.Context, req *connect.Request[pb.Watc
 	if req.Header().Get(hasLeaderKey) == "true" {
 		ctx = withRequireLeader(ctx)
 	}
+	ctx = withCredentials(ctx, req.Header().Get)
 	cr := req.Msg
 	cr.WatchId = 0
 	first := true

@@ -7,6 +7,7 @@ import (
 	"connectrpc.com/connect"
 	"go.etcd.io/raft/v3"
 
+	"github.com/kvmesh/kvmesh/libs/etcdcheck"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
@@ -20,7 +21,7 @@ type kvService struct{ r *Replica }
 
 func (s *kvService) Range(ctx context.Context, req *connect.Request[pb.RangeRequest]) (*connect.Response[pb.RangeResponse], error) {
 	m := req.Msg
-	if err := checkRangeRequest(m); err != nil {
+	if err := etcdcheck.RangeRequest(m); err != nil {
 		return nil, etcderr.ToConnect(err)
 	}
 	if err := s.r.serving(m.GetSerializable()); err != nil {
@@ -34,6 +35,9 @@ func (s *kvService) Range(ctx context.Context, req *connect.Request[pb.RangeRequ
 	st := s.r.acquire()
 	resp, err := st.kv.Range(ctx, m)
 	st.release()
+	if err == nil {
+		err = s.r.checkRead(ctx)
+	}
 	if err != nil {
 		return nil, etcderr.ToConnect(err)
 	}
@@ -45,7 +49,7 @@ func (s *kvService) Put(ctx context.Context, req *connect.Request[pb.PutRequest]
 	if err := s.r.serving(false); err != nil {
 		return nil, etcderr.ToConnect(err)
 	}
-	if err := checkPutRequest(req.Msg); err != nil {
+	if err := etcdcheck.PutRequest(req.Msg); err != nil {
 		return nil, etcderr.ToConnect(err)
 	}
 	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Put{Put: req.Msg}})
@@ -78,10 +82,10 @@ func (s *kvService) Txn(ctx context.Context, req *connect.Request[pb.TxnRequest]
 		return nil, etcderr.ToConnect(err)
 	}
 	m := req.Msg
-	if err := checkTxnRequest(m, s.r.cfg.MaxTxnOps); err != nil {
+	if err := etcdcheck.TxnRequest(m, s.r.cfg.MaxTxnOps); err != nil {
 		return nil, etcderr.ToConnect(err)
 	}
-	if err := checkTxnIntervals(m); err != nil {
+	if err := etcdcheck.TxnIntervals(m); err != nil {
 		return nil, etcderr.ToConnect(err)
 	}
 	var out *pb.TxnResponse
@@ -94,6 +98,9 @@ func (s *kvService) Txn(ctx context.Context, req *connect.Request[pb.TxnRequest]
 		st := s.r.acquire()
 		resp, err := st.kv.ReadTxn(ctx, m)
 		st.release()
+		if err == nil {
+			err = s.r.checkRead(ctx)
+		}
 		if err != nil {
 			return nil, etcderr.ToConnect(err)
 		}

@@ -30,7 +30,7 @@ func (r *Replica) newGRPCServer() *grpc.Server {
 		// Peer batches may be large (many entries): the limit on one request is the
 		// unary calls' (an interceptor), as the Connect handlers' read limit.
 		grpc.MaxRecvMsgSize(math.MaxInt32),
-		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
+		grpc.ChainUnaryInterceptor(authGRPCInterceptor, func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
 			if m, ok := req.(proto.Message); ok {
 				if n := proto.Size(m); n > limit {
 					return nil, status.Errorf(codes.ResourceExhausted, "grpc: received message larger than max (%d vs. %d)", n, limit)
@@ -46,6 +46,7 @@ func (r *Replica) newGRPCServer() *grpc.Server {
 	replicav1.RegisterClusterServiceServer(s, grpcCluster{s: &clusterService{r}})
 	replicav1.RegisterMaintenanceServiceServer(s, grpcMaintenance{s: &maintenanceService{r}})
 	replicav1.RegisterLeaseServiceServer(s, grpcLease{s: &leaseService{r}})
+	replicav1.RegisterAuthServiceServer(s, grpcAuth{s: &authService{r}})
 	peerv1.RegisterPeerServiceServer(s, grpcPeer{s: &peerService{r}})
 	return s
 }

@@ -146,6 +146,9 @@ func (s *leaseService) LeaseTimeToLive(ctx context.Context, req *connect.Request
 			st := r.acquire()
 			resp.Keys = st.kv.LeaseKeys(id)
 			st.release()
+			if err := r.checkLeaseRead(ctx, resp.Keys); err != nil {
+				return nil, etcderr.ToConnect(err)
+			}
 		}
 	}
 	return connect.NewResponse(resp), nil
@@ -159,7 +162,14 @@ func (s *leaseService) LeaseLeases(ctx context.Context, req *connect.Request[pb.
 	}
 	st := r.acquire()
 	leases := st.kv.Leases()
+	var keys [][]byte
+	for _, l := range leases {
+		keys = append(keys, st.kv.LeaseKeys(l.ID)...)
+	}
 	st.release()
+	if err := r.checkLeaseRead(ctx, keys); err != nil {
+		return nil, etcderr.ToConnect(err)
+	}
 	resp := &pb.LeaseLeasesResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Leases: make([]*pb.LeaseStatus, len(leases))}
 	for i, l := range leases {
 		resp.Leases[i] = &pb.LeaseStatus{ID: l.ID}

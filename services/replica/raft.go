@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/kvmesh/kvmesh/libs/authz"
 	"log/slog"
 	"time"
 
@@ -225,6 +226,10 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 			} else if t := req.GetLessorTerm(); t != 0 && t != e.GetTerm() {
 				// A deposed leader's lessor decided this; the new leader decides alone.
 				res.err = errNotPrimary
+			} else if err := r.admit(wr, req); err != nil {
+				res.err = err
+			} else if a := req.GetAuth(); a != nil {
+				res = r.applyAuth(b, a)
 			} else {
 				res = r.applyRequest(ctx, wr, req)
 				if res.err == nil {
@@ -269,6 +274,7 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 		panic(fmt.Sprintf("commit applied batch: %v", err))
 	}
 	r.m.backendCommit.Observe(time.Since(start).Seconds())
+	r.auth.publish()
 	for _, id := range r.members.committed() {
 		r.peers.forget(id)
 	}
@@ -349,6 +355,9 @@ func (r *Replica) propose(ctx context.Context, req *replicav1.RaftRequest) (prot
 	ctx, span := r.tracer.Start(ctx, "raft.propose")
 	defer span.End()
 	req.Id = r.nextID.Add(1)
+	if d, ok := authz.DecisionFrom(ctx); ok {
+		req.AuthStamp, req.AuthUser = d.Stamp, d.User
+	}
 	data, err := proto.Marshal(req)
 	if err != nil {
 		return nil, err

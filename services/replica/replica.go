@@ -90,6 +90,11 @@ type Config struct {
 	// LeaseRevokeRate is the most expired leases the leader revokes per second, so that
 	// an expiry storm cannot crowd out writes (etcd's leaseRevokeRate).
 	LeaseRevokeRate int `env:"LEASE_REVOKE_RATE, default=1000"`
+	// AuthBcryptCost is the bcrypt cost passwords are hashed with (etcd's
+	// --bcrypt-cost).
+	AuthBcryptCost int `env:"AUTH_BCRYPT_COST, default=10"`
+	// AuthTokenTTL is how long a token from Authenticate is valid (etcd's JWT ttl).
+	AuthTokenTTL time.Duration `env:"AUTH_TOKEN_TTL, default=5m"`
 
 	// EnableFaultInjection serves POST /debug/faults/isolate and /debug/faults/heal on
 	// the internal API, which cut this member's peer traffic both ways and restore it:
@@ -152,6 +157,7 @@ type Replica struct {
 
 	id, clusterID uint64
 	members       *memberTable
+	auth          authState
 
 	term        atomic.Uint64
 	leader      atomic.Uint64
@@ -256,6 +262,11 @@ func (r *Replica) open() error {
 	if r.members, err = loadMembers(r.st.db); err != nil {
 		return err
 	}
+	a, err := loadAuth(r.st.db)
+	if err != nil {
+		return err
+	}
+	r.auth.cur.Store(a)
 	id, err := loadIdentity(r.raftDB)
 	if err != nil {
 		return err
@@ -413,7 +424,9 @@ func clusterID(members []uint64, token string) uint64 {
 // Handler is the replica's internal API.
 func (r *Replica) Handler() http.Handler {
 	mux := rpcmux.New()
-	opts := append(r.tel.InternalHandler(), connect.WithReadMaxBytes(r.cfg.MaxRequestBytes+grpcOverheadBytes))
+	opts := append(r.tel.InternalHandler(), connect.WithReadMaxBytes(r.cfg.MaxRequestBytes+grpcOverheadBytes),
+		connect.WithInterceptors(authConnectInterceptor{}))
+	mux.Handle(replicav1connect.NewAuthServiceHandler(&authService{r}, opts...))
 	mux.Handle(replicav1connect.NewKVServiceHandler(&kvService{r}, opts...))
 	mux.Handle(replicav1connect.NewClusterServiceHandler(&clusterService{r}, opts...))
 	mux.Handle(replicav1connect.NewMaintenanceServiceHandler(&maintenanceService{r}, opts...))

@@ -321,6 +321,10 @@ func (r *Replica) installSnapshot(snap *raftpb.Snapshot) {
 	if err != nil {
 		panic(fmt.Sprintf("load applied index of snapshot %d: %v", index, err))
 	}
+	auth, err := loadAuth(st.db)
+	if err != nil {
+		panic(fmt.Sprintf("load auth store of snapshot %d: %v", index, err))
+	}
 	if err := writeStateFile(r.cfg.DataDir, filepath.Base(in.dir)); err != nil {
 		panic(fmt.Sprintf("point %s at snapshot %d: %v", stateFileName, index, err))
 	}
@@ -328,6 +332,7 @@ func (r *Replica) installSnapshot(snap *raftpb.Snapshot) {
 	old := r.st
 	r.st = st
 	r.members.replace(members)
+	r.auth.cur.Store(auth)
 	r.stateMu.Unlock()
 	r.applied.Store(pos.index)
 	r.appliedTerm.Store(pos.term)

@@ -260,3 +260,7 @@ func (s *Store) commitLeases(w *Writer) {
 		}
 	}
 }
+
+// LeaseKeys is the keys lease id holds as of the requests applied so far in this
+// writer's batch.
+func (w *Writer) LeaseKeys(id int64) [][]byte { return w.leaseKeys(id) }

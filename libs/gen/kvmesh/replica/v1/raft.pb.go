@@ -41,12 +41,20 @@ type RaftRequest struct {
 	//	*RaftRequest_LeaseGrant
 	//	*RaftRequest_LeaseRevoke
 	//	*RaftRequest_LeaseCheckpoint
+	//	*RaftRequest_Auth
 	Request isRaftRequest_Request `protobuf_oneof:"request"`
 	// lessor_term is set on what the leader's lessor proposes by itself (expiry revokes,
 	// checkpoints): the term in which it was leader. Such an entry is applied only when
 	// its log entry has that term, so a deposed leader's decisions, forwarded to the new
 	// leader before the old one learned of it, change nothing.
-	LessorTerm    uint64 `protobuf:"varint,11,opt,name=lessor_term,json=lessorTerm,proto3" json:"lessor_term,omitempty"`
+	LessorTerm uint64 `protobuf:"varint,11,opt,name=lessor_term,json=lessorTerm,proto3" json:"lessor_term,omitempty"`
+	// auth_stamp is the auth state the gateway checked the request's permissions with
+	// (unset for requests no gateway checked: the lessor's own). The request is refused,
+	// and changes nothing, if the state has changed since.
+	AuthStamp *AuthStamp `protobuf:"bytes,13,opt,name=auth_stamp,json=authStamp,proto3" json:"auth_stamp,omitempty"`
+	// auth_user is the user the request runs as, for the checks only a replica can make
+	// (the keys attached to a lease).
+	AuthUser      string `protobuf:"bytes,14,opt,name=auth_user,json=authUser,proto3" json:"auth_user,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -176,11 +184,34 @@ func (x *RaftRequest) GetLeaseCheckpoint() *etcdserverpb.LeaseCheckpointRequest 
 	return nil
 }
 
+func (x *RaftRequest) GetAuth() *AuthRequest {
+	if x != nil {
+		if x, ok := x.Request.(*RaftRequest_Auth); ok {
+			return x.Auth
+		}
+	}
+	return nil
+}
+
 func (x *RaftRequest) GetLessorTerm() uint64 {
 	if x != nil {
 		return x.LessorTerm
 	}
 	return 0
+}
+
+func (x *RaftRequest) GetAuthStamp() *AuthStamp {
+	if x != nil {
+		return x.AuthStamp
+	}
+	return nil
+}
+
+func (x *RaftRequest) GetAuthUser() string {
+	if x != nil {
+		return x.AuthUser
+	}
+	return ""
 }
 
 type isRaftRequest_Request interface {
@@ -225,6 +256,11 @@ type RaftRequest_LeaseCheckpoint struct {
 	LeaseCheckpoint *etcdserverpb.LeaseCheckpointRequest `protobuf:"bytes,10,opt,name=lease_checkpoint,json=leaseCheckpoint,proto3,oneof"`
 }
 
+type RaftRequest_Auth struct {
+	// auth is a change of the auth store.
+	Auth *AuthRequest `protobuf:"bytes,12,opt,name=auth,proto3,oneof"`
+}
+
 func (*RaftRequest_Put) isRaftRequest_Request() {}
 
 func (*RaftRequest_DeleteRange) isRaftRequest_Request() {}
@@ -242,6 +278,8 @@ func (*RaftRequest_LeaseGrant) isRaftRequest_Request() {}
 func (*RaftRequest_LeaseRevoke) isRaftRequest_Request() {}
 
 func (*RaftRequest_LeaseCheckpoint) isRaftRequest_Request() {}
+
+func (*RaftRequest_Auth) isRaftRequest_Request() {}
 
 // ConfChangeContext is the context of a Raft conf change entry: the member it adds or
 // promotes (as MemberList will show it) and the proposal waiting for it.
@@ -368,7 +406,7 @@ var File_kvmesh_replica_v1_raft_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"\xab\x05\n" +
+	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\x1a\x1ckvmesh/replica/v1/auth.proto\"\xbb\x06\n" +
 	"\vRaftRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
 	"\x03put\x18\x02 \x01(\v2\x18.etcdserverpb.PutRequestH\x00R\x03put\x12E\n" +
@@ -383,9 +421,13 @@ const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"leaseGrant\x12E\n" +
 	"\flease_revoke\x18\t \x01(\v2 .etcdserverpb.LeaseRevokeRequestH\x00R\vleaseRevoke\x12Q\n" +
 	"\x10lease_checkpoint\x18\n" +
-	" \x01(\v2$.etcdserverpb.LeaseCheckpointRequestH\x00R\x0fleaseCheckpoint\x12\x1f\n" +
+	" \x01(\v2$.etcdserverpb.LeaseCheckpointRequestH\x00R\x0fleaseCheckpoint\x124\n" +
+	"\x04auth\x18\f \x01(\v2\x1e.kvmesh.replica.v1.AuthRequestH\x00R\x04auth\x12\x1f\n" +
 	"\vlessor_term\x18\v \x01(\x04R\n" +
-	"lessorTermB\t\n" +
+	"lessorTerm\x12;\n" +
+	"\n" +
+	"auth_stamp\x18\r \x01(\v2\x1c.kvmesh.replica.v1.AuthStampR\tauthStamp\x12\x1b\n" +
+	"\tauth_user\x18\x0e \x01(\tR\bauthUserB\t\n" +
 	"\arequest\"`\n" +
 	"\x11ConfChangeContext\x12,\n" +
 	"\x06member\x18\x01 \x01(\v2\x14.etcdserverpb.MemberR\x06member\x12\x1d\n" +
@@ -423,7 +465,9 @@ var file_kvmesh_replica_v1_raft_proto_goTypes = []any{
 	(*etcdserverpb.LeaseGrantRequest)(nil),      // 8: etcdserverpb.LeaseGrantRequest
 	(*etcdserverpb.LeaseRevokeRequest)(nil),     // 9: etcdserverpb.LeaseRevokeRequest
 	(*etcdserverpb.LeaseCheckpointRequest)(nil), // 10: etcdserverpb.LeaseCheckpointRequest
-	(*etcdserverpb.Member)(nil),                 // 11: etcdserverpb.Member
+	(*AuthRequest)(nil),                         // 11: kvmesh.replica.v1.AuthRequest
+	(*AuthStamp)(nil),                           // 12: kvmesh.replica.v1.AuthStamp
+	(*etcdserverpb.Member)(nil),                 // 13: etcdserverpb.Member
 }
 var file_kvmesh_replica_v1_raft_proto_depIdxs = []int32{
 	3,  // 0: kvmesh.replica.v1.RaftRequest.put:type_name -> etcdserverpb.PutRequest
@@ -435,12 +479,14 @@ var file_kvmesh_replica_v1_raft_proto_depIdxs = []int32{
 	8,  // 6: kvmesh.replica.v1.RaftRequest.lease_grant:type_name -> etcdserverpb.LeaseGrantRequest
 	9,  // 7: kvmesh.replica.v1.RaftRequest.lease_revoke:type_name -> etcdserverpb.LeaseRevokeRequest
 	10, // 8: kvmesh.replica.v1.RaftRequest.lease_checkpoint:type_name -> etcdserverpb.LeaseCheckpointRequest
-	11, // 9: kvmesh.replica.v1.ConfChangeContext.member:type_name -> etcdserverpb.Member
-	10, // [10:10] is the sub-list for method output_type
-	10, // [10:10] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	11, // 9: kvmesh.replica.v1.RaftRequest.auth:type_name -> kvmesh.replica.v1.AuthRequest
+	12, // 10: kvmesh.replica.v1.RaftRequest.auth_stamp:type_name -> kvmesh.replica.v1.AuthStamp
+	13, // 11: kvmesh.replica.v1.ConfChangeContext.member:type_name -> etcdserverpb.Member
+	12, // [12:12] is the sub-list for method output_type
+	12, // [12:12] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_kvmesh_replica_v1_raft_proto_init() }
@@ -448,6 +494,7 @@ func file_kvmesh_replica_v1_raft_proto_init() {
 	if File_kvmesh_replica_v1_raft_proto != nil {
 		return
 	}
+	file_kvmesh_replica_v1_auth_proto_init()
 	file_kvmesh_replica_v1_raft_proto_msgTypes[0].OneofWrappers = []any{
 		(*RaftRequest_Put)(nil),
 		(*RaftRequest_DeleteRange)(nil),
@@ -458,6 +505,7 @@ func file_kvmesh_replica_v1_raft_proto_init() {
 		(*RaftRequest_LeaseGrant)(nil),
 		(*RaftRequest_LeaseRevoke)(nil),
 		(*RaftRequest_LeaseCheckpoint)(nil),
+		(*RaftRequest_Auth)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{

@@ -1,14 +1,17 @@
-package replica
+// Package etcdcheck is etcd's gRPC-layer request validation, shared by replicas
+// (before anything is proposed) and gateways (before auth decisions, which etcd makes
+// after validation).
+package etcdcheck
 
 import (
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 )
 
-// The checks below are etcd's gRPC-layer request validation: they run before a request
+// The checks are etcd's gRPC-layer request validation: they run before a request
 // is proposed, and give the same errors in the same order as etcd.
 
-func checkRangeRequest(r *pb.RangeRequest) error {
+func RangeRequest(r *pb.RangeRequest) error {
 	if len(r.GetKey()) == 0 {
 		return etcderr.ErrEmptyKey
 	}
@@ -21,7 +24,7 @@ func checkRangeRequest(r *pb.RangeRequest) error {
 	return nil
 }
 
-func checkPutRequest(r *pb.PutRequest) error {
+func PutRequest(r *pb.PutRequest) error {
 	switch {
 	case len(r.GetKey()) == 0:
 		return etcderr.ErrEmptyKey
@@ -33,7 +36,7 @@ func checkPutRequest(r *pb.PutRequest) error {
 	return nil
 }
 
-func checkTxnRequest(r *pb.TxnRequest, maxOps int) error {
+func TxnRequest(r *pb.TxnRequest, maxOps int) error {
 	opc := max(len(r.GetCompare()), len(r.GetSuccess()), len(r.GetFailure()))
 	if opc > maxOps {
 		return etcderr.ErrTooManyOps
@@ -56,23 +59,23 @@ func checkTxnRequest(r *pb.TxnRequest, maxOps int) error {
 func checkRequestOp(op *pb.RequestOp, maxOps int) error {
 	switch req := op.GetRequest().(type) {
 	case *pb.RequestOp_RequestRange:
-		return checkRangeRequest(req.RequestRange)
+		return RangeRequest(req.RequestRange)
 	case *pb.RequestOp_RequestPut:
-		return checkPutRequest(req.RequestPut)
+		return PutRequest(req.RequestPut)
 	case *pb.RequestOp_RequestDeleteRange:
 		if len(req.RequestDeleteRange.GetKey()) == 0 {
 			return etcderr.ErrEmptyKey
 		}
 		return nil
 	case *pb.RequestOp_RequestTxn:
-		return checkTxnRequest(req.RequestTxn, maxOps)
+		return TxnRequest(req.RequestTxn, maxOps)
 	}
 	// An op with nothing set.
 	return etcderr.ErrKeyNotFound
 }
 
 // checkTxnIntervals rejects a txn whose branches could write one key twice.
-func checkTxnIntervals(r *pb.TxnRequest) error {
+func TxnIntervals(r *pb.TxnRequest) error {
 	if _, _, err := txnIntervals(r.GetSuccess()); err != nil {
 		return err
 	}

@@ -1,0 +1,386 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/kvmesh/kvmesh/libs/authz"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
+)
+
+// Access control at the gateway. The gateway keeps a copy of the auth state (users,
+// roles, permissions and the token verification key; no password hashes, no signing
+// key), verifies tokens itself and decides every request by etcd's rules. It sends
+// the request on with the stamp of the copy it decided with; a replica refuses it if
+// the state has changed since (ErrAuthStale), before it changes anything, and the
+// gateway refreshes its copy and decides again. A token naming a newer auth revision
+// than the copy also makes it refresh first. So a permission change holds on every
+// gateway from the first request after it is committed.
+
+// authRetries bounds how often one request is decided again after the state changed
+// under it.
+const authRetries = 5
+
+// authRefreshInterval is how often the copy is compared with the replicas' while
+// nothing else makes the gateway look (one linearizable read that answers only a
+// stamp while nothing changed).
+const authRefreshInterval = time.Second
+
+type authCache struct {
+	g        *Gateway
+	mu       sync.Mutex
+	cur      *authz.Store
+	verifier authz.Verifier
+
+	// Rounds of linearizable refreshes: a caller that needs a copy at least as new as
+	// the moment it asked joins the next round that starts after it asked.
+	roundMu  sync.Mutex
+	running  bool
+	next     *refreshRound
+	failures *failureLimiter
+}
+
+type refreshRound struct {
+	done chan struct{}
+	err  error
+}
+
+func newAuthCache(g *Gateway) *authCache {
+	return &authCache{g: g, failures: newFailureLimiter()}
+}
+
+// current is the copy, fetched if the gateway has none yet.
+func (a *authCache) current(ctx context.Context) (*authz.Store, error) {
+	a.mu.Lock()
+	s := a.cur
+	a.mu.Unlock()
+	if s != nil {
+		return s, nil
+	}
+	if err := a.refresh(ctx); err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.cur, nil
+}
+
+// refresh brings the copy up to date with a linearizable read that starts after the
+// call: concurrent callers share rounds.
+func (a *authCache) refresh(ctx context.Context) error {
+	a.roundMu.Lock()
+	if a.next == nil {
+		a.next = &refreshRound{done: make(chan struct{})}
+	}
+	r := a.next
+	if !a.running {
+		a.running = true
+		a.next = nil
+		go a.runRounds(r)
+	}
+	a.roundMu.Unlock()
+	select {
+	case <-r.done:
+		return r.err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// runRounds runs round r, then the round that gathered while r ran, until none did.
+func (a *authCache) runRounds(r *refreshRound) {
+	for r != nil {
+		r.err = a.fetch()
+		close(r.done)
+		a.roundMu.Lock()
+		r = a.next
+		a.next = nil
+		if r == nil {
+			a.running = false
+		}
+		a.roundMu.Unlock()
+	}
+}
+
+// fetch asks a replica for the state, sending the stamp of the copy.
+func (a *authCache) fetch() error {
+	ctx, cancel := context.WithTimeout(telemetry.Untraced(context.Background()), 2*updateTimeout)
+	defer cancel()
+	a.mu.Lock()
+	known := a.cur
+	a.mu.Unlock()
+	req := &replicav1.AuthStateRequest{}
+	if known != nil {
+		req.Known = known.Stamp()
+	}
+	resp, err := call(ctx, a.g, leaderRead, func(c *replicaConn) unaryFunc[replicav1.AuthStateRequest, replicav1.AuthStateResponse] {
+		return c.auth.State
+	}, req)
+	if err != nil {
+		return err
+	}
+	if st := resp.GetState(); st != nil {
+		s := authz.New(st)
+		a.mu.Lock()
+		if a.cur == nil || a.cur.Revision < s.Revision || !a.cur.Matches(s.Stamp()) {
+			a.cur = s
+		}
+		a.mu.Unlock()
+	}
+	return nil
+}
+
+// run keeps the copy fresh in the background.
+func (a *authCache) run(ctx context.Context) {
+	t := time.NewTicker(authRefreshInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := a.refresh(ctx); err != nil && ctx.Err() == nil {
+				a.g.log.Debug("auth state refresh failed", "err", err)
+			}
+		}
+	}
+}
+
+type credentialsKey struct{}
+
+// withCredentials carries the token a client sent (metadata "token", or
+// "authorization" with or without "Bearer ", as etcd accepts them).
+func withCredentials(ctx context.Context, get func(string) string) context.Context {
+	tok := get("token")
+	if tok == "" {
+		tok = get("authorization")
+	}
+	if tok == "" {
+		return ctx
+	}
+	return context.WithValue(ctx, credentialsKey{}, strings.TrimPrefix(tok, "Bearer "))
+}
+
+type internalKey struct{}
+
+// internal marks the gateway's own requests (health checks), which no user makes and
+// no auth check applies to.
+func internal(ctx context.Context) context.Context {
+	return context.WithValue(ctx, internalKey{}, true)
+}
+
+// check decides one request against an auth state for the user it runs as (nil: no
+// user, as etcd's AuthInfo).
+type check func(s *authz.Store, ai *authz.Info) error
+
+// allow is the check of requests that only need a valid token when one is given.
+func allow(*authz.Store, *authz.Info) error { return nil }
+
+// decide makes the decision for a request, refreshing the copy when the client's
+// token is newer than it.
+func (g *Gateway) decide(ctx context.Context, chk check) (context.Context, *authz.Info, error) {
+	if ctx.Value(internalKey{}) != nil {
+		return ctx, nil, nil
+	}
+	s, err := g.auth.current(ctx)
+	if err != nil {
+		return ctx, nil, err
+	}
+	ai, err := g.authInfo(ctx, s)
+	if err == errTokenAhead {
+		if err := g.auth.refresh(ctx); err != nil {
+			return ctx, nil, err
+		}
+		if s, err = g.auth.current(ctx); err != nil {
+			return ctx, nil, err
+		}
+		ai, err = g.authInfo(ctx, s)
+		if err == errTokenAhead {
+			err = etcderr.ErrInvalidAuthToken
+		}
+	}
+	if err != nil {
+		return ctx, nil, err
+	}
+	if err := chk(s, ai); err != nil {
+		return ctx, nil, err
+	}
+	d := authz.Decision{Stamp: s.Stamp()}
+	if ai != nil {
+		d.User = ai.User
+	}
+	return authz.WithDecision(ctx, d), ai, nil
+}
+
+var errTokenAhead = errors.New("token from a newer auth state than the gateway's copy")
+
+// authInfo is etcd's AuthInfoFromCtx: nothing while auth is disabled or no token was
+// sent; otherwise the user the token names, or "invalid auth token".
+func (g *Gateway) authInfo(ctx context.Context, s *authz.Store) (*authz.Info, error) {
+	if !s.Enabled {
+		return nil, nil
+	}
+	tok, _ := ctx.Value(credentialsKey{}).(string)
+	if tok == "" {
+		return nil, nil
+	}
+	info, err := g.auth.verifier.Verify(s.PublicKey, tok, time.Now())
+	if err != nil {
+		return nil, etcderr.ErrInvalidAuthToken
+	}
+	if info.Revision > s.Revision {
+		return nil, errTokenAhead
+	}
+	return &info, nil
+}
+
+// authorized decides a request and runs it, deciding again (after a refresh) when a
+// replica found the auth state changed since the decision. A request the copy denies
+// is decided again on a fresh copy before it is refused: a replica catches a stale
+// permit, but nothing would catch a stale denial (say, auth disabled a moment ago).
+func authorized[Res any](ctx context.Context, g *Gateway, chk check, do func(context.Context) (*Res, error)) (*Res, error) {
+	refreshed := false
+	for i := 0; ; i++ {
+		dctx, _, err := g.decide(ctx, chk)
+		if err != nil {
+			if refreshed || ctx.Value(internalKey{}) != nil {
+				return nil, err
+			}
+			if rerr := g.auth.refresh(ctx); rerr != nil {
+				return nil, err
+			}
+			refreshed = true
+			continue
+		}
+		res, err := do(dctx)
+		if err == nil || !isAuthStale(err) {
+			return res, err
+		}
+		g.m.authStale.Inc()
+		if i == authRetries {
+			return nil, etcderr.ErrAuthOldRevision
+		}
+		if err := g.auth.refresh(ctx); err != nil {
+			return nil, err
+		}
+		refreshed = true
+	}
+}
+
+func isAuthStale(err error) bool {
+	_, msg := etcderr.CodeMessage(err)
+	return msg == etcderr.ErrAuthStale.Error()
+}
+
+// failureLimiter limits failed Authenticate attempts per user and per client address:
+// each key may fail authFailureBurst times in a row, then once per
+// authFailureInterval; a success for a user clears that user's count.
+type failureLimiter struct {
+	mu   sync.Mutex
+	keys map[string]*failures
+}
+
+type failures struct {
+	n    int
+	last time.Time
+}
+
+const (
+	authFailureBurst    = 5
+	authFailureInterval = time.Second
+	// authFailureForget is when a key's count is dropped.
+	authFailureForget = time.Minute
+)
+
+func newFailureLimiter() *failureLimiter { return &failureLimiter{keys: make(map[string]*failures)} }
+
+// allowed tells whether an attempt for every key may be made now.
+func (l *failureLimiter) allowed(now time.Time, keys ...string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, k := range keys {
+		f := l.keys[k]
+		if f == nil {
+			continue
+		}
+		if now.Sub(f.last) > authFailureForget {
+			delete(l.keys, k)
+			continue
+		}
+		if f.n >= authFailureBurst && now.Sub(f.last) < authFailureInterval {
+			return false
+		}
+	}
+	return true
+}
+
+func (l *failureLimiter) failed(now time.Time, keys ...string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.keys) > 1<<16 {
+		for k, f := range l.keys {
+			if now.Sub(f.last) > authFailureForget {
+				delete(l.keys, k)
+			}
+		}
+	}
+	for _, k := range keys {
+		f := l.keys[k]
+		if f == nil {
+			f = &failures{}
+			l.keys[k] = f
+		}
+		f.n++
+		f.last = now
+	}
+}
+
+func (l *failureLimiter) succeeded(key string) {
+	l.mu.Lock()
+	delete(l.keys, key)
+	l.mu.Unlock()
+}
+
+// setDecisionHeader puts the decision a request carries on the call to a replica.
+func setDecisionHeader[Req any](ctx context.Context, r *connect.Request[Req]) {
+	if d, ok := authz.DecisionFrom(ctx); ok {
+		r.Header().Set(authz.MetadataKey, d.Encode())
+	}
+}
+
+// watchPermitted is etcd's check at watch creation (isWatchPermitted), made on a copy
+// of the auth state at least as new as the request: watches are served here without a
+// replica, so nothing else would catch a stale copy. The refreshes of concurrent
+// creations are shared. The error is the cancel reason etcd gives.
+func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest) error {
+	if g == nil || g.auth == nil {
+		return nil // a hub under test, without a gateway
+	}
+	if err := g.auth.refresh(ctx); err != nil {
+		return err
+	}
+	_, _, err := g.decide(ctx, func(s *authz.Store, ai *authz.Info) error {
+		return s.IsRangePermitted(ai, cr.GetKey(), cr.GetRangeEnd())
+	})
+	if err == nil {
+		return nil
+	}
+	reason := etcderr.ErrPermissionDenied
+	for _, e := range []*etcderr.Error{etcderr.ErrInvalidAuthToken, etcderr.ErrAuthOldRevision, etcderr.ErrUserEmpty} {
+		if errors.Is(err, e) {
+			reason = e
+		}
+	}
+	code, msg := etcderr.CodeMessage(reason)
+	return errors.New(status.Error(codes.Code(code), msg).Error())
+}
