@@ -187,10 +187,13 @@ func (g *Gateway) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.Com
 	})
 }
 
+// MemberList needs some user with auth enabled, as in etcd 3.5 and later.
 func (g *Gateway) MemberList(ctx context.Context, r *pb.MemberListRequest) (*pb.MemberListResponse, error) {
-	return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.MemberListRequest, pb.MemberListResponse] {
-		return c.cluster.MemberList
-	}, r)
+	return authorized(ctx, g, requireInfo, func(ctx context.Context) (*pb.MemberListResponse, error) {
+		return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.MemberListRequest, pb.MemberListResponse] {
+			return c.cluster.MemberList
+		}, r)
+	})
 }
 
 func (g *Gateway) MemberAdd(ctx context.Context, r *pb.MemberAddRequest) (*pb.MemberAddResponse, error) {
