@@ -96,7 +96,9 @@ func permInterval(key, rangeEnd []byte) interval {
 func isOpenEnded(rangeEnd []byte) bool { return len(rangeEnd) == 1 && rangeEnd[0] == 0 }
 
 // contains is etcd's IntervalTree.Contains: the permissions that overlap q, in order
-// of their start, form one unbroken run that covers q.
+// of their start, form one unbroken run that covers q. (For an inverted q, which
+// selects no key, etcd's answer depends on the shape of its tree; this one answers as
+// if the tree visited every overlapping permission.)
 func contains(perms []interval, q interval) bool {
 	var minBegin, maxEnd []byte
 	found := false
@@ -126,6 +128,11 @@ func intersects(perms []interval, q interval) bool {
 		}
 	}
 	return false
+}
+
+// sortIntervals orders permissions by their start, as the interval tree visits them.
+func sortIntervals(ivls []interval) {
+	slices.SortStableFunc(ivls, func(a, b interval) int { return compare(a.begin, b.begin) })
 }
 
 // New builds the store for checks from an auth state.
@@ -169,9 +176,8 @@ func New(st *replicav1.AuthState) *Store {
 				}
 			}
 		}
-		byBegin := func(a, b interval) int { return compare(a.begin, b.begin) }
-		slices.SortStableFunc(x.read, byBegin)
-		slices.SortStableFunc(x.write, byBegin)
+		sortIntervals(x.read)
+		sortIntervals(x.write)
 		s.users[x.name] = x
 	}
 	return s
