@@ -36,6 +36,7 @@ type globalFlags struct {
 	duration   time.Duration
 	timeout    time.Duration
 	targetName string
+	user       string
 }
 
 func (g *globalFlags) register(fs *flag.FlagSet) {
@@ -47,6 +48,7 @@ func (g *globalFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&g.duration, "duration", 0, "run for this long instead of --total requests (if --total is also given, stop at whichever comes first)")
 	fs.DurationVar(&g.timeout, "timeout", 10*time.Second, "per-request timeout")
 	fs.StringVar(&g.targetName, "target-name", "", "label for the target printed in the report, e.g. kvmesh or etcd")
+	fs.StringVar(&g.user, "user", "", "name:password to authenticate each connection with (auth enabled on the server)")
 }
 
 const usage = `Usage:
@@ -215,6 +217,9 @@ func (g *globalFlags) config(total int64, totalSet bool, stderr io.Writer) bench
 		Duration:   g.duration,
 		Timeout:    g.timeout,
 		TargetName: g.targetName,
+	}
+	if g.user != "" {
+		cfg.User, cfg.Password, _ = strings.Cut(g.user, ":")
 	}
 	if g.duration > 0 && !totalSet {
 		cfg.Total = 0 // --duration alone: unbounded count

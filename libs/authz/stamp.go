@@ -18,10 +18,15 @@ const MetadataKey = "kvmesh-auth"
 type Decision struct {
 	Stamp *replicav1.AuthStamp
 	User  string
+	// encoded caches Encode (set by WithDecision).
+	encoded string
 }
 
 // Encode is the metadata value of d.
 func (d Decision) Encode() string {
+	if d.encoded != "" {
+		return d.encoded
+	}
 	en := "0"
 	if d.Stamp.GetEnabled() {
 		en = "1"
@@ -50,6 +55,7 @@ type decisionKey struct{}
 
 // WithDecision carries a decision in a context.
 func WithDecision(ctx context.Context, d Decision) context.Context {
+	d.encoded = d.Encode()
 	return context.WithValue(ctx, decisionKey{}, d)
 }
 

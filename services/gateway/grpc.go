@@ -51,18 +51,17 @@ const streamWorkers = 1024
 
 // grpcContext carries what a gRPC call's metadata asks of the gateway (hasleader).
 func grpcContext(ctx context.Context) context.Context {
-	if md, ok := metadata.FromIncomingContext(ctx); ok {
-		if v := md.Get(hasLeaderKey); len(v) > 0 && v[0] == "true" {
-			ctx = withRequireLeader(ctx)
+	// ValueFromIncomingContext looks keys up without copying the whole metadata.
+	get := func(k string) string {
+		if v := metadata.ValueFromIncomingContext(ctx, k); len(v) > 0 {
+			return v[0]
 		}
-		ctx = withCredentials(ctx, func(k string) string {
-			if v := md.Get(k); len(v) > 0 {
-				return v[0]
-			}
-			return ""
-		})
+		return ""
 	}
-	return ctx
+	if get(hasLeaderKey) == "true" {
+		ctx = withRequireLeader(ctx)
+	}
+	return withCredentials(ctx, get)
 }
 
 func grpcUnary[Req, Res any](ctx context.Context, req *Req, fn func(context.Context, *Req) (*Res, error)) (*Res, error) {

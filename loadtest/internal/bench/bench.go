@@ -36,6 +36,9 @@ type Config struct {
 	Duration time.Duration
 	// Timeout bounds each request.
 	Timeout time.Duration
+	// User and Password, when User is set, authenticate each connection once before
+	// the run (as etcd's benchmark --user does); every request carries the token.
+	User, Password string
 	// TargetName is a free-form label copied into the report.
 	TargetName string
 	// Progress, if non-nil, receives a progress bar (meant for terminals).
@@ -206,7 +209,7 @@ func run(ctx context.Context, cfg Config, op string, params map[string]any, prep
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	conns, err := dialConns(ctx, cfg.Endpoints, cfg.Conns, cfg.Timeout)
+	conns, err := dialConns(ctx, cfg.Endpoints, cfg.Conns, cfg.Timeout, cfg.User, cfg.Password)
 	if err != nil {
 		return nil, err
 	}

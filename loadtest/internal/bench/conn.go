@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
 )
 
@@ -78,7 +79,7 @@ func normalizeEndpoint(ep string) (string, error) {
 }
 
 // dialConns opens n connections spread round-robin over endpoints.
-func dialConns(ctx context.Context, endpoints []string, n int, timeout time.Duration) ([]*conn, error) {
+func dialConns(ctx context.Context, endpoints []string, n int, timeout time.Duration, user, password string) ([]*conn, error) {
 	if len(endpoints) == 0 {
 		return nil, fmt.Errorf("no endpoints")
 	}
@@ -116,9 +117,22 @@ func dialConns(ctx context.Context, endpoints []string, n int, timeout time.Dura
 			MaxConnsPerHost: 1,
 		}
 		hc := &http.Client{Transport: tr}
-		kv := etcdserverpbconnect.NewKVClient(hc, "http://"+ep, connect.WithGRPC())
-		lease := etcdserverpbconnect.NewLeaseClient(hc, "http://"+ep, connect.WithGRPC())
-		conns = append(conns, &conn{endpoint: ep, transport: tr, dialer: d, kv: kv, lease: lease})
+		tok := &tokenInterceptor{}
+		kv := etcdserverpbconnect.NewKVClient(hc, "http://"+ep, connect.WithGRPC(), connect.WithInterceptors(tok))
+		lease := etcdserverpbconnect.NewLeaseClient(hc, "http://"+ep, connect.WithGRPC(), connect.WithInterceptors(tok))
+		c2 := &conn{endpoint: ep, transport: tr, dialer: d, kv: kv, lease: lease}
+		conns = append(conns, c2)
+		if user != "" {
+			auth := etcdserverpbconnect.NewAuthClient(hc, "http://"+ep, connect.WithGRPC())
+			actx, cancel := context.WithTimeout(ctx, timeout)
+			resp, err := auth.Authenticate(actx, connect.NewRequest(&pb.AuthenticateRequest{Name: user, Password: password}))
+			cancel()
+			if err != nil {
+				closeConns(conns)
+				return nil, fmt.Errorf("conn %d: authenticate %s: %w", i, user, err)
+			}
+			tok.token = resp.Msg.GetToken()
+		}
 	}
 	return conns, nil
 }
@@ -127,4 +141,31 @@ func closeConns(conns []*conn) {
 	for _, c := range conns {
 		c.close()
 	}
+}
+
+// tokenInterceptor sends a connection's auth token with each request, in the "token"
+// metadata as clientv3 does. The token is set once, before the run starts.
+type tokenInterceptor struct{ token string }
+
+func (t *tokenInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
+	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		if t.token != "" {
+			req.Header().Set("token", t.token)
+		}
+		return next(ctx, req)
+	}
+}
+
+func (t *tokenInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
+	return func(ctx context.Context, spec connect.Spec) connect.StreamingClientConn {
+		c := next(ctx, spec)
+		if t.token != "" {
+			c.RequestHeader().Set("token", t.token)
+		}
+		return c
+	}
+}
+
+func (t *tokenInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
+	return next
 }

@@ -349,7 +349,7 @@ func Watch(ctx context.Context, cfg Config, opts WatchOptions) (*WatchReport, er
 			return nil, fmt.Errorf("put rate %v must be > 0", r)
 		}
 	}
-	conns, err := dialConns(ctx, cfg.Endpoints, cfg.Conns+1, cfg.Timeout)
+	conns, err := dialConns(ctx, cfg.Endpoints, cfg.Conns+1, cfg.Timeout, cfg.User, cfg.Password)
 	if err != nil {
 		return nil, err
 	}
