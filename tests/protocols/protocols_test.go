@@ -28,6 +28,8 @@ import (
 
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb"
+	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb/v3lockpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/watch/v1/watchv1connect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/tests/harness"
@@ -163,13 +165,21 @@ func TestHealthAndUnbuiltServices(t *testing.T) {
 	}
 
 	// Not built yet: they say so, over every protocol.
-	if _, err := pb.NewAuthClient(conn).AuthStatus(ctxT(t), &pb.AuthStatusRequest{}); status.Code(err) != codes.Unimplemented {
-		t.Fatalf("gRPC AuthStatus: %v, want Unimplemented", err)
+	if _, err := v3lockpb.NewLockClient(conn).Lock(ctxT(t), &v3lockpb.LockRequest{Name: []byte("l")}); status.Code(err) != codes.Unimplemented {
+		t.Fatalf("gRPC Lock: %v, want Unimplemented", err)
 	}
-	_, err = etcdserverpbconnect.NewAuthClient(h2c.NewClient(), srv.ClientURL()).AuthStatus(ctxT(t), connect.NewRequest(&pb.AuthStatusRequest{}))
+	_, err = v3lockpbconnect.NewLockClient(h2c.NewClient(), srv.ClientURL()).Lock(ctxT(t), connect.NewRequest(&v3lockpb.LockRequest{Name: []byte("l")}))
 	var ce *connect.Error
 	if !errors.As(err, &ce) || ce.Code() != connect.CodeUnimplemented {
-		t.Fatalf("Connect AuthStatus: %v, want Unimplemented", err)
+		t.Fatalf("Connect Lock: %v, want Unimplemented", err)
+	}
+	// Auth is served over every protocol too.
+	if st, err := pb.NewAuthClient(conn).AuthStatus(ctxT(t), &pb.AuthStatusRequest{}); err != nil || st.GetEnabled() || st.GetAuthRevision() != 1 {
+		t.Fatalf("gRPC AuthStatus: %v, %v; want disabled at auth revision 1", st, err)
+	}
+	st, err := etcdserverpbconnect.NewAuthClient(h2c.NewClient(), srv.ClientURL(), connect.WithProtoJSON()).AuthStatus(ctxT(t), connect.NewRequest(&pb.AuthStatusRequest{}))
+	if err != nil || st.Msg.GetEnabled() || st.Msg.GetAuthRevision() != 1 {
+		t.Fatalf("Connect JSON AuthStatus: %v, %v; want disabled at auth revision 1", st, err)
 	}
 
 	for path, want := range map[string]string{
