@@ -12,7 +12,6 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"slices"
-	"sort"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/libs/gen/authpb"
@@ -193,9 +192,6 @@ func (s *Store) Matches(st *replicav1.AuthStamp) bool {
 	return st.GetRevision() == s.Revision && st.GetEnabled() == s.Enabled
 }
 
-// HasUser tells whether the user exists.
-func (s *Store) HasUser(name string) bool { return s.users[name] != nil }
-
 // HasRole tells whether the user has the role (etcd's HasRole).
 func (s *Store) HasRole(name, role string) bool {
 	u := s.users[name]
@@ -331,14 +327,4 @@ func (s *Store) CheckLeaseKeys(ai *Info, keys [][]byte, write bool) error {
 		}
 	}
 	return nil
-}
-
-// Users lists the user names, sorted.
-func (s *Store) Users() []string {
-	out := make([]string, 0, len(s.users))
-	for n := range s.users {
-		out = append(out, n)
-	}
-	sort.Strings(out)
-	return out
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -38,8 +39,7 @@ const authRefreshInterval = time.Second
 
 type authCache struct {
 	g        *Gateway
-	mu       sync.Mutex
-	cur      *authz.Store
+	cur      atomic.Pointer[authz.Store] // the copy; read on every request
 	verifier authz.Verifier
 
 	// Rounds of linearizable refreshes: a caller that needs a copy at least as new as
@@ -61,18 +61,13 @@ func newAuthCache(g *Gateway) *authCache {
 
 // current is the copy, fetched if the gateway has none yet.
 func (a *authCache) current(ctx context.Context) (*authz.Store, error) {
-	a.mu.Lock()
-	s := a.cur
-	a.mu.Unlock()
-	if s != nil {
+	if s := a.cur.Load(); s != nil {
 		return s, nil
 	}
 	if err := a.refresh(ctx); err != nil {
 		return nil, err
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.cur, nil
+	return a.cur.Load(), nil
 }
 
 // refresh brings the copy up to date with a linearizable read that starts after the
@@ -116,11 +111,8 @@ func (a *authCache) runRounds(r *refreshRound) {
 func (a *authCache) fetch() error {
 	ctx, cancel := context.WithTimeout(telemetry.Untraced(context.Background()), 2*updateTimeout)
 	defer cancel()
-	a.mu.Lock()
-	known := a.cur
-	a.mu.Unlock()
 	req := &replicav1.AuthStateRequest{}
-	if known != nil {
+	if known := a.cur.Load(); known != nil {
 		req.Known = known.Stamp()
 	}
 	resp, err := call(ctx, a.g, leaderRead, func(c *replicaConn) unaryFunc[replicav1.AuthStateRequest, replicav1.AuthStateResponse] {
@@ -129,13 +121,10 @@ func (a *authCache) fetch() error {
 	if err != nil {
 		return err
 	}
+	// Rounds run one at a time and each reads linearizably after the last: the
+	// answer is never older than the copy.
 	if st := resp.GetState(); st != nil {
-		s := authz.New(st)
-		a.mu.Lock()
-		if a.cur == nil || a.cur.Revision < s.Revision || !a.cur.Matches(s.Stamp()) {
-			a.cur = s
-		}
-		a.mu.Unlock()
+		a.cur.Store(authz.New(st))
 	}
 	return nil
 }

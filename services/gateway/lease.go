@@ -135,7 +135,7 @@ func (g *Gateway) keepAlive(ctx context.Context, recv func() (*pb.LeaseKeepAlive
 			// etcd's checkLeaseRenew: with auth enabled, a user must be given (the
 			// check of the lease's keys against that user is not made: see the
 			// closing note of issue 7).
-			if _, _, err := g.decide(ctx, requireInfo); err != nil {
+			if _, err := authorized(ctx, g, requireInfo, func(context.Context) (*struct{}, error) { return nil, nil }); err != nil {
 				cancel(err)
 				return
 			}

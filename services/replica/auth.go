@@ -161,18 +161,12 @@ func (r *Replica) applyAuth(b *pebble.Batch, req *replicav1.AuthRequest) result 
 // checkRead holds a served read to the auth state its gateway decided with (etcd
 // checks a read's auth revision after the read, too).
 func (r *Replica) checkRead(ctx context.Context) error {
-	d, ok := authz.DecisionFrom(ctx)
-	if !ok {
-		return nil
-	}
-	if !r.auth.cur.Load().store.Matches(d.Stamp) {
-		return etcderr.ErrAuthStale
-	}
-	return nil
+	return r.checkLeaseRead(ctx, nil)
 }
 
-// checkLeaseRead is etcd's check of reading leases' keys (LeaseTimeToLive with keys,
-// LeaseLeases): an admin may, anyone else must be allowed to read every key attached.
+// checkLeaseRead is checkRead and etcd's check of reading leases' keys
+// (LeaseTimeToLive with keys, LeaseLeases): an admin may, anyone else must be allowed
+// to read every key attached.
 func (r *Replica) checkLeaseRead(ctx context.Context, keys [][]byte) error {
 	d, ok := authz.DecisionFrom(ctx)
 	if !ok {
@@ -182,7 +176,7 @@ func (r *Replica) checkLeaseRead(ctx context.Context, keys [][]byte) error {
 	if !a.store.Matches(d.Stamp) {
 		return etcderr.ErrAuthStale
 	}
-	if !a.store.Enabled {
+	if !a.store.Enabled || len(keys) == 0 {
 		return nil
 	}
 	return a.store.CheckLeaseKeys(decisionInfo(d.User, d.Stamp), keys, false)
