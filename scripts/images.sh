@@ -5,7 +5,7 @@
 # are the ones docker-compose.yml names, so `docker compose up` then runs these images
 # instead of building them.
 #
-#   scripts/images.sh            kvmesh/{nats,replica,gateway,fanout}:dev
+#   scripts/images.sh            kvmesh/{nats,replica,gateway,fanout,devca}:dev
 #   scripts/images.sh --jaeger   also kvmesh/jaeger:2.13.0, Jaeger v2 built from its Go
 #                                module (about 6 minutes on 2 cores; the UI is Jaeger's
 #                                placeholder page, as the UI's assets are not in the
@@ -41,6 +41,7 @@ go build -trimpath -ldflags='-s -w' -o "$work/bin/" \
 	./services/gateway/cmd/kvmesh-gateway \
 	./services/fanout/cmd/kvmesh-fanout \
 	./libs/cmd/kvmesh-probe \
+	./libs/cmd/kvmesh-devca \
 	github.com/nats-io/nats-server/v2
 
 # build TAG DIR: the classic builder, which every Docker engine has (BuildKit needs the
@@ -72,6 +73,7 @@ image nats "$work/bin/nats-server" "$work/bin/kvmesh-probe" deploy/nats/nats.con
 image replica "$work/bin/kvmesh-replica" "$work/bin/kvmesh-probe"
 image gateway "$work/bin/kvmesh-gateway" "$work/bin/kvmesh-probe"
 image fanout "$work/bin/kvmesh-fanout" "$work/bin/kvmesh-probe"
+image devca "$work/bin/kvmesh-devca"
 
 if $jaeger; then
 	echo "images: building Jaeger from $jaeger_module (takes minutes)" >&2

@@ -95,7 +95,7 @@ else
 	export KVMESH_OTLP_ENDPOINT= # no Jaeger: tracing off
 fi
 
-images=(kvmesh/nats:dev kvmesh/replica:dev kvmesh/gateway:dev kvmesh/fanout:dev)
+images=(kvmesh/nats:dev kvmesh/replica:dev kvmesh/gateway:dev kvmesh/fanout:dev kvmesh/devca:dev)
 new_images=()
 for img in "${images[@]}"; do
 	docker image inspect "$img" >/dev/null 2>&1 || new_images+=("$img")

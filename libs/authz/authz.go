@@ -38,6 +38,16 @@ type Store struct {
 	Enabled   bool
 	PublicKey ed25519.PublicKey
 	users     map[string]*user
+	// namespaces are the users' tenant prefixes (kvmesh.tenant.v1); nil when none has one.
+	namespaces map[string][]byte
+}
+
+// Namespace is the tenant prefix of the user ai names (nil: none, or no user).
+func (s *Store) Namespace(ai *Info) []byte {
+	if ai == nil || s.namespaces == nil {
+		return nil
+	}
+	return s.namespaces[ai.User]
 }
 
 type user struct {
@@ -178,6 +188,12 @@ func New(st *replicav1.AuthState) *Store {
 		sortIntervals(x.read)
 		sortIntervals(x.write)
 		s.users[x.name] = x
+	}
+	for _, n := range st.GetNamespaces() {
+		if s.namespaces == nil {
+			s.namespaces = make(map[string][]byte, len(st.GetNamespaces()))
+		}
+		s.namespaces[n.GetUser()] = n.GetPrefix()
 	}
 	return s
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"slices"
 	"sort"
+	"strings"
 
 	"google.golang.org/protobuf/proto"
 
@@ -12,6 +13,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/gen/authpb"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	tenantv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/tenant/v1"
 )
 
 // IsChange tells whether an Auth request changes the store (and so goes through
@@ -19,7 +21,7 @@ import (
 func IsChange(req *replicav1.AuthRequest) bool {
 	switch req.GetRequest().(type) {
 	case *replicav1.AuthRequest_AuthStatus, *replicav1.AuthRequest_UserGet, *replicav1.AuthRequest_UserList,
-		*replicav1.AuthRequest_RoleGet, *replicav1.AuthRequest_RoleList:
+		*replicav1.AuthRequest_RoleGet, *replicav1.AuthRequest_RoleList, *replicav1.AuthRequest_UserGetNamespace:
 		return false
 	}
 	return true
@@ -96,8 +98,28 @@ func Apply(st *replicav1.AuthState, req *replicav1.AuthRequest) (*replicav1.Auth
 			return st, nil, etcderr.ErrUserNotFound
 		}
 		next.Users = slices.Delete(next.Users, i, i+1)
+		next.Namespaces = setNamespace(next.GetNamespaces(), m.GetName(), nil)
 		commit()
 		resp.Response = &replicav1.AuthResponse_UserDelete{UserDelete: &pb.AuthUserDeleteResponse{}}
+	case *replicav1.AuthRequest_UserSetNamespace:
+		m := r.UserSetNamespace
+		if m.GetName() == "" {
+			return st, nil, etcderr.ErrUserEmpty
+		}
+		if findUser(next, m.GetName()) == nil {
+			return st, nil, etcderr.ErrUserNotFound
+		}
+		next.Namespaces = setNamespace(next.GetNamespaces(), m.GetName(), m.GetNamespace())
+		commit()
+		resp.Response = &replicav1.AuthResponse_UserSetNamespace{UserSetNamespace: &tenantv1.SetUserNamespaceResponse{}}
+	case *replicav1.AuthRequest_UserGetNamespace:
+		m := r.UserGetNamespace
+		if findUser(st, m.GetName()) == nil {
+			return st, nil, etcderr.ErrUserNotFound
+		}
+		resp.Response = &replicav1.AuthResponse_UserGetNamespace{UserGetNamespace: &tenantv1.GetUserNamespaceResponse{
+			Namespace: namespaceOf(st.GetNamespaces(), m.GetName())}}
+		return st, resp, nil
 	case *replicav1.AuthRequest_UserChangePassword:
 		m := r.UserChangePassword
 		u := findUser(next, m.GetName())
@@ -283,6 +305,29 @@ func userIndex(st *replicav1.AuthState, name string) int {
 	return i
 }
 
+// setNamespace answers ns with user's namespace set to prefix (removed when empty),
+// kept sorted by user.
+func setNamespace(ns []*replicav1.UserNamespace, user string, prefix []byte) []*replicav1.UserNamespace {
+	i, found := slices.BinarySearchFunc(ns, user, func(x *replicav1.UserNamespace, u string) int { return strings.Compare(x.GetUser(), u) })
+	switch {
+	case found && len(prefix) == 0:
+		return slices.Delete(ns, i, i+1)
+	case found:
+		ns[i] = &replicav1.UserNamespace{User: user, Prefix: prefix}
+		return ns
+	case len(prefix) == 0:
+		return ns
+	}
+	return slices.Insert(ns, i, &replicav1.UserNamespace{User: user, Prefix: prefix})
+}
+
+func namespaceOf(ns []*replicav1.UserNamespace, user string) []byte {
+	if i, found := slices.BinarySearchFunc(ns, user, func(x *replicav1.UserNamespace, u string) int { return strings.Compare(x.GetUser(), u) }); found {
+		return ns[i].GetPrefix()
+	}
+	return nil
+}
+
 func findUser(st *replicav1.AuthState, name string) *authpb.User {
 	if i := userIndex(st, name); i >= 0 {
 		return st.Users[i]
@@ -316,7 +361,8 @@ func PasswordHash(st *replicav1.AuthState, name string) (hash []byte, noPassword
 
 // Public is st as gateways get it: no password hashes, no signing key, the public key.
 func Public(st *replicav1.AuthState, publicKey []byte) *replicav1.AuthState {
-	out := &replicav1.AuthState{Revision: st.GetRevision(), Enabled: st.GetEnabled(), Roles: st.GetRoles(), PublicKey: publicKey}
+	out := &replicav1.AuthState{Revision: st.GetRevision(), Enabled: st.GetEnabled(), Roles: st.GetRoles(), PublicKey: publicKey,
+		Namespaces: st.GetNamespaces()}
 	for _, u := range st.GetUsers() {
 		out.Users = append(out.Users, &authpb.User{Name: u.GetName(), Roles: u.GetRoles(), Options: u.GetOptions()})
 	}

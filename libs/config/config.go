@@ -72,3 +72,25 @@ func CheckReplicaURLs(name string, urls []string) error {
 	}
 	return nil
 }
+
+// CheckSchemes checks that the URLs set by the variable name match the mesh's TLS:
+// https:// with mutual TLS configured, http:// without.
+func CheckSchemes(name string, urls []string, tls bool) error {
+	want := "http"
+	if tls {
+		want = "https"
+	}
+	for _, u := range urls {
+		p, err := url.Parse(u)
+		if err != nil || p.Host == "" {
+			return fmt.Errorf("%s: %q is not an http(s) URL", name, u)
+		}
+		if p.Scheme != want {
+			if tls {
+				return fmt.Errorf("%s: %q: with mutual TLS configured (…_MTLS_* variables) the URLs are https://", name, u)
+			}
+			return fmt.Errorf("%s: %q: an https:// URL needs mutual TLS configured (…_MTLS_* variables)", name, u)
+		}
+	}
+	return nil
+}

@@ -7,7 +7,9 @@ package grpcsplit
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math"
@@ -20,6 +22,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/keepalive"
 )
@@ -76,6 +79,15 @@ func (s *Listener) run() {
 
 func (s *Listener) route(c net.Conn) {
 	c.SetReadDeadline(time.Now().Add(sniffTimeout))
+	if tc, ok := c.(*tls.Conn); ok {
+		// A peer without a certificate the server trusts (or that does not trust the
+		// server's) is refused here; say so where an operator looks.
+		if err := tc.Handshake(); err != nil {
+			s.log.Warn("refused connection: TLS handshake failed", "remote", c.RemoteAddr().String(), "err", err)
+			c.Close()
+			return
+		}
+	}
 	rec := &recorder{r: c}
 	isGRPC, h2, err := sniff(c, rec)
 	c.SetReadDeadline(time.Time{})
@@ -151,6 +163,9 @@ type replayConn struct {
 
 func (c *replayConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
+// NetConn is the connection under the replay (for its TLS state).
+func (c *replayConn) NetConn() net.Conn { return c.Conn }
+
 // ackFilterConn passes an HTTP/2 client's bytes through, except its first SETTINGS
 // acknowledgement (the one for the sniffer's SETTINGS).
 type ackFilterConn struct {
@@ -160,6 +175,9 @@ type ackFilterConn struct {
 	dropped     bool
 	out         []byte
 }
+
+// NetConn is the connection under the filter (for its TLS state).
+func (c *ackFilterConn) NetConn() net.Conn { return c.Conn }
 
 func (c *ackFilterConn) Read(p []byte) (int, error) {
 	for len(c.out) == 0 {
@@ -231,17 +249,26 @@ func (l *chanListener) Close() error {
 
 func (l *chanListener) Addr() net.Addr { return l.addr }
 
-// Dial opens a grpc-go link to a kvmesh port served through a Listener, at base (an
-// http:// URL): plaintext, connected lazily, the address resolved at each dial (a name
+// Dial opens a grpc-go link to a kvmesh port served through a Listener, at base: in
+// plaintext to an http:// URL, over TLS with tlsCfg to an https:// one; connected lazily, the address resolved at each dial (a name
 // that no longer resolves, such as a stopped container's, fails as a dial error, like
 // a refused connection), and an idle link pinged every 10 s to find a dead peer.
-func Dial(base string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+func Dial(base string, tlsCfg *tls.Config, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
 	u, err := url.Parse(base)
 	if err != nil {
 		return nil, err
 	}
+	creds := insecure.NewCredentials()
+	switch {
+	case u.Scheme == "https" && tlsCfg == nil:
+		return nil, fmt.Errorf("%s: an https URL needs the mesh's TLS (…_MTLS_* variables)", base)
+	case u.Scheme == "https":
+		creds = credentials.NewTLS(tlsCfg)
+	case u.Scheme != "http":
+		return nil, fmt.Errorf("%s: not an http(s) URL", base)
+	}
 	return grpc.NewClient("passthrough:///"+u.Host, append(opts,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(creds),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32)),
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}))...)
 }

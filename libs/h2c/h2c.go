@@ -5,6 +5,7 @@
 package h2c
 
 import (
+	"crypto/tls"
 	"net"
 	"net/http"
 	"time"
@@ -27,13 +28,16 @@ func NewServer(handler http.Handler) *http.Server {
 	}
 }
 
-// NewClient returns a client that speaks h2c to every server (prior knowledge).
-func NewClient() *http.Client {
+// NewClient returns a client that speaks HTTP/2 to every server: h2c (prior knowledge)
+// to http:// URLs, and over TLS with tlsCfg (the mesh's mutual TLS) to https:// ones.
+func NewClient(tlsCfg *tls.Config) *http.Client {
 	p := new(http.Protocols)
 	p.SetUnencryptedHTTP2(true)
+	p.SetHTTP2(true)
 	return &http.Client{Transport: &http.Transport{
-		Protocols:   p,
-		DialContext: (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		HTTP2:       &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 5 * time.Second},
+		Protocols:       p,
+		TLSClientConfig: tlsCfg,
+		DialContext:     (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		HTTP2:           &http.HTTP2Config{SendPingTimeout: 10 * time.Second, PingTimeout: 5 * time.Second},
 	}}
 }

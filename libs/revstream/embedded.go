@@ -1,6 +1,7 @@
 package revstream
 
 import (
+	"crypto/tls"
 	"fmt"
 	"log/slog"
 	"net"
@@ -8,6 +9,8 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
+
+	"github.com/kvmesh/kvmesh/libs/meshtls"
 )
 
 // MaxPayload is the largest message the embedded server accepts (NATS's default is
@@ -21,8 +24,11 @@ type Embedded struct {
 }
 
 // StartEmbedded starts a NATS server with JetStream storing under dir. listen is
-// host:port for clients, or empty to accept in-process connections only.
-func StartEmbedded(dir, listen string, log *slog.Logger) (*Embedded, error) {
+// host:port for clients, or empty to accept in-process connections only. With tlsCfg
+// (the mesh's mutual TLS) network clients must present a certificate from the cluster
+// CA; without it, listen must be a loopback address unless allowPlaintext.
+// In-process connections never use TLS.
+func StartEmbedded(dir, listen string, tlsCfg *tls.Config, allowPlaintext bool, log *slog.Logger) (*Embedded, error) {
 	opts := &server.Options{
 		ServerName: "kvmesh-embedded",
 		JetStream:  true,
@@ -32,6 +38,14 @@ func StartEmbedded(dir, listen string, log *slog.Logger) (*Embedded, error) {
 		DontListen: listen == "",
 	}
 	if listen != "" {
+		if tlsCfg == nil && !allowPlaintext {
+			if err := meshtls.CheckLoopback("KVMESH_NATS_EMBEDDED_LISTEN", "KVMESH_REPLICA_ALLOW_PLAINTEXT", listen); err != nil {
+				return nil, err
+			}
+		}
+		if tlsCfg != nil {
+			opts.TLSConfig, opts.TLS, opts.TLSVerify, opts.TLSTimeout = tlsCfg, true, true, 5
+		}
 		host, port, err := net.SplitHostPort(listen)
 		if err != nil {
 			return nil, fmt.Errorf("nats listen address %q: %w", listen, err)

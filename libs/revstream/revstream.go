@@ -12,6 +12,7 @@ package revstream
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"strconv"
@@ -62,8 +63,12 @@ func (c *Config) Validate() error {
 // HeaderRevision carries the revision of a message.
 const HeaderRevision = "Kvmesh-Revision"
 
-// Connect connects to the NATS server at url, reconnecting for ever.
-func Connect(url, name string, opts ...nats.Option) (*nats.Conn, error) {
+// Connect connects to the NATS server at url, reconnecting for ever; over TLS with
+// tlsCfg (the mesh's mutual TLS) when it is set.
+func Connect(url, name string, tlsCfg *tls.Config, opts ...nats.Option) (*nats.Conn, error) {
+	if tlsCfg != nil {
+		opts = append(opts, nats.Secure(tlsCfg))
+	}
 	opts = append([]nats.Option{
 		nats.Name(name),
 		nats.MaxReconnects(-1),

@@ -38,6 +38,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/health"
+	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
@@ -54,6 +55,12 @@ type Config struct {
 	// StallTimeout switches to another replica when the one tailed has not delivered a
 	// revision that another replica already has for this long.
 	StallTimeout time.Duration `env:"STALL_TIMEOUT, default=3s"`
+
+	// MTLS is the fanout's identity in the mesh (KVMESH_FANOUT_MTLS_CERT_FILE, _KEY_FILE,
+	// _CA_FILE), for its calls to the replicas (https:// URLs) and to NATS, and for its
+	// own port. KVMESH_FANOUT_ALLOW_PLAINTEXT=true lets that port be plaintext off
+	// loopback.
+	MTLS meshtls.Config
 }
 
 // Validate checks the configuration; errors name the variable.
@@ -72,7 +79,10 @@ func (c *Config) Validate() error {
 	if c.StallTimeout <= 0 {
 		return errors.New("KVMESH_FANOUT_STALL_TIMEOUT: must be positive")
 	}
-	return nil
+	if err := c.MTLS.Validate("KVMESH_FANOUT_"); err != nil {
+		return err
+	}
+	return config.CheckSchemes("KVMESH_FANOUT_REPLICAS", c.Replicas, c.MTLS.Enabled())
 }
 
 // Fanout publishes the committed revisions.
@@ -98,6 +108,7 @@ type Fanout struct {
 
 	server *http.Server
 	lis    net.Listener
+	mesh   *meshtls.Mesh // nil: plaintext
 }
 
 // New builds a fanout publishing through nc. client carries the calls to the replicas;
@@ -106,14 +117,18 @@ func New(cfg Config, stream revstream.Config, tel *telemetry.Telemetry, client c
 	if err := errors.Join(cfg.Validate(), stream.Validate()); err != nil {
 		return nil, err
 	}
+	mesh, err := cfg.MTLS.Load("KVMESH_FANOUT_")
+	if err != nil {
+		return nil, err
+	}
 	if client == nil {
-		client = h2c.NewClient()
+		client = h2c.NewClient(mesh.ClientConfig())
 	}
 	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(cfg.MaxInFlight))
 	if err != nil {
 		return nil, err
 	}
-	f := &Fanout{cfg: cfg, stream: stream, tel: tel, log: tel.Log.With("role", "fanout"), client: client, nc: nc, js: js,
+	f := &Fanout{cfg: cfg, stream: stream, tel: tel, log: tel.Log.With("role", "fanout"), client: client, nc: nc, js: js, mesh: mesh,
 		tracer: tel.Tracer.Tracer("kvmesh/fanout")}
 	f.m.published = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_published_revisions_total", Help: "Revisions published to the JetStream stream."})
 	f.m.conflicts = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_conflicts_total", Help: "Publishes refused because another publisher got there first."})
@@ -130,9 +145,9 @@ func (f *Fanout) Listen() error {
 	if f.cfg.Listen == "" {
 		return nil
 	}
-	lis, err := net.Listen("tcp", f.cfg.Listen)
+	lis, err := meshtls.Listen("KVMESH_FANOUT_LISTEN", "KVMESH_FANOUT_ALLOW_PLAINTEXT", f.cfg.Listen, f.mesh.ServerConfig(), f.cfg.MTLS.AllowPlaintext)
 	if err != nil {
-		return fmt.Errorf("KVMESH_FANOUT_LISTEN: %w", err)
+		return err
 	}
 	mux := rpcmux.New()
 	mux.Handle("/metrics", f.tel.MetricsHandler())

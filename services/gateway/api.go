@@ -147,8 +147,11 @@ func (g *Gateway) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeRespo
 	if err := etcdcheck.RangeRequest(r); err != nil {
 		return nil, err
 	}
-	return authorized(ctx, g, func(s *authz.Store, ai *authz.Info) error { return s.IsRangePermitted(ai, r.GetKey(), r.GetRangeEnd()) },
-		func(ctx context.Context) (*pb.RangeResponse, error) {
+	return nsAuthorized(ctx, g, r, rangeIn, rangeOut,
+		func(s *authz.Store, ai *authz.Info, r *pb.RangeRequest) error {
+			return s.IsRangePermitted(ai, r.GetKey(), r.GetRangeEnd())
+		},
+		func(ctx context.Context, r *pb.RangeRequest) (*pb.RangeResponse, error) {
 			return call(ctx, g, rangeRoute(r), func(c *replicaConn) unaryFunc[pb.RangeRequest, pb.RangeResponse] { return c.kv.Range }, r)
 		})
 }
@@ -157,8 +160,11 @@ func (g *Gateway) Put(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, e
 	if err := etcdcheck.PutRequest(r); err != nil {
 		return nil, err
 	}
-	return authorized(ctx, g, func(s *authz.Store, ai *authz.Info) error { return s.CheckPut(ai, r.GetKey(), r.GetPrevKv()) },
-		func(ctx context.Context) (*pb.PutResponse, error) {
+	return nsAuthorized(ctx, g, r, putIn, putOut,
+		func(s *authz.Store, ai *authz.Info, r *pb.PutRequest) error {
+			return s.CheckPut(ai, r.GetKey(), r.GetPrevKv())
+		},
+		func(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, error) {
 			return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.PutRequest, pb.PutResponse] { return c.kv.Put }, r)
 		})
 }
@@ -167,18 +173,40 @@ func (g *Gateway) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*p
 	if len(r.GetKey()) == 0 {
 		return nil, etcderr.ErrEmptyKey
 	}
-	return authorized(ctx, g, func(s *authz.Store, ai *authz.Info) error {
-		return s.CheckDeleteRange(ai, r.GetKey(), r.GetRangeEnd(), r.GetPrevKv())
-	}, func(ctx context.Context) (*pb.DeleteRangeResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.DeleteRangeRequest, pb.DeleteRangeResponse] { return c.kv.DeleteRange }, r)
-	})
+	return nsAuthorized(ctx, g, r, deleteIn, deleteOut,
+		func(s *authz.Store, ai *authz.Info, r *pb.DeleteRangeRequest) error {
+			return s.CheckDeleteRange(ai, r.GetKey(), r.GetRangeEnd(), r.GetPrevKv())
+		}, func(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
+			return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.DeleteRangeRequest, pb.DeleteRangeResponse] { return c.kv.DeleteRange }, r)
+		})
 }
 
 func (g *Gateway) Txn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
-	return authorized(ctx, g, func(s *authz.Store, ai *authz.Info) error { return s.CheckTxn(ai, r) },
-		func(ctx context.Context) (*pb.TxnResponse, error) {
+	return nsAuthorized(ctx, g, r, txnIn, txnOut,
+		func(s *authz.Store, ai *authz.Info, r *pb.TxnRequest) error { return s.CheckTxn(ai, r) },
+		func(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
 			return call(ctx, g, txnRoute(r), func(c *replicaConn) unaryFunc[pb.TxnRequest, pb.TxnResponse] { return c.kv.Txn }, r)
 		})
+}
+
+// nsAuthorized is authorized for a request with keys: each decision maps the request
+// into the namespace of the user it decides (in), checks the mapped request (chk) and
+// sends it (do); the answer comes back out of the namespace (out). Without a namespace
+// in and out answer what they get.
+func nsAuthorized[Req, Res any](ctx context.Context, g *Gateway, req *Req, in func([]byte, *Req) *Req, out func([]byte, *Res) *Res,
+	chk func(*authz.Store, *authz.Info, *Req) error, do func(context.Context, *Req) (*Res, error)) (*Res, error) {
+	// The gateway's own requests (health checks) are not decided: no namespace.
+	var p []byte
+	cur := req
+	res, err := authorized(ctx, g, func(s *authz.Store, ai *authz.Info) error {
+		p = g.prefix(s, ai)
+		cur = in(p, req)
+		return chk(s, ai, cur)
+	}, func(ctx context.Context) (*Res, error) { return do(ctx, cur) })
+	if err != nil {
+		return nil, err
+	}
+	return out(p, res), nil
 }
 
 func (g *Gateway) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.CompactionResponse, error) {

@@ -16,6 +16,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 
@@ -221,6 +222,13 @@ func (g *Gateway) authInfo(ctx context.Context, s *authz.Store) (*authz.Info, er
 	}
 	tok, _ := ctx.Value(credentialsKey{}).(string)
 	if tok == "" {
+		if g.cfg.ClientCertAuth {
+			// etcd's AuthInfoFromTLS: without a token, the verified client
+			// certificate's common name is the user.
+			if cn := meshtls.CommonName(ctx); cn != "" {
+				return &authz.Info{User: cn, Revision: s.Revision}, nil
+			}
+		}
 		return nil, nil
 	}
 	info, err := g.auth.verifier.Verify(s.PublicKey, tok, time.Now())
@@ -351,18 +359,23 @@ func setDecisionHeader[Req any](ctx context.Context, r *connect.Request[Req]) {
 // of the auth state at least as new as the request: watches are served here without a
 // replica, so nothing else would catch a stale copy. The refreshes of concurrent
 // creations are shared. The error is the cancel reason etcd gives.
-func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest) error {
+func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest) (*pb.WatchCreateRequest, []byte, error) {
 	if g == nil || g.auth == nil {
-		return nil // a hub under test, without a gateway
+		return cr, nil, nil // a hub under test, without a gateway
 	}
 	if err := g.auth.refresh(ctx); err != nil {
-		return err
+		return nil, nil, err
 	}
+	// The watch's keys are mapped into the namespace of the user it is decided for.
+	var p []byte
+	cur := cr
 	_, _, err := g.decide(ctx, func(s *authz.Store, ai *authz.Info) error {
-		return s.IsRangePermitted(ai, cr.GetKey(), cr.GetRangeEnd())
+		p = g.prefix(s, ai)
+		cur = watchIn(p, cr)
+		return s.IsRangePermitted(ai, cur.GetKey(), cur.GetRangeEnd())
 	})
 	if err == nil {
-		return nil
+		return cur, p, nil
 	}
 	reason := etcderr.ErrPermissionDenied
 	for _, e := range []*etcderr.Error{etcderr.ErrInvalidAuthToken, etcderr.ErrAuthOldRevision, etcderr.ErrUserEmpty} {
@@ -371,5 +384,5 @@ func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest)
 		}
 	}
 	code, msg := etcderr.CodeMessage(reason)
-	return errors.New(status.Error(codes.Code(code), msg).Error())
+	return nil, nil, errors.New(status.Error(codes.Code(code), msg).Error())
 }

@@ -5,6 +5,7 @@ package gateway
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,12 +21,14 @@ import (
 
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/tenant/v1/tenantv1connect"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/watch/v1/watchv1connect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb/v3electionpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb/v3lockpbconnect"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
@@ -53,6 +56,28 @@ type Config struct {
 	// WatchStreamQueue is how many revisions wait for one slow client stream before it
 	// is caught up from history instead.
 	WatchStreamQueue int `env:"WATCH_STREAM_QUEUE, default=1024"`
+
+	// Namespace prefixes every key of every request (etcd's grpc-proxy --namespace):
+	// clients of this gateway see only the keys under it, without the prefix. A user's
+	// tenant namespace (kvmesh.tenant.v1) goes after it.
+	Namespace string `env:"NAMESPACE"`
+
+	// TLSCertFile and TLSKeyFile are the certificate clients see (etcd's --cert-file and
+	// --key-file); set, the client port speaks TLS only.
+	TLSCertFile string `env:"TLS_CERT_FILE"`
+	TLSKeyFile  string `env:"TLS_KEY_FILE"`
+	// TLSTrustedCAFile is the CA that signs client certificates (etcd's
+	// --trusted-ca-file).
+	TLSTrustedCAFile string `env:"TLS_TRUSTED_CA_FILE"`
+	// ClientCertAuth requires every client to present a certificate the trusted CA
+	// signed; with auth enabled, a request without a token runs as the user the
+	// certificate's common name names (etcd's --client-cert-auth).
+	ClientCertAuth bool `env:"CLIENT_CERT_AUTH, default=false"`
+
+	// MTLS is the gateway's identity in the mesh (KVMESH_GATEWAY_MTLS_CERT_FILE, _KEY_FILE,
+	// _CA_FILE), for its calls to the replicas (https:// URLs) and to NATS.
+	// KVMESH_GATEWAY_ALLOW_PLAINTEXT=true lets the client port be plaintext off loopback.
+	MTLS meshtls.Config
 }
 
 // Validate checks the configuration; errors name the variable.
@@ -78,7 +103,19 @@ func (c *Config) Validate() error {
 	if c.WatchStreamQueue < 1 {
 		return errors.New("KVMESH_GATEWAY_WATCH_STREAM_QUEUE: must be positive")
 	}
-	return nil
+	if (c.TLSCertFile == "") != (c.TLSKeyFile == "") {
+		return errors.New("KVMESH_GATEWAY_TLS_CERT_FILE and KVMESH_GATEWAY_TLS_KEY_FILE: set both or neither")
+	}
+	if c.ClientCertAuth && (c.TLSCertFile == "" || c.TLSTrustedCAFile == "") {
+		return errors.New("KVMESH_GATEWAY_CLIENT_CERT_AUTH: needs KVMESH_GATEWAY_TLS_CERT_FILE, _KEY_FILE and _TLS_TRUSTED_CA_FILE")
+	}
+	if c.TLSTrustedCAFile != "" && c.TLSCertFile == "" {
+		return errors.New("KVMESH_GATEWAY_TLS_TRUSTED_CA_FILE: needs KVMESH_GATEWAY_TLS_CERT_FILE and _KEY_FILE")
+	}
+	if err := c.MTLS.Validate("KVMESH_GATEWAY_"); err != nil {
+		return err
+	}
+	return config.CheckSchemes("KVMESH_GATEWAY_REPLICAS", c.Replicas, c.MTLS.Enabled())
 }
 
 // grpcOverheadBytes is the slack etcd allows above --max-request-bytes for framing.
@@ -108,6 +145,13 @@ type Gateway struct {
 	auth     *authCache
 	m        gatewayMetrics
 
+	// mesh is the mutual TLS of calls to the replicas (nil: plaintext); clientTLS the
+	// client port's TLS (nil: plaintext).
+	mesh      *meshtls.Mesh
+	clientTLS *tls.Config
+	// namespace is cfg.Namespace (nil: none).
+	namespace []byte
+
 	lis    net.Listener
 	split  *grpcsplit.Listener
 	server *http.Server
@@ -121,8 +165,20 @@ func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gate
 		return nil, err
 	}
 	g := &Gateway{cfg: cfg, tel: tel, log: tel.Log.With("role", "gateway")}
+	if cfg.Namespace != "" {
+		g.namespace = []byte(cfg.Namespace)
+	}
+	var err error
+	if g.mesh, err = cfg.MTLS.Load("KVMESH_GATEWAY_"); err != nil {
+		return nil, err
+	}
+	if cfg.TLSCertFile != "" {
+		if g.clientTLS, err = meshtls.ClientFacing(cfg.TLSCertFile, cfg.TLSKeyFile, cfg.TLSTrustedCAFile, cfg.ClientCertAuth); err != nil {
+			return nil, fmt.Errorf("KVMESH_GATEWAY_TLS_…: %w", err)
+		}
+	}
 	if client == nil {
-		client = h2c.NewClient()
+		client = h2c.NewClient(g.mesh.ClientConfig())
 	}
 	_, g.inProcess = client.(*inproc.Client)
 	g.client = client
@@ -176,6 +232,7 @@ func (g *Gateway) Handler() http.Handler {
 	mux.Handle(etcdserverpbconnect.NewLeaseHandler(connectLease{g: g}, opts...))
 	// Not built yet: these answer Unimplemented, as the generated defaults do.
 	mux.Handle(etcdserverpbconnect.NewAuthHandler(connectAuth{g: g}, opts...))
+	mux.Handle(tenantv1connect.NewTenantServiceHandler(connectTenant{g: g}, opts...))
 	mux.Handle(v3lockpbconnect.NewLockHandler(v3lockpbconnect.UnimplementedLockHandler{}, opts...))
 	mux.Handle(v3electionpbconnect.NewElectionHandler(v3electionpbconnect.UnimplementedElectionHandler{}, opts...))
 	mux.Handle(healthCheckPath, connect.NewUnaryHandler(healthCheckPath, g.connectHealthCheck, opts...))
@@ -192,12 +249,14 @@ func (g *Gateway) Handler() http.Handler {
 // Listen binds the client address. gRPC connections go to grpc-go, the rest to
 // net/http with the Connect handlers (see libs/grpcsplit).
 func (g *Gateway) Listen() error {
-	lis, err := net.Listen("tcp", g.cfg.Listen)
+	lis, err := meshtls.Listen("KVMESH_GATEWAY_LISTEN", "KVMESH_GATEWAY_ALLOW_PLAINTEXT", g.cfg.Listen, g.clientTLS, g.cfg.MTLS.AllowPlaintext)
 	if err != nil {
-		return fmt.Errorf("KVMESH_GATEWAY_LISTEN: %w", err)
+		return err
 	}
 	g.lis = lis
 	g.server = h2c.NewServer(g.Handler())
+	// Requests find their connection's TLS state (client-certificate auth).
+	g.server.ConnContext = meshtls.WithConn
 	g.grpc = g.newGRPCServer()
 	return nil
 }

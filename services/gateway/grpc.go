@@ -10,8 +10,10 @@ import (
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	tenantv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/tenant/v1"
 	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb"
+	"github.com/kvmesh/kvmesh/libs/meshtls"
 )
 
 // The gRPC face of the public API, on grpc-go's own HTTP/2 transport. Connections whose
@@ -22,6 +24,8 @@ import (
 
 func (g *Gateway) newGRPCServer() *grpc.Server {
 	opts := append(g.tel.GRPCServer(),
+		// The listener terminates TLS; handlers see the client's certificate.
+		grpc.Creds(meshtls.TerminatedCredentials()),
 		grpc.MaxRecvMsgSize(g.cfg.MaxRequestBytes+grpcOverheadBytes),
 		grpc.MaxSendMsgSize(math.MaxInt32),
 		grpc.MaxConcurrentStreams(math.MaxUint32),
@@ -39,6 +43,7 @@ func (g *Gateway) newGRPCServer() *grpc.Server {
 	pb.RegisterLeaseServer(s, grpcLease{g: g})
 	// Not built yet: these answer Unimplemented.
 	pb.RegisterAuthServer(s, grpcAuth{g: g})
+	tenantv1.RegisterTenantServiceServer(s, grpcTenant{g: g})
 	v3lockpb.RegisterLockServer(s, v3lockpb.UnimplementedLockServer{})
 	v3electionpb.RegisterElectionServer(s, v3electionpb.UnimplementedElectionServer{})
 	healthv1.RegisterHealthServer(s, grpcHealth{g: g})

@@ -9,6 +9,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
@@ -61,7 +62,9 @@ func (g *Gateway) LeaseLeases(ctx context.Context, r *pb.LeaseLeasesRequest) (*p
 
 // LeaseTimeToLive asks the leader, looking for it while replicas answer "not leader".
 func (g *Gateway) LeaseTimeToLive(ctx context.Context, r *pb.LeaseTimeToLiveRequest) (*pb.LeaseTimeToLiveResponse, error) {
-	return authorized(ctx, g, requireInfo, func(ctx context.Context) (*pb.LeaseTimeToLiveResponse, error) { return g.leaseTimeToLive(ctx, r) })
+	return nsAuthorized(ctx, g, r, func(_ []byte, r *pb.LeaseTimeToLiveRequest) *pb.LeaseTimeToLiveRequest { return r }, leaseKeysOut,
+		func(s *authz.Store, ai *authz.Info, _ *pb.LeaseTimeToLiveRequest) error { return requireInfo(s, ai) },
+		g.leaseTimeToLive)
 }
 
 func (g *Gateway) leaseTimeToLive(ctx context.Context, r *pb.LeaseTimeToLiveRequest) (*pb.LeaseTimeToLiveResponse, error) {

@@ -92,7 +92,7 @@ func (v *view) conn(u string) *replicaConn {
 	}
 	if !v.g.inProcess {
 		// Over the network, the unary calls go over grpc-go (see upstream.go).
-		if cc, err := grpcsplit.Dial(u, v.g.tel.GRPCInternalClient()...); err == nil {
+		if cc, err := grpcsplit.Dial(u, v.g.mesh.ClientConfig(), v.g.tel.GRPCInternalClient()...); err == nil {
 			c.grpc = cc
 			c.kv = grpcKVClient{replicav1.NewKVServiceClient(cc)}
 			c.cluster = grpcClusterClient{replicav1.NewClusterServiceClient(cc)}

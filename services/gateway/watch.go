@@ -39,7 +39,9 @@ type watcher struct {
 	s        *wstream
 	id       int64
 	key, end []byte // end nil: the key alone; empty: every key from key on
-	next     int64  // the first revision this watcher has not been sent
+	// prefix is the namespace the watch was created in: stripped from its events' keys.
+	prefix   []byte
+	next     int64 // the first revision this watcher has not been sent
 	prevKV   bool
 	noPut    bool
 	noDelete bool
@@ -245,6 +247,14 @@ func (s *wstream) handle(req *pb.WatchRequest) error {
 }
 
 func (s *wstream) create(cr *pb.WatchCreateRequest) error {
+	fail := func(err error) error {
+		return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: invalidWatchID, Created: true, Canceled: true, CancelReason: err.Error()})
+	}
+	// Permission first, as etcd's watch server; the keys come back in the namespace.
+	cr, prefix, err := s.h.g.watchPermitted(s.ctx, cr)
+	if err != nil {
+		return fail(err)
+	}
 	key, end := cr.GetKey(), cr.GetRangeEnd()
 	if len(key) == 0 {
 		key = []byte{0} // etcd: "\x00" is the smallest key
@@ -255,14 +265,8 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 	case len(end) == 1 && end[0] == 0:
 		end = []byte{}
 	}
-	fail := func(err error) error {
-		return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: invalidWatchID, Created: true, Canceled: true, CancelReason: err.Error()})
-	}
 	if len(end) != 0 && bytes.Compare(key, end) >= 0 {
 		return fail(errEmptyWatcherRange)
-	}
-	if err := s.h.g.watchPermitted(s.ctx, cr); err != nil {
-		return fail(err)
 	}
 	id := cr.GetWatchId()
 	if id == 0 {
@@ -274,7 +278,7 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 	} else if s.watchers[id] != nil {
 		return fail(errWatcherDuplicateID)
 	}
-	w := &watcher{s: s, id: id, key: key, end: end, prevKV: cr.GetPrevKv(), fragment: cr.GetFragment(), progress: cr.GetProgressNotify()}
+	w := &watcher{s: s, id: id, key: key, end: end, prefix: prefix, prevKV: cr.GetPrevKv(), fragment: cr.GetFragment(), progress: cr.GetProgressNotify()}
 	for _, f := range cr.GetFilters() {
 		switch f {
 		case pb.WatchCreateRequest_NOPUT:
@@ -321,7 +325,7 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 	// etcd, the events of many revisions go together, under the current revision.
 	var batch []*mvccpb.Event
 	revs := 0
-	err := s.h.history(s.ctx, start, rev, func(r *hrev) error {
+	err = s.h.history(s.ctx, start, rev, func(r *hrev) error {
 		evs := w.take(r)
 		if len(evs) == 0 {
 			return nil
@@ -551,7 +555,10 @@ func (s *wstream) sendEvents(w *watcher, headerRev int64, evs []*mvccpb.Event) e
 	}
 	w.sent = true
 	s.h.m.events.Add(float64(len(evs)))
-	if s.sendRaw != nil && !w.fragment {
+	// A namespaced watcher's events are its own copies, without the prefix (so not
+	// from the stream's shared encodings).
+	evs = eventsOut(w.prefix, evs)
+	if s.sendRaw != nil && !w.fragment && len(w.prefix) == 0 {
 		hdr := s.wire.header(s.h.g.view.clusterID(), s.h.g.view.leaderID(), headerRev)
 		return s.sendRaw(s.wire.encode(hdr, w.id, evs))
 	}

@@ -72,7 +72,11 @@ func run() error {
 	}
 	if _, set := os.LookupEnv("KVMESH_REPLICA_CLIENT_URLS"); !set {
 		// Clients reach this member through its own gateway.
-		rcfg.ClientURLs = []string{"http://" + gcfg.Listen}
+		scheme := "http://"
+		if gcfg.TLSCertFile != "" {
+			scheme = "https://"
+		}
+		rcfg.ClientURLs = []string{scheme + gcfg.Listen}
 	}
 	tel, err := telemetry.New(ctx, "kvmesh", tcfg, os.Stderr)
 	if err != nil {
@@ -80,6 +84,12 @@ func run() error {
 	}
 	defer tel.Shutdown(context.Background())
 
+	// The replica's mesh identity (KVMESH_REPLICA_MTLS_…) is the process's: its
+	// internal port and NATS, the only links that leave the process.
+	mesh, err := rcfg.MTLS.Load("KVMESH_REPLICA_")
+	if err != nil {
+		return err
+	}
 	rep, err := replica.New(rcfg, tel)
 	if err != nil {
 		return err
@@ -95,12 +105,12 @@ func run() error {
 		nc       *nats.Conn
 	)
 	if ncfg.URL == "" {
-		embedded, err = revstream.StartEmbedded(filepath.Join(rcfg.DataDir, "nats"), ncfg.EmbeddedListen, tel.Log)
+		embedded, err = revstream.StartEmbedded(filepath.Join(rcfg.DataDir, "nats"), ncfg.EmbeddedListen, mesh.ServerConfig(), rcfg.MTLS.AllowPlaintext, tel.Log)
 		if err == nil {
 			nc, err = nats.Connect("", nats.InProcessServer(embedded), nats.Name("kvmesh"), nats.MaxReconnects(-1))
 		}
 	} else {
-		nc, err = revstream.Connect(ncfg.URL, "kvmesh")
+		nc, err = revstream.Connect(ncfg.URL, "kvmesh", mesh.ClientConfig())
 	}
 	if err != nil {
 		rep.Stop(context.Background())

@@ -132,7 +132,7 @@ func TestAWatchedRevisionIsOneTraceFromFanoutToGateway(t *testing.T) {
 	tel, spans := tracedTelemetry(t)
 	rcfg, gcfg, fcfg, ncfg := defaultConfigs(t)
 	rep := startReplica(t, rcfg, tel)
-	embedded, err := revstream.StartEmbedded(filepath.Join(rcfg.DataDir, "nats"), "", tel.Log)
+	embedded, err := revstream.StartEmbedded(filepath.Join(rcfg.DataDir, "nats"), "", nil, false, tel.Log)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -79,7 +79,7 @@ type peerSender struct {
 }
 
 func newTransport(r *Replica) *transport {
-	return &transport{r: r, client: h2c.NewClient(), senders: make(map[uint64]*peerSender)}
+	return &transport{r: r, client: h2c.NewClient(r.mesh.ClientConfig()), senders: make(map[uint64]*peerSender)}
 }
 
 // send queues msgs for their recipients; it never blocks the Raft loop.
@@ -154,7 +154,7 @@ func (t *transport) sender(id uint64) *peerSender {
 // HTTP/2 (BENCHMARKS.md), and every write crosses it twice.
 func (t *transport) run(s *peerSender) {
 	defer close(s.done)
-	cc, err := grpcsplit.Dial(s.url, t.r.tel.GRPCInternalClient()...)
+	cc, err := grpcsplit.Dial(s.url, t.r.mesh.ClientConfig(), t.r.tel.GRPCInternalClient()...)
 	if err != nil {
 		t.r.log.Error("bad peer URL", "peer", s.url, "err", err)
 		<-s.stop

@@ -35,12 +35,14 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvmesh/kvmesh/libs/config"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1/peerv1connect"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/replica/mvcc"
@@ -101,6 +103,12 @@ type Config struct {
 	// for partition tests of real processes. Never enable it in production.
 	EnableFaultInjection bool `env:"ENABLE_FAULT_INJECTION, default=false"`
 
+	// MTLS is this member's identity in the mesh (KVMESH_REPLICA_MTLS_CERT_FILE,
+	// _KEY_FILE, _CA_FILE): set, the internal port serves only callers with a
+	// certificate from the cluster CA, and peers are called over TLS (https:// peer
+	// URLs). KVMESH_REPLICA_ALLOW_PLAINTEXT=true lets the port be plaintext off loopback.
+	MTLS meshtls.Config
+
 	// fs replaces the file system under Pebble, for tests that inject disk faults.
 	fs vfs.FS
 }
@@ -134,7 +142,10 @@ func (c *Config) Validate() error {
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("KVMESH_REPLICA_LISTEN: %w", err)
 	}
-	return nil
+	if err := c.MTLS.Validate("KVMESH_REPLICA_"); err != nil {
+		return err
+	}
+	return config.CheckSchemes("KVMESH_REPLICA_PEER_URLS", c.PeerURLs, c.MTLS.Enabled())
 }
 
 // Replica is one member of the cluster.
@@ -186,12 +197,18 @@ type Replica struct {
 	server   *http.Server
 	grpc     *grpc.Server
 	lis      net.Listener
+	// mesh is the mutual TLS of the internal port and of calls to peers (nil: plaintext).
+	mesh *meshtls.Mesh
 }
 
 // New opens (or creates) the replica's data and starts its Raft node. Call Serve to
 // answer the internal API and Stop to shut down.
 func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	mesh, err := cfg.MTLS.Load("KVMESH_REPLICA_")
+	if err != nil {
 		return nil, err
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
@@ -206,7 +223,7 @@ func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 		return nil, fmt.Errorf("open pebble in %s: %w", cfg.DataDir, err)
 	}
 	r := &Replica{
-		cfg: cfg, log: tel.Log.With("role", "replica", "name", cfg.Name), tel: tel,
+		cfg: cfg, log: tel.Log.With("role", "replica", "name", cfg.Name), tel: tel, mesh: mesh,
 		tracer:        tel.Tracer.Tracer("kvmesh/replica"),
 		raftDB:        db,
 		waiters:       make(map[uint64]*waiter),
@@ -459,9 +476,9 @@ const grpcOverheadBytes = 512 * 1024
 
 // Listen binds the internal API's address (cfg.Listen).
 func (r *Replica) Listen() error {
-	lis, err := net.Listen("tcp", r.cfg.Listen)
+	lis, err := meshtls.Listen("KVMESH_REPLICA_LISTEN", "KVMESH_REPLICA_ALLOW_PLAINTEXT", r.cfg.Listen, r.mesh.ServerConfig(), r.cfg.MTLS.AllowPlaintext)
 	if err != nil {
-		return fmt.Errorf("KVMESH_REPLICA_LISTEN: %w", err)
+		return err
 	}
 	r.lis = lis
 	r.server = h2c.NewServer(r.Handler())

@@ -165,7 +165,7 @@ func TestMeshAuth(t *testing.T) {
 		r.start()
 	}
 	for _, e := range m.endpoints {
-		waitHealthy(t, "http://"+e, m.all)
+		m.waitHealthy(e)
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	for {

@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"net/http"
 	"os"
@@ -65,9 +67,14 @@ func (p *proc) tail() string {
 
 func waitHealthy(t *testing.T, url string, procs []*proc) {
 	t.Helper()
+	waitHealthyWith(t, http.DefaultClient, url, procs)
+}
+
+func waitHealthyWith(t *testing.T, client *http.Client, url string, procs []*proc) {
+	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		resp, err := http.Get(url + "/health")
+		resp, err := client.Get(url + "/health")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
@@ -231,12 +238,69 @@ type mesh struct {
 	nats       *proc
 	natsURL    string
 	fanouts    []*proc
+	// certs, when set, is a directory of kvmesh-devca certificates: every link is
+	// mutual TLS (each process's certificate is named after it), and the gateways serve
+	// TLS with client-certificate auth.
+	certs string
 }
 
 // startMesh starts n replicas (with env added to theirs), a NATS server with
 // JetStream, the fanout and two gateways, each gateway configured with the replicas in
 // a different order, and waits until both gateways are healthy.
 func startMesh(t *testing.T, n int, env ...string) *mesh {
+	t.Helper()
+	return startMeshIn(t, "", n, env...)
+}
+
+// scheme is the URL scheme of the mesh's links.
+func (m *mesh) scheme() string {
+	if m.certs != "" {
+		return "https://"
+	}
+	return "http://"
+}
+
+// mtlsEnv is the mutual-TLS identity of the process name, for the variables with prefix.
+func (m *mesh) mtlsEnv(prefix, name string) []string {
+	if m.certs == "" {
+		return nil
+	}
+	return []string{
+		prefix + "MTLS_CERT_FILE=" + filepath.Join(m.certs, name+".pem"),
+		prefix + "MTLS_KEY_FILE=" + filepath.Join(m.certs, name+"-key.pem"),
+		prefix + "MTLS_CA_FILE=" + filepath.Join(m.certs, "ca.pem"),
+	}
+}
+
+// httpClient reaches the gateways' plain HTTP endpoints (health).
+func (m *mesh) httpClient() *http.Client {
+	if m.certs == "" {
+		return http.DefaultClient
+	}
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: m.tlsConfig("root")}, Timeout: 5 * time.Second}
+}
+
+// tlsConfig is a client's TLS with the certificate of user (none for "") and the CA.
+func (m *mesh) tlsConfig(user string) *tls.Config {
+	m.t.Helper()
+	pool := x509.NewCertPool()
+	b, err := os.ReadFile(filepath.Join(m.certs, "ca.pem"))
+	if err != nil || !pool.AppendCertsFromPEM(b) {
+		m.t.Fatalf("CA: %v", err)
+	}
+	cfg := &tls.Config{RootCAs: pool}
+	if user != "" {
+		c, err := tls.LoadX509KeyPair(filepath.Join(m.certs, user+".pem"), filepath.Join(m.certs, user+"-key.pem"))
+		if err != nil {
+			m.t.Fatal(err)
+		}
+		cfg.Certificates = []tls.Certificate{c}
+	}
+	return cfg
+}
+
+// startMeshIn is startMesh, with every link over TLS when certs is set (see mesh.certs).
+func startMeshIn(t *testing.T, certs string, n int, env ...string) *mesh {
 	t.Helper()
 	bins := map[string]string{}
 	for _, pkg := range []string{
@@ -251,15 +315,15 @@ func startMesh(t *testing.T, n int, env ...string) *mesh {
 		}
 		bins[filepath.Base(pkg)] = bin
 	}
-	m := &mesh{t: t, dir: t.TempDir(), replicaBin: bins["kvmesh-replica"], gatewayBin: bins["kvmesh-gateway"], fanoutBin: bins["kvmesh-fanout"]}
+	m := &mesh{t: t, dir: t.TempDir(), replicaBin: bins["kvmesh-replica"], gatewayBin: bins["kvmesh-gateway"], fanoutBin: bins["kvmesh-fanout"], certs: certs}
 	for i := range n {
 		addr, err := harness.FreePort()
 		if err != nil {
 			t.Fatal(err)
 		}
 		name := fmt.Sprintf("r%d", i)
-		m.urls = append(m.urls, "http://"+addr)
-		m.initial = append(m.initial, name+"=http://"+addr)
+		m.urls = append(m.urls, m.scheme()+addr)
+		m.initial = append(m.initial, name+"="+m.scheme()+addr)
 		m.replicas = append(m.replicas, m.replicaProc(name, addr, env...))
 	}
 	for _, r := range m.replicas {
@@ -274,10 +338,17 @@ func startMesh(t *testing.T, n int, env ...string) *mesh {
 	}
 	host, port, _ := strings.Cut(natsAddr, ":")
 	conf := filepath.Join(m.dir, "nats.conf")
-	if err := os.WriteFile(conf, []byte(fmt.Sprintf("host: %s\nport: %s\nmax_payload: 8MB\njetstream { store_dir: %q }\n", host, port, filepath.Join(m.dir, "nats"))), 0o644); err != nil {
+	natsConf := fmt.Sprintf("host: %s\nport: %s\nmax_payload: 8MB\njetstream { store_dir: %q }\n", host, port, filepath.Join(m.dir, "nats"))
+	m.natsURL = "nats://" + natsAddr
+	if certs != "" {
+		// Clients must present a certificate from the cluster CA (verify).
+		natsConf += fmt.Sprintf("tls { cert_file: %q\nkey_file: %q\nca_file: %q\nverify: true }\n",
+			filepath.Join(certs, "nats.pem"), filepath.Join(certs, "nats-key.pem"), filepath.Join(certs, "ca.pem"))
+		m.natsURL = "tls://" + natsAddr
+	}
+	if err := os.WriteFile(conf, []byte(natsConf), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	m.natsURL = "nats://" + natsAddr
 	m.nats = &proc{t: t, name: "nats", bin: bins["v2"], args: []string{"-c", conf}, log: filepath.Join(m.dir, "nats.log")}
 	m.nats.start()
 	m.fanouts = append(m.fanouts, m.fanoutProc("f0"))
@@ -301,9 +372,15 @@ func startMesh(t *testing.T, n int, env ...string) *mesh {
 		p.start()
 	}
 	for _, e := range m.endpoints {
-		waitHealthy(t, "http://"+e, m.all)
+		m.waitHealthy(e)
 	}
 	return m
+}
+
+// waitHealthy waits for the gateway at endpoint.
+func (m *mesh) waitHealthy(endpoint string) {
+	m.t.Helper()
+	waitHealthyWith(m.t, m.httpClient(), m.scheme()+endpoint, m.all)
 }
 
 // leaderProc finds the process of the Raft leader: Status names the leader's member
@@ -346,8 +423,21 @@ func (m *mesh) gatewayProc(name string, i int) *proc {
 	order := append(append([]string{}, m.urls[i%n:]...), m.urls[:i%n]...)
 	m.endpoints = append(m.endpoints, addr)
 	return &proc{t: m.t, name: name, bin: m.gatewayBin, log: filepath.Join(m.dir, name+".log"),
-		env: []string{"KVMESH_GATEWAY_LISTEN=" + addr, "KVMESH_GATEWAY_REPLICAS=" + strings.Join(order, ","), "KVMESH_LOG_FORMAT=text",
-			"KVMESH_NATS_URL=" + m.natsURL}}
+		env: append([]string{"KVMESH_GATEWAY_LISTEN=" + addr, "KVMESH_GATEWAY_REPLICAS=" + strings.Join(order, ","), "KVMESH_LOG_FORMAT=text",
+			"KVMESH_NATS_URL=" + m.natsURL}, m.gatewayTLSEnv(name)...)}
+}
+
+// gatewayTLSEnv is a TLS mesh's gateway configuration: mutual TLS to the replicas and
+// NATS, and client TLS with client-certificate auth (its own certificate serves).
+func (m *mesh) gatewayTLSEnv(name string) []string {
+	if m.certs == "" {
+		return nil
+	}
+	return append(m.mtlsEnv("KVMESH_GATEWAY_", name),
+		"KVMESH_GATEWAY_TLS_CERT_FILE="+filepath.Join(m.certs, name+".pem"),
+		"KVMESH_GATEWAY_TLS_KEY_FILE="+filepath.Join(m.certs, name+"-key.pem"),
+		"KVMESH_GATEWAY_TLS_TRUSTED_CA_FILE="+filepath.Join(m.certs, "ca.pem"),
+		"KVMESH_GATEWAY_CLIENT_CERT_AUTH=true")
 }
 
 // fanoutProc describes (without starting) a fanout tailing every replica.
@@ -358,15 +448,15 @@ func (m *mesh) fanoutProc(name string) *proc {
 		m.t.Fatal(err)
 	}
 	return &proc{t: m.t, name: name, bin: m.fanoutBin, log: filepath.Join(m.dir, name+".log"),
-		env: []string{"KVMESH_FANOUT_LISTEN=" + addr, "KVMESH_FANOUT_REPLICAS=" + strings.Join(m.urls, ","), "KVMESH_LOG_FORMAT=text",
-			"KVMESH_NATS_URL=" + m.natsURL}}
+		env: append([]string{"KVMESH_FANOUT_LISTEN=" + addr, "KVMESH_FANOUT_REPLICAS=" + strings.Join(m.urls, ","), "KVMESH_LOG_FORMAT=text",
+			"KVMESH_NATS_URL=" + m.natsURL}, m.mtlsEnv("KVMESH_FANOUT_", name)...)}
 }
 
 // replicaProc describes (without starting) a replica process listening on addr.
 func (m *mesh) replicaProc(name, addr string, env ...string) *proc {
 	return &proc{t: m.t, name: name, bin: m.replicaBin, log: filepath.Join(m.dir, name+".log"),
-		env: append([]string{"KVMESH_REPLICA_NAME=" + name, "KVMESH_REPLICA_LISTEN=" + addr, "KVMESH_REPLICA_PEER_URLS=http://" + addr,
-			"KVMESH_REPLICA_DATA_DIR=" + filepath.Join(m.dir, name), "KVMESH_LOG_FORMAT=text"}, env...)}
+		env: append(append([]string{"KVMESH_REPLICA_NAME=" + name, "KVMESH_REPLICA_LISTEN=" + addr, "KVMESH_REPLICA_PEER_URLS=" + m.scheme() + addr,
+			"KVMESH_REPLICA_DATA_DIR=" + filepath.Join(m.dir, name), "KVMESH_LOG_FORMAT=text"}, m.mtlsEnv("KVMESH_REPLICA_", name)...), env...)}
 }
 
 func indexOf(ps []*proc, p *proc) int {

@@ -230,7 +230,7 @@ func TestMeshWatchValidatorUnderFaults(t *testing.T) {
 	m.gateways = append(m.gateways, g2)
 	m.all = append(m.all, g2)
 	g2.start()
-	waitHealthy(t, "http://"+m.endpoints[2], m.all)
+	m.waitHealthy(m.endpoints[2])
 	cli2 := etcdclient.NewClientFor(t, m.endpoints[2])
 	late := &validatedWatch{name: "g2-late", from: from}
 	late.run(ctx, cli2, "w/")

@@ -67,12 +67,12 @@ func TestEveryProtocolReadsWhatAnotherWrote(t *testing.T) {
 		name string
 		kv   etcdserverpbconnect.KVClient
 	}{
-		{"connect binary over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(), base)},
-		{"connect JSON over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(), base, connect.WithProtoJSON())},
+		{"connect binary over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(nil), base)},
+		{"connect JSON over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(nil), base, connect.WithProtoJSON())},
 		{"connect binary over HTTP/1.1", etcdserverpbconnect.NewKVClient(h1, base)},
 		{"gRPC-Web over HTTP/1.1", etcdserverpbconnect.NewKVClient(h1, base, connect.WithGRPCWeb())},
-		{"gRPC-Web over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(), base, connect.WithGRPCWeb())},
-		{"gRPC (connect-go client) over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(), base, connect.WithGRPC())},
+		{"gRPC-Web over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(nil), base, connect.WithGRPCWeb())},
+		{"gRPC (connect-go client) over h2c", etcdserverpbconnect.NewKVClient(h2c.NewClient(nil), base, connect.WithGRPC())},
 	}
 	prev := []byte("start")
 	put, err := grpcKV.Put(ctxT(t), &pb.PutRequest{Key: []byte("proto"), Value: prev, PrevKv: true})
@@ -168,7 +168,7 @@ func TestHealthAndUnbuiltServices(t *testing.T) {
 	if _, err := v3lockpb.NewLockClient(conn).Lock(ctxT(t), &v3lockpb.LockRequest{Name: []byte("l")}); status.Code(err) != codes.Unimplemented {
 		t.Fatalf("gRPC Lock: %v, want Unimplemented", err)
 	}
-	_, err = v3lockpbconnect.NewLockClient(h2c.NewClient(), srv.ClientURL()).Lock(ctxT(t), connect.NewRequest(&v3lockpb.LockRequest{Name: []byte("l")}))
+	_, err = v3lockpbconnect.NewLockClient(h2c.NewClient(nil), srv.ClientURL()).Lock(ctxT(t), connect.NewRequest(&v3lockpb.LockRequest{Name: []byte("l")}))
 	var ce *connect.Error
 	if !errors.As(err, &ce) || ce.Code() != connect.CodeUnimplemented {
 		t.Fatalf("Connect Lock: %v, want Unimplemented", err)
@@ -177,7 +177,7 @@ func TestHealthAndUnbuiltServices(t *testing.T) {
 	if st, err := pb.NewAuthClient(conn).AuthStatus(ctxT(t), &pb.AuthStatusRequest{}); err != nil || st.GetEnabled() || st.GetAuthRevision() != 1 {
 		t.Fatalf("gRPC AuthStatus: %v, %v; want disabled at auth revision 1", st, err)
 	}
-	st, err := etcdserverpbconnect.NewAuthClient(h2c.NewClient(), srv.ClientURL(), connect.WithProtoJSON()).AuthStatus(ctxT(t), connect.NewRequest(&pb.AuthStatusRequest{}))
+	st, err := etcdserverpbconnect.NewAuthClient(h2c.NewClient(nil), srv.ClientURL(), connect.WithProtoJSON()).AuthStatus(ctxT(t), connect.NewRequest(&pb.AuthStatusRequest{}))
 	if err != nil || st.Msg.GetEnabled() || st.Msg.GetAuthRevision() != 1 {
 		t.Fatalf("Connect JSON AuthStatus: %v, %v; want disabled at auth revision 1", st, err)
 	}
@@ -217,10 +217,10 @@ func TestHealthAndUnbuiltServices(t *testing.T) {
 func TestWatchOverConnect(t *testing.T) {
 	srv := start(t)
 	base := srv.ClientURL()
-	kv := etcdserverpbconnect.NewKVClient(h2c.NewClient(), base)
+	kv := etcdserverpbconnect.NewKVClient(h2c.NewClient(nil), base)
 	ctx := ctxT(t)
 
-	bidi := etcdserverpbconnect.NewWatchClient(h2c.NewClient(), base).Watch(ctx)
+	bidi := etcdserverpbconnect.NewWatchClient(h2c.NewClient(nil), base).Watch(ctx)
 	if err := bidi.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{Key: []byte("pw/"), RangeEnd: []byte("pw0"), PrevKv: true}}}); err != nil {
 		t.Fatal(err)
 	}
@@ -294,7 +294,7 @@ func TestLeaseOverConnect(t *testing.T) {
 		t.Fatalf("Connect JSON LeaseGrant: %v, %v", g, err)
 	}
 	id := g.Msg.GetID()
-	bidi := etcdserverpbconnect.NewLeaseClient(h2c.NewClient(), base).LeaseKeepAlive(ctx)
+	bidi := etcdserverpbconnect.NewLeaseClient(h2c.NewClient(nil), base).LeaseKeepAlive(ctx)
 	for range 3 {
 		if err := bidi.Send(&pb.LeaseKeepAliveRequest{ID: id}); err != nil {
 			t.Fatal(err)

@@ -50,7 +50,11 @@ func run() error {
 		return err
 	}
 	defer tel.Shutdown(context.Background())
-	nc, err := revstream.Connect(ncfg.URL, "kvmesh-fanout")
+	mesh, err := fcfg.MTLS.Load("KVMESH_FANOUT_")
+	if err != nil {
+		return err
+	}
+	nc, err := revstream.Connect(ncfg.URL, "kvmesh-fanout", mesh.ClientConfig())
 	if err != nil {
 		return fmt.Errorf("KVMESH_NATS_URL: %w", err)
 	}

@@ -46,6 +46,10 @@ func run() error {
 		return err
 	}
 	defer tel.Shutdown(context.Background())
+	mesh, err := gcfg.MTLS.Load("KVMESH_GATEWAY_")
+	if err != nil {
+		return err
+	}
 	gw, err := gateway.New(gcfg, tel, nil)
 	if err != nil {
 		return err
@@ -53,7 +57,7 @@ func run() error {
 	if ncfg.URL == "" {
 		tel.Log.Warn("KVMESH_NATS_URL is not set: Watch answers Unimplemented")
 	} else {
-		nc, err := revstream.Connect(ncfg.URL, "kvmesh-gateway")
+		nc, err := revstream.Connect(ncfg.URL, "kvmesh-gateway", mesh.ClientConfig())
 		if err != nil {
 			return fmt.Errorf("KVMESH_NATS_URL: %w", err)
 		}

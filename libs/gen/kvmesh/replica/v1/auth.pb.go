@@ -9,6 +9,7 @@ package replicav1
 import (
 	authpb "github.com/kvmesh/kvmesh/libs/gen/authpb"
 	etcdserverpb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	v1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/tenant/v1"
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
@@ -190,7 +191,9 @@ type AuthState struct {
 	// enabled. Never leaves a replica.
 	SigningSeed []byte `protobuf:"bytes,5,opt,name=signing_seed,json=signingSeed,proto3" json:"signing_seed,omitempty"`
 	// public_key verifies tokens (gateways' copy only).
-	PublicKey     []byte `protobuf:"bytes,6,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	PublicKey []byte `protobuf:"bytes,6,opt,name=public_key,json=publicKey,proto3" json:"public_key,omitempty"`
+	// namespaces are the users' tenant namespaces (kvmesh.tenant.v1), sorted by user.
+	Namespaces    []*UserNamespace `protobuf:"bytes,7,rep,name=namespaces,proto3" json:"namespaces,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -267,6 +270,66 @@ func (x *AuthState) GetPublicKey() []byte {
 	return nil
 }
 
+func (x *AuthState) GetNamespaces() []*UserNamespace {
+	if x != nil {
+		return x.Namespaces
+	}
+	return nil
+}
+
+// UserNamespace is one user's key prefix.
+type UserNamespace struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	User          string                 `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	Prefix        []byte                 `protobuf:"bytes,2,opt,name=prefix,proto3" json:"prefix,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UserNamespace) Reset() {
+	*x = UserNamespace{}
+	mi := &file_kvmesh_replica_v1_auth_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UserNamespace) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UserNamespace) ProtoMessage() {}
+
+func (x *UserNamespace) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_auth_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UserNamespace.ProtoReflect.Descriptor instead.
+func (*UserNamespace) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_auth_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *UserNamespace) GetUser() string {
+	if x != nil {
+		return x.User
+	}
+	return ""
+}
+
+func (x *UserNamespace) GetPrefix() []byte {
+	if x != nil {
+		return x.Prefix
+	}
+	return nil
+}
+
 // AuthRequest is one Auth RPC other than Authenticate.
 type AuthRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -288,6 +351,8 @@ type AuthRequest struct {
 	//	*AuthRequest_RoleDelete
 	//	*AuthRequest_RoleGrantPermission
 	//	*AuthRequest_RoleRevokePermission
+	//	*AuthRequest_UserSetNamespace
+	//	*AuthRequest_UserGetNamespace
 	Request isAuthRequest_Request `protobuf_oneof:"request"`
 	// signing_seed goes with auth_enable through Raft: the key to sign tokens with if
 	// the store has none yet (chosen by the proposer, so every member stores the same).
@@ -298,7 +363,7 @@ type AuthRequest struct {
 
 func (x *AuthRequest) Reset() {
 	*x = AuthRequest{}
-	mi := &file_kvmesh_replica_v1_auth_proto_msgTypes[4]
+	mi := &file_kvmesh_replica_v1_auth_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -310,7 +375,7 @@ func (x *AuthRequest) String() string {
 func (*AuthRequest) ProtoMessage() {}
 
 func (x *AuthRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kvmesh_replica_v1_auth_proto_msgTypes[4]
+	mi := &file_kvmesh_replica_v1_auth_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -323,7 +388,7 @@ func (x *AuthRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthRequest.ProtoReflect.Descriptor instead.
 func (*AuthRequest) Descriptor() ([]byte, []int) {
-	return file_kvmesh_replica_v1_auth_proto_rawDescGZIP(), []int{4}
+	return file_kvmesh_replica_v1_auth_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *AuthRequest) GetRequest() isAuthRequest_Request {
@@ -477,6 +542,24 @@ func (x *AuthRequest) GetRoleRevokePermission() *etcdserverpb.AuthRoleRevokePerm
 	return nil
 }
 
+func (x *AuthRequest) GetUserSetNamespace() *v1.SetUserNamespaceRequest {
+	if x != nil {
+		if x, ok := x.Request.(*AuthRequest_UserSetNamespace); ok {
+			return x.UserSetNamespace
+		}
+	}
+	return nil
+}
+
+func (x *AuthRequest) GetUserGetNamespace() *v1.GetUserNamespaceRequest {
+	if x != nil {
+		if x, ok := x.Request.(*AuthRequest_UserGetNamespace); ok {
+			return x.UserGetNamespace
+		}
+	}
+	return nil
+}
+
 func (x *AuthRequest) GetSigningSeed() []byte {
 	if x != nil {
 		return x.SigningSeed
@@ -552,6 +635,14 @@ type AuthRequest_RoleRevokePermission struct {
 	RoleRevokePermission *etcdserverpb.AuthRoleRevokePermissionRequest `protobuf:"bytes,16,opt,name=role_revoke_permission,json=roleRevokePermission,proto3,oneof"`
 }
 
+type AuthRequest_UserSetNamespace struct {
+	UserSetNamespace *v1.SetUserNamespaceRequest `protobuf:"bytes,18,opt,name=user_set_namespace,json=userSetNamespace,proto3,oneof"`
+}
+
+type AuthRequest_UserGetNamespace struct {
+	UserGetNamespace *v1.GetUserNamespaceRequest `protobuf:"bytes,19,opt,name=user_get_namespace,json=userGetNamespace,proto3,oneof"`
+}
+
 func (*AuthRequest_AuthEnable) isAuthRequest_Request() {}
 
 func (*AuthRequest_AuthDisable) isAuthRequest_Request() {}
@@ -584,6 +675,10 @@ func (*AuthRequest_RoleGrantPermission) isAuthRequest_Request() {}
 
 func (*AuthRequest_RoleRevokePermission) isAuthRequest_Request() {}
 
+func (*AuthRequest_UserSetNamespace) isAuthRequest_Request() {}
+
+func (*AuthRequest_UserGetNamespace) isAuthRequest_Request() {}
+
 // AuthResponse answers an AuthRequest with the response of the same RPC.
 type AuthResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -605,6 +700,8 @@ type AuthResponse struct {
 	//	*AuthResponse_RoleDelete
 	//	*AuthResponse_RoleGrantPermission
 	//	*AuthResponse_RoleRevokePermission
+	//	*AuthResponse_UserSetNamespace
+	//	*AuthResponse_UserGetNamespace
 	Response      isAuthResponse_Response `protobuf_oneof:"response"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -612,7 +709,7 @@ type AuthResponse struct {
 
 func (x *AuthResponse) Reset() {
 	*x = AuthResponse{}
-	mi := &file_kvmesh_replica_v1_auth_proto_msgTypes[5]
+	mi := &file_kvmesh_replica_v1_auth_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -624,7 +721,7 @@ func (x *AuthResponse) String() string {
 func (*AuthResponse) ProtoMessage() {}
 
 func (x *AuthResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kvmesh_replica_v1_auth_proto_msgTypes[5]
+	mi := &file_kvmesh_replica_v1_auth_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -637,7 +734,7 @@ func (x *AuthResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AuthResponse.ProtoReflect.Descriptor instead.
 func (*AuthResponse) Descriptor() ([]byte, []int) {
-	return file_kvmesh_replica_v1_auth_proto_rawDescGZIP(), []int{5}
+	return file_kvmesh_replica_v1_auth_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *AuthResponse) GetResponse() isAuthResponse_Response {
@@ -791,6 +888,24 @@ func (x *AuthResponse) GetRoleRevokePermission() *etcdserverpb.AuthRoleRevokePer
 	return nil
 }
 
+func (x *AuthResponse) GetUserSetNamespace() *v1.SetUserNamespaceResponse {
+	if x != nil {
+		if x, ok := x.Response.(*AuthResponse_UserSetNamespace); ok {
+			return x.UserSetNamespace
+		}
+	}
+	return nil
+}
+
+func (x *AuthResponse) GetUserGetNamespace() *v1.GetUserNamespaceResponse {
+	if x != nil {
+		if x, ok := x.Response.(*AuthResponse_UserGetNamespace); ok {
+			return x.UserGetNamespace
+		}
+	}
+	return nil
+}
+
 type isAuthResponse_Response interface {
 	isAuthResponse_Response()
 }
@@ -859,6 +974,14 @@ type AuthResponse_RoleRevokePermission struct {
 	RoleRevokePermission *etcdserverpb.AuthRoleRevokePermissionResponse `protobuf:"bytes,16,opt,name=role_revoke_permission,json=roleRevokePermission,proto3,oneof"`
 }
 
+type AuthResponse_UserSetNamespace struct {
+	UserSetNamespace *v1.SetUserNamespaceResponse `protobuf:"bytes,18,opt,name=user_set_namespace,json=userSetNamespace,proto3,oneof"`
+}
+
+type AuthResponse_UserGetNamespace struct {
+	UserGetNamespace *v1.GetUserNamespaceResponse `protobuf:"bytes,19,opt,name=user_get_namespace,json=userGetNamespace,proto3,oneof"`
+}
+
 func (*AuthResponse_AuthEnable) isAuthResponse_Response() {}
 
 func (*AuthResponse_AuthDisable) isAuthResponse_Response() {}
@@ -891,11 +1014,15 @@ func (*AuthResponse_RoleGrantPermission) isAuthResponse_Response() {}
 
 func (*AuthResponse_RoleRevokePermission) isAuthResponse_Response() {}
 
+func (*AuthResponse_UserSetNamespace) isAuthResponse_Response() {}
+
+func (*AuthResponse_UserGetNamespace) isAuthResponse_Response() {}
+
 var File_kvmesh_replica_v1_auth_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_auth_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckvmesh/replica/v1/auth.proto\x12\x11kvmesh.replica.v1\x1a\x11authpb/auth.proto\x1a\x16etcdserverpb/rpc.proto\"F\n" +
+	"\x1ckvmesh/replica/v1/auth.proto\x12\x11kvmesh.replica.v1\x1a\x11authpb/auth.proto\x1a\x16etcdserverpb/rpc.proto\x1a\x1dkvmesh/tenant/v1/tenant.proto\"F\n" +
 	"\x10AuthStateRequest\x122\n" +
 	"\x05known\x18\x01 \x01(\v2\x1c.kvmesh.replica.v1.AuthStampR\x05known\"{\n" +
 	"\x11AuthStateResponse\x122\n" +
@@ -903,7 +1030,7 @@ const file_kvmesh_replica_v1_auth_proto_rawDesc = "" +
 	"\x05state\x18\x02 \x01(\v2\x1c.kvmesh.replica.v1.AuthStateR\x05state\"A\n" +
 	"\tAuthStamp\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x04R\brevision\x12\x18\n" +
-	"\aenabled\x18\x02 \x01(\bR\aenabled\"\xcb\x01\n" +
+	"\aenabled\x18\x02 \x01(\bR\aenabled\"\x8d\x02\n" +
 	"\tAuthState\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x04R\brevision\x12\x18\n" +
 	"\aenabled\x18\x02 \x01(\bR\aenabled\x12\"\n" +
@@ -911,7 +1038,13 @@ const file_kvmesh_replica_v1_auth_proto_rawDesc = "" +
 	"\x05roles\x18\x04 \x03(\v2\f.authpb.RoleR\x05roles\x12!\n" +
 	"\fsigning_seed\x18\x05 \x01(\fR\vsigningSeed\x12\x1d\n" +
 	"\n" +
-	"public_key\x18\x06 \x01(\fR\tpublicKey\"\xed\t\n" +
+	"public_key\x18\x06 \x01(\fR\tpublicKey\x12@\n" +
+	"\n" +
+	"namespaces\x18\a \x03(\v2 .kvmesh.replica.v1.UserNamespaceR\n" +
+	"namespaces\";\n" +
+	"\rUserNamespace\x12\x12\n" +
+	"\x04user\x18\x01 \x01(\tR\x04user\x12\x16\n" +
+	"\x06prefix\x18\x02 \x01(\fR\x06prefix\"\xa3\v\n" +
 	"\vAuthRequest\x12B\n" +
 	"\vauth_enable\x18\x01 \x01(\v2\x1f.etcdserverpb.AuthEnableRequestH\x00R\n" +
 	"authEnable\x12E\n" +
@@ -933,9 +1066,11 @@ const file_kvmesh_replica_v1_auth_proto_rawDesc = "" +
 	"\vrole_delete\x18\x0e \x01(\v2#.etcdserverpb.AuthRoleDeleteRequestH\x00R\n" +
 	"roleDelete\x12b\n" +
 	"\x15role_grant_permission\x18\x0f \x01(\v2,.etcdserverpb.AuthRoleGrantPermissionRequestH\x00R\x13roleGrantPermission\x12e\n" +
-	"\x16role_revoke_permission\x18\x10 \x01(\v2-.etcdserverpb.AuthRoleRevokePermissionRequestH\x00R\x14roleRevokePermission\x12!\n" +
+	"\x16role_revoke_permission\x18\x10 \x01(\v2-.etcdserverpb.AuthRoleRevokePermissionRequestH\x00R\x14roleRevokePermission\x12Y\n" +
+	"\x12user_set_namespace\x18\x12 \x01(\v2).kvmesh.tenant.v1.SetUserNamespaceRequestH\x00R\x10userSetNamespace\x12Y\n" +
+	"\x12user_get_namespace\x18\x13 \x01(\v2).kvmesh.tenant.v1.GetUserNamespaceRequestH\x00R\x10userGetNamespace\x12!\n" +
 	"\fsigning_seed\x18\x11 \x01(\fR\vsigningSeedB\t\n" +
-	"\arequest\"\xdc\t\n" +
+	"\arequest\"\x94\v\n" +
 	"\fAuthResponse\x12C\n" +
 	"\vauth_enable\x18\x01 \x01(\v2 .etcdserverpb.AuthEnableResponseH\x00R\n" +
 	"authEnable\x12F\n" +
@@ -957,7 +1092,9 @@ const file_kvmesh_replica_v1_auth_proto_rawDesc = "" +
 	"\vrole_delete\x18\x0e \x01(\v2$.etcdserverpb.AuthRoleDeleteResponseH\x00R\n" +
 	"roleDelete\x12c\n" +
 	"\x15role_grant_permission\x18\x0f \x01(\v2-.etcdserverpb.AuthRoleGrantPermissionResponseH\x00R\x13roleGrantPermission\x12f\n" +
-	"\x16role_revoke_permission\x18\x10 \x01(\v2..etcdserverpb.AuthRoleRevokePermissionResponseH\x00R\x14roleRevokePermissionB\n" +
+	"\x16role_revoke_permission\x18\x10 \x01(\v2..etcdserverpb.AuthRoleRevokePermissionResponseH\x00R\x14roleRevokePermission\x12Z\n" +
+	"\x12user_set_namespace\x18\x12 \x01(\v2*.kvmesh.tenant.v1.SetUserNamespaceResponseH\x00R\x10userSetNamespace\x12Z\n" +
+	"\x12user_get_namespace\x18\x13 \x01(\v2*.kvmesh.tenant.v1.GetUserNamespaceResponseH\x00R\x10userGetNamespaceB\n" +
 	"\n" +
 	"\bresponse2\x81\x02\n" +
 	"\vAuthService\x12R\n" +
@@ -978,100 +1115,110 @@ func file_kvmesh_replica_v1_auth_proto_rawDescGZIP() []byte {
 	return file_kvmesh_replica_v1_auth_proto_rawDescData
 }
 
-var file_kvmesh_replica_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_kvmesh_replica_v1_auth_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_kvmesh_replica_v1_auth_proto_goTypes = []any{
 	(*AuthStateRequest)(nil),                              // 0: kvmesh.replica.v1.AuthStateRequest
 	(*AuthStateResponse)(nil),                             // 1: kvmesh.replica.v1.AuthStateResponse
 	(*AuthStamp)(nil),                                     // 2: kvmesh.replica.v1.AuthStamp
 	(*AuthState)(nil),                                     // 3: kvmesh.replica.v1.AuthState
-	(*AuthRequest)(nil),                                   // 4: kvmesh.replica.v1.AuthRequest
-	(*AuthResponse)(nil),                                  // 5: kvmesh.replica.v1.AuthResponse
-	(*authpb.User)(nil),                                   // 6: authpb.User
-	(*authpb.Role)(nil),                                   // 7: authpb.Role
-	(*etcdserverpb.AuthEnableRequest)(nil),                // 8: etcdserverpb.AuthEnableRequest
-	(*etcdserverpb.AuthDisableRequest)(nil),               // 9: etcdserverpb.AuthDisableRequest
-	(*etcdserverpb.AuthStatusRequest)(nil),                // 10: etcdserverpb.AuthStatusRequest
-	(*etcdserverpb.AuthUserAddRequest)(nil),               // 11: etcdserverpb.AuthUserAddRequest
-	(*etcdserverpb.AuthUserGetRequest)(nil),               // 12: etcdserverpb.AuthUserGetRequest
-	(*etcdserverpb.AuthUserListRequest)(nil),              // 13: etcdserverpb.AuthUserListRequest
-	(*etcdserverpb.AuthUserDeleteRequest)(nil),            // 14: etcdserverpb.AuthUserDeleteRequest
-	(*etcdserverpb.AuthUserChangePasswordRequest)(nil),    // 15: etcdserverpb.AuthUserChangePasswordRequest
-	(*etcdserverpb.AuthUserGrantRoleRequest)(nil),         // 16: etcdserverpb.AuthUserGrantRoleRequest
-	(*etcdserverpb.AuthUserRevokeRoleRequest)(nil),        // 17: etcdserverpb.AuthUserRevokeRoleRequest
-	(*etcdserverpb.AuthRoleAddRequest)(nil),               // 18: etcdserverpb.AuthRoleAddRequest
-	(*etcdserverpb.AuthRoleGetRequest)(nil),               // 19: etcdserverpb.AuthRoleGetRequest
-	(*etcdserverpb.AuthRoleListRequest)(nil),              // 20: etcdserverpb.AuthRoleListRequest
-	(*etcdserverpb.AuthRoleDeleteRequest)(nil),            // 21: etcdserverpb.AuthRoleDeleteRequest
-	(*etcdserverpb.AuthRoleGrantPermissionRequest)(nil),   // 22: etcdserverpb.AuthRoleGrantPermissionRequest
-	(*etcdserverpb.AuthRoleRevokePermissionRequest)(nil),  // 23: etcdserverpb.AuthRoleRevokePermissionRequest
-	(*etcdserverpb.AuthEnableResponse)(nil),               // 24: etcdserverpb.AuthEnableResponse
-	(*etcdserverpb.AuthDisableResponse)(nil),              // 25: etcdserverpb.AuthDisableResponse
-	(*etcdserverpb.AuthStatusResponse)(nil),               // 26: etcdserverpb.AuthStatusResponse
-	(*etcdserverpb.AuthUserAddResponse)(nil),              // 27: etcdserverpb.AuthUserAddResponse
-	(*etcdserverpb.AuthUserGetResponse)(nil),              // 28: etcdserverpb.AuthUserGetResponse
-	(*etcdserverpb.AuthUserListResponse)(nil),             // 29: etcdserverpb.AuthUserListResponse
-	(*etcdserverpb.AuthUserDeleteResponse)(nil),           // 30: etcdserverpb.AuthUserDeleteResponse
-	(*etcdserverpb.AuthUserChangePasswordResponse)(nil),   // 31: etcdserverpb.AuthUserChangePasswordResponse
-	(*etcdserverpb.AuthUserGrantRoleResponse)(nil),        // 32: etcdserverpb.AuthUserGrantRoleResponse
-	(*etcdserverpb.AuthUserRevokeRoleResponse)(nil),       // 33: etcdserverpb.AuthUserRevokeRoleResponse
-	(*etcdserverpb.AuthRoleAddResponse)(nil),              // 34: etcdserverpb.AuthRoleAddResponse
-	(*etcdserverpb.AuthRoleGetResponse)(nil),              // 35: etcdserverpb.AuthRoleGetResponse
-	(*etcdserverpb.AuthRoleListResponse)(nil),             // 36: etcdserverpb.AuthRoleListResponse
-	(*etcdserverpb.AuthRoleDeleteResponse)(nil),           // 37: etcdserverpb.AuthRoleDeleteResponse
-	(*etcdserverpb.AuthRoleGrantPermissionResponse)(nil),  // 38: etcdserverpb.AuthRoleGrantPermissionResponse
-	(*etcdserverpb.AuthRoleRevokePermissionResponse)(nil), // 39: etcdserverpb.AuthRoleRevokePermissionResponse
-	(*etcdserverpb.AuthenticateRequest)(nil),              // 40: etcdserverpb.AuthenticateRequest
-	(*etcdserverpb.AuthenticateResponse)(nil),             // 41: etcdserverpb.AuthenticateResponse
+	(*UserNamespace)(nil),                                 // 4: kvmesh.replica.v1.UserNamespace
+	(*AuthRequest)(nil),                                   // 5: kvmesh.replica.v1.AuthRequest
+	(*AuthResponse)(nil),                                  // 6: kvmesh.replica.v1.AuthResponse
+	(*authpb.User)(nil),                                   // 7: authpb.User
+	(*authpb.Role)(nil),                                   // 8: authpb.Role
+	(*etcdserverpb.AuthEnableRequest)(nil),                // 9: etcdserverpb.AuthEnableRequest
+	(*etcdserverpb.AuthDisableRequest)(nil),               // 10: etcdserverpb.AuthDisableRequest
+	(*etcdserverpb.AuthStatusRequest)(nil),                // 11: etcdserverpb.AuthStatusRequest
+	(*etcdserverpb.AuthUserAddRequest)(nil),               // 12: etcdserverpb.AuthUserAddRequest
+	(*etcdserverpb.AuthUserGetRequest)(nil),               // 13: etcdserverpb.AuthUserGetRequest
+	(*etcdserverpb.AuthUserListRequest)(nil),              // 14: etcdserverpb.AuthUserListRequest
+	(*etcdserverpb.AuthUserDeleteRequest)(nil),            // 15: etcdserverpb.AuthUserDeleteRequest
+	(*etcdserverpb.AuthUserChangePasswordRequest)(nil),    // 16: etcdserverpb.AuthUserChangePasswordRequest
+	(*etcdserverpb.AuthUserGrantRoleRequest)(nil),         // 17: etcdserverpb.AuthUserGrantRoleRequest
+	(*etcdserverpb.AuthUserRevokeRoleRequest)(nil),        // 18: etcdserverpb.AuthUserRevokeRoleRequest
+	(*etcdserverpb.AuthRoleAddRequest)(nil),               // 19: etcdserverpb.AuthRoleAddRequest
+	(*etcdserverpb.AuthRoleGetRequest)(nil),               // 20: etcdserverpb.AuthRoleGetRequest
+	(*etcdserverpb.AuthRoleListRequest)(nil),              // 21: etcdserverpb.AuthRoleListRequest
+	(*etcdserverpb.AuthRoleDeleteRequest)(nil),            // 22: etcdserverpb.AuthRoleDeleteRequest
+	(*etcdserverpb.AuthRoleGrantPermissionRequest)(nil),   // 23: etcdserverpb.AuthRoleGrantPermissionRequest
+	(*etcdserverpb.AuthRoleRevokePermissionRequest)(nil),  // 24: etcdserverpb.AuthRoleRevokePermissionRequest
+	(*v1.SetUserNamespaceRequest)(nil),                    // 25: kvmesh.tenant.v1.SetUserNamespaceRequest
+	(*v1.GetUserNamespaceRequest)(nil),                    // 26: kvmesh.tenant.v1.GetUserNamespaceRequest
+	(*etcdserverpb.AuthEnableResponse)(nil),               // 27: etcdserverpb.AuthEnableResponse
+	(*etcdserverpb.AuthDisableResponse)(nil),              // 28: etcdserverpb.AuthDisableResponse
+	(*etcdserverpb.AuthStatusResponse)(nil),               // 29: etcdserverpb.AuthStatusResponse
+	(*etcdserverpb.AuthUserAddResponse)(nil),              // 30: etcdserverpb.AuthUserAddResponse
+	(*etcdserverpb.AuthUserGetResponse)(nil),              // 31: etcdserverpb.AuthUserGetResponse
+	(*etcdserverpb.AuthUserListResponse)(nil),             // 32: etcdserverpb.AuthUserListResponse
+	(*etcdserverpb.AuthUserDeleteResponse)(nil),           // 33: etcdserverpb.AuthUserDeleteResponse
+	(*etcdserverpb.AuthUserChangePasswordResponse)(nil),   // 34: etcdserverpb.AuthUserChangePasswordResponse
+	(*etcdserverpb.AuthUserGrantRoleResponse)(nil),        // 35: etcdserverpb.AuthUserGrantRoleResponse
+	(*etcdserverpb.AuthUserRevokeRoleResponse)(nil),       // 36: etcdserverpb.AuthUserRevokeRoleResponse
+	(*etcdserverpb.AuthRoleAddResponse)(nil),              // 37: etcdserverpb.AuthRoleAddResponse
+	(*etcdserverpb.AuthRoleGetResponse)(nil),              // 38: etcdserverpb.AuthRoleGetResponse
+	(*etcdserverpb.AuthRoleListResponse)(nil),             // 39: etcdserverpb.AuthRoleListResponse
+	(*etcdserverpb.AuthRoleDeleteResponse)(nil),           // 40: etcdserverpb.AuthRoleDeleteResponse
+	(*etcdserverpb.AuthRoleGrantPermissionResponse)(nil),  // 41: etcdserverpb.AuthRoleGrantPermissionResponse
+	(*etcdserverpb.AuthRoleRevokePermissionResponse)(nil), // 42: etcdserverpb.AuthRoleRevokePermissionResponse
+	(*v1.SetUserNamespaceResponse)(nil),                   // 43: kvmesh.tenant.v1.SetUserNamespaceResponse
+	(*v1.GetUserNamespaceResponse)(nil),                   // 44: kvmesh.tenant.v1.GetUserNamespaceResponse
+	(*etcdserverpb.AuthenticateRequest)(nil),              // 45: etcdserverpb.AuthenticateRequest
+	(*etcdserverpb.AuthenticateResponse)(nil),             // 46: etcdserverpb.AuthenticateResponse
 }
 var file_kvmesh_replica_v1_auth_proto_depIdxs = []int32{
 	2,  // 0: kvmesh.replica.v1.AuthStateRequest.known:type_name -> kvmesh.replica.v1.AuthStamp
 	2,  // 1: kvmesh.replica.v1.AuthStateResponse.stamp:type_name -> kvmesh.replica.v1.AuthStamp
 	3,  // 2: kvmesh.replica.v1.AuthStateResponse.state:type_name -> kvmesh.replica.v1.AuthState
-	6,  // 3: kvmesh.replica.v1.AuthState.users:type_name -> authpb.User
-	7,  // 4: kvmesh.replica.v1.AuthState.roles:type_name -> authpb.Role
-	8,  // 5: kvmesh.replica.v1.AuthRequest.auth_enable:type_name -> etcdserverpb.AuthEnableRequest
-	9,  // 6: kvmesh.replica.v1.AuthRequest.auth_disable:type_name -> etcdserverpb.AuthDisableRequest
-	10, // 7: kvmesh.replica.v1.AuthRequest.auth_status:type_name -> etcdserverpb.AuthStatusRequest
-	11, // 8: kvmesh.replica.v1.AuthRequest.user_add:type_name -> etcdserverpb.AuthUserAddRequest
-	12, // 9: kvmesh.replica.v1.AuthRequest.user_get:type_name -> etcdserverpb.AuthUserGetRequest
-	13, // 10: kvmesh.replica.v1.AuthRequest.user_list:type_name -> etcdserverpb.AuthUserListRequest
-	14, // 11: kvmesh.replica.v1.AuthRequest.user_delete:type_name -> etcdserverpb.AuthUserDeleteRequest
-	15, // 12: kvmesh.replica.v1.AuthRequest.user_change_password:type_name -> etcdserverpb.AuthUserChangePasswordRequest
-	16, // 13: kvmesh.replica.v1.AuthRequest.user_grant_role:type_name -> etcdserverpb.AuthUserGrantRoleRequest
-	17, // 14: kvmesh.replica.v1.AuthRequest.user_revoke_role:type_name -> etcdserverpb.AuthUserRevokeRoleRequest
-	18, // 15: kvmesh.replica.v1.AuthRequest.role_add:type_name -> etcdserverpb.AuthRoleAddRequest
-	19, // 16: kvmesh.replica.v1.AuthRequest.role_get:type_name -> etcdserverpb.AuthRoleGetRequest
-	20, // 17: kvmesh.replica.v1.AuthRequest.role_list:type_name -> etcdserverpb.AuthRoleListRequest
-	21, // 18: kvmesh.replica.v1.AuthRequest.role_delete:type_name -> etcdserverpb.AuthRoleDeleteRequest
-	22, // 19: kvmesh.replica.v1.AuthRequest.role_grant_permission:type_name -> etcdserverpb.AuthRoleGrantPermissionRequest
-	23, // 20: kvmesh.replica.v1.AuthRequest.role_revoke_permission:type_name -> etcdserverpb.AuthRoleRevokePermissionRequest
-	24, // 21: kvmesh.replica.v1.AuthResponse.auth_enable:type_name -> etcdserverpb.AuthEnableResponse
-	25, // 22: kvmesh.replica.v1.AuthResponse.auth_disable:type_name -> etcdserverpb.AuthDisableResponse
-	26, // 23: kvmesh.replica.v1.AuthResponse.auth_status:type_name -> etcdserverpb.AuthStatusResponse
-	27, // 24: kvmesh.replica.v1.AuthResponse.user_add:type_name -> etcdserverpb.AuthUserAddResponse
-	28, // 25: kvmesh.replica.v1.AuthResponse.user_get:type_name -> etcdserverpb.AuthUserGetResponse
-	29, // 26: kvmesh.replica.v1.AuthResponse.user_list:type_name -> etcdserverpb.AuthUserListResponse
-	30, // 27: kvmesh.replica.v1.AuthResponse.user_delete:type_name -> etcdserverpb.AuthUserDeleteResponse
-	31, // 28: kvmesh.replica.v1.AuthResponse.user_change_password:type_name -> etcdserverpb.AuthUserChangePasswordResponse
-	32, // 29: kvmesh.replica.v1.AuthResponse.user_grant_role:type_name -> etcdserverpb.AuthUserGrantRoleResponse
-	33, // 30: kvmesh.replica.v1.AuthResponse.user_revoke_role:type_name -> etcdserverpb.AuthUserRevokeRoleResponse
-	34, // 31: kvmesh.replica.v1.AuthResponse.role_add:type_name -> etcdserverpb.AuthRoleAddResponse
-	35, // 32: kvmesh.replica.v1.AuthResponse.role_get:type_name -> etcdserverpb.AuthRoleGetResponse
-	36, // 33: kvmesh.replica.v1.AuthResponse.role_list:type_name -> etcdserverpb.AuthRoleListResponse
-	37, // 34: kvmesh.replica.v1.AuthResponse.role_delete:type_name -> etcdserverpb.AuthRoleDeleteResponse
-	38, // 35: kvmesh.replica.v1.AuthResponse.role_grant_permission:type_name -> etcdserverpb.AuthRoleGrantPermissionResponse
-	39, // 36: kvmesh.replica.v1.AuthResponse.role_revoke_permission:type_name -> etcdserverpb.AuthRoleRevokePermissionResponse
-	0,  // 37: kvmesh.replica.v1.AuthService.State:input_type -> kvmesh.replica.v1.AuthStateRequest
-	40, // 38: kvmesh.replica.v1.AuthService.Authenticate:input_type -> etcdserverpb.AuthenticateRequest
-	4,  // 39: kvmesh.replica.v1.AuthService.Call:input_type -> kvmesh.replica.v1.AuthRequest
-	1,  // 40: kvmesh.replica.v1.AuthService.State:output_type -> kvmesh.replica.v1.AuthStateResponse
-	41, // 41: kvmesh.replica.v1.AuthService.Authenticate:output_type -> etcdserverpb.AuthenticateResponse
-	5,  // 42: kvmesh.replica.v1.AuthService.Call:output_type -> kvmesh.replica.v1.AuthResponse
-	40, // [40:43] is the sub-list for method output_type
-	37, // [37:40] is the sub-list for method input_type
-	37, // [37:37] is the sub-list for extension type_name
-	37, // [37:37] is the sub-list for extension extendee
-	0,  // [0:37] is the sub-list for field type_name
+	7,  // 3: kvmesh.replica.v1.AuthState.users:type_name -> authpb.User
+	8,  // 4: kvmesh.replica.v1.AuthState.roles:type_name -> authpb.Role
+	4,  // 5: kvmesh.replica.v1.AuthState.namespaces:type_name -> kvmesh.replica.v1.UserNamespace
+	9,  // 6: kvmesh.replica.v1.AuthRequest.auth_enable:type_name -> etcdserverpb.AuthEnableRequest
+	10, // 7: kvmesh.replica.v1.AuthRequest.auth_disable:type_name -> etcdserverpb.AuthDisableRequest
+	11, // 8: kvmesh.replica.v1.AuthRequest.auth_status:type_name -> etcdserverpb.AuthStatusRequest
+	12, // 9: kvmesh.replica.v1.AuthRequest.user_add:type_name -> etcdserverpb.AuthUserAddRequest
+	13, // 10: kvmesh.replica.v1.AuthRequest.user_get:type_name -> etcdserverpb.AuthUserGetRequest
+	14, // 11: kvmesh.replica.v1.AuthRequest.user_list:type_name -> etcdserverpb.AuthUserListRequest
+	15, // 12: kvmesh.replica.v1.AuthRequest.user_delete:type_name -> etcdserverpb.AuthUserDeleteRequest
+	16, // 13: kvmesh.replica.v1.AuthRequest.user_change_password:type_name -> etcdserverpb.AuthUserChangePasswordRequest
+	17, // 14: kvmesh.replica.v1.AuthRequest.user_grant_role:type_name -> etcdserverpb.AuthUserGrantRoleRequest
+	18, // 15: kvmesh.replica.v1.AuthRequest.user_revoke_role:type_name -> etcdserverpb.AuthUserRevokeRoleRequest
+	19, // 16: kvmesh.replica.v1.AuthRequest.role_add:type_name -> etcdserverpb.AuthRoleAddRequest
+	20, // 17: kvmesh.replica.v1.AuthRequest.role_get:type_name -> etcdserverpb.AuthRoleGetRequest
+	21, // 18: kvmesh.replica.v1.AuthRequest.role_list:type_name -> etcdserverpb.AuthRoleListRequest
+	22, // 19: kvmesh.replica.v1.AuthRequest.role_delete:type_name -> etcdserverpb.AuthRoleDeleteRequest
+	23, // 20: kvmesh.replica.v1.AuthRequest.role_grant_permission:type_name -> etcdserverpb.AuthRoleGrantPermissionRequest
+	24, // 21: kvmesh.replica.v1.AuthRequest.role_revoke_permission:type_name -> etcdserverpb.AuthRoleRevokePermissionRequest
+	25, // 22: kvmesh.replica.v1.AuthRequest.user_set_namespace:type_name -> kvmesh.tenant.v1.SetUserNamespaceRequest
+	26, // 23: kvmesh.replica.v1.AuthRequest.user_get_namespace:type_name -> kvmesh.tenant.v1.GetUserNamespaceRequest
+	27, // 24: kvmesh.replica.v1.AuthResponse.auth_enable:type_name -> etcdserverpb.AuthEnableResponse
+	28, // 25: kvmesh.replica.v1.AuthResponse.auth_disable:type_name -> etcdserverpb.AuthDisableResponse
+	29, // 26: kvmesh.replica.v1.AuthResponse.auth_status:type_name -> etcdserverpb.AuthStatusResponse
+	30, // 27: kvmesh.replica.v1.AuthResponse.user_add:type_name -> etcdserverpb.AuthUserAddResponse
+	31, // 28: kvmesh.replica.v1.AuthResponse.user_get:type_name -> etcdserverpb.AuthUserGetResponse
+	32, // 29: kvmesh.replica.v1.AuthResponse.user_list:type_name -> etcdserverpb.AuthUserListResponse
+	33, // 30: kvmesh.replica.v1.AuthResponse.user_delete:type_name -> etcdserverpb.AuthUserDeleteResponse
+	34, // 31: kvmesh.replica.v1.AuthResponse.user_change_password:type_name -> etcdserverpb.AuthUserChangePasswordResponse
+	35, // 32: kvmesh.replica.v1.AuthResponse.user_grant_role:type_name -> etcdserverpb.AuthUserGrantRoleResponse
+	36, // 33: kvmesh.replica.v1.AuthResponse.user_revoke_role:type_name -> etcdserverpb.AuthUserRevokeRoleResponse
+	37, // 34: kvmesh.replica.v1.AuthResponse.role_add:type_name -> etcdserverpb.AuthRoleAddResponse
+	38, // 35: kvmesh.replica.v1.AuthResponse.role_get:type_name -> etcdserverpb.AuthRoleGetResponse
+	39, // 36: kvmesh.replica.v1.AuthResponse.role_list:type_name -> etcdserverpb.AuthRoleListResponse
+	40, // 37: kvmesh.replica.v1.AuthResponse.role_delete:type_name -> etcdserverpb.AuthRoleDeleteResponse
+	41, // 38: kvmesh.replica.v1.AuthResponse.role_grant_permission:type_name -> etcdserverpb.AuthRoleGrantPermissionResponse
+	42, // 39: kvmesh.replica.v1.AuthResponse.role_revoke_permission:type_name -> etcdserverpb.AuthRoleRevokePermissionResponse
+	43, // 40: kvmesh.replica.v1.AuthResponse.user_set_namespace:type_name -> kvmesh.tenant.v1.SetUserNamespaceResponse
+	44, // 41: kvmesh.replica.v1.AuthResponse.user_get_namespace:type_name -> kvmesh.tenant.v1.GetUserNamespaceResponse
+	0,  // 42: kvmesh.replica.v1.AuthService.State:input_type -> kvmesh.replica.v1.AuthStateRequest
+	45, // 43: kvmesh.replica.v1.AuthService.Authenticate:input_type -> etcdserverpb.AuthenticateRequest
+	5,  // 44: kvmesh.replica.v1.AuthService.Call:input_type -> kvmesh.replica.v1.AuthRequest
+	1,  // 45: kvmesh.replica.v1.AuthService.State:output_type -> kvmesh.replica.v1.AuthStateResponse
+	46, // 46: kvmesh.replica.v1.AuthService.Authenticate:output_type -> etcdserverpb.AuthenticateResponse
+	6,  // 47: kvmesh.replica.v1.AuthService.Call:output_type -> kvmesh.replica.v1.AuthResponse
+	45, // [45:48] is the sub-list for method output_type
+	42, // [42:45] is the sub-list for method input_type
+	42, // [42:42] is the sub-list for extension type_name
+	42, // [42:42] is the sub-list for extension extendee
+	0,  // [0:42] is the sub-list for field type_name
 }
 
 func init() { file_kvmesh_replica_v1_auth_proto_init() }
@@ -1079,7 +1226,7 @@ func file_kvmesh_replica_v1_auth_proto_init() {
 	if File_kvmesh_replica_v1_auth_proto != nil {
 		return
 	}
-	file_kvmesh_replica_v1_auth_proto_msgTypes[4].OneofWrappers = []any{
+	file_kvmesh_replica_v1_auth_proto_msgTypes[5].OneofWrappers = []any{
 		(*AuthRequest_AuthEnable)(nil),
 		(*AuthRequest_AuthDisable)(nil),
 		(*AuthRequest_AuthStatus)(nil),
@@ -1096,8 +1243,10 @@ func file_kvmesh_replica_v1_auth_proto_init() {
 		(*AuthRequest_RoleDelete)(nil),
 		(*AuthRequest_RoleGrantPermission)(nil),
 		(*AuthRequest_RoleRevokePermission)(nil),
+		(*AuthRequest_UserSetNamespace)(nil),
+		(*AuthRequest_UserGetNamespace)(nil),
 	}
-	file_kvmesh_replica_v1_auth_proto_msgTypes[5].OneofWrappers = []any{
+	file_kvmesh_replica_v1_auth_proto_msgTypes[6].OneofWrappers = []any{
 		(*AuthResponse_AuthEnable)(nil),
 		(*AuthResponse_AuthDisable)(nil),
 		(*AuthResponse_AuthStatus)(nil),
@@ -1114,6 +1263,8 @@ func file_kvmesh_replica_v1_auth_proto_init() {
 		(*AuthResponse_RoleDelete)(nil),
 		(*AuthResponse_RoleGrantPermission)(nil),
 		(*AuthResponse_RoleRevokePermission)(nil),
+		(*AuthResponse_UserSetNamespace)(nil),
+		(*AuthResponse_UserGetNamespace)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1121,7 +1272,7 @@ func file_kvmesh_replica_v1_auth_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvmesh_replica_v1_auth_proto_rawDesc), len(file_kvmesh_replica_v1_auth_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

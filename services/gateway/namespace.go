@@ -1,0 +1,223 @@
+package gateway
+
+import (
+	"bytes"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvmesh/kvmesh/libs/authz"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+)
+
+// Namespaces: a key prefix added to every key a request names and stripped from every
+// key an answer holds, as etcd's proxy --namespace (and clientv3/namespace) do. The
+// prefix of a request is the gateway's (KVMESH_GATEWAY_NAMESPACE) followed by its
+// user's tenant namespace (kvmesh.tenant.v1, from the auth store). Everything below
+// works on the client's request and answers new messages (or the same one when the
+// prefix is empty): requests stay the client's, answers are fresh from a replica.
+// Permissions are checked on the prefixed keys, so a tenant's roles name the keys as
+// they are stored.
+
+// prefix is the namespace of a request decided as ai against s.
+func (g *Gateway) prefix(s *authz.Store, ai *authz.Info) []byte {
+	u := s.Namespace(ai)
+	if len(u) == 0 {
+		return g.namespace
+	}
+	if len(g.namespace) == 0 {
+		return u
+	}
+	return append(append(make([]byte, 0, len(g.namespace)+len(u)), g.namespace...), u...)
+}
+
+// prefixKey is p+key.
+func prefixKey(p, key []byte) []byte {
+	return append(append(make([]byte, 0, len(p)+len(key)), p...), key...)
+}
+
+// prefixInterval maps [key, end) into the namespace p: an empty end stays empty (a
+// single key), "\x00" (every key from key on) ends where the namespace ends.
+func prefixInterval(p, key, end []byte) ([]byte, []byte) {
+	pk := prefixKey(p, key)
+	switch {
+	case len(end) == 0:
+		return pk, end
+	case len(end) == 1 && end[0] == 0:
+		return pk, prefixEnd(p)
+	}
+	return pk, prefixKey(p, end)
+}
+
+// prefixEnd is the first key after every key that starts with p ("\x00", the end of
+// the keyspace, when p is all 0xff).
+func prefixEnd(p []byte) []byte {
+	end := bytes.Clone(p)
+	for i := len(end) - 1; i >= 0; i-- {
+		if end[i] < 0xff {
+			end[i]++
+			return end[:i+1]
+		}
+	}
+	return []byte{0}
+}
+
+// stripKV answers kv with its key outside the namespace p.
+func stripKV(p []byte, kv *mvccpb.KeyValue) *mvccpb.KeyValue {
+	if kv == nil {
+		return nil
+	}
+	return &mvccpb.KeyValue{Key: bytes.TrimPrefix(kv.GetKey(), p), CreateRevision: kv.GetCreateRevision(), ModRevision: kv.GetModRevision(),
+		Version: kv.GetVersion(), Value: kv.GetValue(), Lease: kv.GetLease()}
+}
+
+func stripKVs(p []byte, kvs []*mvccpb.KeyValue) []*mvccpb.KeyValue {
+	if len(kvs) == 0 {
+		return kvs
+	}
+	out := make([]*mvccpb.KeyValue, len(kvs))
+	for i, kv := range kvs {
+		out[i] = stripKV(p, kv)
+	}
+	return out
+}
+
+func rangeIn(p []byte, r *pb.RangeRequest) *pb.RangeRequest {
+	if len(p) == 0 {
+		return r
+	}
+	c := proto.Clone(r).(*pb.RangeRequest)
+	c.Key, c.RangeEnd = prefixInterval(p, r.GetKey(), r.GetRangeEnd())
+	return c
+}
+
+func rangeOut(p []byte, r *pb.RangeResponse) *pb.RangeResponse {
+	if len(p) == 0 || r == nil {
+		return r
+	}
+	return &pb.RangeResponse{Header: r.GetHeader(), Kvs: stripKVs(p, r.GetKvs()), More: r.GetMore(), Count: r.GetCount()}
+}
+
+func putIn(p []byte, r *pb.PutRequest) *pb.PutRequest {
+	if len(p) == 0 {
+		return r
+	}
+	c := proto.Clone(r).(*pb.PutRequest)
+	c.Key = prefixKey(p, r.GetKey())
+	return c
+}
+
+func putOut(p []byte, r *pb.PutResponse) *pb.PutResponse {
+	if len(p) == 0 || r == nil {
+		return r
+	}
+	return &pb.PutResponse{Header: r.GetHeader(), PrevKv: stripKV(p, r.GetPrevKv())}
+}
+
+func deleteIn(p []byte, r *pb.DeleteRangeRequest) *pb.DeleteRangeRequest {
+	if len(p) == 0 {
+		return r
+	}
+	c := proto.Clone(r).(*pb.DeleteRangeRequest)
+	c.Key, c.RangeEnd = prefixInterval(p, r.GetKey(), r.GetRangeEnd())
+	return c
+}
+
+func deleteOut(p []byte, r *pb.DeleteRangeResponse) *pb.DeleteRangeResponse {
+	if len(p) == 0 || r == nil {
+		return r
+	}
+	return &pb.DeleteRangeResponse{Header: r.GetHeader(), Deleted: r.GetDeleted(), PrevKvs: stripKVs(p, r.GetPrevKvs())}
+}
+
+// txnIn maps every compare and every op, at every nesting level.
+func txnIn(p []byte, r *pb.TxnRequest) *pb.TxnRequest {
+	if len(p) == 0 {
+		return r
+	}
+	c := &pb.TxnRequest{}
+	for _, cmp := range r.GetCompare() {
+		cc := proto.Clone(cmp).(*pb.Compare)
+		cc.Key, cc.RangeEnd = prefixInterval(p, cmp.GetKey(), cmp.GetRangeEnd())
+		c.Compare = append(c.Compare, cc)
+	}
+	ops := func(in []*pb.RequestOp) []*pb.RequestOp {
+		var out []*pb.RequestOp
+		for _, op := range in {
+			switch o := op.GetRequest().(type) {
+			case *pb.RequestOp_RequestRange:
+				out = append(out, &pb.RequestOp{Request: &pb.RequestOp_RequestRange{RequestRange: rangeIn(p, o.RequestRange)}})
+			case *pb.RequestOp_RequestPut:
+				out = append(out, &pb.RequestOp{Request: &pb.RequestOp_RequestPut{RequestPut: putIn(p, o.RequestPut)}})
+			case *pb.RequestOp_RequestDeleteRange:
+				out = append(out, &pb.RequestOp{Request: &pb.RequestOp_RequestDeleteRange{RequestDeleteRange: deleteIn(p, o.RequestDeleteRange)}})
+			case *pb.RequestOp_RequestTxn:
+				out = append(out, &pb.RequestOp{Request: &pb.RequestOp_RequestTxn{RequestTxn: txnIn(p, o.RequestTxn)}})
+			default:
+				out = append(out, op) // an empty op: the replica answers it as etcd does
+			}
+		}
+		return out
+	}
+	c.Success, c.Failure = ops(r.GetSuccess()), ops(r.GetFailure())
+	return c
+}
+
+func txnOut(p []byte, r *pb.TxnResponse) *pb.TxnResponse {
+	if len(p) == 0 || r == nil {
+		return r
+	}
+	c := &pb.TxnResponse{Header: r.GetHeader(), Succeeded: r.GetSucceeded()}
+	for _, op := range r.GetResponses() {
+		switch o := op.GetResponse().(type) {
+		case *pb.ResponseOp_ResponseRange:
+			c.Responses = append(c.Responses, &pb.ResponseOp{Response: &pb.ResponseOp_ResponseRange{ResponseRange: rangeOut(p, o.ResponseRange)}})
+		case *pb.ResponseOp_ResponsePut:
+			c.Responses = append(c.Responses, &pb.ResponseOp{Response: &pb.ResponseOp_ResponsePut{ResponsePut: putOut(p, o.ResponsePut)}})
+		case *pb.ResponseOp_ResponseDeleteRange:
+			c.Responses = append(c.Responses, &pb.ResponseOp{Response: &pb.ResponseOp_ResponseDeleteRange{ResponseDeleteRange: deleteOut(p, o.ResponseDeleteRange)}})
+		case *pb.ResponseOp_ResponseTxn:
+			c.Responses = append(c.Responses, &pb.ResponseOp{Response: &pb.ResponseOp_ResponseTxn{ResponseTxn: txnOut(p, o.ResponseTxn)}})
+		default:
+			c.Responses = append(c.Responses, op)
+		}
+	}
+	return c
+}
+
+func watchIn(p []byte, r *pb.WatchCreateRequest) *pb.WatchCreateRequest {
+	if len(p) == 0 {
+		return r
+	}
+	c := proto.Clone(r).(*pb.WatchCreateRequest)
+	c.Key, c.RangeEnd = prefixInterval(p, r.GetKey(), r.GetRangeEnd())
+	return c
+}
+
+// eventsOut answers evs with their keys outside the namespace p (evs itself, shared and
+// never modified, when p is empty).
+func eventsOut(p []byte, evs []*mvccpb.Event) []*mvccpb.Event {
+	if len(p) == 0 {
+		return evs
+	}
+	out := make([]*mvccpb.Event, len(evs))
+	for i, ev := range evs {
+		out[i] = &mvccpb.Event{Type: ev.GetType(), Kv: stripKV(p, ev.GetKv()), PrevKv: stripKV(p, ev.GetPrevKv())}
+	}
+	return out
+}
+
+// leaseKeysOut keeps a lease's keys inside the namespace p, without the prefix (as
+// clientv3/namespace's TimeToLive: keys of other namespaces are not shown).
+func leaseKeysOut(p []byte, r *pb.LeaseTimeToLiveResponse) *pb.LeaseTimeToLiveResponse {
+	if len(p) == 0 || r == nil || len(r.GetKeys()) == 0 {
+		return r
+	}
+	c := &pb.LeaseTimeToLiveResponse{Header: r.GetHeader(), ID: r.GetID(), TTL: r.GetTTL(), GrantedTTL: r.GetGrantedTTL()}
+	for _, k := range r.GetKeys() {
+		if bytes.HasPrefix(k, p) {
+			c.Keys = append(c.Keys, k[len(p):])
+		}
+	}
+	return c
+}

@@ -1,0 +1,53 @@
+package gateway
+
+import (
+	"context"
+
+	"connectrpc.com/connect"
+
+	"github.com/kvmesh/kvmesh/libs/authz"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	tenantv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/tenant/v1"
+)
+
+// kvmesh.tenant.v1.TenantService: users' namespaces (see namespace.go), kept in the
+// auth store beside the users, changed through Raft like any auth change.
+
+func (g *Gateway) SetUserNamespace(ctx context.Context, r *tenantv1.SetUserNamespaceRequest) (*tenantv1.SetUserNamespaceResponse, error) {
+	resp, err := g.authCall(ctx, admin, &replicav1.AuthRequest{Request: &replicav1.AuthRequest_UserSetNamespace{UserSetNamespace: r}})
+	return resp.GetUserSetNamespace(), err
+}
+
+func (g *Gateway) GetUserNamespace(ctx context.Context, r *tenantv1.GetUserNamespaceRequest) (*tenantv1.GetUserNamespaceResponse, error) {
+	chk := func(s *authz.Store, ai *authz.Info) error {
+		if err := s.IsAdminPermitted(ai); err != nil && r.GetName() != userName(ai) {
+			return err
+		}
+		return nil
+	}
+	resp, err := g.authCall(ctx, chk, &replicav1.AuthRequest{Request: &replicav1.AuthRequest_UserGetNamespace{UserGetNamespace: r}})
+	return resp.GetUserGetNamespace(), err
+}
+
+type connectTenant struct{ g *Gateway }
+
+func (h connectTenant) SetUserNamespace(ctx context.Context, r *connect.Request[tenantv1.SetUserNamespaceRequest]) (*connect.Response[tenantv1.SetUserNamespaceResponse], error) {
+	return unary(ctx, r, h.g.SetUserNamespace)
+}
+
+func (h connectTenant) GetUserNamespace(ctx context.Context, r *connect.Request[tenantv1.GetUserNamespaceRequest]) (*connect.Response[tenantv1.GetUserNamespaceResponse], error) {
+	return unary(ctx, r, h.g.GetUserNamespace)
+}
+
+type grpcTenant struct {
+	tenantv1.UnimplementedTenantServiceServer
+	g *Gateway
+}
+
+func (s grpcTenant) SetUserNamespace(ctx context.Context, r *tenantv1.SetUserNamespaceRequest) (*tenantv1.SetUserNamespaceResponse, error) {
+	return grpcUnary(ctx, r, s.g.SetUserNamespace)
+}
+
+func (s grpcTenant) GetUserNamespace(ctx context.Context, r *tenantv1.GetUserNamespaceRequest) (*tenantv1.GetUserNamespaceResponse, error) {
+	return grpcUnary(ctx, r, s.g.GetUserNamespace)
+}
