@@ -94,14 +94,18 @@ func (g *Gateway) UserAdd(ctx context.Context, r *pb.AuthUserAddRequest) (*pb.Au
 	return resp.GetUserAdd(), err
 }
 
-func (g *Gateway) UserGet(ctx context.Context, r *pb.AuthUserGetRequest) (*pb.AuthUserGetResponse, error) {
-	chk := func(s *authz.Store, ai *authz.Info) error {
-		if err := s.IsAdminPermitted(ai); err != nil && r.GetName() != userName(ai) {
+// adminOrSelf is the check of reads about the user name: root, or that user.
+func adminOrSelf(name string) check {
+	return func(s *authz.Store, ai *authz.Info) error {
+		if err := s.IsAdminPermitted(ai); err != nil && name != userName(ai) {
 			return err
 		}
 		return nil
 	}
-	resp, err := g.authCall(ctx, chk, &replicav1.AuthRequest{Request: &replicav1.AuthRequest_UserGet{UserGet: r}})
+}
+
+func (g *Gateway) UserGet(ctx context.Context, r *pb.AuthUserGetRequest) (*pb.AuthUserGetResponse, error) {
+	resp, err := g.authCall(ctx, adminOrSelf(r.GetName()), &replicav1.AuthRequest{Request: &replicav1.AuthRequest_UserGet{UserGet: r}})
 	return resp.GetUserGet(), err
 }
 

@@ -36,6 +36,25 @@ func prefixKey(p, key []byte) []byte {
 	return append(append(make([]byte, 0, len(p)+len(key)), p...), key...)
 }
 
+// kvKey is prefixKey for a key of a KV request: an empty key stays empty, so that
+// the replica refuses it as etcd does ("key is not provided") instead of taking the
+// namespace itself for the key.
+func kvKey(p, key []byte) []byte {
+	if len(key) == 0 {
+		return key
+	}
+	return prefixKey(p, key)
+}
+
+// kvInterval is prefixInterval for a KV request's range: an empty key leaves the
+// range as it is, for the replica to refuse.
+func kvInterval(p, key, end []byte) ([]byte, []byte) {
+	if len(key) == 0 {
+		return key, end
+	}
+	return prefixInterval(p, key, end)
+}
+
 // prefixInterval maps [key, end) into the namespace p: an empty end stays empty (a
 // single key), "\x00" (every key from key on) ends where the namespace ends.
 func prefixInterval(p, key, end []byte) ([]byte, []byte) {
@@ -87,7 +106,7 @@ func rangeIn(p []byte, r *pb.RangeRequest) *pb.RangeRequest {
 		return r
 	}
 	c := proto.Clone(r).(*pb.RangeRequest)
-	c.Key, c.RangeEnd = prefixInterval(p, r.GetKey(), r.GetRangeEnd())
+	c.Key, c.RangeEnd = kvInterval(p, r.GetKey(), r.GetRangeEnd())
 	return c
 }
 
@@ -103,7 +122,7 @@ func putIn(p []byte, r *pb.PutRequest) *pb.PutRequest {
 		return r
 	}
 	c := proto.Clone(r).(*pb.PutRequest)
-	c.Key = prefixKey(p, r.GetKey())
+	c.Key = kvKey(p, r.GetKey())
 	return c
 }
 
@@ -119,7 +138,7 @@ func deleteIn(p []byte, r *pb.DeleteRangeRequest) *pb.DeleteRangeRequest {
 		return r
 	}
 	c := proto.Clone(r).(*pb.DeleteRangeRequest)
-	c.Key, c.RangeEnd = prefixInterval(p, r.GetKey(), r.GetRangeEnd())
+	c.Key, c.RangeEnd = kvInterval(p, r.GetKey(), r.GetRangeEnd())
 	return c
 }
 
@@ -138,7 +157,7 @@ func txnIn(p []byte, r *pb.TxnRequest) *pb.TxnRequest {
 	c := &pb.TxnRequest{}
 	for _, cmp := range r.GetCompare() {
 		cc := proto.Clone(cmp).(*pb.Compare)
-		cc.Key, cc.RangeEnd = prefixInterval(p, cmp.GetKey(), cmp.GetRangeEnd())
+		cc.Key, cc.RangeEnd = kvInterval(p, cmp.GetKey(), cmp.GetRangeEnd())
 		c.Compare = append(c.Compare, cc)
 	}
 	ops := func(in []*pb.RequestOp) []*pb.RequestOp {

@@ -78,6 +78,25 @@ func TestTxnNamespaceMapsEveryKeyAndLeavesTheRequest(t *testing.T) {
 	}
 }
 
+// An empty key is invalid in KV requests: it stays empty, for the replica to refuse
+// as etcd does, instead of naming the namespace itself. In a watch it means "\x00".
+func TestEmptyKeysStayInvalid(t *testing.T) {
+	p := []byte("/t/")
+	txn := txnIn(p, &pb.TxnRequest{
+		Compare: []*pb.Compare{{}},
+		Success: []*pb.RequestOp{{Request: &pb.RequestOp_RequestPut{RequestPut: &pb.PutRequest{}}}},
+	})
+	if len(txn.Compare[0].Key) != 0 || len(txn.Success[0].GetRequestPut().GetKey()) != 0 {
+		t.Errorf("empty txn keys mapped: %v", txn)
+	}
+	if r := rangeIn(p, &pb.RangeRequest{RangeEnd: []byte("z")}); len(r.Key) != 0 || string(r.RangeEnd) != "z" {
+		t.Errorf("empty range key mapped: %v", r)
+	}
+	if w := watchIn(p, &pb.WatchCreateRequest{}); string(w.Key) != "/t/" {
+		t.Errorf("empty watch key: %q", w.Key)
+	}
+}
+
 func TestLeaseKeysOutHidesOtherNamespaces(t *testing.T) {
 	r := leaseKeysOut([]byte("/a/"), &pb.LeaseTimeToLiveResponse{ID: 1, TTL: 5, Keys: [][]byte{[]byte("/a/x"), []byte("/b/y"), []byte("/a")}})
 	if len(r.Keys) != 1 || string(r.Keys[0]) != "x" || r.ID != 1 || r.TTL != 5 {

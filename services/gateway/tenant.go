@@ -5,7 +5,6 @@ import (
 
 	"connectrpc.com/connect"
 
-	"github.com/kvmesh/kvmesh/libs/authz"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	tenantv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/tenant/v1"
 )
@@ -19,13 +18,7 @@ func (g *Gateway) SetUserNamespace(ctx context.Context, r *tenantv1.SetUserNames
 }
 
 func (g *Gateway) GetUserNamespace(ctx context.Context, r *tenantv1.GetUserNamespaceRequest) (*tenantv1.GetUserNamespaceResponse, error) {
-	chk := func(s *authz.Store, ai *authz.Info) error {
-		if err := s.IsAdminPermitted(ai); err != nil && r.GetName() != userName(ai) {
-			return err
-		}
-		return nil
-	}
-	resp, err := g.authCall(ctx, chk, &replicav1.AuthRequest{Request: &replicav1.AuthRequest_UserGetNamespace{UserGetNamespace: r}})
+	resp, err := g.authCall(ctx, adminOrSelf(r.GetName()), &replicav1.AuthRequest{Request: &replicav1.AuthRequest_UserGetNamespace{UserGetNamespace: r}})
 	return resp.GetUserGetNamespace(), err
 }
 
