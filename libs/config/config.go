@@ -59,30 +59,19 @@ func envName(v any, field string) string {
 func MapLookuper(m map[string]string) envconfig.Lookuper { return envconfig.MapLookuper(m) }
 
 // CheckReplicaURLs checks a list of replica URLs set by the variable name: at least
-// one, each an http(s) URL with a host.
-func CheckReplicaURLs(name string, urls []string) error {
+// one, each a URL with a host, https:// when the mesh's mutual TLS is configured (tls)
+// and http:// when it is not.
+func CheckReplicaURLs(name string, urls []string, tls bool) error {
 	if len(urls) == 0 {
-		return fmt.Errorf("%s: at least one replica URL is needed", name)
+		return fmt.Errorf("%s: at least one URL is needed", name)
 	}
-	for _, u := range urls {
-		p, err := url.Parse(u)
-		if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
-			return fmt.Errorf("%s: %q is not an http(s) URL", name, u)
-		}
-	}
-	return nil
-}
-
-// CheckSchemes checks that the URLs set by the variable name match the mesh's TLS:
-// https:// with mutual TLS configured, http:// without.
-func CheckSchemes(name string, urls []string, tls bool) error {
 	want := "http"
 	if tls {
 		want = "https"
 	}
 	for _, u := range urls {
 		p, err := url.Parse(u)
-		if err != nil || p.Host == "" {
+		if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" {
 			return fmt.Errorf("%s: %q is not an http(s) URL", name, u)
 		}
 		if p.Scheme != want {

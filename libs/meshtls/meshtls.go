@@ -126,11 +126,10 @@ func LoadPool(file string) (*x509.CertPool, error) {
 type KeyPair struct {
 	certFile, keyFile string
 
-	mu       sync.Mutex
-	cert     *tls.Certificate
-	stamp    [2]time.Time // the files' modification times when read
-	checked  time.Time
-	lastFail error
+	mu      sync.Mutex
+	cert    *tls.Certificate
+	stamp   [2]time.Time // the files' modification times when read
+	checked time.Time
 }
 
 // NewKeyPair reads the pair; an error names what is wrong with the files.
@@ -171,7 +170,7 @@ func (kp *KeyPair) current() *tls.Certificate {
 	kp.checked = now
 	for i, f := range []string{kp.certFile, kp.keyFile} {
 		if st, err := os.Stat(f); err == nil && !st.ModTime().Equal(kp.stamp[i]) {
-			kp.lastFail = kp.load()
+			_ = kp.load() // on failure the last good pair stays
 			break
 		}
 	}

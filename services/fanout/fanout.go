@@ -70,9 +70,6 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("KVMESH_FANOUT_LISTEN: %w", err)
 		}
 	}
-	if err := config.CheckReplicaURLs("KVMESH_FANOUT_REPLICAS", c.Replicas); err != nil {
-		return err
-	}
 	if c.MaxInFlight <= 0 {
 		return errors.New("KVMESH_FANOUT_MAX_IN_FLIGHT: must be positive")
 	}
@@ -82,7 +79,7 @@ func (c *Config) Validate() error {
 	if err := c.MTLS.Validate("KVMESH_FANOUT_"); err != nil {
 		return err
 	}
-	return config.CheckSchemes("KVMESH_FANOUT_REPLICAS", c.Replicas, c.MTLS.Enabled())
+	return config.CheckReplicaURLs("KVMESH_FANOUT_REPLICAS", c.Replicas, c.MTLS.Enabled())
 }
 
 // Fanout publishes the committed revisions.

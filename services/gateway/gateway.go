@@ -85,9 +85,6 @@ func (c *Config) Validate() error {
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("KVMESH_GATEWAY_LISTEN: %w", err)
 	}
-	if err := config.CheckReplicaURLs("KVMESH_GATEWAY_REPLICAS", c.Replicas); err != nil {
-		return err
-	}
 	if c.MaxRequestBytes <= 0 {
 		return errors.New("KVMESH_GATEWAY_MAX_REQUEST_BYTES: must be positive")
 	}
@@ -115,7 +112,7 @@ func (c *Config) Validate() error {
 	if err := c.MTLS.Validate("KVMESH_GATEWAY_"); err != nil {
 		return err
 	}
-	return config.CheckSchemes("KVMESH_GATEWAY_REPLICAS", c.Replicas, c.MTLS.Enabled())
+	return config.CheckReplicaURLs("KVMESH_GATEWAY_REPLICAS", c.Replicas, c.MTLS.Enabled())
 }
 
 // grpcOverheadBytes is the slack etcd allows above --max-request-bytes for framing.

@@ -221,9 +221,17 @@ func eventsOut(p []byte, evs []*mvccpb.Event) []*mvccpb.Event {
 	}
 	out := make([]*mvccpb.Event, len(evs))
 	for i, ev := range evs {
-		out[i] = &mvccpb.Event{Type: ev.GetType(), Kv: stripKV(p, ev.GetKv()), PrevKv: stripKV(p, ev.GetPrevKv())}
+		out[i] = eventOut(p, ev)
 	}
 	return out
+}
+
+// eventOut is ev with its keys out of the namespace p (ev itself when p is empty).
+func eventOut(p []byte, ev *mvccpb.Event) *mvccpb.Event {
+	if len(p) == 0 {
+		return ev
+	}
+	return &mvccpb.Event{Type: ev.GetType(), Kv: stripKV(p, ev.GetKv()), PrevKv: stripKV(p, ev.GetPrevKv())}
 }
 
 // leaseKeysOut keeps a lease's keys inside the namespace p, without the prefix (as

@@ -555,13 +555,12 @@ func (s *wstream) sendEvents(w *watcher, headerRev int64, evs []*mvccpb.Event) e
 	}
 	w.sent = true
 	s.h.m.events.Add(float64(len(evs)))
-	// A namespaced watcher's events are its own copies, without the prefix (so not
-	// from the stream's shared encodings).
-	evs = eventsOut(w.prefix, evs)
-	if s.sendRaw != nil && !w.fragment && len(w.prefix) == 0 {
+	if s.sendRaw != nil && !w.fragment {
 		hdr := s.wire.header(s.h.g.view.clusterID(), s.h.g.view.leaderID(), headerRev)
-		return s.sendRaw(s.wire.encode(hdr, w.id, evs))
+		return s.sendRaw(s.wire.encode(hdr, w.id, w.prefix, evs))
 	}
+	// Out of a namespaced watcher's namespace (the wire encodings above are too).
+	evs = eventsOut(w.prefix, evs)
 	resp := &pb.WatchResponse{Header: s.header(headerRev), WatchId: w.id, Events: evs}
 	if !w.fragment {
 		return s.send(resp)

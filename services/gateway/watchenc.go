@@ -1,6 +1,8 @@
 package gateway
 
 import (
+	"bytes"
+
 	"google.golang.org/grpc/encoding"
 	grpcproto "google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
@@ -32,10 +34,13 @@ func (c grpcCodec) Marshal(v any) (mem.BufferSlice, error) {
 	return c.CodecV2.Marshal(v)
 }
 
-// wireCache is a stream's encoded headers and events.
+// wireCache is a stream's encoded headers and events. Events are encoded in the
+// namespace of the last watcher that asked (see namespace.go); a stream's watchers
+// share one namespace unless a user's changes meanwhile, so that is the one encoding.
 type wireCache struct {
 	hdr    pb.ResponseHeader
 	hdrEnc []byte
+	prefix []byte
 	events map[*mvccpb.Event][]byte
 }
 
@@ -55,14 +60,18 @@ func (c *wireCache) header(clusterID, memberID uint64, rev int64) []byte {
 	return c.hdrEnc
 }
 
-func (c *wireCache) event(ev *mvccpb.Event) []byte {
+// event returns the encoding of ev with its keys out of the namespace p.
+func (c *wireCache) event(p []byte, ev *mvccpb.Event) []byte {
+	if !bytes.Equal(p, c.prefix) {
+		c.prefix, c.events = p, nil
+	}
 	if b, ok := c.events[ev]; ok {
 		return b
 	}
 	if c.events == nil || len(c.events) >= maxCachedEvents {
 		c.events = make(map[*mvccpb.Event][]byte)
 	}
-	b, err := proto.Marshal(ev)
+	b, err := proto.Marshal(eventOut(p, ev))
 	if err != nil {
 		panic(err) // an Event has no field that fails to marshal
 	}
@@ -71,13 +80,13 @@ func (c *wireCache) event(ev *mvccpb.Event) []byte {
 }
 
 // encode returns WatchResponse{Header: hdr, WatchId: id, Events: evs} in wire form,
-// hdr being what wireCache.header returned.
-func (c *wireCache) encode(hdr []byte, id int64, evs []*mvccpb.Event) encodedMsg {
+// hdr being what wireCache.header returned, the events' keys out of the namespace p.
+func (c *wireCache) encode(hdr []byte, id int64, p []byte, evs []*mvccpb.Event) encodedMsg {
 	var few [4][]byte
 	encs := few[:0]
 	size := protowire.SizeTag(1) + protowire.SizeBytes(len(hdr)) + protowire.SizeTag(2) + protowire.SizeVarint(uint64(id))
 	for _, ev := range evs {
-		e := c.event(ev)
+		e := c.event(p, ev)
 		encs = append(encs, e)
 		size += protowire.SizeTag(11) + protowire.SizeBytes(len(e))
 	}

@@ -145,7 +145,7 @@ func (c *Config) Validate() error {
 	if err := c.MTLS.Validate("KVMESH_REPLICA_"); err != nil {
 		return err
 	}
-	return config.CheckSchemes("KVMESH_REPLICA_PEER_URLS", c.PeerURLs, c.MTLS.Enabled())
+	return config.CheckReplicaURLs("KVMESH_REPLICA_PEER_URLS", c.PeerURLs, c.MTLS.Enabled())
 }
 
 // Replica is one member of the cluster.
