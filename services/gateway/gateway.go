@@ -17,6 +17,7 @@ import (
 
 	"connectrpc.com/connect"
 	"github.com/nats-io/nats.go"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
 	"github.com/kvmesh/kvmesh/libs/config"
@@ -120,9 +121,10 @@ const grpcOverheadBytes = 512 * 1024
 
 // Gateway serves the public API.
 type Gateway struct {
-	cfg Config
-	tel *telemetry.Telemetry
-	log *slog.Logger
+	cfg    Config
+	tel    *telemetry.Telemetry
+	log    *slog.Logger
+	tracer trace.Tracer
 
 	// inProcess is set when the replica is reached in-process (the all-in-one).
 	inProcess bool
@@ -161,7 +163,7 @@ func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gate
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	g := &Gateway{cfg: cfg, tel: tel, log: tel.Log.With("role", "gateway")}
+	g := &Gateway{cfg: cfg, tel: tel, log: tel.Log.With("role", "gateway"), tracer: tel.Tracer.Tracer("kvmesh/gateway")}
 	if cfg.Namespace != "" {
 		g.namespace = []byte(cfg.Namespace)
 	}
@@ -227,11 +229,10 @@ func (g *Gateway) Handler() http.Handler {
 	mux.Handle(etcdserverpbconnect.NewWatchHandler(connectWatch{g: g}, opts...))
 	mux.Handle(watchv1connect.NewWatchServiceHandler(connectWatchOne{g: g}, opts...))
 	mux.Handle(etcdserverpbconnect.NewLeaseHandler(connectLease{g: g}, opts...))
-	// Not built yet: these answer Unimplemented, as the generated defaults do.
 	mux.Handle(etcdserverpbconnect.NewAuthHandler(connectAuth{g: g}, opts...))
 	mux.Handle(tenantv1connect.NewTenantServiceHandler(connectTenant{g: g}, opts...))
-	mux.Handle(v3lockpbconnect.NewLockHandler(v3lockpbconnect.UnimplementedLockHandler{}, opts...))
-	mux.Handle(v3electionpbconnect.NewElectionHandler(v3electionpbconnect.UnimplementedElectionHandler{}, opts...))
+	mux.Handle(v3lockpbconnect.NewLockHandler(connectLock{g: g}, opts...))
+	mux.Handle(v3electionpbconnect.NewElectionHandler(connectElection{g: g}, opts...))
 	mux.Handle(healthCheckPath, connect.NewUnaryHandler(healthCheckPath, g.connectHealthCheck, opts...))
 	mux.Handle("/metrics", g.tel.MetricsHandler())
 	g.healthEndpoints().Install(mux)

@@ -41,11 +41,10 @@ func (g *Gateway) newGRPCServer() *grpc.Server {
 	pb.RegisterMaintenanceServer(s, grpcMaintenance{g: g})
 	pb.RegisterWatchServer(s, grpcWatch{g: g})
 	pb.RegisterLeaseServer(s, grpcLease{g: g})
-	// Not built yet: these answer Unimplemented.
 	pb.RegisterAuthServer(s, grpcAuth{g: g})
 	tenantv1.RegisterTenantServiceServer(s, grpcTenant{g: g})
-	v3lockpb.RegisterLockServer(s, v3lockpb.UnimplementedLockServer{})
-	v3electionpb.RegisterElectionServer(s, v3electionpb.UnimplementedElectionServer{})
+	v3lockpb.RegisterLockServer(s, grpcLock{g: g})
+	v3electionpb.RegisterElectionServer(s, grpcElection{g: g})
 	healthv1.RegisterHealthServer(s, grpcHealth{g: g})
 	return s
 }

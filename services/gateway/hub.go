@@ -104,7 +104,7 @@ func newHub(g *Gateway, nc *nats.Conn, cfg revstream.Config) (*hub, error) {
 		return nil, err
 	}
 	h := &hub{
-		g: g, log: g.log.With("component", "watch"), js: js, cfg: cfg, tracer: g.tel.Tracer.Tracer("kvmesh/gateway"),
+		g: g, log: g.log.With("component", "watch"), js: js, cfg: cfg, tracer: g.tracer,
 		ringCap: g.cfg.WatchRingRevisions, ringBytes: g.cfg.WatchRingBytes, queueCap: g.cfg.WatchStreamQueue,
 		keys:    make(map[string][]streamRef),
 		ranges:  make(map[*watcher]struct{}),

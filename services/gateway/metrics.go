@@ -10,11 +10,12 @@ import (
 // gRPC names, see libs/telemetry) and the watch hub's.
 type gatewayMetrics struct {
 	leaderChanges prometheus.Counter
-	unreachable   prometheus.Counter // a request sent to the next replica: the first could not be reached
-	readRetries   prometheus.Counter // a read sent to the next replica: the first could not serve it
-	authFailures  prometheus.Counter // Authenticate answered "authentication failed"
-	authThrottled prometheus.Counter // Authenticate refused after too many failures
-	authStale     prometheus.Counter // requests decided again: the auth state changed under them
+	unreachable   prometheus.Counter   // a request sent to the next replica: the first could not be reached
+	readRetries   prometheus.Counter   // a read sent to the next replica: the first could not serve it
+	authFailures  prometheus.Counter   // Authenticate answered "authentication failed"
+	authThrottled prometheus.Counter   // Authenticate refused after too many failures
+	authStale     prometheus.Counter   // requests decided again: the auth state changed under them
+	recipeWaiters *prometheus.GaugeVec // Lock, Campaign and Observe calls waiting on a watch, by RPC
 }
 
 func (g *Gateway) registerMetrics() {
@@ -40,7 +41,11 @@ func (g *Gateway) registerMetrics() {
 		Name: "kvmesh_gateway_auth_redecided_total",
 		Help: "Requests decided again because the auth state changed between the gateway's decision and the replica.",
 	})
-	cs := []prometheus.Collector{failovers, g.m.leaderChanges, g.m.authFailures, g.m.authThrottled, g.m.authStale,
+	g.m.recipeWaiters = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "kvmesh_gateway_recipe_waiters",
+		Help: "Lock, Campaign and Observe calls waiting for keys to change, by RPC.",
+	}, []string{"rpc"})
+	cs := []prometheus.Collector{failovers, g.m.leaderChanges, g.m.authFailures, g.m.authThrottled, g.m.authStale, g.m.recipeWaiters,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "kvmesh_gateway_replicas_reachable",
 			Help: "Voting replicas the gateway can reach now.",

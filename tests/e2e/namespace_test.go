@@ -16,6 +16,8 @@ import (
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	elpb "go.etcd.io/etcd/server/v3/etcdserver/api/v3election/v3electionpb"
+	lockpb "go.etcd.io/etcd/server/v3/etcdserver/api/v3lock/v3lockpb"
 
 	"github.com/kvmesh/kvmesh/tests/harness"
 	"github.com/kvmesh/kvmesh/tests/harness/etcdclient"
@@ -246,6 +248,50 @@ func TestMeshNamespaces(t *testing.T) {
 		}
 		if !equalStrings(results[i].leased, []string{"/config/leased"}) {
 			t.Errorf("%s's lease keys: %q", tn, results[i].leased)
+		}
+	}
+	// Locks and elections live in the namespace too: both tenants take the lock
+	// /locks/db at once through different gateways and each holds it at once (they
+	// are two locks), each tenant's election has its own leader, and root finds the
+	// keys under the tenants' prefixes.
+	for i, tn := range tenants {
+		c := login(m.endpoints[i], tn)
+		api := recipeAPI{lockpb.NewLockClient(c.ActiveConnection()), elpb.NewElectionClient(c.ActiveConnection()), nil, nil}
+		lease, err := c.Grant(ctx, 60)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
+		l, err := api.lock.Lock(lctx, &lockpb.LockRequest{Name: []byte("/locks/db"), Lease: int64(lease.ID)})
+		lcancel()
+		want := fmt.Sprintf("/locks/db/%x", int64(lease.ID))
+		if err != nil || string(l.Key) != want {
+			t.Fatalf("%s: Lock: %v %v, want key %s", tn, l, err, want)
+		}
+		camp, err := api.election.Campaign(ctx, &elpb.CampaignRequest{Name: []byte("/elect/app"), Lease: int64(lease.ID), Value: []byte(tn)})
+		if err != nil {
+			t.Fatalf("%s: Campaign: %v", tn, err)
+		}
+		ld, err := api.election.Leader(ctx, &elpb.LeaderRequest{Name: []byte("/elect/app")})
+		if err != nil || string(ld.Kv.Value) != tn || string(ld.Kv.Key) != fmt.Sprintf("/elect/app/%x", int64(lease.ID)) {
+			t.Fatalf("%s: Leader: %v %v", tn, ld, err)
+		}
+		if first, err := observeFirst(ctx, api, "/elect/app"); err != nil || string(first.(*elpb.LeaderResponse).Kv.Value) != tn {
+			t.Fatalf("%s: Observe: %v %v", tn, first, err)
+		}
+		for _, k := range []string{want, fmt.Sprintf("/elect/app/%x", int64(lease.ID))} {
+			if got := mustGet(t, root, "/tenants/"+tn+k); got.Count != 1 {
+				t.Fatalf("root does not find %s's %s under its prefix", tn, k)
+			}
+		}
+		if _, err := api.lock.Unlock(ctx, &lockpb.UnlockRequest{Key: l.Key}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := api.election.Resign(ctx, &elpb.ResignRequest{Leader: camp.Leader}); err != nil {
+			t.Fatal(err)
+		}
+		if got := mustGet(t, root, "/tenants/"+tn+"/", clientv3.WithPrefix(), clientv3.WithCountOnly()); got.Count != int64(len(wantKeys)) {
+			t.Fatalf("%s's Unlock and Resign left keys: %d keys, want %d", tn, got.Count, len(wantKeys))
 		}
 	}
 	// Root has no namespace: it sees both tenants' keys where they are stored.
