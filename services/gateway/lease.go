@@ -135,14 +135,18 @@ func (g *Gateway) keepAlive(ctx context.Context, recv func() (*pb.LeaseKeepAlive
 				return
 			}
 			id := req.GetID()
-			// etcd's checkLeaseRenew: with auth enabled, a user must be given (the
-			// check of the lease's keys against that user is not made: see the
-			// closing note of issue 7).
-			if _, err := authorized(ctx, g, requireInfo, func(context.Context) (*struct{}, error) { return nil, nil }); err != nil {
+			// etcd's checkLeaseRenew: with auth enabled, a user must be given; the
+			// leader checks that user against the lease's keys (only it knows them).
+			var user string
+			if _, err := authorized(ctx, g, requireInfo, func(ctx context.Context) (*struct{}, error) {
+				d, _ := authz.DecisionFrom(ctx)
+				user = d.User
+				return nil, nil
+			}); err != nil {
 				cancel(err)
 				return
 			}
-			g.leases.submit(&renewal{id: id, ctx: ctx, deadline: time.Now().Add(renewTimeout),
+			g.leases.submit(&renewal{id: id, user: user, ctx: ctx, deadline: time.Now().Add(renewTimeout),
 				done: func(ttl int64, h *pb.ResponseHeader, err error) {
 					if err != nil {
 						cancel(err)
@@ -177,6 +181,7 @@ var errStreamEnded = errors.New("the client closed its side of the stream")
 // renewal is one keep-alive on its way to the leader.
 type renewal struct {
 	id       int64
+	user     string          // the user it runs as ("" for none), checked by the leader
 	ctx      context.Context // the client's stream: once it ends, nobody waits
 	deadline time.Time
 	done     func(ttl int64, h *pb.ResponseHeader, err error)
@@ -323,10 +328,11 @@ func (k *keeper) run(ctx context.Context) {
 		k.sent[seq] = batch
 		k.mu.Unlock()
 		ids := make([]int64, len(batch))
+		users := make([]string, len(batch))
 		for i, rn := range batch {
-			ids[i] = rn.id
+			ids[i], users[i] = rn.id, rn.user
 		}
-		if err := stream.Send(&replicav1.KeepAliveBatch{Seq: seq, Ids: ids}); err != nil {
+		if err := stream.Send(&replicav1.KeepAliveBatch{Seq: seq, Ids: ids, Users: users}); err != nil {
 			k.fail(err)
 			return
 		}
@@ -353,7 +359,14 @@ func (k *keeper) receive(stream *connect.BidiStreamForClient[replicav1.KeepAlive
 		if rev := res.GetHeader().GetRevision(); rev > 0 {
 			k.lr.g.sawRevision(rev)
 		}
+		refused := res.GetRefused()
 		for i, rn := range batch {
+			if len(refused) > 0 && refused[0].GetIndex() == uint32(i) {
+				// etcd ends the client's keep-alive stream with the error.
+				rn.done(0, nil, connect.NewError(connect.Code(refused[0].GetCode()), errors.New(refused[0].GetMessage())))
+				refused = refused[1:]
+				continue
+			}
 			rn.done(res.GetTtls()[i], res.GetHeader(), nil)
 		}
 	}

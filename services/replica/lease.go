@@ -11,6 +11,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
@@ -228,7 +229,14 @@ func (r *Replica) keepAlive(ctx context.Context, b *replicav1.KeepAliveBatch) *r
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
 	defer cancel()
 	out.Ttls = make([]int64, len(b.GetIds()))
+	out.Refused = r.checkRenewals(b)
+	refused := out.Refused
+	renewed := len(b.GetIds()) - len(refused)
 	for i, id := range b.GetIds() {
+		if len(refused) > 0 && refused[0].GetIndex() == uint32(i) {
+			refused = refused[1:]
+			continue
+		}
 		ttl, err := r.lessor.renew(ctx, term, id)
 		switch {
 		case err == nil:
@@ -239,7 +247,44 @@ func (r *Replica) keepAlive(ctx context.Context, b *replicav1.KeepAliveBatch) *r
 			return &replicav1.KeepAliveResults{Seq: b.GetSeq(), NotLeader: true}
 		}
 	}
-	r.m.leasesRenewed.Add(float64(len(b.GetIds())))
+	r.m.leasesRenewed.Add(float64(renewed))
 	out.Header = r.header(&pb.ResponseHeader{Revision: r.rev()})
 	return out
+}
+
+// checkRenewals is etcd's checkLeaseRenew for each keep-alive of b that carries its
+// user, made on this leader's auth state (the newest: the leader has applied all that
+// was committed before the batch): with auth enabled a user is needed, and a user who
+// is not an admin must be allowed to write every key attached to the lease. It answers
+// the refused keep-alives in batch order.
+func (r *Replica) checkRenewals(b *replicav1.KeepAliveBatch) []*replicav1.KeepAliveRefusal {
+	users := b.GetUsers()
+	if len(users) != len(b.GetIds()) {
+		return nil
+	}
+	a := r.auth.cur.Load()
+	if !a.store.Enabled {
+		return nil
+	}
+	var refused []*replicav1.KeepAliveRefusal
+	var st *state
+	for i, id := range b.GetIds() {
+		var err error
+		if users[i] == "" {
+			err = etcderr.ErrUserEmpty
+		} else if ai := (&authz.Info{User: users[i], Revision: a.store.Revision}); a.store.IsAdminPermitted(ai) != nil {
+			if st == nil {
+				st = r.acquire()
+			}
+			err = a.store.CheckLeaseKeys(ai, st.kv.LeaseKeys(id), true)
+		}
+		if err != nil {
+			code, msg := etcderr.CodeMessage(err)
+			refused = append(refused, &replicav1.KeepAliveRefusal{Index: uint32(i), Code: int32(code), Message: msg})
+		}
+	}
+	if st != nil {
+		st.release()
+	}
+	return refused
 }

@@ -9,6 +9,8 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/kvmesh/kvmesh/libs/gen/authpb"
+
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
@@ -247,5 +249,65 @@ func TestLeaseExpiryStormIsRateLimited(t *testing.T) {
 	rest, err := tr.kv.Range(ctx, connect.NewRequest(&pb.RangeRequest{Key: []byte("s/"), RangeEnd: []byte("s0"), CountOnly: true}))
 	if err != nil || rest.Msg.GetCount() != 0 {
 		t.Fatalf("keys of expired leases remain: %v, %v", rest, err)
+	}
+}
+
+// With auth enabled the leader checks each keep-alive's user as etcd's
+// checkLeaseRenew: one is needed, and one who is not an admin must be allowed to write
+// every key of the lease. Refused keep-alives renew nothing; the others of the batch
+// are renewed.
+func TestKeepAliveAuthCheck(t *testing.T) {
+	tr := startReplica(t, testConfig(t))
+	ctx := context.Background()
+	for _, l := range []struct {
+		id  int64
+		key string
+	}{{1, "/in/a"}, {2, "/out/a"}} {
+		if _, err := tr.r.LeaseGrant(ctx, &pb.LeaseGrantRequest{ID: l.id, TTL: 60}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tr.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte(l.key), Value: []byte("v"), Lease: l.id})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	auth := &authService{tr.r}
+	for _, m := range []*replicav1.AuthRequest{
+		{Request: &replicav1.AuthRequest_UserAdd{UserAdd: &pb.AuthUserAddRequest{Name: "root", Options: &authpb.UserAddOptions{NoPassword: true}}}},
+		{Request: &replicav1.AuthRequest_UserGrantRole{UserGrantRole: &pb.AuthUserGrantRoleRequest{User: "root", Role: "root"}}},
+		{Request: &replicav1.AuthRequest_UserAdd{UserAdd: &pb.AuthUserAddRequest{Name: "w", Options: &authpb.UserAddOptions{NoPassword: true}}}},
+		{Request: &replicav1.AuthRequest_RoleAdd{RoleAdd: &pb.AuthRoleAddRequest{Name: "w"}}},
+		{Request: &replicav1.AuthRequest_RoleGrantPermission{RoleGrantPermission: &pb.AuthRoleGrantPermissionRequest{Name: "w",
+			Perm: &authpb.Permission{PermType: authpb.Permission_WRITE, Key: []byte("/in/"), RangeEnd: []byte("/in0")}}}},
+		{Request: &replicav1.AuthRequest_UserGrantRole{UserGrantRole: &pb.AuthUserGrantRoleRequest{User: "w", Role: "w"}}},
+	} {
+		if _, err := auth.Call(ctx, connect.NewRequest(m)); err != nil {
+			t.Fatalf("%v: %v", m, err)
+		}
+	}
+	batch := &replicav1.KeepAliveBatch{Seq: 1, Ids: []int64{1, 2, 2, 1, 3}, Users: []string{"w", "w", "root", "", "w"}}
+	// Auth disabled: nothing is checked.
+	if res := tr.r.keepAlive(ctx, batch); len(res.GetRefused()) != 0 || res.GetTtls()[1] != 60 {
+		t.Fatalf("keep-alives with auth disabled: %v", res)
+	}
+	if _, err := auth.Call(ctx, connect.NewRequest(&replicav1.AuthRequest{Request: &replicav1.AuthRequest_AuthEnable{AuthEnable: &pb.AuthEnableRequest{}}})); err != nil {
+		t.Fatal(err)
+	}
+	res := tr.r.keepAlive(ctx, batch)
+	want := map[uint32]string{1: "etcdserver: permission denied", 3: "etcdserver: user name is empty"}
+	if len(res.GetRefused()) != len(want) {
+		t.Fatalf("refused %v, want %v", res.GetRefused(), want)
+	}
+	for _, r := range res.GetRefused() {
+		if want[r.GetIndex()] != r.GetMessage() {
+			t.Errorf("keep-alive %d refused with %q, want %q", r.GetIndex(), r.GetMessage(), want[r.GetIndex()])
+		}
+	}
+	// w renews the lease of its own keys, root any, and an unknown lease answers 0.
+	if ttls := res.GetTtls(); ttls[0] != 60 || ttls[1] != 0 || ttls[2] != 60 || ttls[3] != 0 || ttls[4] != 0 {
+		t.Fatalf("TTLs %v", ttls)
+	}
+	// Without users (not one per ID) nothing is checked.
+	if res := tr.r.keepAlive(ctx, &replicav1.KeepAliveBatch{Seq: 2, Ids: []int64{2}}); len(res.GetRefused()) != 0 || res.GetTtls()[0] != 60 {
+		t.Fatalf("keep-alive without users: %v", res)
 	}
 }

@@ -260,6 +260,9 @@ func authMatrix(user string) []authStep {
 			}
 			return r, err
 		}},
+		{"lease keep-alive of a lease holding keys inside", false, false, keepAliveOnce(7001)},
+		{"lease keep-alive of a lease holding a key outside", false, false, keepAliveOnce(7002)},
+		{"lease keep-alive of a lease that does not exist", false, false, keepAliveOnce(7999)},
 		{"lease leases", true, false, func(ctx context.Context, a authAPI) (proto.Message, error) {
 			return a.lease.LeaseLeases(ctx, &pb.LeaseLeasesRequest{})
 		}},
@@ -381,12 +384,29 @@ func authMatrix(user string) []authStep {
 		switch steps[i].name {
 		case "compact", "status", "hash kv", "auth status", "lease grant", "lease leases", "role get of one's own role",
 			"lease time to live with keys inside", "lease time to live with keys outside", "lease time to live without keys",
-			// 3.4 left the leases of a txn's puts unchecked.
-			"lock with a lease holding a key outside":
+			// 3.4 left the leases of a txn's puts and of keep-alives unchecked.
+			"lock with a lease holding a key outside", "lease keep-alive of a lease holding keys inside",
+			"lease keep-alive of a lease holding a key outside", "lease keep-alive of a lease that does not exist":
 			steps[i].since35 = true
 		}
 	}
 	return steps
+}
+
+// keepAliveOnce sends one keep-alive on a stream of its own and answers its answer.
+func keepAliveOnce(id int64) func(ctx context.Context, a authAPI) (proto.Message, error) {
+	return func(ctx context.Context, a authAPI) (proto.Message, error) {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		s, err := a.lease.LeaseKeepAlive(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if err := s.Send(&pb.LeaseKeepAliveRequest{ID: id}); err != nil {
+			return nil, err
+		}
+		return s.Recv()
+	}
 }
 
 // watchCreate creates a watch and answers its first response, with what can differ

@@ -29,6 +29,8 @@ import (
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/watch/v1/watchv1connect"
+	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb"
+	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb/v3electionpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb/v3lockpbconnect"
 	"github.com/kvmesh/kvmesh/libs/h2c"
@@ -165,13 +167,46 @@ func TestHealthAndUnbuiltServices(t *testing.T) {
 	}
 
 	// Not built yet: they say so, over every protocol.
-	if _, err := v3lockpb.NewLockClient(conn).Lock(ctxT(t), &v3lockpb.LockRequest{Name: []byte("l")}); status.Code(err) != codes.Unimplemented {
-		t.Fatalf("gRPC Lock: %v, want Unimplemented", err)
+	if _, err := pb.NewMaintenanceClient(conn).Defragment(ctxT(t), &pb.DefragmentRequest{}); status.Code(err) != codes.Unimplemented {
+		t.Fatalf("gRPC Defragment: %v, want Unimplemented", err)
 	}
-	_, err = v3lockpbconnect.NewLockClient(h2c.NewClient(nil), srv.ClientURL()).Lock(ctxT(t), connect.NewRequest(&v3lockpb.LockRequest{Name: []byte("l")}))
+	_, err = etcdserverpbconnect.NewMaintenanceClient(h2c.NewClient(nil), srv.ClientURL()).Defragment(ctxT(t), connect.NewRequest(&pb.DefragmentRequest{}))
 	var ce *connect.Error
 	if !errors.As(err, &ce) || ce.Code() != connect.CodeUnimplemented {
-		t.Fatalf("Connect Lock: %v, want Unimplemented", err)
+		t.Fatalf("Connect Defragment: %v, want Unimplemented", err)
+	}
+	// Lock and Election are served over every protocol: a lock taken over gRPC holds
+	// its key; Connect JSON sees the election's errors as etcd's (Unknown); an Observe
+	// over Connect streams the leader.
+	l, err := v3lockpb.NewLockClient(conn).Lock(ctxT(t), &v3lockpb.LockRequest{Name: []byte("l")})
+	if err != nil || !strings.HasPrefix(string(l.GetKey()), "l/") {
+		t.Fatalf("gRPC Lock: %v, %v; want a key under l/", l, err)
+	}
+	if _, err := v3lockpbconnect.NewLockClient(h2c.NewClient(nil), srv.ClientURL()).Unlock(ctxT(t), connect.NewRequest(&v3lockpb.UnlockRequest{Key: l.GetKey()})); err != nil {
+		t.Fatalf("Connect Unlock: %v", err)
+	}
+	elc := v3electionpbconnect.NewElectionClient(h2c.NewClient(nil), srv.ClientURL(), connect.WithProtoJSON())
+	if _, err := elc.Leader(ctxT(t), connect.NewRequest(&v3electionpb.LeaderRequest{Name: []byte("e")})); !errors.As(err, &ce) || ce.Code() != connect.CodeUnknown || ce.Message() != "election: no leader" {
+		t.Fatalf("Connect JSON Leader of no election: %v, want Unknown: election: no leader", err)
+	}
+	camp, err := v3electionpb.NewElectionClient(conn).Campaign(ctxT(t), &v3electionpb.CampaignRequest{Name: []byte("e"), Value: []byte("me")})
+	if err != nil {
+		t.Fatalf("gRPC Campaign: %v", err)
+	}
+	// (A Connect server stream answers its headers with its first message.)
+	obs, err := elc.Observe(ctxT(t), connect.NewRequest(&v3electionpb.LeaderRequest{Name: []byte("e")}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer obs.Close()
+	if !obs.Receive() || string(obs.Msg().GetKv().GetValue()) != "me" {
+		t.Fatalf("Connect JSON Observe: %v %v", obs.Msg(), obs.Err())
+	}
+	if _, err := elc.Proclaim(ctxT(t), connect.NewRequest(&v3electionpb.ProclaimRequest{Leader: camp.GetLeader(), Value: []byte("again")})); err != nil {
+		t.Fatalf("Connect JSON Proclaim: %v", err)
+	}
+	if !obs.Receive() || string(obs.Msg().GetKv().GetValue()) != "again" {
+		t.Fatalf("Connect JSON Observe after Proclaim: %v %v", obs.Msg(), obs.Err())
 	}
 	// Auth is served over every protocol too.
 	if st, err := pb.NewAuthClient(conn).AuthStatus(ctxT(t), &pb.AuthStatusRequest{}); err != nil || st.GetEnabled() || st.GetAuthRevision() != 1 {

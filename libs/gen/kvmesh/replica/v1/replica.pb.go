@@ -28,7 +28,13 @@ type KeepAliveBatch struct {
 	// seq names the batch in its answer.
 	Seq uint64 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
 	// ids are the leases to renew (an ID may appear more than once).
-	Ids           []int64 `protobuf:"varint,2,rep,packed,name=ids,proto3" json:"ids,omitempty"`
+	Ids []int64 `protobuf:"varint,2,rep,packed,name=ids,proto3" json:"ids,omitempty"`
+	// users are the users the keep-alives run as, one per ID in order ("" for none), as
+	// the gateway verified their tokens. With auth enabled the leader checks each, as
+	// etcd's checkLeaseRenew: a user is needed, and one that is not an admin must be
+	// allowed to write every key attached to the lease. Without users (not one per ID)
+	// nothing is checked.
+	Users         []string `protobuf:"bytes,3,rep,name=users,proto3" json:"users,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -77,6 +83,13 @@ func (x *KeepAliveBatch) GetIds() []int64 {
 	return nil
 }
 
+func (x *KeepAliveBatch) GetUsers() []string {
+	if x != nil {
+		return x.Users
+	}
+	return nil
+}
+
 // KeepAliveResults answers one KeepAliveBatch.
 type KeepAliveResults struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -88,7 +101,9 @@ type KeepAliveResults struct {
 	Ttls []int64 `protobuf:"varint,3,rep,packed,name=ttls,proto3" json:"ttls,omitempty"`
 	// not_leader is set when this replica could not renew as the leader: no TTL is
 	// given, and the batch should go to the leader.
-	NotLeader     bool `protobuf:"varint,4,opt,name=not_leader,json=notLeader,proto3" json:"not_leader,omitempty"`
+	NotLeader bool `protobuf:"varint,4,opt,name=not_leader,json=notLeader,proto3" json:"not_leader,omitempty"`
+	// refused are the keep-alives the auth check refused (not renewed; their TTL is 0).
+	Refused       []*KeepAliveRefusal `protobuf:"bytes,5,rep,name=refused,proto3" json:"refused,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -151,20 +166,96 @@ func (x *KeepAliveResults) GetNotLeader() bool {
 	return false
 }
 
+func (x *KeepAliveResults) GetRefused() []*KeepAliveRefusal {
+	if x != nil {
+		return x.Refused
+	}
+	return nil
+}
+
+// KeepAliveRefusal is a keep-alive of a batch refused, with etcd's error.
+type KeepAliveRefusal struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// index is the keep-alive's place in the batch.
+	Index uint32 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	// code is the error's gRPC code, message etcd's message.
+	Code          int32  `protobuf:"varint,2,opt,name=code,proto3" json:"code,omitempty"`
+	Message       string `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeepAliveRefusal) Reset() {
+	*x = KeepAliveRefusal{}
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeepAliveRefusal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeepAliveRefusal) ProtoMessage() {}
+
+func (x *KeepAliveRefusal) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeepAliveRefusal.ProtoReflect.Descriptor instead.
+func (*KeepAliveRefusal) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *KeepAliveRefusal) GetIndex() uint32 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+func (x *KeepAliveRefusal) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *KeepAliveRefusal) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 var File_kvmesh_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
-	"\x1fkvmesh/replica/v1/replica.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"4\n" +
+	"\x1fkvmesh/replica/v1/replica.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"J\n" +
 	"\x0eKeepAliveBatch\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x10\n" +
-	"\x03ids\x18\x02 \x03(\x03R\x03ids\"\x8d\x01\n" +
+	"\x03ids\x18\x02 \x03(\x03R\x03ids\x12\x14\n" +
+	"\x05users\x18\x03 \x03(\tR\x05users\"\xcc\x01\n" +
 	"\x10KeepAliveResults\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x124\n" +
 	"\x06header\x18\x02 \x01(\v2\x1c.etcdserverpb.ResponseHeaderR\x06header\x12\x12\n" +
 	"\x04ttls\x18\x03 \x03(\x03R\x04ttls\x12\x1d\n" +
 	"\n" +
-	"not_leader\x18\x04 \x01(\bR\tnotLeader2\xe7\x02\n" +
+	"not_leader\x18\x04 \x01(\bR\tnotLeader\x12=\n" +
+	"\arefused\x18\x05 \x03(\v2#.kvmesh.replica.v1.KeepAliveRefusalR\arefused\"V\n" +
+	"\x10KeepAliveRefusal\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
+	"\x04code\x18\x02 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage2\xe7\x02\n" +
 	"\tKVService\x12@\n" +
 	"\x05Range\x12\x1a.etcdserverpb.RangeRequest\x1a\x1b.etcdserverpb.RangeResponse\x12:\n" +
 	"\x03Put\x12\x18.etcdserverpb.PutRequest\x1a\x19.etcdserverpb.PutResponse\x12R\n" +
@@ -205,93 +296,95 @@ func file_kvmesh_replica_v1_replica_proto_rawDescGZIP() []byte {
 	return file_kvmesh_replica_v1_replica_proto_rawDescData
 }
 
-var file_kvmesh_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_kvmesh_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
 var file_kvmesh_replica_v1_replica_proto_goTypes = []any{
 	(*KeepAliveBatch)(nil),                       // 0: kvmesh.replica.v1.KeepAliveBatch
 	(*KeepAliveResults)(nil),                     // 1: kvmesh.replica.v1.KeepAliveResults
-	(*etcdserverpb.ResponseHeader)(nil),          // 2: etcdserverpb.ResponseHeader
-	(*etcdserverpb.RangeRequest)(nil),            // 3: etcdserverpb.RangeRequest
-	(*etcdserverpb.PutRequest)(nil),              // 4: etcdserverpb.PutRequest
-	(*etcdserverpb.DeleteRangeRequest)(nil),      // 5: etcdserverpb.DeleteRangeRequest
-	(*etcdserverpb.TxnRequest)(nil),              // 6: etcdserverpb.TxnRequest
-	(*etcdserverpb.CompactionRequest)(nil),       // 7: etcdserverpb.CompactionRequest
-	(*etcdserverpb.MemberListRequest)(nil),       // 8: etcdserverpb.MemberListRequest
-	(*etcdserverpb.MemberAddRequest)(nil),        // 9: etcdserverpb.MemberAddRequest
-	(*etcdserverpb.MemberRemoveRequest)(nil),     // 10: etcdserverpb.MemberRemoveRequest
-	(*etcdserverpb.MemberUpdateRequest)(nil),     // 11: etcdserverpb.MemberUpdateRequest
-	(*etcdserverpb.MemberPromoteRequest)(nil),    // 12: etcdserverpb.MemberPromoteRequest
-	(*etcdserverpb.StatusRequest)(nil),           // 13: etcdserverpb.StatusRequest
-	(*etcdserverpb.HashKVRequest)(nil),           // 14: etcdserverpb.HashKVRequest
-	(*etcdserverpb.HashRequest)(nil),             // 15: etcdserverpb.HashRequest
-	(*etcdserverpb.MoveLeaderRequest)(nil),       // 16: etcdserverpb.MoveLeaderRequest
-	(*etcdserverpb.LeaseGrantRequest)(nil),       // 17: etcdserverpb.LeaseGrantRequest
-	(*etcdserverpb.LeaseRevokeRequest)(nil),      // 18: etcdserverpb.LeaseRevokeRequest
-	(*etcdserverpb.LeaseTimeToLiveRequest)(nil),  // 19: etcdserverpb.LeaseTimeToLiveRequest
-	(*etcdserverpb.LeaseLeasesRequest)(nil),      // 20: etcdserverpb.LeaseLeasesRequest
-	(*etcdserverpb.RangeResponse)(nil),           // 21: etcdserverpb.RangeResponse
-	(*etcdserverpb.PutResponse)(nil),             // 22: etcdserverpb.PutResponse
-	(*etcdserverpb.DeleteRangeResponse)(nil),     // 23: etcdserverpb.DeleteRangeResponse
-	(*etcdserverpb.TxnResponse)(nil),             // 24: etcdserverpb.TxnResponse
-	(*etcdserverpb.CompactionResponse)(nil),      // 25: etcdserverpb.CompactionResponse
-	(*etcdserverpb.MemberListResponse)(nil),      // 26: etcdserverpb.MemberListResponse
-	(*etcdserverpb.MemberAddResponse)(nil),       // 27: etcdserverpb.MemberAddResponse
-	(*etcdserverpb.MemberRemoveResponse)(nil),    // 28: etcdserverpb.MemberRemoveResponse
-	(*etcdserverpb.MemberUpdateResponse)(nil),    // 29: etcdserverpb.MemberUpdateResponse
-	(*etcdserverpb.MemberPromoteResponse)(nil),   // 30: etcdserverpb.MemberPromoteResponse
-	(*etcdserverpb.StatusResponse)(nil),          // 31: etcdserverpb.StatusResponse
-	(*etcdserverpb.HashKVResponse)(nil),          // 32: etcdserverpb.HashKVResponse
-	(*etcdserverpb.HashResponse)(nil),            // 33: etcdserverpb.HashResponse
-	(*etcdserverpb.MoveLeaderResponse)(nil),      // 34: etcdserverpb.MoveLeaderResponse
-	(*etcdserverpb.LeaseGrantResponse)(nil),      // 35: etcdserverpb.LeaseGrantResponse
-	(*etcdserverpb.LeaseRevokeResponse)(nil),     // 36: etcdserverpb.LeaseRevokeResponse
-	(*etcdserverpb.LeaseTimeToLiveResponse)(nil), // 37: etcdserverpb.LeaseTimeToLiveResponse
-	(*etcdserverpb.LeaseLeasesResponse)(nil),     // 38: etcdserverpb.LeaseLeasesResponse
+	(*KeepAliveRefusal)(nil),                     // 2: kvmesh.replica.v1.KeepAliveRefusal
+	(*etcdserverpb.ResponseHeader)(nil),          // 3: etcdserverpb.ResponseHeader
+	(*etcdserverpb.RangeRequest)(nil),            // 4: etcdserverpb.RangeRequest
+	(*etcdserverpb.PutRequest)(nil),              // 5: etcdserverpb.PutRequest
+	(*etcdserverpb.DeleteRangeRequest)(nil),      // 6: etcdserverpb.DeleteRangeRequest
+	(*etcdserverpb.TxnRequest)(nil),              // 7: etcdserverpb.TxnRequest
+	(*etcdserverpb.CompactionRequest)(nil),       // 8: etcdserverpb.CompactionRequest
+	(*etcdserverpb.MemberListRequest)(nil),       // 9: etcdserverpb.MemberListRequest
+	(*etcdserverpb.MemberAddRequest)(nil),        // 10: etcdserverpb.MemberAddRequest
+	(*etcdserverpb.MemberRemoveRequest)(nil),     // 11: etcdserverpb.MemberRemoveRequest
+	(*etcdserverpb.MemberUpdateRequest)(nil),     // 12: etcdserverpb.MemberUpdateRequest
+	(*etcdserverpb.MemberPromoteRequest)(nil),    // 13: etcdserverpb.MemberPromoteRequest
+	(*etcdserverpb.StatusRequest)(nil),           // 14: etcdserverpb.StatusRequest
+	(*etcdserverpb.HashKVRequest)(nil),           // 15: etcdserverpb.HashKVRequest
+	(*etcdserverpb.HashRequest)(nil),             // 16: etcdserverpb.HashRequest
+	(*etcdserverpb.MoveLeaderRequest)(nil),       // 17: etcdserverpb.MoveLeaderRequest
+	(*etcdserverpb.LeaseGrantRequest)(nil),       // 18: etcdserverpb.LeaseGrantRequest
+	(*etcdserverpb.LeaseRevokeRequest)(nil),      // 19: etcdserverpb.LeaseRevokeRequest
+	(*etcdserverpb.LeaseTimeToLiveRequest)(nil),  // 20: etcdserverpb.LeaseTimeToLiveRequest
+	(*etcdserverpb.LeaseLeasesRequest)(nil),      // 21: etcdserverpb.LeaseLeasesRequest
+	(*etcdserverpb.RangeResponse)(nil),           // 22: etcdserverpb.RangeResponse
+	(*etcdserverpb.PutResponse)(nil),             // 23: etcdserverpb.PutResponse
+	(*etcdserverpb.DeleteRangeResponse)(nil),     // 24: etcdserverpb.DeleteRangeResponse
+	(*etcdserverpb.TxnResponse)(nil),             // 25: etcdserverpb.TxnResponse
+	(*etcdserverpb.CompactionResponse)(nil),      // 26: etcdserverpb.CompactionResponse
+	(*etcdserverpb.MemberListResponse)(nil),      // 27: etcdserverpb.MemberListResponse
+	(*etcdserverpb.MemberAddResponse)(nil),       // 28: etcdserverpb.MemberAddResponse
+	(*etcdserverpb.MemberRemoveResponse)(nil),    // 29: etcdserverpb.MemberRemoveResponse
+	(*etcdserverpb.MemberUpdateResponse)(nil),    // 30: etcdserverpb.MemberUpdateResponse
+	(*etcdserverpb.MemberPromoteResponse)(nil),   // 31: etcdserverpb.MemberPromoteResponse
+	(*etcdserverpb.StatusResponse)(nil),          // 32: etcdserverpb.StatusResponse
+	(*etcdserverpb.HashKVResponse)(nil),          // 33: etcdserverpb.HashKVResponse
+	(*etcdserverpb.HashResponse)(nil),            // 34: etcdserverpb.HashResponse
+	(*etcdserverpb.MoveLeaderResponse)(nil),      // 35: etcdserverpb.MoveLeaderResponse
+	(*etcdserverpb.LeaseGrantResponse)(nil),      // 36: etcdserverpb.LeaseGrantResponse
+	(*etcdserverpb.LeaseRevokeResponse)(nil),     // 37: etcdserverpb.LeaseRevokeResponse
+	(*etcdserverpb.LeaseTimeToLiveResponse)(nil), // 38: etcdserverpb.LeaseTimeToLiveResponse
+	(*etcdserverpb.LeaseLeasesResponse)(nil),     // 39: etcdserverpb.LeaseLeasesResponse
 }
 var file_kvmesh_replica_v1_replica_proto_depIdxs = []int32{
-	2,  // 0: kvmesh.replica.v1.KeepAliveResults.header:type_name -> etcdserverpb.ResponseHeader
-	3,  // 1: kvmesh.replica.v1.KVService.Range:input_type -> etcdserverpb.RangeRequest
-	4,  // 2: kvmesh.replica.v1.KVService.Put:input_type -> etcdserverpb.PutRequest
-	5,  // 3: kvmesh.replica.v1.KVService.DeleteRange:input_type -> etcdserverpb.DeleteRangeRequest
-	6,  // 4: kvmesh.replica.v1.KVService.Txn:input_type -> etcdserverpb.TxnRequest
-	7,  // 5: kvmesh.replica.v1.KVService.Compact:input_type -> etcdserverpb.CompactionRequest
-	8,  // 6: kvmesh.replica.v1.ClusterService.MemberList:input_type -> etcdserverpb.MemberListRequest
-	9,  // 7: kvmesh.replica.v1.ClusterService.MemberAdd:input_type -> etcdserverpb.MemberAddRequest
-	10, // 8: kvmesh.replica.v1.ClusterService.MemberRemove:input_type -> etcdserverpb.MemberRemoveRequest
-	11, // 9: kvmesh.replica.v1.ClusterService.MemberUpdate:input_type -> etcdserverpb.MemberUpdateRequest
-	12, // 10: kvmesh.replica.v1.ClusterService.MemberPromote:input_type -> etcdserverpb.MemberPromoteRequest
-	13, // 11: kvmesh.replica.v1.MaintenanceService.Status:input_type -> etcdserverpb.StatusRequest
-	14, // 12: kvmesh.replica.v1.MaintenanceService.HashKV:input_type -> etcdserverpb.HashKVRequest
-	15, // 13: kvmesh.replica.v1.MaintenanceService.Hash:input_type -> etcdserverpb.HashRequest
-	16, // 14: kvmesh.replica.v1.MaintenanceService.MoveLeader:input_type -> etcdserverpb.MoveLeaderRequest
-	17, // 15: kvmesh.replica.v1.LeaseService.LeaseGrant:input_type -> etcdserverpb.LeaseGrantRequest
-	18, // 16: kvmesh.replica.v1.LeaseService.LeaseRevoke:input_type -> etcdserverpb.LeaseRevokeRequest
-	19, // 17: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:input_type -> etcdserverpb.LeaseTimeToLiveRequest
-	20, // 18: kvmesh.replica.v1.LeaseService.LeaseLeases:input_type -> etcdserverpb.LeaseLeasesRequest
-	0,  // 19: kvmesh.replica.v1.LeaseService.KeepAlive:input_type -> kvmesh.replica.v1.KeepAliveBatch
-	21, // 20: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
-	22, // 21: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
-	23, // 22: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
-	24, // 23: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
-	25, // 24: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
-	26, // 25: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
-	27, // 26: kvmesh.replica.v1.ClusterService.MemberAdd:output_type -> etcdserverpb.MemberAddResponse
-	28, // 27: kvmesh.replica.v1.ClusterService.MemberRemove:output_type -> etcdserverpb.MemberRemoveResponse
-	29, // 28: kvmesh.replica.v1.ClusterService.MemberUpdate:output_type -> etcdserverpb.MemberUpdateResponse
-	30, // 29: kvmesh.replica.v1.ClusterService.MemberPromote:output_type -> etcdserverpb.MemberPromoteResponse
-	31, // 30: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
-	32, // 31: kvmesh.replica.v1.MaintenanceService.HashKV:output_type -> etcdserverpb.HashKVResponse
-	33, // 32: kvmesh.replica.v1.MaintenanceService.Hash:output_type -> etcdserverpb.HashResponse
-	34, // 33: kvmesh.replica.v1.MaintenanceService.MoveLeader:output_type -> etcdserverpb.MoveLeaderResponse
-	35, // 34: kvmesh.replica.v1.LeaseService.LeaseGrant:output_type -> etcdserverpb.LeaseGrantResponse
-	36, // 35: kvmesh.replica.v1.LeaseService.LeaseRevoke:output_type -> etcdserverpb.LeaseRevokeResponse
-	37, // 36: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:output_type -> etcdserverpb.LeaseTimeToLiveResponse
-	38, // 37: kvmesh.replica.v1.LeaseService.LeaseLeases:output_type -> etcdserverpb.LeaseLeasesResponse
-	1,  // 38: kvmesh.replica.v1.LeaseService.KeepAlive:output_type -> kvmesh.replica.v1.KeepAliveResults
-	20, // [20:39] is the sub-list for method output_type
-	1,  // [1:20] is the sub-list for method input_type
-	1,  // [1:1] is the sub-list for extension type_name
-	1,  // [1:1] is the sub-list for extension extendee
-	0,  // [0:1] is the sub-list for field type_name
+	3,  // 0: kvmesh.replica.v1.KeepAliveResults.header:type_name -> etcdserverpb.ResponseHeader
+	2,  // 1: kvmesh.replica.v1.KeepAliveResults.refused:type_name -> kvmesh.replica.v1.KeepAliveRefusal
+	4,  // 2: kvmesh.replica.v1.KVService.Range:input_type -> etcdserverpb.RangeRequest
+	5,  // 3: kvmesh.replica.v1.KVService.Put:input_type -> etcdserverpb.PutRequest
+	6,  // 4: kvmesh.replica.v1.KVService.DeleteRange:input_type -> etcdserverpb.DeleteRangeRequest
+	7,  // 5: kvmesh.replica.v1.KVService.Txn:input_type -> etcdserverpb.TxnRequest
+	8,  // 6: kvmesh.replica.v1.KVService.Compact:input_type -> etcdserverpb.CompactionRequest
+	9,  // 7: kvmesh.replica.v1.ClusterService.MemberList:input_type -> etcdserverpb.MemberListRequest
+	10, // 8: kvmesh.replica.v1.ClusterService.MemberAdd:input_type -> etcdserverpb.MemberAddRequest
+	11, // 9: kvmesh.replica.v1.ClusterService.MemberRemove:input_type -> etcdserverpb.MemberRemoveRequest
+	12, // 10: kvmesh.replica.v1.ClusterService.MemberUpdate:input_type -> etcdserverpb.MemberUpdateRequest
+	13, // 11: kvmesh.replica.v1.ClusterService.MemberPromote:input_type -> etcdserverpb.MemberPromoteRequest
+	14, // 12: kvmesh.replica.v1.MaintenanceService.Status:input_type -> etcdserverpb.StatusRequest
+	15, // 13: kvmesh.replica.v1.MaintenanceService.HashKV:input_type -> etcdserverpb.HashKVRequest
+	16, // 14: kvmesh.replica.v1.MaintenanceService.Hash:input_type -> etcdserverpb.HashRequest
+	17, // 15: kvmesh.replica.v1.MaintenanceService.MoveLeader:input_type -> etcdserverpb.MoveLeaderRequest
+	18, // 16: kvmesh.replica.v1.LeaseService.LeaseGrant:input_type -> etcdserverpb.LeaseGrantRequest
+	19, // 17: kvmesh.replica.v1.LeaseService.LeaseRevoke:input_type -> etcdserverpb.LeaseRevokeRequest
+	20, // 18: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:input_type -> etcdserverpb.LeaseTimeToLiveRequest
+	21, // 19: kvmesh.replica.v1.LeaseService.LeaseLeases:input_type -> etcdserverpb.LeaseLeasesRequest
+	0,  // 20: kvmesh.replica.v1.LeaseService.KeepAlive:input_type -> kvmesh.replica.v1.KeepAliveBatch
+	22, // 21: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
+	23, // 22: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
+	24, // 23: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
+	25, // 24: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
+	26, // 25: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
+	27, // 26: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
+	28, // 27: kvmesh.replica.v1.ClusterService.MemberAdd:output_type -> etcdserverpb.MemberAddResponse
+	29, // 28: kvmesh.replica.v1.ClusterService.MemberRemove:output_type -> etcdserverpb.MemberRemoveResponse
+	30, // 29: kvmesh.replica.v1.ClusterService.MemberUpdate:output_type -> etcdserverpb.MemberUpdateResponse
+	31, // 30: kvmesh.replica.v1.ClusterService.MemberPromote:output_type -> etcdserverpb.MemberPromoteResponse
+	32, // 31: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
+	33, // 32: kvmesh.replica.v1.MaintenanceService.HashKV:output_type -> etcdserverpb.HashKVResponse
+	34, // 33: kvmesh.replica.v1.MaintenanceService.Hash:output_type -> etcdserverpb.HashResponse
+	35, // 34: kvmesh.replica.v1.MaintenanceService.MoveLeader:output_type -> etcdserverpb.MoveLeaderResponse
+	36, // 35: kvmesh.replica.v1.LeaseService.LeaseGrant:output_type -> etcdserverpb.LeaseGrantResponse
+	37, // 36: kvmesh.replica.v1.LeaseService.LeaseRevoke:output_type -> etcdserverpb.LeaseRevokeResponse
+	38, // 37: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:output_type -> etcdserverpb.LeaseTimeToLiveResponse
+	39, // 38: kvmesh.replica.v1.LeaseService.LeaseLeases:output_type -> etcdserverpb.LeaseLeasesResponse
+	1,  // 39: kvmesh.replica.v1.LeaseService.KeepAlive:output_type -> kvmesh.replica.v1.KeepAliveResults
+	21, // [21:40] is the sub-list for method output_type
+	2,  // [2:21] is the sub-list for method input_type
+	2,  // [2:2] is the sub-list for extension type_name
+	2,  // [2:2] is the sub-list for extension extendee
+	0,  // [0:2] is the sub-list for field type_name
 }
 
 func init() { file_kvmesh_replica_v1_replica_proto_init() }
@@ -305,7 +398,7 @@ func file_kvmesh_replica_v1_replica_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvmesh_replica_v1_replica_proto_rawDesc), len(file_kvmesh_replica_v1_replica_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   2,
+			NumMessages:   3,
 			NumExtensions: 0,
 			NumServices:   4,
 		},
