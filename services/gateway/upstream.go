@@ -51,19 +51,24 @@ func viaGRPC[Req, Res any](ctx context.Context, r *connect.Request[Req], f func(
 	return connect.NewResponse(resp), nil
 }
 
-type grpcKVClient struct{ c replicav1.KVServiceClient }
+// grpcKVClient sends Range, Put, DeleteRange and Txn over the replica's Batch stream
+// (batch.go) and the rarer Compact as a unary call.
+type grpcKVClient struct {
+	c replicav1.KVServiceClient
+	b *kvBatcher
+}
 
 func (a grpcKVClient) Range(ctx context.Context, r *connect.Request[pb.RangeRequest]) (*connect.Response[pb.RangeResponse], error) {
-	return viaGRPC(ctx, r, a.c.Range)
+	return batched(ctx, a.b, r, &replicav1.KVCall{Request: &replicav1.KVCall_Range{Range: r.Msg}}, (*replicav1.KVResult).GetRange)
 }
 func (a grpcKVClient) Put(ctx context.Context, r *connect.Request[pb.PutRequest]) (*connect.Response[pb.PutResponse], error) {
-	return viaGRPC(ctx, r, a.c.Put)
+	return batched(ctx, a.b, r, &replicav1.KVCall{Request: &replicav1.KVCall_Put{Put: r.Msg}}, (*replicav1.KVResult).GetPut)
 }
 func (a grpcKVClient) DeleteRange(ctx context.Context, r *connect.Request[pb.DeleteRangeRequest]) (*connect.Response[pb.DeleteRangeResponse], error) {
-	return viaGRPC(ctx, r, a.c.DeleteRange)
+	return batched(ctx, a.b, r, &replicav1.KVCall{Request: &replicav1.KVCall_DeleteRange{DeleteRange: r.Msg}}, (*replicav1.KVResult).GetDeleteRange)
 }
 func (a grpcKVClient) Txn(ctx context.Context, r *connect.Request[pb.TxnRequest]) (*connect.Response[pb.TxnResponse], error) {
-	return viaGRPC(ctx, r, a.c.Txn)
+	return batched(ctx, a.b, r, &replicav1.KVCall{Request: &replicav1.KVCall_Txn{Txn: r.Msg}}, (*replicav1.KVResult).GetTxn)
 }
 func (a grpcKVClient) Compact(ctx context.Context, r *connect.Request[pb.CompactionRequest]) (*connect.Response[pb.CompactionResponse], error) {
 	return viaGRPC(ctx, r, a.c.Compact)

@@ -40,10 +40,20 @@ type view struct {
 }
 
 // replicaConn is the gateway's link to one replica's internal API.
+// kvClient is the part of the KV service's client the gateway calls: Connect's in
+// process, grpcKVClient (batched) over the network.
+type kvClient interface {
+	Range(context.Context, *connect.Request[pb.RangeRequest]) (*connect.Response[pb.RangeResponse], error)
+	Put(context.Context, *connect.Request[pb.PutRequest]) (*connect.Response[pb.PutResponse], error)
+	DeleteRange(context.Context, *connect.Request[pb.DeleteRangeRequest]) (*connect.Response[pb.DeleteRangeResponse], error)
+	Txn(context.Context, *connect.Request[pb.TxnRequest]) (*connect.Response[pb.TxnResponse], error)
+	Compact(context.Context, *connect.Request[pb.CompactionRequest]) (*connect.Response[pb.CompactionResponse], error)
+}
+
 type replicaConn struct {
 	url     string
 	id      uint64
-	kv      replicav1connect.KVServiceClient
+	kv      kvClient
 	cluster replicav1connect.ClusterServiceClient
 	maint   replicav1connect.MaintenanceServiceClient
 	feed    replicav1connect.FeedServiceClient
@@ -94,7 +104,8 @@ func (v *view) conn(u string) *replicaConn {
 		// Over the network, the unary calls go over grpc-go (see upstream.go).
 		if cc, err := grpcsplit.Dial(u, v.g.mesh.ClientConfig(), v.g.tel.GRPCInternalClient()...); err == nil {
 			c.grpc = cc
-			c.kv = grpcKVClient{replicav1.NewKVServiceClient(cc)}
+			kv := replicav1.NewKVServiceClient(cc)
+			c.kv = grpcKVClient{c: kv, b: &kvBatcher{client: kv}}
 			c.cluster = grpcClusterClient{replicav1.NewClusterServiceClient(cc)}
 			c.maint = grpcMaintenanceClient{replicav1.NewMaintenanceServiceClient(cc)}
 			c.lease = grpcLeaseClient{LeaseServiceClient: c.lease, c: replicav1.NewLeaseServiceClient(cc)}

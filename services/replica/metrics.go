@@ -23,6 +23,8 @@ type metrics struct {
 	leasesRevoked prometheus.Counter
 	leasesExpired prometheus.Counter
 	leasesRenewed prometheus.Counter
+
+	batchCalls prometheus.Counter
 }
 
 func newMetrics(r *Replica) *metrics {
@@ -71,10 +73,13 @@ func newMetrics(r *Replica) *metrics {
 		leasesRenewed: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "etcd_debugging_server_lease_renewed_total", Help: "The number of renewed leases seen by the leader.",
 		}),
+		batchCalls: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvmesh_replica_batch_calls_total", Help: "KV calls received on gateways' Batch streams.",
+		}),
 	}
 	reg := r.tel.Registry
 	reg.MustRegister(m.hasLeader, m.leaderChanges, m.applied, m.pending, m.failed, m.walFsync, m.backendCommit,
-		m.snapshotsSent, m.snapshotsInstalled, m.feedRevisions, m.leasesGranted, m.leasesRevoked, m.leasesExpired, m.leasesRenewed,
+		m.snapshotsSent, m.snapshotsInstalled, m.feedRevisions, m.leasesGranted, m.leasesRevoked, m.leasesExpired, m.leasesRenewed, m.batchCalls,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "etcd_mvcc_db_total_size_in_bytes", Help: "Total size of the underlying database physically allocated in bytes.",
 		}, func() float64 { return float64(r.dbSize()) }),

@@ -22,6 +22,387 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+// KVCalls is a message of calls on a Batch stream.
+type KVCalls struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Calls         []*KVCall              `protobuf:"bytes,1,rep,name=calls,proto3" json:"calls,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVCalls) Reset() {
+	*x = KVCalls{}
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVCalls) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVCalls) ProtoMessage() {}
+
+func (x *KVCalls) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVCalls.ProtoReflect.Descriptor instead.
+func (*KVCalls) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *KVCalls) GetCalls() []*KVCall {
+	if x != nil {
+		return x.Calls
+	}
+	return nil
+}
+
+// KVCall is one call of a Batch stream.
+type KVCall struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// id names the call in its result (unique among the stream's calls under way).
+	Id uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// auth is the gateway's decision (the kvmesh-auth metadata of a unary call).
+	Auth string `protobuf:"bytes,2,opt,name=auth,proto3" json:"auth,omitempty"`
+	// traceparent is the W3C trace context of the call, when it is traced.
+	Traceparent string `protobuf:"bytes,3,opt,name=traceparent,proto3" json:"traceparent,omitempty"`
+	// timeout_micros is what is left of the client's deadline (0: none).
+	TimeoutMicros int64 `protobuf:"varint,4,opt,name=timeout_micros,json=timeoutMicros,proto3" json:"timeout_micros,omitempty"`
+	// Types that are valid to be assigned to Request:
+	//
+	//	*KVCall_Range
+	//	*KVCall_Put
+	//	*KVCall_DeleteRange
+	//	*KVCall_Txn
+	Request       isKVCall_Request `protobuf_oneof:"request"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVCall) Reset() {
+	*x = KVCall{}
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVCall) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVCall) ProtoMessage() {}
+
+func (x *KVCall) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVCall.ProtoReflect.Descriptor instead.
+func (*KVCall) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *KVCall) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *KVCall) GetAuth() string {
+	if x != nil {
+		return x.Auth
+	}
+	return ""
+}
+
+func (x *KVCall) GetTraceparent() string {
+	if x != nil {
+		return x.Traceparent
+	}
+	return ""
+}
+
+func (x *KVCall) GetTimeoutMicros() int64 {
+	if x != nil {
+		return x.TimeoutMicros
+	}
+	return 0
+}
+
+func (x *KVCall) GetRequest() isKVCall_Request {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
+func (x *KVCall) GetRange() *etcdserverpb.RangeRequest {
+	if x != nil {
+		if x, ok := x.Request.(*KVCall_Range); ok {
+			return x.Range
+		}
+	}
+	return nil
+}
+
+func (x *KVCall) GetPut() *etcdserverpb.PutRequest {
+	if x != nil {
+		if x, ok := x.Request.(*KVCall_Put); ok {
+			return x.Put
+		}
+	}
+	return nil
+}
+
+func (x *KVCall) GetDeleteRange() *etcdserverpb.DeleteRangeRequest {
+	if x != nil {
+		if x, ok := x.Request.(*KVCall_DeleteRange); ok {
+			return x.DeleteRange
+		}
+	}
+	return nil
+}
+
+func (x *KVCall) GetTxn() *etcdserverpb.TxnRequest {
+	if x != nil {
+		if x, ok := x.Request.(*KVCall_Txn); ok {
+			return x.Txn
+		}
+	}
+	return nil
+}
+
+type isKVCall_Request interface {
+	isKVCall_Request()
+}
+
+type KVCall_Range struct {
+	Range *etcdserverpb.RangeRequest `protobuf:"bytes,10,opt,name=range,proto3,oneof"`
+}
+
+type KVCall_Put struct {
+	Put *etcdserverpb.PutRequest `protobuf:"bytes,11,opt,name=put,proto3,oneof"`
+}
+
+type KVCall_DeleteRange struct {
+	DeleteRange *etcdserverpb.DeleteRangeRequest `protobuf:"bytes,12,opt,name=delete_range,json=deleteRange,proto3,oneof"`
+}
+
+type KVCall_Txn struct {
+	Txn *etcdserverpb.TxnRequest `protobuf:"bytes,13,opt,name=txn,proto3,oneof"`
+}
+
+func (*KVCall_Range) isKVCall_Request() {}
+
+func (*KVCall_Put) isKVCall_Request() {}
+
+func (*KVCall_DeleteRange) isKVCall_Request() {}
+
+func (*KVCall_Txn) isKVCall_Request() {}
+
+// KVResults is a message of results on a Batch stream.
+type KVResults struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Results       []*KVResult            `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVResults) Reset() {
+	*x = KVResults{}
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVResults) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVResults) ProtoMessage() {}
+
+func (x *KVResults) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVResults.ProtoReflect.Descriptor instead.
+func (*KVResults) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *KVResults) GetResults() []*KVResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// KVResult answers the call with the same id: a response, or an error with the gRPC
+// code and message the unary RPC would have answered.
+type KVResult struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Id      uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Code    int32                  `protobuf:"varint,2,opt,name=code,proto3" json:"code,omitempty"`
+	Message string                 `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	// Types that are valid to be assigned to Response:
+	//
+	//	*KVResult_Range
+	//	*KVResult_Put
+	//	*KVResult_DeleteRange
+	//	*KVResult_Txn
+	Response      isKVResult_Response `protobuf_oneof:"response"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVResult) Reset() {
+	*x = KVResult{}
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVResult) ProtoMessage() {}
+
+func (x *KVResult) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVResult.ProtoReflect.Descriptor instead.
+func (*KVResult) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *KVResult) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *KVResult) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *KVResult) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *KVResult) GetResponse() isKVResult_Response {
+	if x != nil {
+		return x.Response
+	}
+	return nil
+}
+
+func (x *KVResult) GetRange() *etcdserverpb.RangeResponse {
+	if x != nil {
+		if x, ok := x.Response.(*KVResult_Range); ok {
+			return x.Range
+		}
+	}
+	return nil
+}
+
+func (x *KVResult) GetPut() *etcdserverpb.PutResponse {
+	if x != nil {
+		if x, ok := x.Response.(*KVResult_Put); ok {
+			return x.Put
+		}
+	}
+	return nil
+}
+
+func (x *KVResult) GetDeleteRange() *etcdserverpb.DeleteRangeResponse {
+	if x != nil {
+		if x, ok := x.Response.(*KVResult_DeleteRange); ok {
+			return x.DeleteRange
+		}
+	}
+	return nil
+}
+
+func (x *KVResult) GetTxn() *etcdserverpb.TxnResponse {
+	if x != nil {
+		if x, ok := x.Response.(*KVResult_Txn); ok {
+			return x.Txn
+		}
+	}
+	return nil
+}
+
+type isKVResult_Response interface {
+	isKVResult_Response()
+}
+
+type KVResult_Range struct {
+	Range *etcdserverpb.RangeResponse `protobuf:"bytes,10,opt,name=range,proto3,oneof"`
+}
+
+type KVResult_Put struct {
+	Put *etcdserverpb.PutResponse `protobuf:"bytes,11,opt,name=put,proto3,oneof"`
+}
+
+type KVResult_DeleteRange struct {
+	DeleteRange *etcdserverpb.DeleteRangeResponse `protobuf:"bytes,12,opt,name=delete_range,json=deleteRange,proto3,oneof"`
+}
+
+type KVResult_Txn struct {
+	Txn *etcdserverpb.TxnResponse `protobuf:"bytes,13,opt,name=txn,proto3,oneof"`
+}
+
+func (*KVResult_Range) isKVResult_Response() {}
+
+func (*KVResult_Put) isKVResult_Response() {}
+
+func (*KVResult_DeleteRange) isKVResult_Response() {}
+
+func (*KVResult_Txn) isKVResult_Response() {}
+
 // KeepAliveBatch is a batch of keep-alives.
 type KeepAliveBatch struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -41,7 +422,7 @@ type KeepAliveBatch struct {
 
 func (x *KeepAliveBatch) Reset() {
 	*x = KeepAliveBatch{}
-	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[0]
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -53,7 +434,7 @@ func (x *KeepAliveBatch) String() string {
 func (*KeepAliveBatch) ProtoMessage() {}
 
 func (x *KeepAliveBatch) ProtoReflect() protoreflect.Message {
-	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[0]
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -66,7 +447,7 @@ func (x *KeepAliveBatch) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveBatch.ProtoReflect.Descriptor instead.
 func (*KeepAliveBatch) Descriptor() ([]byte, []int) {
-	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{0}
+	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *KeepAliveBatch) GetSeq() uint64 {
@@ -110,7 +491,7 @@ type KeepAliveResults struct {
 
 func (x *KeepAliveResults) Reset() {
 	*x = KeepAliveResults{}
-	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[1]
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -122,7 +503,7 @@ func (x *KeepAliveResults) String() string {
 func (*KeepAliveResults) ProtoMessage() {}
 
 func (x *KeepAliveResults) ProtoReflect() protoreflect.Message {
-	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[1]
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -135,7 +516,7 @@ func (x *KeepAliveResults) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveResults.ProtoReflect.Descriptor instead.
 func (*KeepAliveResults) Descriptor() ([]byte, []int) {
-	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{1}
+	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *KeepAliveResults) GetSeq() uint64 {
@@ -187,7 +568,7 @@ type KeepAliveRefusal struct {
 
 func (x *KeepAliveRefusal) Reset() {
 	*x = KeepAliveRefusal{}
-	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[2]
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -199,7 +580,7 @@ func (x *KeepAliveRefusal) String() string {
 func (*KeepAliveRefusal) ProtoMessage() {}
 
 func (x *KeepAliveRefusal) ProtoReflect() protoreflect.Message {
-	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[2]
+	mi := &file_kvmesh_replica_v1_replica_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -212,7 +593,7 @@ func (x *KeepAliveRefusal) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeepAliveRefusal.ProtoReflect.Descriptor instead.
 func (*KeepAliveRefusal) Descriptor() ([]byte, []int) {
-	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{2}
+	return file_kvmesh_replica_v1_replica_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *KeepAliveRefusal) GetIndex() uint32 {
@@ -240,7 +621,33 @@ var File_kvmesh_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
-	"\x1fkvmesh/replica/v1/replica.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\"J\n" +
+	"\x1fkvmesh/replica/v1/replica.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\":\n" +
+	"\aKVCalls\x12/\n" +
+	"\x05calls\x18\x01 \x03(\v2\x19.kvmesh.replica.v1.KVCallR\x05calls\"\xd7\x02\n" +
+	"\x06KVCall\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
+	"\x04auth\x18\x02 \x01(\tR\x04auth\x12 \n" +
+	"\vtraceparent\x18\x03 \x01(\tR\vtraceparent\x12%\n" +
+	"\x0etimeout_micros\x18\x04 \x01(\x03R\rtimeoutMicros\x122\n" +
+	"\x05range\x18\n" +
+	" \x01(\v2\x1a.etcdserverpb.RangeRequestH\x00R\x05range\x12,\n" +
+	"\x03put\x18\v \x01(\v2\x18.etcdserverpb.PutRequestH\x00R\x03put\x12E\n" +
+	"\fdelete_range\x18\f \x01(\v2 .etcdserverpb.DeleteRangeRequestH\x00R\vdeleteRange\x12,\n" +
+	"\x03txn\x18\r \x01(\v2\x18.etcdserverpb.TxnRequestH\x00R\x03txnB\t\n" +
+	"\arequest\"B\n" +
+	"\tKVResults\x125\n" +
+	"\aresults\x18\x01 \x03(\v2\x1b.kvmesh.replica.v1.KVResultR\aresults\"\xaf\x02\n" +
+	"\bKVResult\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
+	"\x04code\x18\x02 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\x123\n" +
+	"\x05range\x18\n" +
+	" \x01(\v2\x1b.etcdserverpb.RangeResponseH\x00R\x05range\x12-\n" +
+	"\x03put\x18\v \x01(\v2\x19.etcdserverpb.PutResponseH\x00R\x03put\x12F\n" +
+	"\fdelete_range\x18\f \x01(\v2!.etcdserverpb.DeleteRangeResponseH\x00R\vdeleteRange\x12-\n" +
+	"\x03txn\x18\r \x01(\v2\x19.etcdserverpb.TxnResponseH\x00R\x03txnB\n" +
+	"\n" +
+	"\bresponse\"J\n" +
 	"\x0eKeepAliveBatch\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x10\n" +
 	"\x03ids\x18\x02 \x03(\x03R\x03ids\x12\x14\n" +
@@ -255,13 +662,14 @@ const file_kvmesh_replica_v1_replica_proto_rawDesc = "" +
 	"\x10KeepAliveRefusal\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\rR\x05index\x12\x12\n" +
 	"\x04code\x18\x02 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\x03 \x01(\tR\amessage2\xe7\x02\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage2\xae\x03\n" +
 	"\tKVService\x12@\n" +
 	"\x05Range\x12\x1a.etcdserverpb.RangeRequest\x1a\x1b.etcdserverpb.RangeResponse\x12:\n" +
 	"\x03Put\x12\x18.etcdserverpb.PutRequest\x1a\x19.etcdserverpb.PutResponse\x12R\n" +
 	"\vDeleteRange\x12 .etcdserverpb.DeleteRangeRequest\x1a!.etcdserverpb.DeleteRangeResponse\x12:\n" +
 	"\x03Txn\x12\x18.etcdserverpb.TxnRequest\x1a\x19.etcdserverpb.TxnResponse\x12L\n" +
-	"\aCompact\x12\x1f.etcdserverpb.CompactionRequest\x1a .etcdserverpb.CompactionResponse2\xb7\x03\n" +
+	"\aCompact\x12\x1f.etcdserverpb.CompactionRequest\x1a .etcdserverpb.CompactionResponse\x12E\n" +
+	"\x05Batch\x12\x1a.kvmesh.replica.v1.KVCalls\x1a\x1c.kvmesh.replica.v1.KVResults(\x010\x012\xb7\x03\n" +
 	"\x0eClusterService\x12O\n" +
 	"\n" +
 	"MemberList\x12\x1f.etcdserverpb.MemberListRequest\x1a .etcdserverpb.MemberListResponse\x12L\n" +
@@ -296,95 +704,111 @@ func file_kvmesh_replica_v1_replica_proto_rawDescGZIP() []byte {
 	return file_kvmesh_replica_v1_replica_proto_rawDescData
 }
 
-var file_kvmesh_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_kvmesh_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_kvmesh_replica_v1_replica_proto_goTypes = []any{
-	(*KeepAliveBatch)(nil),                       // 0: kvmesh.replica.v1.KeepAliveBatch
-	(*KeepAliveResults)(nil),                     // 1: kvmesh.replica.v1.KeepAliveResults
-	(*KeepAliveRefusal)(nil),                     // 2: kvmesh.replica.v1.KeepAliveRefusal
-	(*etcdserverpb.ResponseHeader)(nil),          // 3: etcdserverpb.ResponseHeader
-	(*etcdserverpb.RangeRequest)(nil),            // 4: etcdserverpb.RangeRequest
-	(*etcdserverpb.PutRequest)(nil),              // 5: etcdserverpb.PutRequest
-	(*etcdserverpb.DeleteRangeRequest)(nil),      // 6: etcdserverpb.DeleteRangeRequest
-	(*etcdserverpb.TxnRequest)(nil),              // 7: etcdserverpb.TxnRequest
-	(*etcdserverpb.CompactionRequest)(nil),       // 8: etcdserverpb.CompactionRequest
-	(*etcdserverpb.MemberListRequest)(nil),       // 9: etcdserverpb.MemberListRequest
-	(*etcdserverpb.MemberAddRequest)(nil),        // 10: etcdserverpb.MemberAddRequest
-	(*etcdserverpb.MemberRemoveRequest)(nil),     // 11: etcdserverpb.MemberRemoveRequest
-	(*etcdserverpb.MemberUpdateRequest)(nil),     // 12: etcdserverpb.MemberUpdateRequest
-	(*etcdserverpb.MemberPromoteRequest)(nil),    // 13: etcdserverpb.MemberPromoteRequest
-	(*etcdserverpb.StatusRequest)(nil),           // 14: etcdserverpb.StatusRequest
-	(*etcdserverpb.HashKVRequest)(nil),           // 15: etcdserverpb.HashKVRequest
-	(*etcdserverpb.HashRequest)(nil),             // 16: etcdserverpb.HashRequest
-	(*etcdserverpb.MoveLeaderRequest)(nil),       // 17: etcdserverpb.MoveLeaderRequest
-	(*etcdserverpb.LeaseGrantRequest)(nil),       // 18: etcdserverpb.LeaseGrantRequest
-	(*etcdserverpb.LeaseRevokeRequest)(nil),      // 19: etcdserverpb.LeaseRevokeRequest
-	(*etcdserverpb.LeaseTimeToLiveRequest)(nil),  // 20: etcdserverpb.LeaseTimeToLiveRequest
-	(*etcdserverpb.LeaseLeasesRequest)(nil),      // 21: etcdserverpb.LeaseLeasesRequest
-	(*etcdserverpb.RangeResponse)(nil),           // 22: etcdserverpb.RangeResponse
-	(*etcdserverpb.PutResponse)(nil),             // 23: etcdserverpb.PutResponse
-	(*etcdserverpb.DeleteRangeResponse)(nil),     // 24: etcdserverpb.DeleteRangeResponse
-	(*etcdserverpb.TxnResponse)(nil),             // 25: etcdserverpb.TxnResponse
-	(*etcdserverpb.CompactionResponse)(nil),      // 26: etcdserverpb.CompactionResponse
-	(*etcdserverpb.MemberListResponse)(nil),      // 27: etcdserverpb.MemberListResponse
-	(*etcdserverpb.MemberAddResponse)(nil),       // 28: etcdserverpb.MemberAddResponse
-	(*etcdserverpb.MemberRemoveResponse)(nil),    // 29: etcdserverpb.MemberRemoveResponse
-	(*etcdserverpb.MemberUpdateResponse)(nil),    // 30: etcdserverpb.MemberUpdateResponse
-	(*etcdserverpb.MemberPromoteResponse)(nil),   // 31: etcdserverpb.MemberPromoteResponse
-	(*etcdserverpb.StatusResponse)(nil),          // 32: etcdserverpb.StatusResponse
-	(*etcdserverpb.HashKVResponse)(nil),          // 33: etcdserverpb.HashKVResponse
-	(*etcdserverpb.HashResponse)(nil),            // 34: etcdserverpb.HashResponse
-	(*etcdserverpb.MoveLeaderResponse)(nil),      // 35: etcdserverpb.MoveLeaderResponse
-	(*etcdserverpb.LeaseGrantResponse)(nil),      // 36: etcdserverpb.LeaseGrantResponse
-	(*etcdserverpb.LeaseRevokeResponse)(nil),     // 37: etcdserverpb.LeaseRevokeResponse
-	(*etcdserverpb.LeaseTimeToLiveResponse)(nil), // 38: etcdserverpb.LeaseTimeToLiveResponse
-	(*etcdserverpb.LeaseLeasesResponse)(nil),     // 39: etcdserverpb.LeaseLeasesResponse
+	(*KVCalls)(nil),                              // 0: kvmesh.replica.v1.KVCalls
+	(*KVCall)(nil),                               // 1: kvmesh.replica.v1.KVCall
+	(*KVResults)(nil),                            // 2: kvmesh.replica.v1.KVResults
+	(*KVResult)(nil),                             // 3: kvmesh.replica.v1.KVResult
+	(*KeepAliveBatch)(nil),                       // 4: kvmesh.replica.v1.KeepAliveBatch
+	(*KeepAliveResults)(nil),                     // 5: kvmesh.replica.v1.KeepAliveResults
+	(*KeepAliveRefusal)(nil),                     // 6: kvmesh.replica.v1.KeepAliveRefusal
+	(*etcdserverpb.RangeRequest)(nil),            // 7: etcdserverpb.RangeRequest
+	(*etcdserverpb.PutRequest)(nil),              // 8: etcdserverpb.PutRequest
+	(*etcdserverpb.DeleteRangeRequest)(nil),      // 9: etcdserverpb.DeleteRangeRequest
+	(*etcdserverpb.TxnRequest)(nil),              // 10: etcdserverpb.TxnRequest
+	(*etcdserverpb.RangeResponse)(nil),           // 11: etcdserverpb.RangeResponse
+	(*etcdserverpb.PutResponse)(nil),             // 12: etcdserverpb.PutResponse
+	(*etcdserverpb.DeleteRangeResponse)(nil),     // 13: etcdserverpb.DeleteRangeResponse
+	(*etcdserverpb.TxnResponse)(nil),             // 14: etcdserverpb.TxnResponse
+	(*etcdserverpb.ResponseHeader)(nil),          // 15: etcdserverpb.ResponseHeader
+	(*etcdserverpb.CompactionRequest)(nil),       // 16: etcdserverpb.CompactionRequest
+	(*etcdserverpb.MemberListRequest)(nil),       // 17: etcdserverpb.MemberListRequest
+	(*etcdserverpb.MemberAddRequest)(nil),        // 18: etcdserverpb.MemberAddRequest
+	(*etcdserverpb.MemberRemoveRequest)(nil),     // 19: etcdserverpb.MemberRemoveRequest
+	(*etcdserverpb.MemberUpdateRequest)(nil),     // 20: etcdserverpb.MemberUpdateRequest
+	(*etcdserverpb.MemberPromoteRequest)(nil),    // 21: etcdserverpb.MemberPromoteRequest
+	(*etcdserverpb.StatusRequest)(nil),           // 22: etcdserverpb.StatusRequest
+	(*etcdserverpb.HashKVRequest)(nil),           // 23: etcdserverpb.HashKVRequest
+	(*etcdserverpb.HashRequest)(nil),             // 24: etcdserverpb.HashRequest
+	(*etcdserverpb.MoveLeaderRequest)(nil),       // 25: etcdserverpb.MoveLeaderRequest
+	(*etcdserverpb.LeaseGrantRequest)(nil),       // 26: etcdserverpb.LeaseGrantRequest
+	(*etcdserverpb.LeaseRevokeRequest)(nil),      // 27: etcdserverpb.LeaseRevokeRequest
+	(*etcdserverpb.LeaseTimeToLiveRequest)(nil),  // 28: etcdserverpb.LeaseTimeToLiveRequest
+	(*etcdserverpb.LeaseLeasesRequest)(nil),      // 29: etcdserverpb.LeaseLeasesRequest
+	(*etcdserverpb.CompactionResponse)(nil),      // 30: etcdserverpb.CompactionResponse
+	(*etcdserverpb.MemberListResponse)(nil),      // 31: etcdserverpb.MemberListResponse
+	(*etcdserverpb.MemberAddResponse)(nil),       // 32: etcdserverpb.MemberAddResponse
+	(*etcdserverpb.MemberRemoveResponse)(nil),    // 33: etcdserverpb.MemberRemoveResponse
+	(*etcdserverpb.MemberUpdateResponse)(nil),    // 34: etcdserverpb.MemberUpdateResponse
+	(*etcdserverpb.MemberPromoteResponse)(nil),   // 35: etcdserverpb.MemberPromoteResponse
+	(*etcdserverpb.StatusResponse)(nil),          // 36: etcdserverpb.StatusResponse
+	(*etcdserverpb.HashKVResponse)(nil),          // 37: etcdserverpb.HashKVResponse
+	(*etcdserverpb.HashResponse)(nil),            // 38: etcdserverpb.HashResponse
+	(*etcdserverpb.MoveLeaderResponse)(nil),      // 39: etcdserverpb.MoveLeaderResponse
+	(*etcdserverpb.LeaseGrantResponse)(nil),      // 40: etcdserverpb.LeaseGrantResponse
+	(*etcdserverpb.LeaseRevokeResponse)(nil),     // 41: etcdserverpb.LeaseRevokeResponse
+	(*etcdserverpb.LeaseTimeToLiveResponse)(nil), // 42: etcdserverpb.LeaseTimeToLiveResponse
+	(*etcdserverpb.LeaseLeasesResponse)(nil),     // 43: etcdserverpb.LeaseLeasesResponse
 }
 var file_kvmesh_replica_v1_replica_proto_depIdxs = []int32{
-	3,  // 0: kvmesh.replica.v1.KeepAliveResults.header:type_name -> etcdserverpb.ResponseHeader
-	2,  // 1: kvmesh.replica.v1.KeepAliveResults.refused:type_name -> kvmesh.replica.v1.KeepAliveRefusal
-	4,  // 2: kvmesh.replica.v1.KVService.Range:input_type -> etcdserverpb.RangeRequest
-	5,  // 3: kvmesh.replica.v1.KVService.Put:input_type -> etcdserverpb.PutRequest
-	6,  // 4: kvmesh.replica.v1.KVService.DeleteRange:input_type -> etcdserverpb.DeleteRangeRequest
-	7,  // 5: kvmesh.replica.v1.KVService.Txn:input_type -> etcdserverpb.TxnRequest
-	8,  // 6: kvmesh.replica.v1.KVService.Compact:input_type -> etcdserverpb.CompactionRequest
-	9,  // 7: kvmesh.replica.v1.ClusterService.MemberList:input_type -> etcdserverpb.MemberListRequest
-	10, // 8: kvmesh.replica.v1.ClusterService.MemberAdd:input_type -> etcdserverpb.MemberAddRequest
-	11, // 9: kvmesh.replica.v1.ClusterService.MemberRemove:input_type -> etcdserverpb.MemberRemoveRequest
-	12, // 10: kvmesh.replica.v1.ClusterService.MemberUpdate:input_type -> etcdserverpb.MemberUpdateRequest
-	13, // 11: kvmesh.replica.v1.ClusterService.MemberPromote:input_type -> etcdserverpb.MemberPromoteRequest
-	14, // 12: kvmesh.replica.v1.MaintenanceService.Status:input_type -> etcdserverpb.StatusRequest
-	15, // 13: kvmesh.replica.v1.MaintenanceService.HashKV:input_type -> etcdserverpb.HashKVRequest
-	16, // 14: kvmesh.replica.v1.MaintenanceService.Hash:input_type -> etcdserverpb.HashRequest
-	17, // 15: kvmesh.replica.v1.MaintenanceService.MoveLeader:input_type -> etcdserverpb.MoveLeaderRequest
-	18, // 16: kvmesh.replica.v1.LeaseService.LeaseGrant:input_type -> etcdserverpb.LeaseGrantRequest
-	19, // 17: kvmesh.replica.v1.LeaseService.LeaseRevoke:input_type -> etcdserverpb.LeaseRevokeRequest
-	20, // 18: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:input_type -> etcdserverpb.LeaseTimeToLiveRequest
-	21, // 19: kvmesh.replica.v1.LeaseService.LeaseLeases:input_type -> etcdserverpb.LeaseLeasesRequest
-	0,  // 20: kvmesh.replica.v1.LeaseService.KeepAlive:input_type -> kvmesh.replica.v1.KeepAliveBatch
-	22, // 21: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
-	23, // 22: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
-	24, // 23: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
-	25, // 24: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
-	26, // 25: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
-	27, // 26: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
-	28, // 27: kvmesh.replica.v1.ClusterService.MemberAdd:output_type -> etcdserverpb.MemberAddResponse
-	29, // 28: kvmesh.replica.v1.ClusterService.MemberRemove:output_type -> etcdserverpb.MemberRemoveResponse
-	30, // 29: kvmesh.replica.v1.ClusterService.MemberUpdate:output_type -> etcdserverpb.MemberUpdateResponse
-	31, // 30: kvmesh.replica.v1.ClusterService.MemberPromote:output_type -> etcdserverpb.MemberPromoteResponse
-	32, // 31: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
-	33, // 32: kvmesh.replica.v1.MaintenanceService.HashKV:output_type -> etcdserverpb.HashKVResponse
-	34, // 33: kvmesh.replica.v1.MaintenanceService.Hash:output_type -> etcdserverpb.HashResponse
-	35, // 34: kvmesh.replica.v1.MaintenanceService.MoveLeader:output_type -> etcdserverpb.MoveLeaderResponse
-	36, // 35: kvmesh.replica.v1.LeaseService.LeaseGrant:output_type -> etcdserverpb.LeaseGrantResponse
-	37, // 36: kvmesh.replica.v1.LeaseService.LeaseRevoke:output_type -> etcdserverpb.LeaseRevokeResponse
-	38, // 37: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:output_type -> etcdserverpb.LeaseTimeToLiveResponse
-	39, // 38: kvmesh.replica.v1.LeaseService.LeaseLeases:output_type -> etcdserverpb.LeaseLeasesResponse
-	1,  // 39: kvmesh.replica.v1.LeaseService.KeepAlive:output_type -> kvmesh.replica.v1.KeepAliveResults
-	21, // [21:40] is the sub-list for method output_type
-	2,  // [2:21] is the sub-list for method input_type
-	2,  // [2:2] is the sub-list for extension type_name
-	2,  // [2:2] is the sub-list for extension extendee
-	0,  // [0:2] is the sub-list for field type_name
+	1,  // 0: kvmesh.replica.v1.KVCalls.calls:type_name -> kvmesh.replica.v1.KVCall
+	7,  // 1: kvmesh.replica.v1.KVCall.range:type_name -> etcdserverpb.RangeRequest
+	8,  // 2: kvmesh.replica.v1.KVCall.put:type_name -> etcdserverpb.PutRequest
+	9,  // 3: kvmesh.replica.v1.KVCall.delete_range:type_name -> etcdserverpb.DeleteRangeRequest
+	10, // 4: kvmesh.replica.v1.KVCall.txn:type_name -> etcdserverpb.TxnRequest
+	3,  // 5: kvmesh.replica.v1.KVResults.results:type_name -> kvmesh.replica.v1.KVResult
+	11, // 6: kvmesh.replica.v1.KVResult.range:type_name -> etcdserverpb.RangeResponse
+	12, // 7: kvmesh.replica.v1.KVResult.put:type_name -> etcdserverpb.PutResponse
+	13, // 8: kvmesh.replica.v1.KVResult.delete_range:type_name -> etcdserverpb.DeleteRangeResponse
+	14, // 9: kvmesh.replica.v1.KVResult.txn:type_name -> etcdserverpb.TxnResponse
+	15, // 10: kvmesh.replica.v1.KeepAliveResults.header:type_name -> etcdserverpb.ResponseHeader
+	6,  // 11: kvmesh.replica.v1.KeepAliveResults.refused:type_name -> kvmesh.replica.v1.KeepAliveRefusal
+	7,  // 12: kvmesh.replica.v1.KVService.Range:input_type -> etcdserverpb.RangeRequest
+	8,  // 13: kvmesh.replica.v1.KVService.Put:input_type -> etcdserverpb.PutRequest
+	9,  // 14: kvmesh.replica.v1.KVService.DeleteRange:input_type -> etcdserverpb.DeleteRangeRequest
+	10, // 15: kvmesh.replica.v1.KVService.Txn:input_type -> etcdserverpb.TxnRequest
+	16, // 16: kvmesh.replica.v1.KVService.Compact:input_type -> etcdserverpb.CompactionRequest
+	0,  // 17: kvmesh.replica.v1.KVService.Batch:input_type -> kvmesh.replica.v1.KVCalls
+	17, // 18: kvmesh.replica.v1.ClusterService.MemberList:input_type -> etcdserverpb.MemberListRequest
+	18, // 19: kvmesh.replica.v1.ClusterService.MemberAdd:input_type -> etcdserverpb.MemberAddRequest
+	19, // 20: kvmesh.replica.v1.ClusterService.MemberRemove:input_type -> etcdserverpb.MemberRemoveRequest
+	20, // 21: kvmesh.replica.v1.ClusterService.MemberUpdate:input_type -> etcdserverpb.MemberUpdateRequest
+	21, // 22: kvmesh.replica.v1.ClusterService.MemberPromote:input_type -> etcdserverpb.MemberPromoteRequest
+	22, // 23: kvmesh.replica.v1.MaintenanceService.Status:input_type -> etcdserverpb.StatusRequest
+	23, // 24: kvmesh.replica.v1.MaintenanceService.HashKV:input_type -> etcdserverpb.HashKVRequest
+	24, // 25: kvmesh.replica.v1.MaintenanceService.Hash:input_type -> etcdserverpb.HashRequest
+	25, // 26: kvmesh.replica.v1.MaintenanceService.MoveLeader:input_type -> etcdserverpb.MoveLeaderRequest
+	26, // 27: kvmesh.replica.v1.LeaseService.LeaseGrant:input_type -> etcdserverpb.LeaseGrantRequest
+	27, // 28: kvmesh.replica.v1.LeaseService.LeaseRevoke:input_type -> etcdserverpb.LeaseRevokeRequest
+	28, // 29: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:input_type -> etcdserverpb.LeaseTimeToLiveRequest
+	29, // 30: kvmesh.replica.v1.LeaseService.LeaseLeases:input_type -> etcdserverpb.LeaseLeasesRequest
+	4,  // 31: kvmesh.replica.v1.LeaseService.KeepAlive:input_type -> kvmesh.replica.v1.KeepAliveBatch
+	11, // 32: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
+	12, // 33: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
+	13, // 34: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
+	14, // 35: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
+	30, // 36: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
+	2,  // 37: kvmesh.replica.v1.KVService.Batch:output_type -> kvmesh.replica.v1.KVResults
+	31, // 38: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
+	32, // 39: kvmesh.replica.v1.ClusterService.MemberAdd:output_type -> etcdserverpb.MemberAddResponse
+	33, // 40: kvmesh.replica.v1.ClusterService.MemberRemove:output_type -> etcdserverpb.MemberRemoveResponse
+	34, // 41: kvmesh.replica.v1.ClusterService.MemberUpdate:output_type -> etcdserverpb.MemberUpdateResponse
+	35, // 42: kvmesh.replica.v1.ClusterService.MemberPromote:output_type -> etcdserverpb.MemberPromoteResponse
+	36, // 43: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
+	37, // 44: kvmesh.replica.v1.MaintenanceService.HashKV:output_type -> etcdserverpb.HashKVResponse
+	38, // 45: kvmesh.replica.v1.MaintenanceService.Hash:output_type -> etcdserverpb.HashResponse
+	39, // 46: kvmesh.replica.v1.MaintenanceService.MoveLeader:output_type -> etcdserverpb.MoveLeaderResponse
+	40, // 47: kvmesh.replica.v1.LeaseService.LeaseGrant:output_type -> etcdserverpb.LeaseGrantResponse
+	41, // 48: kvmesh.replica.v1.LeaseService.LeaseRevoke:output_type -> etcdserverpb.LeaseRevokeResponse
+	42, // 49: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:output_type -> etcdserverpb.LeaseTimeToLiveResponse
+	43, // 50: kvmesh.replica.v1.LeaseService.LeaseLeases:output_type -> etcdserverpb.LeaseLeasesResponse
+	5,  // 51: kvmesh.replica.v1.LeaseService.KeepAlive:output_type -> kvmesh.replica.v1.KeepAliveResults
+	32, // [32:52] is the sub-list for method output_type
+	12, // [12:32] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_kvmesh_replica_v1_replica_proto_init() }
@@ -392,13 +816,25 @@ func file_kvmesh_replica_v1_replica_proto_init() {
 	if File_kvmesh_replica_v1_replica_proto != nil {
 		return
 	}
+	file_kvmesh_replica_v1_replica_proto_msgTypes[1].OneofWrappers = []any{
+		(*KVCall_Range)(nil),
+		(*KVCall_Put)(nil),
+		(*KVCall_DeleteRange)(nil),
+		(*KVCall_Txn)(nil),
+	}
+	file_kvmesh_replica_v1_replica_proto_msgTypes[3].OneofWrappers = []any{
+		(*KVResult_Range)(nil),
+		(*KVResult_Put)(nil),
+		(*KVResult_DeleteRange)(nil),
+		(*KVResult_Txn)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvmesh_replica_v1_replica_proto_rawDesc), len(file_kvmesh_replica_v1_replica_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   3,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   4,
 		},

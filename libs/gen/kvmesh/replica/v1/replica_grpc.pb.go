@@ -25,6 +25,7 @@ const (
 	KVService_DeleteRange_FullMethodName = "/kvmesh.replica.v1.KVService/DeleteRange"
 	KVService_Txn_FullMethodName         = "/kvmesh.replica.v1.KVService/Txn"
 	KVService_Compact_FullMethodName     = "/kvmesh.replica.v1.KVService/Compact"
+	KVService_Batch_FullMethodName       = "/kvmesh.replica.v1.KVService/Batch"
 )
 
 // KVServiceClient is the client API for KVService service.
@@ -45,6 +46,11 @@ type KVServiceClient interface {
 	Txn(ctx context.Context, in *etcdserverpb.TxnRequest, opts ...grpc.CallOption) (*etcdserverpb.TxnResponse, error)
 	// Compact proposes a compaction of the key history.
 	Compact(ctx context.Context, in *etcdserverpb.CompactionRequest, opts ...grpc.CallOption) (*etcdserverpb.CompactionResponse, error)
+	// Batch carries many Range, Put, DeleteRange and Txn calls over one long-lived
+	// stream: a gateway sends whatever calls queued while it wrote the previous message,
+	// and the replica answers each call once it is done, many answers per message. It
+	// serves each call exactly as the unary RPC of the same name.
+	Batch(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[KVCalls, KVResults], error)
 }
 
 type kVServiceClient struct {
@@ -105,6 +111,19 @@ func (c *kVServiceClient) Compact(ctx context.Context, in *etcdserverpb.Compacti
 	return out, nil
 }
 
+func (c *kVServiceClient) Batch(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[KVCalls, KVResults], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &KVService_ServiceDesc.Streams[0], KVService_Batch_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[KVCalls, KVResults]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KVService_BatchClient = grpc.BidiStreamingClient[KVCalls, KVResults]
+
 // KVServiceServer is the server API for KVService service.
 // All implementations must embed UnimplementedKVServiceServer
 // for forward compatibility.
@@ -123,6 +142,11 @@ type KVServiceServer interface {
 	Txn(context.Context, *etcdserverpb.TxnRequest) (*etcdserverpb.TxnResponse, error)
 	// Compact proposes a compaction of the key history.
 	Compact(context.Context, *etcdserverpb.CompactionRequest) (*etcdserverpb.CompactionResponse, error)
+	// Batch carries many Range, Put, DeleteRange and Txn calls over one long-lived
+	// stream: a gateway sends whatever calls queued while it wrote the previous message,
+	// and the replica answers each call once it is done, many answers per message. It
+	// serves each call exactly as the unary RPC of the same name.
+	Batch(grpc.BidiStreamingServer[KVCalls, KVResults]) error
 	mustEmbedUnimplementedKVServiceServer()
 }
 
@@ -147,6 +171,9 @@ func (UnimplementedKVServiceServer) Txn(context.Context, *etcdserverpb.TxnReques
 }
 func (UnimplementedKVServiceServer) Compact(context.Context, *etcdserverpb.CompactionRequest) (*etcdserverpb.CompactionResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method Compact not implemented")
+}
+func (UnimplementedKVServiceServer) Batch(grpc.BidiStreamingServer[KVCalls, KVResults]) error {
+	return status.Errorf(codes.Unimplemented, "method Batch not implemented")
 }
 func (UnimplementedKVServiceServer) mustEmbedUnimplementedKVServiceServer() {}
 func (UnimplementedKVServiceServer) testEmbeddedByValue()                   {}
@@ -259,6 +286,13 @@ func _KVService_Compact_Handler(srv interface{}, ctx context.Context, dec func(i
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KVService_Batch_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(KVServiceServer).Batch(&grpc.GenericServerStream[KVCalls, KVResults]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KVService_BatchServer = grpc.BidiStreamingServer[KVCalls, KVResults]
+
 // KVService_ServiceDesc is the grpc.ServiceDesc for KVService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -287,7 +321,14 @@ var KVService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _KVService_Compact_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Batch",
+			Handler:       _KVService_Batch_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "kvmesh/replica/v1/replica.proto",
 }
 

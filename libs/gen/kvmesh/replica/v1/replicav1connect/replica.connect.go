@@ -50,6 +50,8 @@ const (
 	KVServiceTxnProcedure = "/kvmesh.replica.v1.KVService/Txn"
 	// KVServiceCompactProcedure is the fully-qualified name of the KVService's Compact RPC.
 	KVServiceCompactProcedure = "/kvmesh.replica.v1.KVService/Compact"
+	// KVServiceBatchProcedure is the fully-qualified name of the KVService's Batch RPC.
+	KVServiceBatchProcedure = "/kvmesh.replica.v1.KVService/Batch"
 	// ClusterServiceMemberListProcedure is the fully-qualified name of the ClusterService's MemberList
 	// RPC.
 	ClusterServiceMemberListProcedure = "/kvmesh.replica.v1.ClusterService/MemberList"
@@ -103,6 +105,11 @@ type KVServiceClient interface {
 	Txn(context.Context, *connect.Request[etcdserverpb.TxnRequest]) (*connect.Response[etcdserverpb.TxnResponse], error)
 	// Compact proposes a compaction of the key history.
 	Compact(context.Context, *connect.Request[etcdserverpb.CompactionRequest]) (*connect.Response[etcdserverpb.CompactionResponse], error)
+	// Batch carries many Range, Put, DeleteRange and Txn calls over one long-lived
+	// stream: a gateway sends whatever calls queued while it wrote the previous message,
+	// and the replica answers each call once it is done, many answers per message. It
+	// serves each call exactly as the unary RPC of the same name.
+	Batch(context.Context) *connect.BidiStreamForClient[v1.KVCalls, v1.KVResults]
 }
 
 // NewKVServiceClient constructs a client for the kvmesh.replica.v1.KVService service. By default,
@@ -146,6 +153,12 @@ func NewKVServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...c
 			connect.WithSchema(kVServiceMethods.ByName("Compact")),
 			connect.WithClientOptions(opts...),
 		),
+		batch: connect.NewClient[v1.KVCalls, v1.KVResults](
+			httpClient,
+			baseURL+KVServiceBatchProcedure,
+			connect.WithSchema(kVServiceMethods.ByName("Batch")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -156,6 +169,7 @@ type kVServiceClient struct {
 	deleteRange *connect.Client[etcdserverpb.DeleteRangeRequest, etcdserverpb.DeleteRangeResponse]
 	txn         *connect.Client[etcdserverpb.TxnRequest, etcdserverpb.TxnResponse]
 	compact     *connect.Client[etcdserverpb.CompactionRequest, etcdserverpb.CompactionResponse]
+	batch       *connect.Client[v1.KVCalls, v1.KVResults]
 }
 
 // Range calls kvmesh.replica.v1.KVService.Range.
@@ -183,6 +197,11 @@ func (c *kVServiceClient) Compact(ctx context.Context, req *connect.Request[etcd
 	return c.compact.CallUnary(ctx, req)
 }
 
+// Batch calls kvmesh.replica.v1.KVService.Batch.
+func (c *kVServiceClient) Batch(ctx context.Context) *connect.BidiStreamForClient[v1.KVCalls, v1.KVResults] {
+	return c.batch.CallBidiStream(ctx)
+}
+
 // KVServiceHandler is an implementation of the kvmesh.replica.v1.KVService service.
 type KVServiceHandler interface {
 	// Range reads keys; linearizable unless the request is serializable.
@@ -195,6 +214,11 @@ type KVServiceHandler interface {
 	Txn(context.Context, *connect.Request[etcdserverpb.TxnRequest]) (*connect.Response[etcdserverpb.TxnResponse], error)
 	// Compact proposes a compaction of the key history.
 	Compact(context.Context, *connect.Request[etcdserverpb.CompactionRequest]) (*connect.Response[etcdserverpb.CompactionResponse], error)
+	// Batch carries many Range, Put, DeleteRange and Txn calls over one long-lived
+	// stream: a gateway sends whatever calls queued while it wrote the previous message,
+	// and the replica answers each call once it is done, many answers per message. It
+	// serves each call exactly as the unary RPC of the same name.
+	Batch(context.Context, *connect.BidiStream[v1.KVCalls, v1.KVResults]) error
 }
 
 // NewKVServiceHandler builds an HTTP handler from the service implementation. It returns the path
@@ -234,6 +258,12 @@ func NewKVServiceHandler(svc KVServiceHandler, opts ...connect.HandlerOption) (s
 		connect.WithSchema(kVServiceMethods.ByName("Compact")),
 		connect.WithHandlerOptions(opts...),
 	)
+	kVServiceBatchHandler := connect.NewBidiStreamHandler(
+		KVServiceBatchProcedure,
+		svc.Batch,
+		connect.WithSchema(kVServiceMethods.ByName("Batch")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/kvmesh.replica.v1.KVService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case KVServiceRangeProcedure:
@@ -246,6 +276,8 @@ func NewKVServiceHandler(svc KVServiceHandler, opts ...connect.HandlerOption) (s
 			kVServiceTxnHandler.ServeHTTP(w, r)
 		case KVServiceCompactProcedure:
 			kVServiceCompactHandler.ServeHTTP(w, r)
+		case KVServiceBatchProcedure:
+			kVServiceBatchHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -273,6 +305,10 @@ func (UnimplementedKVServiceHandler) Txn(context.Context, *connect.Request[etcds
 
 func (UnimplementedKVServiceHandler) Compact(context.Context, *connect.Request[etcdserverpb.CompactionRequest]) (*connect.Response[etcdserverpb.CompactionResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.KVService.Compact is not implemented"))
+}
+
+func (UnimplementedKVServiceHandler) Batch(context.Context, *connect.BidiStream[v1.KVCalls, v1.KVResults]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.KVService.Batch is not implemented"))
 }
 
 // ClusterServiceClient is a client for the kvmesh.replica.v1.ClusterService service.

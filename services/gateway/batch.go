@@ -1,0 +1,266 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc"
+
+	"github.com/kvmesh/kvmesh/libs/authz"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
+)
+
+// The gateway's KV calls to a replica travel over one long-lived Batch stream per
+// replica (KVService.Batch), as its keep-alives do: whatever calls queued while the
+// previous message was being written go out as the next message, and the replica
+// answers many calls per message. A unary call costs both sides a stream of its own;
+// here the per-call cost is a few bytes of framing.
+//
+// The unary call's semantics are kept, for call (api.go) to decide retries the same
+// way: a call that never left the gateway (the stream could not be opened, or broke
+// before the call was written) fails as a call that never arrived, and is sent to the
+// next replica; a call written to a stream that then broke fails Unavailable, as a
+// unary call whose connection broke.
+
+// batchMaxCalls bounds the calls of one message.
+const batchMaxCalls = 256
+
+// kvBatcher is the Batch stream to one replica, opened on first use and again after
+// it fails.
+type kvBatcher struct {
+	client replicav1.KVServiceClient
+	mu     sync.Mutex
+	cur    *kvStream
+}
+
+// kvStream is one Batch stream and the calls on it.
+type kvStream struct {
+	wake   chan struct{}
+	cancel context.CancelFunc // ends the stream
+
+	mu     sync.Mutex
+	queue  []*kvPending
+	sent   map[uint64]*kvPending
+	nextID uint64
+	dead   bool
+}
+
+// kvPending is a call waiting for its result.
+type kvPending struct {
+	call *replicav1.KVCall
+	done chan kvOutcome // buffered: the result is never waited for by its deliverer
+}
+
+type kvOutcome struct {
+	res *replicav1.KVResult
+	err error
+}
+
+// errBatchNotSent is the failure of calls that never left the gateway: a dial error,
+// which call treats as a request that never arrived.
+var errBatchNotSent = neverSent("kvmesh: the stream to the replica failed before the call was sent")
+
+// do sends c and waits for its result, or for ctx to end (the replica may still
+// carry the call out; its result is then dropped).
+func (b *kvBatcher) do(ctx context.Context, c *replicav1.KVCall) (*replicav1.KVResult, error) {
+	p := &kvPending{call: c, done: make(chan kvOutcome, 1)}
+	if !b.stream().add(p) {
+		// That stream failed just now, before taking the call: one more, once.
+		if !b.stream().add(p) {
+			return nil, errBatchNotSent
+		}
+	}
+	select {
+	case o := <-p.done:
+		return o.res, o.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// stream is the open stream, or a new one.
+func (b *kvBatcher) stream() *kvStream {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if s := b.cur; s != nil {
+		s.mu.Lock()
+		dead := s.dead
+		s.mu.Unlock()
+		if !dead {
+			return s
+		}
+	}
+	// The stream carries the calls of many clients for as long as it lasts: not a
+	// request of its own to trace (each call carries its own trace context).
+	ctx, cancel := context.WithCancel(telemetry.Untraced(context.Background()))
+	s := &kvStream{wake: make(chan struct{}, 1), cancel: cancel, sent: make(map[uint64]*kvPending)}
+	b.cur = s
+	go s.run(ctx, b.client)
+	return s
+}
+
+// add queues p; false when the stream has failed.
+func (s *kvStream) add(p *kvPending) bool {
+	s.mu.Lock()
+	if s.dead {
+		s.mu.Unlock()
+		return false
+	}
+	s.queue = append(s.queue, p)
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+func (s *kvStream) run(ctx context.Context, client replicav1.KVServiceClient) {
+	st, err := client.Batch(ctx)
+	if err != nil {
+		s.fail(fromGRPC(err))
+		return
+	}
+	go s.receive(st)
+	for {
+		<-s.wake
+		s.mu.Lock()
+		if s.dead {
+			s.mu.Unlock()
+			return
+		}
+		batch := s.queue
+		if len(batch) > batchMaxCalls {
+			batch, s.queue = batch[:batchMaxCalls], batch[batchMaxCalls:]
+			select {
+			case s.wake <- struct{}{}:
+			default:
+			}
+		} else {
+			s.queue = nil
+		}
+		if len(batch) == 0 {
+			s.mu.Unlock()
+			continue
+		}
+		m := &replicav1.KVCalls{Calls: make([]*replicav1.KVCall, len(batch))}
+		for i, p := range batch {
+			s.nextID++
+			p.call.Id = s.nextID
+			s.sent[s.nextID] = p
+			m.Calls[i] = p.call
+		}
+		s.mu.Unlock()
+		if err := st.Send(m); err != nil {
+			// The real error comes from Recv; receive fails the stream with it.
+			s.fail(fromGRPC(err))
+			return
+		}
+	}
+}
+
+func (s *kvStream) receive(st grpc.BidiStreamingClient[replicav1.KVCalls, replicav1.KVResults]) {
+	for {
+		m, err := st.Recv()
+		if err != nil {
+			s.fail(fromGRPC(err))
+			return
+		}
+		s.mu.Lock()
+		for _, r := range m.GetResults() {
+			if p := s.sent[r.GetId()]; p != nil {
+				delete(s.sent, r.GetId())
+				p.done <- kvOutcome{res: r}
+			}
+		}
+		s.mu.Unlock()
+	}
+}
+
+// fail ends the stream: calls not yet sent fail as never sent (call sends them to
+// the next replica), calls sent fail with err, Unavailable: their fate is unknown.
+func (s *kvStream) fail(err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.dead {
+		return
+	}
+	s.dead = true
+	for _, p := range s.queue {
+		p.done <- kvOutcome{err: errBatchNotSent}
+	}
+	if neverArrived(err) {
+		// The stream was never opened: nothing was sent on it.
+		for _, p := range s.sent {
+			p.done <- kvOutcome{err: errBatchNotSent}
+		}
+	} else {
+		lost := connect.NewError(connect.CodeUnavailable, errors.New("kvmesh: lost the stream to the replica: "+connectMessage(err)))
+		for _, p := range s.sent {
+			p.done <- kvOutcome{err: lost}
+		}
+	}
+	s.queue, s.sent = nil, nil
+	s.cancel()
+	select {
+	case s.wake <- struct{}{}: // the sender sees dead and ends
+	default:
+	}
+}
+
+// neverSent is an error that call takes for a request that never arrived.
+func neverSent(msg string) error {
+	return connect.NewError(connect.CodeUnavailable, &net.OpError{Op: "dial", Net: "tcp", Err: errors.New(msg)})
+}
+
+func connectMessage(err error) string {
+	var ce *connect.Error
+	if errors.As(err, &ce) {
+		return ce.Message()
+	}
+	return err.Error()
+}
+
+// batched sends one KV call over b with what the unary call would carry in its
+// metadata (the decision, the trace context, the deadline) and answers its response.
+func batched[Req, Res any](ctx context.Context, b *kvBatcher, r *connect.Request[Req], c *replicav1.KVCall, get func(*replicav1.KVResult) *Res) (*connect.Response[Res], error) {
+	c.Auth = r.Header().Get(authz.MetadataKey)
+	if sc := trace.SpanContextFromContext(ctx); sc.IsValid() {
+		carrier := traceparentCarrier{}
+		otel.GetTextMapPropagator().Inject(ctx, &carrier)
+		c.Traceparent = carrier.traceparent
+	}
+	if d, ok := ctx.Deadline(); ok {
+		left := time.Until(d)
+		if left <= 0 {
+			return nil, context.DeadlineExceeded
+		}
+		c.TimeoutMicros = max(left.Microseconds(), 1)
+	}
+	res, err := b.do(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	if res.GetCode() != 0 {
+		return nil, connect.NewError(connect.Code(res.GetCode()), errors.New(res.GetMessage()))
+	}
+	return connect.NewResponse(get(res)), nil
+}
+
+// traceparentCarrier takes the W3C trace context out of a propagator.
+type traceparentCarrier struct{ traceparent string }
+
+func (c *traceparentCarrier) Get(string) string { return "" }
+func (c *traceparentCarrier) Set(key, value string) {
+	if key == "traceparent" {
+		c.traceparent = value
+	}
+}
+func (c *traceparentCarrier) Keys() []string { return nil }

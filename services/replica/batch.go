@@ -1,0 +1,196 @@
+package replica
+
+import (
+	"context"
+	"errors"
+	"io"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+)
+
+// KVService.Batch: a gateway's KV calls over one long-lived stream. A unary call costs
+// both sides a stream of its own (headers, flow control, a goroutine, a trip through
+// the transport's writer); on a stream, many calls share each message and each
+// flush. Every call runs in a goroutine of its own exactly as the unary RPC of the same
+// name (kvService's handlers), so proposals still meet in Raft's batches and reads in
+// ReadIndex rounds; the answers go back as they finish, whatever finished while the
+// previous message was being written going out together.
+
+// batchResultsBuffer is how many finished calls may wait for the writer.
+const batchResultsBuffer = 1024
+
+func (s *kvService) serveBatch(ctx context.Context, recv func() (*replicav1.KVCalls, error), send func(*replicav1.KVResults) error) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	results := make(chan *replicav1.KVResult, batchResultsBuffer)
+	written := make(chan struct{})
+	go func() {
+		defer close(written)
+		for {
+			var first *replicav1.KVResult
+			select {
+			case r, ok := <-results:
+				if !ok {
+					return
+				}
+				first = r
+			case <-ctx.Done():
+				return
+			}
+			out := &replicav1.KVResults{Results: []*replicav1.KVResult{first}}
+		more:
+			for {
+				select {
+				case r, ok := <-results:
+					if !ok {
+						break more
+					}
+					out.Results = append(out.Results, r)
+				default:
+					break more
+				}
+			}
+			if err := send(out); err != nil {
+				cancel(err)
+				return
+			}
+		}
+	}()
+	var calls sync.WaitGroup
+	for {
+		m, err := recv()
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				cancel(err)
+				return err
+			}
+			// The gateway closed its side: answer what is under way, then end.
+			calls.Wait()
+			close(results)
+			<-written
+			return context.Cause(ctx)
+		}
+		s.r.m.batchCalls.Add(float64(len(m.GetCalls())))
+		for _, c := range m.GetCalls() {
+			calls.Add(1)
+			go func() {
+				defer calls.Done()
+				r := s.batchCall(ctx, c)
+				select {
+				case results <- r:
+				case <-ctx.Done():
+				}
+			}()
+		}
+	}
+}
+
+// traceCarrier is a call's trace context as a propagation carrier.
+type traceCarrier struct{ traceparent string }
+
+func (c *traceCarrier) Get(key string) string {
+	if key == "traceparent" {
+		return c.traceparent
+	}
+	return ""
+}
+func (c *traceCarrier) Set(string, string) {}
+func (c *traceCarrier) Keys() []string     { return []string{"traceparent"} }
+
+// batchCall runs one call of a Batch stream as its unary RPC.
+func (s *kvService) batchCall(ctx context.Context, c *replicav1.KVCall) *replicav1.KVResult {
+	out := &replicav1.KVResult{Id: c.GetId()}
+	fail := func(err error) *replicav1.KVResult {
+		code, msg := etcderr.CodeMessage(err)
+		out.Code, out.Message = int32(code), msg
+		return out
+	}
+	if t := c.GetTimeoutMicros(); t > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, time.Duration(t)*time.Microsecond)
+		defer cancel()
+	}
+	ctx, err := decisionFromHeader(ctx, c.GetAuth())
+	if err != nil {
+		return fail(err)
+	}
+	if tp := c.GetTraceparent(); tp != "" {
+		var span trace.Span
+		ctx = otel.GetTextMapPropagator().Extract(ctx, &traceCarrier{tp})
+		ctx, span = s.r.tracer.Start(ctx, batchMethod(c), trace.WithSpanKind(trace.SpanKindServer))
+		defer span.End()
+	}
+	// The limit of a unary call's request (see newGRPCServer), per call.
+	if limit := s.r.cfg.MaxRequestBytes + grpcOverheadBytes; proto.Size(c) > limit {
+		return fail(connect.NewError(connect.CodeResourceExhausted, errors.New("kvmesh: call larger than the request limit")))
+	}
+	switch r := c.GetRequest().(type) {
+	case *replicav1.KVCall_Range:
+		resp, err := s.Range(ctx, connect.NewRequest(r.Range))
+		if err != nil {
+			return fail(err)
+		}
+		out.Response = &replicav1.KVResult_Range{Range: resp.Msg}
+	case *replicav1.KVCall_Put:
+		resp, err := s.Put(ctx, connect.NewRequest(r.Put))
+		if err != nil {
+			return fail(err)
+		}
+		out.Response = &replicav1.KVResult_Put{Put: resp.Msg}
+	case *replicav1.KVCall_DeleteRange:
+		resp, err := s.DeleteRange(ctx, connect.NewRequest(r.DeleteRange))
+		if err != nil {
+			return fail(err)
+		}
+		out.Response = &replicav1.KVResult_DeleteRange{DeleteRange: resp.Msg}
+	case *replicav1.KVCall_Txn:
+		resp, err := s.Txn(ctx, connect.NewRequest(r.Txn))
+		if err != nil {
+			return fail(err)
+		}
+		out.Response = &replicav1.KVResult_Txn{Txn: resp.Msg}
+	default:
+		return fail(connect.NewError(connect.CodeInvalidArgument, errors.New("kvmesh: a batch call without a request")))
+	}
+	return out
+}
+
+// batchMethod names a call's span as its unary RPC's.
+func batchMethod(c *replicav1.KVCall) string {
+	switch c.GetRequest().(type) {
+	case *replicav1.KVCall_Range:
+		return "kvmesh.replica.v1.KVService/Range"
+	case *replicav1.KVCall_Put:
+		return "kvmesh.replica.v1.KVService/Put"
+	case *replicav1.KVCall_DeleteRange:
+		return "kvmesh.replica.v1.KVService/DeleteRange"
+	case *replicav1.KVCall_Txn:
+		return "kvmesh.replica.v1.KVService/Txn"
+	}
+	return "kvmesh.replica.v1.KVService/Batch"
+}
+
+// Batch serves a Batch stream over Connect.
+func (s *kvService) Batch(ctx context.Context, stream *connect.BidiStream[replicav1.KVCalls, replicav1.KVResults]) error {
+	return s.serveBatch(ctx, stream.Receive, stream.Send)
+}
+
+// Batch serves a Batch stream over grpc-go.
+func (g grpcKV) Batch(stream replicav1.KVService_BatchServer) error {
+	err := g.s.serveBatch(stream.Context(), stream.Recv, stream.Send)
+	if err == nil || errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return err
+}
+
+var _ propagation.TextMapCarrier = (*traceCarrier)(nil)
