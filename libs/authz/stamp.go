@@ -48,7 +48,7 @@ func Decode(v string) (d Decision, ok bool) {
 	if err != nil {
 		return Decision{}, false
 	}
-	return Decision{Stamp: &replicav1.AuthStamp{Revision: rev, Enabled: parts[1] == "1"}, User: u}, true
+	return Decision{Stamp: &replicav1.AuthStamp{Revision: rev, Enabled: parts[1] == "1"}, User: u, encoded: v}, true
 }
 
 type decisionKey struct{}

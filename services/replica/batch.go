@@ -3,6 +3,7 @@ package replica
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 	"time"
@@ -13,6 +14,7 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 )
@@ -66,6 +68,9 @@ func (s *kvService) serveBatch(ctx context.Context, recv func() (*replicav1.KVCa
 		}
 	}()
 	var calls sync.WaitGroup
+	var lastAuth string
+	var lastDecision authz.Decision
+	var lastOK bool
 	for {
 		m, err := recv()
 		if err != nil {
@@ -81,10 +86,22 @@ func (s *kvService) serveBatch(ctx context.Context, recv func() (*replicav1.KVCa
 		}
 		s.r.m.batchCalls.Add(float64(len(m.GetCalls())))
 		for _, c := range m.GetCalls() {
+			// A gateway sends the same decision with most calls: decoded once.
+			if a := c.GetAuth(); a != "" && a != lastAuth {
+				d, ok := authz.Decode(a)
+				if !ok {
+					d = authz.Decision{}
+				}
+				lastAuth, lastDecision, lastOK = a, d, ok
+			}
+			dec, decOK := lastDecision, lastOK
+			if c.GetAuth() == "" {
+				decOK = false
+			}
 			calls.Add(1)
 			go func() {
 				defer calls.Done()
-				r := s.batchCall(ctx, c)
+				r := s.batchCall(ctx, c, dec, decOK)
 				select {
 				case results <- r:
 				case <-ctx.Done():
@@ -106,22 +123,27 @@ func (c *traceCarrier) Get(key string) string {
 func (c *traceCarrier) Set(string, string) {}
 func (c *traceCarrier) Keys() []string     { return []string{"traceparent"} }
 
-// batchCall runs one call of a Batch stream as its unary RPC.
-func (s *kvService) batchCall(ctx context.Context, c *replicav1.KVCall) *replicav1.KVResult {
+// batchCall runs one call of a Batch stream as its unary RPC, under the decision the
+// call carries (decoded by serveBatch; ok false: none).
+func (s *kvService) batchCall(ctx context.Context, c *replicav1.KVCall, d authz.Decision, ok bool) *replicav1.KVResult {
 	out := &replicav1.KVResult{Id: c.GetId()}
 	fail := func(err error) *replicav1.KVResult {
 		code, msg := etcderr.CodeMessage(err)
 		out.Code, out.Message = int32(code), msg
 		return out
 	}
-	if t := c.GetTimeoutMicros(); t > 0 {
+	// The client's deadline, when it is nearer than the replica's own bound on every
+	// wait (RequestTimeout): a timer per call is not free.
+	if t := time.Duration(c.GetTimeoutMicros()) * time.Microsecond; t > 0 && t < s.r.cfg.RequestTimeout {
 		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, time.Duration(t)*time.Microsecond)
+		ctx, cancel = context.WithTimeout(ctx, t)
 		defer cancel()
 	}
-	ctx, err := decisionFromHeader(ctx, c.GetAuth())
-	if err != nil {
-		return fail(err)
+	switch {
+	case ok:
+		ctx = authz.WithDecision(ctx, d)
+	case c.GetAuth() != "":
+		return fail(connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("malformed %s metadata", authz.MetadataKey)))
 	}
 	if tp := c.GetTraceparent(); tp != "" {
 		var span trace.Span

@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"sort"
@@ -102,6 +103,9 @@ type Config struct {
 	// the internal API, which cut this member's peer traffic both ways and restore it:
 	// for partition tests of real processes. Never enable it in production.
 	EnableFaultInjection bool `env:"ENABLE_FAULT_INJECTION, default=false"`
+	// EnablePprof serves Go's profiler on /debug/pprof/ of the internal API (etcd's
+	// --enable-pprof).
+	EnablePprof bool `env:"ENABLE_PPROF, default=false"`
 
 	// MTLS is this member's identity in the mesh (KVMESH_REPLICA_MTLS_CERT_FILE,
 	// _KEY_FILE, _CA_FILE): set, the internal port serves only callers with a
@@ -466,6 +470,11 @@ func (r *Replica) Handler() http.Handler {
 		}
 		mux.HandleFunc("/debug/faults/isolate", fault(true))
 		mux.HandleFunc("/debug/faults/heal", fault(false))
+	}
+	if r.cfg.EnablePprof {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	}
 	return mux
 }
