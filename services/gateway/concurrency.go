@@ -110,28 +110,48 @@ func cleanupContext(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.WithoutCancel(ctx), cleanupTimeout)
 }
 
-// Lock is concurrency.Mutex.Lock on a session with r's lease.
-func (g *Gateway) Lock(ctx context.Context, r *v3lockpb.LockRequest) (*v3lockpb.LockResponse, error) {
-	lease, err := g.sessionLease(ctx, r.GetLease())
+// joined is a session's key under "name/" after join.
+type joined struct {
+	pfx, key []byte
+	lease    int64
+	rev      int64 // the key's create revision
+	txn      *pb.TxnResponse
+}
+
+// join is the first step of a lock or a campaign (concurrency.Mutex.tryAcquire,
+// Election.Campaign): the session's lease, and its key under "name/" put with value
+// unless it is there already. The extra ops run in both branches, after the put or
+// after the read of the key that was there.
+func (g *Gateway) join(ctx context.Context, name []byte, lease int64, value []byte, extra ...*pb.RequestOp) (joined, error) {
+	lease, err := g.sessionLease(ctx, lease)
 	if err != nil {
-		return nil, recipeErr(err)
+		return joined{}, recipeErr(err)
 	}
-	pfx := recipePrefix(r.GetName())
-	key := sessionKey(pfx, lease)
-	// Join the waiters with key (or find it there already); the oldest waiter holds
-	// the lock, and the same round trip tells who that is.
-	t, err := g.Txn(ctx, &pb.TxnRequest{
-		Compare: []*pb.Compare{createRevIs(key, 0)},
-		Success: []*pb.RequestOp{opPut(key, nil, lease), opRange(oldest(pfx))},
-		Failure: []*pb.RequestOp{opGet(key), opRange(oldest(pfx))},
+	j := joined{pfx: recipePrefix(name), lease: lease}
+	j.key = sessionKey(j.pfx, lease)
+	j.txn, err = g.Txn(ctx, &pb.TxnRequest{
+		Compare: []*pb.Compare{createRevIs(j.key, 0)},
+		Success: append([]*pb.RequestOp{opPut(j.key, value, lease)}, extra...),
+		Failure: append([]*pb.RequestOp{opGet(j.key)}, extra...),
 	})
 	if err != nil {
-		return nil, recipeErr(err)
+		return joined{}, recipeErr(err)
 	}
-	myRev, err := joinedRevision(t)
+	if j.rev, err = joinedRevision(j.txn); err != nil {
+		return joined{}, err
+	}
+	return j, nil
+}
+
+// Lock is concurrency.Mutex.Lock on a session with r's lease.
+func (g *Gateway) Lock(ctx context.Context, r *v3lockpb.LockRequest) (*v3lockpb.LockResponse, error) {
+	// Join the waiters (or find our key there already); the oldest waiter holds the
+	// lock, and the same round trip tells who that is.
+	j, err := g.join(ctx, r.GetName(), r.GetLease(), nil, opRange(oldest(recipePrefix(r.GetName()))))
 	if err != nil {
 		return nil, err
 	}
+	t, pfx, key, myRev := j.txn, j.pfx, j.key, j.rev
 	if len(t.GetResponses()) != 2 {
 		return nil, errTxnShape
 	}
@@ -294,24 +314,11 @@ func watchCancelErr(resp *pb.WatchResponse) error {
 // Campaign is concurrency.Election.Campaign on a session with r's lease: the
 // campaign's key under "name/", leader once every older key is gone.
 func (g *Gateway) Campaign(ctx context.Context, r *v3electionpb.CampaignRequest) (*v3electionpb.CampaignResponse, error) {
-	lease, err := g.sessionLease(ctx, r.GetLease())
-	if err != nil {
-		return nil, recipeErr(err)
-	}
-	pfx := recipePrefix(r.GetName())
-	key := sessionKey(pfx, lease)
-	t, err := g.Txn(ctx, &pb.TxnRequest{
-		Compare: []*pb.Compare{createRevIs(key, 0)},
-		Success: []*pb.RequestOp{opPut(key, r.GetValue(), lease)},
-		Failure: []*pb.RequestOp{opGet(key)},
-	})
-	if err != nil {
-		return nil, recipeErr(err)
-	}
-	rev, err := joinedRevision(t)
+	j, err := g.join(ctx, r.GetName(), r.GetLease(), r.GetValue())
 	if err != nil {
 		return nil, err
 	}
+	t, pfx, key, lease, rev := j.txn, j.pfx, j.key, j.lease, j.rev
 	if !t.GetSucceeded() {
 		// Campaigning again with the same lease: the campaign goes on, with the new
 		// value.
@@ -517,11 +524,7 @@ func (s grpcElection) Resign(ctx context.Context, r *v3electionpb.ResignRequest)
 }
 
 func (s grpcElection) Observe(r *v3electionpb.LeaderRequest, stream v3electionpb.Election_ObserveServer) error {
-	err := s.g.Observe(grpcContext(stream.Context()), r, stream.Send)
-	if err == nil || errors.Is(err, context.Canceled) {
-		return nil
-	}
-	return etcderr.ToGRPC(err)
+	return grpcStreamEnd(s.g.Observe(grpcContext(stream.Context()), r, stream.Send))
 }
 
 type connectLock struct {
@@ -563,9 +566,5 @@ func (h connectElection) Observe(ctx context.Context, r *connect.Request[v3elect
 		ctx = withRequireLeader(ctx)
 	}
 	ctx = withCredentials(ctx, r.Header().Get)
-	err := h.g.Observe(ctx, r.Msg, stream.Send)
-	if err == nil || errors.Is(err, context.Canceled) {
-		return nil
-	}
-	return etcderr.ToConnect(err)
+	return connectStreamEnd(h.g.Observe(ctx, r.Msg, stream.Send))
 }

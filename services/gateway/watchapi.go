@@ -47,11 +47,24 @@ type grpcWatch struct {
 func (s grpcWatch) Watch(stream pb.Watch_WatchServer) error {
 	ctx := grpcContext(stream.Context())
 	sendRaw := func(b encodedMsg) error { return stream.SendMsg(b) }
-	err := s.g.watch(ctx, stream.Recv, stream.Send, sendRaw)
+	return grpcStreamEnd(s.g.watch(ctx, stream.Recv, stream.Send, sendRaw))
+}
+
+// grpcStreamEnd is how a served stream ends over grpc-go: quietly when the client
+// left, with etcd's error otherwise.
+func grpcStreamEnd(err error) error {
 	if err == nil || errors.Is(err, context.Canceled) {
 		return nil
 	}
 	return etcderr.ToGRPC(err)
+}
+
+// connectStreamEnd is grpcStreamEnd over connect-go.
+func connectStreamEnd(err error) error {
+	if err == nil || errors.Is(err, context.Canceled) {
+		return nil
+	}
+	return etcderr.ToConnect(err)
 }
 
 type connectWatch struct {
@@ -64,11 +77,7 @@ func (h connectWatch) Watch(ctx context.Context, stream *connect.BidiStream[pb.W
 		ctx = withRequireLeader(ctx)
 	}
 	ctx = withCredentials(ctx, stream.RequestHeader().Get)
-	err := h.g.watch(ctx, stream.Receive, stream.Send, nil)
-	if err == nil || errors.Is(err, context.Canceled) {
-		return nil
-	}
-	return etcderr.ToConnect(err)
+	return connectStreamEnd(h.g.watch(ctx, stream.Receive, stream.Send, nil))
 }
 
 // connectWatchOne serves kvmesh.watch.v1.WatchService: one watch per call.
@@ -101,9 +110,5 @@ func (h connectWatchOne) Watch(ctx context.Context, req *connect.Request[pb.Watc
 		}
 		return nil
 	}
-	err := h.g.watch(ctx, recv, send, nil)
-	if err == nil || errors.Is(err, context.Canceled) {
-		return nil
-	}
-	return etcderr.ToConnect(err)
+	return connectStreamEnd(h.g.watch(ctx, recv, send, nil))
 }
