@@ -3,16 +3,17 @@ package gateway
 import (
 	"context"
 	"errors"
-	"net"
 	"sync"
 	"time"
 
 	"connectrpc.com/connect"
 	"go.opentelemetry.io/otel"
+	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
 	"github.com/kvmesh/kvmesh/libs/authz"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
@@ -65,7 +66,7 @@ type kvOutcome struct {
 
 // errBatchNotSent is the failure of calls that never left the gateway: a dial error,
 // which call treats as a request that never arrived.
-var errBatchNotSent = neverSent("kvmesh: the stream to the replica failed before the call was sent")
+var errBatchNotSent = dialError(connect.CodeUnavailable, "kvmesh: the stream to the replica failed before the call was sent")
 
 // do sends c and waits for its result, or for ctx to end (the replica may still
 // carry the call out; its result is then dropped).
@@ -202,7 +203,8 @@ func (s *kvStream) fail(err error) {
 			p.done <- kvOutcome{err: errBatchNotSent}
 		}
 	} else {
-		lost := connect.NewError(connect.CodeUnavailable, errors.New("kvmesh: lost the stream to the replica: "+connectMessage(err)))
+		_, msg := etcderr.CodeMessage(err)
+		lost := connect.NewError(connect.CodeUnavailable, errors.New("kvmesh: lost the stream to the replica: "+msg))
 		for _, p := range s.sent {
 			p.done <- kvOutcome{err: lost}
 		}
@@ -215,27 +217,14 @@ func (s *kvStream) fail(err error) {
 	}
 }
 
-// neverSent is an error that call takes for a request that never arrived.
-func neverSent(msg string) error {
-	return connect.NewError(connect.CodeUnavailable, &net.OpError{Op: "dial", Net: "tcp", Err: errors.New(msg)})
-}
-
-func connectMessage(err error) string {
-	var ce *connect.Error
-	if errors.As(err, &ce) {
-		return ce.Message()
-	}
-	return err.Error()
-}
-
 // batched sends one KV call over b with what the unary call would carry in its
 // metadata (the decision, the trace context, the deadline) and answers its response.
 func batched[Req, Res any](ctx context.Context, b *kvBatcher, r *connect.Request[Req], c *replicav1.KVCall, get func(*replicav1.KVResult) *Res) (*connect.Response[Res], error) {
 	c.Auth = r.Header().Get(authz.MetadataKey)
 	if sc := trace.SpanContextFromContext(ctx); sc.IsValid() {
-		carrier := traceparentCarrier{}
-		otel.GetTextMapPropagator().Inject(ctx, &carrier)
-		c.Traceparent = carrier.traceparent
+		carrier := propagation.MapCarrier{}
+		otel.GetTextMapPropagator().Inject(ctx, carrier)
+		c.Traceparent = carrier.Get("traceparent")
 	}
 	if d, ok := ctx.Deadline(); ok {
 		left := time.Until(d)
@@ -253,14 +242,3 @@ func batched[Req, Res any](ctx context.Context, b *kvBatcher, r *connect.Request
 	}
 	return connect.NewResponse(get(res)), nil
 }
-
-// traceparentCarrier takes the W3C trace context out of a propagator.
-type traceparentCarrier struct{ traceparent string }
-
-func (c *traceparentCarrier) Get(string) string { return "" }
-func (c *traceparentCarrier) Set(key, value string) {
-	if key == "traceparent" {
-		c.traceparent = value
-	}
-}
-func (c *traceparentCarrier) Keys() []string { return nil }

@@ -262,15 +262,6 @@ func (e *watchEnd) Error() string {
 func (g *Gateway) watchOne(ctx context.Context, cr *pb.WatchCreateRequest, fn func(*pb.WatchResponse) (done bool, err error)) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	first := true
-	recv := func() (*pb.WatchRequest, error) {
-		if first {
-			first = false
-			return &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: cr}}, nil
-		}
-		<-ctx.Done()
-		return nil, ctx.Err()
-	}
 	send := func(resp *pb.WatchResponse) error {
 		switch {
 		case resp.GetCanceled():
@@ -287,7 +278,7 @@ func (g *Gateway) watchOne(ctx context.Context, cr *pb.WatchCreateRequest, fn fu
 		}
 		return nil
 	}
-	err := g.watch(ctx, recv, send, nil)
+	err := g.watch(ctx, createOnce(ctx, cr), send, nil)
 	var end *watchEnd
 	switch {
 	case errors.As(err, &end):

@@ -35,9 +35,15 @@ func fromGRPC(err error) error {
 		return err
 	}
 	if msg := st.Message(); strings.Contains(msg, "Error while dialing") {
-		return connect.NewError(connect.Code(st.Code()), &net.OpError{Op: "dial", Net: "tcp", Err: errors.New(msg)})
+		return dialError(connect.Code(st.Code()), msg)
 	}
 	return connect.NewError(connect.Code(st.Code()), errors.New(st.Message()))
+}
+
+// dialError is a failure that call takes for a request that never arrived
+// (neverArrived): it is sent to the next replica.
+func dialError(code connect.Code, msg string) error {
+	return connect.NewError(code, &net.OpError{Op: "dial", Net: "tcp", Err: errors.New(msg)})
 }
 
 func viaGRPC[Req, Res any](ctx context.Context, r *connect.Request[Req], f func(context.Context, *Req, ...grpc.CallOption) (*Res, error)) (*connect.Response[Res], error) {

@@ -39,7 +39,6 @@ type view struct {
 	cluster  atomic.Uint64 // the cluster's ID, once a replica told it
 }
 
-// replicaConn is the gateway's link to one replica's internal API.
 // kvClient is the part of the KV service's client the gateway calls: Connect's in
 // process, grpcKVClient (batched) over the network.
 type kvClient interface {
@@ -50,6 +49,7 @@ type kvClient interface {
 	Compact(context.Context, *connect.Request[pb.CompactionRequest]) (*connect.Response[pb.CompactionResponse], error)
 }
 
+// replicaConn is the gateway's link to one replica's internal API.
 type replicaConn struct {
 	url     string
 	id      uint64

@@ -90,15 +90,6 @@ func (h connectWatchOne) Watch(ctx context.Context, req *connect.Request[pb.Watc
 	ctx = withCredentials(ctx, req.Header().Get)
 	cr := req.Msg
 	cr.WatchId = 0
-	first := true
-	recv := func() (*pb.WatchRequest, error) {
-		if first {
-			first = false
-			return &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: cr}}, nil
-		}
-		<-ctx.Done()
-		return nil, ctx.Err()
-	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	send := func(resp *pb.WatchResponse) error {
@@ -110,5 +101,19 @@ func (h connectWatchOne) Watch(ctx context.Context, req *connect.Request[pb.Watc
 		}
 		return nil
 	}
-	return connectStreamEnd(h.g.watch(ctx, recv, send, nil))
+	return connectStreamEnd(h.g.watch(ctx, createOnce(ctx, cr), send, nil))
+}
+
+// createOnce reads the requests of a stream of one watch: its create, then nothing
+// until ctx ends.
+func createOnce(ctx context.Context, cr *pb.WatchCreateRequest) func() (*pb.WatchRequest, error) {
+	first := true
+	return func() (*pb.WatchRequest, error) {
+		if first {
+			first = false
+			return &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: cr}}, nil
+		}
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
 }

@@ -111,18 +111,6 @@ func (s *kvService) serveBatch(ctx context.Context, recv func() (*replicav1.KVCa
 	}
 }
 
-// traceCarrier is a call's trace context as a propagation carrier.
-type traceCarrier struct{ traceparent string }
-
-func (c *traceCarrier) Get(key string) string {
-	if key == "traceparent" {
-		return c.traceparent
-	}
-	return ""
-}
-func (c *traceCarrier) Set(string, string) {}
-func (c *traceCarrier) Keys() []string     { return []string{"traceparent"} }
-
 // batchCall runs one call of a Batch stream as its unary RPC, under the decision the
 // call carries (decoded by serveBatch; ok false: none).
 func (s *kvService) batchCall(ctx context.Context, c *replicav1.KVCall, d authz.Decision, ok bool) *replicav1.KVResult {
@@ -147,7 +135,7 @@ func (s *kvService) batchCall(ctx context.Context, c *replicav1.KVCall, d authz.
 	}
 	if tp := c.GetTraceparent(); tp != "" {
 		var span trace.Span
-		ctx = otel.GetTextMapPropagator().Extract(ctx, &traceCarrier{tp})
+		ctx = otel.GetTextMapPropagator().Extract(ctx, propagation.MapCarrier{"traceparent": tp})
 		ctx, span = s.r.tracer.Start(ctx, batchMethod(c), trace.WithSpanKind(trace.SpanKindServer))
 		defer span.End()
 	}
@@ -214,5 +202,3 @@ func (g grpcKV) Batch(stream replicav1.KVService_BatchServer) error {
 	}
 	return err
 }
-
-var _ propagation.TextMapCarrier = (*traceCarrier)(nil)

@@ -270,9 +270,11 @@ func (r *Replica) checkRenewals(b *replicav1.KeepAliveBatch) []*replicav1.KeepAl
 	var st *state
 	for i, id := range b.GetIds() {
 		var err error
-		if users[i] == "" {
+		ai := &authz.Info{User: users[i], Revision: a.store.Revision}
+		switch {
+		case users[i] == "":
 			err = etcderr.ErrUserEmpty
-		} else if ai := (&authz.Info{User: users[i], Revision: a.store.Revision}); a.store.IsAdminPermitted(ai) != nil {
+		case a.store.IsAdminPermitted(ai) != nil:
 			if st == nil {
 				st = r.acquire()
 			}
