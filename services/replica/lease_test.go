@@ -197,6 +197,8 @@ func TestLeaseExpiryStormIsRateLimited(t *testing.T) {
 	tr := startReplica(t, cfg)
 	ctx := context.Background()
 	const n = 600
+	// No lease can expire before a TTL after the first grant began.
+	began := time.Now().Add(time.Second)
 	for i := range n {
 		id := int64(i + 1)
 		if _, err := tr.r.LeaseGrant(ctx, &pb.LeaseGrantRequest{ID: id, TTL: 1}); err != nil {
@@ -212,16 +214,18 @@ func TestLeaseExpiryStormIsRateLimited(t *testing.T) {
 		return len(st.kv.Leases())
 	}
 	// Wait for the storm to begin, then follow it while writing. It began after the
-	// last look that found every lease (on a loaded machine that look may be some
-	// ticks before the first revoke is seen: counting from it never overstates the
-	// rate).
-	var began time.Time
+	// last look that found every lease, and not before a TTL after the first grant (on
+	// a loaded machine granting may outlast the TTL, and the first look may already
+	// find the storm begun). Either bound may be early: counting from it never
+	// overstates the rate.
 	for {
 		look := time.Now()
 		if left() != n {
 			break
 		}
-		began = look
+		if look.After(began) {
+			began = look
+		}
 		time.Sleep(5 * time.Millisecond)
 	}
 	var puts int
