@@ -571,6 +571,30 @@ func (h *hub) watchdog(ctx context.Context) {
 	}
 }
 
+// reach waits, at most limit, until the hub has handed out rev: a watch created after
+// a write this gateway acknowledged then catches up to that write from history, as
+// etcd's would, rather than taking it later from the queue. The wait is only a
+// nicety: without it the watcher gets the same events, in a different grouping.
+func (h *hub) reach(ctx context.Context, rev int64, limit time.Duration) {
+	timeout := time.NewTimer(limit)
+	defer timeout.Stop()
+	for {
+		h.mu.Lock()
+		cur, changed := h.rev, h.changed
+		h.mu.Unlock()
+		if cur >= rev {
+			return
+		}
+		select {
+		case <-changed:
+		case <-timeout.C:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
 // waitReady waits until the hub knows where the history is.
 func (h *hub) waitReady(ctx context.Context) error {
 	select {

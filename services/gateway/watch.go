@@ -303,6 +303,9 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 		w.compactRev = pos.GetCompactRevision()
 	}
 
+	if start != 0 {
+		s.h.reach(s.ctx, s.h.g.seen(), time.Second)
+	}
 	rev, compactRev := s.h.register(w)
 	w.compactRev = max(w.compactRev, compactRev)
 	if start != 0 && start < compactRev {

@@ -197,11 +197,15 @@ func TestLeaseExpiryStormIsRateLimited(t *testing.T) {
 	tr := startReplica(t, cfg)
 	ctx := context.Background()
 	const n = 600
-	// No lease can expire before a TTL after the first grant began.
-	began := time.Now().Add(time.Second)
+	// The TTL outlasts the granting (on a loaded machine, seconds). No lease expires
+	// before a TTL after the first grant began, so the lessor cannot propose a revoke
+	// before then: the rate is counted from there. (Not from the last look that found
+	// every lease: revokes proposed earlier may still be on their way to apply.)
+	const ttl = 3
+	began := time.Now().Add(ttl * time.Second)
 	for i := range n {
 		id := int64(i + 1)
-		if _, err := tr.r.LeaseGrant(ctx, &pb.LeaseGrantRequest{ID: id, TTL: 1}); err != nil {
+		if _, err := tr.r.LeaseGrant(ctx, &pb.LeaseGrantRequest{ID: id, TTL: ttl}); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := tr.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte(fmt.Sprintf("s/%04d", i)), Value: []byte("v"), Lease: id})); err != nil {
@@ -213,18 +217,10 @@ func TestLeaseExpiryStormIsRateLimited(t *testing.T) {
 		defer st.release()
 		return len(st.kv.Leases())
 	}
-	// Wait for the storm to begin, then follow it while writing. It began after the
-	// last look that found every lease, and not before a TTL after the first grant (on
-	// a loaded machine granting may outlast the TTL, and the first look may already
-	// find the storm begun). Either bound may be early: counting from it never
-	// overstates the rate.
-	for {
-		look := time.Now()
-		if left() != n {
-			break
-		}
-		if look.After(began) {
-			began = look
+	// Wait for the storm to begin, then follow it while writing.
+	for left() == n {
+		if time.Since(began) > 10*time.Second {
+			t.Fatal("no lease expired 10 s after its TTL")
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
