@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime/debug"
 
 	"github.com/nats-io/nats.go"
 
@@ -32,12 +31,7 @@ func main() {
 }
 
 func run() error {
-	if _, set := os.LookupEnv("GOGC"); !set {
-		// Serving a request allocates briefly and keeps little: collecting half as
-		// often saves a sixth of the CPU per request (BENCHMARKS.md). The live Go heap stays
-		// small (Pebble keeps its block cache outside it), so the cost is bounded.
-		debug.SetGCPercent(400)
-	}
+	lifecycle.TuneGC()
 	ctx, stop := lifecycle.SignalContext()
 	defer stop()
 

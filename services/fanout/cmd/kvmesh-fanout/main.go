@@ -23,6 +23,7 @@ func main() {
 }
 
 func run() error {
+	lifecycle.TuneGC()
 	ctx, stop := lifecycle.SignalContext()
 	defer stop()
 	var (
