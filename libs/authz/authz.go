@@ -12,6 +12,7 @@ import (
 	"bytes"
 	"crypto/ed25519"
 	"slices"
+	"sync/atomic"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/libs/gen/authpb"
@@ -40,6 +41,8 @@ type Store struct {
 	users     map[string]*user
 	// namespaces are the users' tenant prefixes (kvmesh.tenant.v1); nil when none has one.
 	namespaces map[string][]byte
+	// anonymous is the decision without a user under this state, made once (Decision).
+	anonymous atomic.Pointer[Decision]
 }
 
 // Namespace is the tenant prefix of the user ai names (nil: none, or no user).
@@ -201,6 +204,23 @@ func New(st *replicav1.AuthState) *Store {
 // Stamp names this state (see replicav1.AuthStamp).
 func (s *Store) Stamp() *replicav1.AuthStamp {
 	return &replicav1.AuthStamp{Revision: s.Revision, Enabled: s.Enabled}
+}
+
+// Decision is a gateway's decision to run a request as user ("" for none) under this
+// state, encoded once; the one without a user (every request while auth is disabled)
+// is made once per state.
+func (s *Store) Decision(user string) Decision {
+	if user == "" {
+		if d := s.anonymous.Load(); d != nil {
+			return *d
+		}
+	}
+	d := Decision{Stamp: s.Stamp(), User: user}
+	d.encoded = d.Encode()
+	if user == "" {
+		s.anonymous.Store(&d)
+	}
+	return d
 }
 
 // Matches tells whether a stamp names this state.

@@ -55,7 +55,9 @@ type decisionKey struct{}
 
 // WithDecision carries a decision in a context.
 func WithDecision(ctx context.Context, d Decision) context.Context {
-	d.encoded = d.Encode()
+	if d.encoded == "" {
+		d.encoded = d.Encode()
+	}
 	return context.WithValue(ctx, decisionKey{}, d)
 }
 

@@ -57,7 +57,11 @@ func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(*
 	err := error(etcderr.ErrNoLeader)
 	for _, c := range order {
 		creq := connect.NewRequest(req)
-		setDecisionHeader(ctx, creq)
+		if c.grpc == nil {
+			// Connect clients (in process, or the fallback) send the header; the
+			// grpc-go ones take the decision from the context.
+			setDecisionHeader(ctx, creq)
+		}
 		resp, e := method(c)(ctx, creq)
 		if e == nil {
 			if h, ok := any(resp.Msg).(interface{ GetHeader() *pb.ResponseHeader }); ok {

@@ -205,11 +205,11 @@ func (g *Gateway) decide(ctx context.Context, chk check) (context.Context, *auth
 	if err := chk(s, ai); err != nil {
 		return ctx, nil, err
 	}
-	d := authz.Decision{Stamp: s.Stamp()}
+	user := ""
 	if ai != nil {
-		d.User = ai.User
+		user = ai.User
 	}
-	return authz.WithDecision(ctx, d), ai, nil
+	return authz.WithDecision(ctx, s.Decision(user)), ai, nil
 }
 
 var errTokenAhead = errors.New("token from a newer auth state than the gateway's copy")
@@ -348,11 +348,20 @@ func (l *failureLimiter) succeeded(key string) {
 	l.mu.Unlock()
 }
 
-// setDecisionHeader puts the decision a request carries on the call to a replica.
+// setDecisionHeader puts the decision a request carries on a Connect call to a
+// replica. The grpc-go clients take it from the context (decisionValue).
 func setDecisionHeader[Req any](ctx context.Context, r *connect.Request[Req]) {
-	if d, ok := authz.DecisionFrom(ctx); ok {
-		r.Header().Set(authz.MetadataKey, d.Encode())
+	if v := decisionValue(ctx); v != "" {
+		r.Header().Set(authz.MetadataKey, v)
 	}
+}
+
+// decisionValue is the metadata value of the decision ctx carries; "" for none.
+func decisionValue(ctx context.Context) string {
+	if d, ok := authz.DecisionFrom(ctx); ok {
+		return d.Encode()
+	}
+	return ""
 }
 
 // watchPermitted is etcd's check at watch creation (isWatchPermitted), made on a copy

@@ -12,7 +12,6 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
-	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
@@ -220,7 +219,7 @@ func (s *kvStream) fail(err error) {
 // batched sends one KV call over b with what the unary call would carry in its
 // metadata (the decision, the trace context, the deadline) and answers its response.
 func batched[Req, Res any](ctx context.Context, b *kvBatcher, r *connect.Request[Req], c *replicav1.KVCall, get func(*replicav1.KVResult) *Res) (*connect.Response[Res], error) {
-	c.Auth = r.Header().Get(authz.MetadataKey)
+	c.Auth = decisionValue(ctx)
 	if sc := trace.SpanContextFromContext(ctx); sc.IsValid() {
 		carrier := propagation.MapCarrier{}
 		otel.GetTextMapPropagator().Inject(ctx, carrier)

@@ -47,7 +47,7 @@ func dialError(code connect.Code, msg string) error {
 }
 
 func viaGRPC[Req, Res any](ctx context.Context, r *connect.Request[Req], f func(context.Context, *Req, ...grpc.CallOption) (*Res, error)) (*connect.Response[Res], error) {
-	if v := r.Header().Get(authz.MetadataKey); v != "" {
+	if v := decisionValue(ctx); v != "" {
 		ctx = metadata.AppendToOutgoingContext(ctx, authz.MetadataKey, v)
 	}
 	resp, err := f(ctx, r.Msg)

@@ -22,13 +22,17 @@ import (
 // KVService.Batch: a gateway's KV calls over one long-lived stream. A unary call costs
 // both sides a stream of its own (headers, flow control, a goroutine, a trip through
 // the transport's writer); on a stream, many calls share each message and each
-// flush. Every call runs in a goroutine of its own exactly as the unary RPC of the same
-// name (kvService's handlers), so proposals still meet in Raft's batches and reads in
+// flush. Every call runs concurrently with the others (on a reused goroutine, see
+// workers) exactly as the unary RPC of the same name (kvService's handlers), so proposals still meet in Raft's batches and reads in
 // ReadIndex rounds; the answers go back as they finish, whatever finished while the
 // previous message was being written going out together.
 
 // batchResultsBuffer is how many finished calls may wait for the writer.
 const batchResultsBuffer = 1024
+
+// batchWorkers is how many goroutines are kept for the calls of Batch streams (see
+// workers); as many as a gateway's grpc-go keeps for its clients' calls.
+const batchWorkers = 1024
 
 func (s *kvService) serveBatch(ctx context.Context, recv func() (*replicav1.KVCalls, error), send func(*replicav1.KVResults) error) error {
 	ctx, cancel := context.WithCancelCause(ctx)
@@ -99,14 +103,14 @@ func (s *kvService) serveBatch(ctx context.Context, recv func() (*replicav1.KVCa
 				decOK = false
 			}
 			calls.Add(1)
-			go func() {
+			s.r.calls.run(func() {
 				defer calls.Done()
 				r := s.batchCall(ctx, c, dec, decOK)
 				select {
 				case results <- r:
 				case <-ctx.Done():
 				}
-			}()
+			})
 		}
 	}
 }
@@ -139,9 +143,15 @@ func (s *kvService) batchCall(ctx context.Context, c *replicav1.KVCall, d authz.
 		ctx, span = s.r.tracer.Start(ctx, batchMethod(c), trace.WithSpanKind(trace.SpanKindServer))
 		defer span.End()
 	}
-	// The limit of a unary call's request (see newGRPCServer), per call.
-	if limit := s.r.cfg.MaxRequestBytes + grpcOverheadBytes; proto.Size(c) > limit {
-		return fail(connect.NewError(connect.CodeResourceExhausted, errors.New("kvmesh: call larger than the request limit")))
+	// The limit of a unary call's request (see newGRPCServer), per call. Puts and
+	// deletes need no measuring here: what they propose is held to MaxRequestBytes
+	// (propose), which is tighter, and measuring a message is not free.
+	switch c.GetRequest().(type) {
+	case *replicav1.KVCall_Put, *replicav1.KVCall_DeleteRange:
+	default:
+		if limit := s.r.cfg.MaxRequestBytes + grpcOverheadBytes; proto.Size(c) > limit {
+			return fail(connect.NewError(connect.CodeResourceExhausted, errors.New("kvmesh: call larger than the request limit")))
+		}
 	}
 	switch r := c.GetRequest().(type) {
 	case *replicav1.KVCall_Range:

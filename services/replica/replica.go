@@ -194,6 +194,7 @@ type Replica struct {
 	removedc   chan struct{} // closed once this member is removed from the cluster
 
 	applyc   chan applyWork
+	calls    *workers // run the calls of Batch streams
 	stopc    chan struct{}
 	quitc    chan struct{} // closed when Stop begins: long streams end
 	doneRaft chan struct{}
@@ -239,6 +240,7 @@ func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 		doneRaft:      make(chan struct{}),
 		doneApp:       make(chan struct{}),
 	}
+	r.calls = newWorkers(batchWorkers, r.stopc)
 	if err := r.open(); err != nil {
 		if r.st != nil {
 			r.st.kv.Close()

@@ -48,7 +48,14 @@ type Store struct {
 	snap      *pb.SnapshotMetadata // index and term of the entry before the first one kept
 	conf      *pb.ConfState        // configuration as of the applied index, if known
 	last      uint64
-	cache     []*pb.Entry // consecutive entries ending at last
+	cache     []cachedEntry // consecutive entries ending at last
+}
+
+// cachedEntry is an entry of the cache and its encoded size, known from Save: raft
+// asks for sizes with every read, and measuring a message is not free.
+type cachedEntry struct {
+	e    *pb.Entry
+	size uint64
 }
 
 var _ raft.Storage = (*Store)(nil)
@@ -177,18 +184,18 @@ func (s *Store) Entries(lo, hi, maxSize uint64) ([]*pb.Entry, error) {
 	}
 	var out []*pb.Entry
 	var size uint64
-	add := func(e *pb.Entry) bool {
-		size += uint64(proto.Size(e))
+	add := func(e *pb.Entry, n uint64) bool {
+		size += n
 		if len(out) > 0 && size > maxSize {
 			return false
 		}
 		out = append(out, e)
 		return true
 	}
-	if len(s.cache) > 0 && lo >= s.cache[0].GetIndex() {
-		first := s.cache[0].GetIndex()
-		for _, e := range s.cache[lo-first : hi-first] {
-			if !add(e) {
+	if len(s.cache) > 0 && lo >= s.cache[0].e.GetIndex() {
+		first := s.cache[0].e.GetIndex()
+		for _, c := range s.cache[lo-first : hi-first] {
+			if !add(c.e, c.size) {
 				break
 			}
 		}
@@ -209,7 +216,7 @@ func (s *Store) Entries(lo, hi, maxSize uint64) ([]*pb.Entry, error) {
 			return nil, fmt.Errorf("raftlog: entry %d missing (found %d): %w", next, e.GetIndex(), raft.ErrUnavailable)
 		}
 		next++
-		if !add(e) {
+		if !add(e, uint64(len(it.Value()))) {
 			break
 		}
 	}
@@ -223,10 +230,10 @@ func (s *Store) Entries(lo, hi, maxSize uint64) ([]*pb.Entry, error) {
 }
 
 func (s *Store) cached(i uint64) *pb.Entry {
-	if len(s.cache) == 0 || i < s.cache[0].GetIndex() || i > s.last {
+	if len(s.cache) == 0 || i < s.cache[0].e.GetIndex() || i > s.last {
 		return nil
 	}
-	return s.cache[i-s.cache[0].GetIndex()]
+	return s.cache[i-s.cache[0].e.GetIndex()].e
 }
 
 func (s *Store) readEntry(i uint64, e *pb.Entry) error {
@@ -252,6 +259,7 @@ func (s *Store) Save(hs *pb.HardState, entries []*pb.Entry, sync bool) error {
 	s.mu.Lock()
 	last := s.last
 	s.mu.Unlock()
+	var sizes []uint64
 	if len(entries) > 0 {
 		first := entries[0].GetIndex()
 		if first <= last {
@@ -261,12 +269,14 @@ func (s *Store) Save(hs *pb.HardState, entries []*pb.Entry, sync bool) error {
 			}
 		}
 		buf := make([]byte, 0, 256)
-		for _, e := range entries {
+		sizes = make([]uint64, len(entries))
+		for i, e := range entries {
 			var err error
 			buf, err = proto.MarshalOptions{}.MarshalAppend(buf[:0], e)
 			if err != nil {
 				return err
 			}
+			sizes[i] = uint64(len(buf))
 			if err := b.Set(entryKey(e.GetIndex()), buf, nil); err != nil {
 				return err
 			}
@@ -296,14 +306,16 @@ func (s *Store) Save(hs *pb.HardState, entries []*pb.Entry, sync bool) error {
 	}
 	if len(entries) > 0 {
 		first := entries[0].GetIndex()
-		if len(s.cache) > 0 && first > s.cache[0].GetIndex() && first <= s.last+1 {
-			s.cache = s.cache[:first-s.cache[0].GetIndex()]
+		if len(s.cache) > 0 && first > s.cache[0].e.GetIndex() && first <= s.last+1 {
+			s.cache = s.cache[:first-s.cache[0].e.GetIndex()]
 		} else {
 			s.cache = s.cache[:0]
 		}
-		s.cache = append(s.cache, entries...)
+		for i, e := range entries {
+			s.cache = append(s.cache, cachedEntry{e: e, size: sizes[i]})
+		}
 		if n := len(s.cache); n > cacheLimit {
-			s.cache = append([]*pb.Entry(nil), s.cache[n-cacheLimit/2:]...)
+			s.cache = append([]cachedEntry(nil), s.cache[n-cacheLimit/2:]...)
 		}
 		s.last = entries[len(entries)-1].GetIndex()
 	}
@@ -345,7 +357,7 @@ func (s *Store) Truncate(index uint64, cs *pb.ConfState) error {
 	if s.last < index {
 		s.last = index
 	}
-	for len(s.cache) > 0 && s.cache[0].GetIndex() <= index {
+	for len(s.cache) > 0 && s.cache[0].e.GetIndex() <= index {
 		s.cache = s.cache[1:]
 	}
 	s.mu.Unlock()
