@@ -214,9 +214,14 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 			ctx := context.Background()
 			if w != nil {
 				w.commitSpan.End()
-				ctx = trace.ContextWithSpanContext(ctx, trace.SpanContextFromContext(w.ctx))
 			}
-			_, span := r.tracer.Start(ctx, "mvcc.apply", trace.WithAttributes(attribute.Int64("raft.index", int64(e.GetIndex()))))
+			span := noSpan
+			if r.tel.Tracing() {
+				if w != nil {
+					ctx = trace.ContextWithSpanContext(ctx, trace.SpanContextFromContext(w.ctx))
+				}
+				_, span = r.tracer.Start(ctx, "mvcc.apply", trace.WithAttributes(attribute.Int64("raft.index", int64(e.GetIndex()))))
+			}
 			var res result
 			if attrs := req.GetMemberAttributes(); attrs != nil {
 				res.err = r.members.applyAttributes(b, attrs)
@@ -350,10 +355,17 @@ func (r *Replica) takeWaiter(id uint64) *waiter {
 	return w
 }
 
+// noSpan is the span of work not traced: with no exporter configured, the hot paths
+// skip starting spans (the no-op tracer still allocates a context per span).
+var noSpan = trace.SpanFromContext(context.Background())
+
 // propose replicates req through Raft and waits for the result of applying it.
 func (r *Replica) propose(ctx context.Context, req *replicav1.RaftRequest) (proto.Message, error) {
-	ctx, span := r.tracer.Start(ctx, "raft.propose")
-	defer span.End()
+	if r.tel.Tracing() {
+		var span trace.Span
+		ctx, span = r.tracer.Start(ctx, "raft.propose")
+		defer span.End()
+	}
 	req.Id = r.nextID.Add(1)
 	if d, ok := authz.DecisionFrom(ctx); ok {
 		req.AuthStamp, req.AuthUser = d.Stamp, d.User
@@ -376,8 +388,10 @@ func (r *Replica) submit(ctx context.Context, id uint64, propose func(context.Co
 	}
 	cctx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
 	defer cancel()
-	w := &waiter{ch: make(chan result, 1), ctx: cctx}
-	_, w.commitSpan = r.tracer.Start(ctx, "raft.commit")
+	w := &waiter{ch: make(chan result, 1), ctx: cctx, commitSpan: noSpan}
+	if r.tel.Tracing() {
+		_, w.commitSpan = r.tracer.Start(ctx, "raft.commit")
+	}
 	r.waitMu.Lock()
 	r.waiters[id] = w
 	r.waitMu.Unlock()
