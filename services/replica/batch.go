@@ -23,9 +23,10 @@ import (
 // both sides a stream of its own (headers, flow control, a goroutine, a trip through
 // the transport's writer); on a stream, many calls share each message and each
 // flush. Every call runs concurrently with the others (on a reused goroutine, see
-// workers) exactly as the unary RPC of the same name (kvService's handlers), so proposals still meet in Raft's batches and reads in
-// ReadIndex rounds; the answers go back as they finish, whatever finished while the
-// previous message was being written going out together.
+// workers) exactly as the unary RPC of the same name (kvService's handlers), so
+// proposals still meet in Raft's batches and reads in ReadIndex rounds; the answers go
+// back as they finish, whatever finished while the previous message was being written
+// going out together.
 
 // batchResultsBuffer is how many finished calls may wait for the writer.
 const batchResultsBuffer = 1024
