@@ -236,7 +236,7 @@ func (g *Gateway) authInfo(ctx context.Context, s *authz.Store) (*authz.Info, er
 		return nil, etcderr.ErrInvalidAuthToken
 	}
 	if info.Revision > s.Revision {
-		return nil, errTokenAhead
+		return &info, errTokenAhead
 	}
 	return &info, nil
 }
@@ -364,34 +364,70 @@ func decisionValue(ctx context.Context) string {
 	return ""
 }
 
-// watchPermitted is etcd's check at watch creation (isWatchPermitted), made on a copy
-// of the auth state at least as new as the request: watches are served here without a
-// replica, so nothing else would catch a stale copy. The refreshes of concurrent
-// creations are shared. The error is the cancel reason etcd gives.
+// watchRefusal is the reason a watch create is refused, one of etcd's cancel reasons.
+type watchRefusal struct{ reason string }
+
+func (r *watchRefusal) Error() string { return r.reason }
+
+// watchRefreshBound is how long a watch create may wait for a fresh copy of the auth
+// state when the copy it holds denies it.
+const watchRefreshBound = time.Second
+
+// watchPermitted is etcd's check at watch creation (isWatchPermitted), made as an etcd
+// member makes it: on the auth state the gateway holds, with no call to a replica (the
+// copy follows the replicas', see authCache). Only a create the copy denies, or whose
+// token is newer than the copy, waits (a moment) for a fresh copy and is decided again,
+// so that a grant made through another gateway a moment ago holds. The keys come back
+// mapped into the namespace of the user the watch is decided for.
+//
+// A *watchRefusal is a refusal with one of etcd's reasons. Any other error means the
+// gateway could not decide (no copy of the auth state yet, the stream ending): the
+// stream fails instead, because a watch refused for a reason etcd never gives is
+// mishandled by clients, and clientv3 loses one whose stream ends right after it.
 func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest) (*pb.WatchCreateRequest, []byte, error) {
-	if g == nil || g.auth == nil {
-		return cr, nil, nil // a hub under test, without a gateway
-	}
-	if err := g.auth.refresh(ctx); err != nil {
-		return nil, nil, err
-	}
-	// The watch's keys are mapped into the namespace of the user it is decided for.
 	var p []byte
 	cur := cr
-	_, _, err := g.decide(ctx, func(s *authz.Store, ai *authz.Info) error {
+	permitted := func(s *authz.Store, lagging bool) error {
+		ai, err := g.authInfo(ctx, s)
+		if errors.Is(err, errTokenAhead) && lagging {
+			err = nil // decided as an etcd member whose auth store lags the token's
+		}
+		if err != nil {
+			return err
+		}
 		p = g.prefix(s, ai)
 		cur = watchIn(p, cr)
 		return s.IsRangePermitted(ai, cur.GetKey(), cur.GetRangeEnd())
-	})
+	}
+	s, err := g.auth.current(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err = permitted(s, false); err != nil {
+		rctx, cancel := context.WithTimeout(ctx, watchRefreshBound)
+		rerr := g.auth.refresh(rctx)
+		cancel()
+		if ctx.Err() != nil {
+			return nil, nil, ctx.Err()
+		}
+		if rerr == nil {
+			err = permitted(g.auth.cur.Load(), false)
+		} else {
+			err = permitted(s, true)
+		}
+	}
 	if err == nil {
 		return cur, p, nil
 	}
 	reason := etcderr.ErrPermissionDenied
-	for _, e := range []*etcderr.Error{etcderr.ErrInvalidAuthToken, etcderr.ErrAuthOldRevision, etcderr.ErrUserEmpty} {
-		if errors.Is(err, e) {
-			reason = e
-		}
+	var ee *etcderr.Error
+	switch {
+	case errors.Is(err, errTokenAhead):
+		reason = etcderr.ErrInvalidAuthToken
+	case errors.As(err, &ee) && (ee == etcderr.ErrInvalidAuthToken || ee == etcderr.ErrAuthOldRevision || ee == etcderr.ErrUserEmpty):
+		reason = ee
 	}
+	// etcd's reason is the text of its gRPC status error.
 	code, msg := etcderr.CodeMessage(reason)
-	return nil, nil, errors.New(status.Error(codes.Code(code), msg).Error())
+	return nil, nil, &watchRefusal{status.Error(codes.Code(code), msg).Error()}
 }

@@ -92,6 +92,8 @@ type wstream struct {
 	rangeW   []*watcher
 	nextID   int64
 	progress bool // a WatchProgressRequest awaits its answer
+	// refusedAt is when the stream last refused a create (see refusalGrace).
+	refusedAt time.Time
 }
 
 // enqueue is called by the hub, under its lock, for each revision that concerns the
@@ -152,6 +154,7 @@ func (g *Gateway) serveWatch(ctx context.Context, recv func() (*pb.WatchRequest,
 	}
 	h.m.streams.Inc()
 	defer h.m.streams.Dec()
+	defer s.settleRefusal() // last, once the watchers are gone
 	defer func() {
 		for _, w := range s.watchers {
 			h.unregister(w)
@@ -246,14 +249,19 @@ func (s *wstream) handle(req *pb.WatchRequest) error {
 	return nil
 }
 
+// create serves a create request as etcd's watch server does: a refusal (created and
+// canceled, watch id -1) only for etcd's reasons, otherwise Created at once, before
+// anything that waits or may fail; then, for a watch from the past, its history, or
+// its cancellation when that history is compacted.
 func (s *wstream) create(cr *pb.WatchCreateRequest) error {
-	fail := func(err error) error {
-		return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: invalidWatchID, Created: true, Canceled: true, CancelReason: err.Error()})
-	}
 	// Permission first, as etcd's watch server; the keys come back in the namespace.
 	cr, prefix, err := s.h.g.watchPermitted(s.ctx, cr)
+	var rf *watchRefusal
+	if errors.As(err, &rf) {
+		return s.refuse(rf.reason)
+	}
 	if err != nil {
-		return fail(err)
+		return err
 	}
 	key, end := cr.GetKey(), cr.GetRangeEnd()
 	if len(key) == 0 {
@@ -266,7 +274,7 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 		end = []byte{}
 	}
 	if len(end) != 0 && bytes.Compare(key, end) >= 0 {
-		return fail(errEmptyWatcherRange)
+		return s.refuse(errEmptyWatcherRange.Error())
 	}
 	id := cr.GetWatchId()
 	if id == 0 {
@@ -276,7 +284,7 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 		id = s.nextID
 		s.nextID++
 	} else if s.watchers[id] != nil {
-		return fail(errWatcherDuplicateID)
+		return s.refuse(errWatcherDuplicateID.Error())
 	}
 	w := &watcher{s: s, id: id, key: key, end: end, prefix: prefix, prevKV: cr.GetPrevKv(), fragment: cr.GetFragment(), progress: cr.GetProgressNotify()}
 	for _, f := range cr.GetFilters() {
@@ -288,40 +296,45 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 		}
 	}
 	start := cr.GetStartRevision()
-
-	// A watch from the past must not start below the compacted revision; the hub's
-	// knowledge of it may be behind a compaction, so a replica is asked.
-	hubRev := s.h.current()
-	if start != 0 && start <= hubRev {
-		pos, err := s.h.position(s.ctx)
-		if err != nil {
-			return err
-		}
-		if c := pos.GetCompactRevision(); start < c {
-			return s.compacted(w, c)
-		}
-		w.compactRev = pos.GetCompactRevision()
+	if start == 0 {
+		rev, compactRev := s.h.register(w)
+		w.compactRev = compactRev
+		s.add(w)
+		headerRev := max(rev, s.h.g.seen())
+		w.next = headerRev + 1
+		return s.send(&pb.WatchResponse{Header: s.header(headerRev), WatchId: id, Created: true})
+	}
+	if err := s.send(&pb.WatchResponse{Header: s.header(max(s.h.current(), s.h.g.seen())), WatchId: id, Created: true}); err != nil {
+		return err
 	}
 
-	if start != 0 {
-		s.h.reach(s.ctx, s.h.g.seen(), time.Second)
+	// A watch from the past must not start below the compacted revision; the hub's
+	// knowledge of it may be behind a compaction, so a replica is asked. Without an
+	// answer, what the hub and the history reads know decides.
+	if start <= s.h.current() {
+		if pos, err := s.h.position(s.ctx); err == nil {
+			if c := pos.GetCompactRevision(); start < c {
+				return s.send(compactedResponse(s, id, c))
+			}
+			w.compactRev = pos.GetCompactRevision()
+		} else if s.ctx.Err() != nil {
+			return s.ctx.Err()
+		}
+	}
+	// The catch-up holds the last write this gateway acknowledged, as etcd's would.
+	s.h.reach(s.ctx, s.h.g.seen(), time.Second)
+	if err := s.ctx.Err(); err != nil {
+		return err
 	}
 	rev, compactRev := s.h.register(w)
 	w.compactRev = max(w.compactRev, compactRev)
-	if start != 0 && start < compactRev {
+	if start < compactRev {
 		s.h.unregister(w)
-		return s.compacted(w, compactRev)
+		return s.send(compactedResponse(s, id, compactRev))
 	}
 	s.add(w)
-	headerRev := max(rev, s.h.g.seen())
 	w.next = start
-	if start == 0 {
-		w.next = headerRev + 1
-	}
-	if err := s.send(&pb.WatchResponse{Header: s.header(headerRev), WatchId: id, Created: true}); err != nil {
-		return err
-	}
-	if start == 0 || start > rev {
+	if start > rev {
 		return nil
 	}
 	// Catch up [start, rev] from history; the queue has what came after rev. As in
@@ -356,14 +369,28 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 	return nil
 }
 
-// compacted answers a watch that starts below the compacted revision as etcd does: a
-// created response, then a canceled one with the compacted revision.
-func (s *wstream) compacted(w *watcher, compactRev int64) error {
-	id := w.id
-	if err := s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: id, Created: true}); err != nil {
-		return err
+// refusalGrace is how long a stream that refused a create lives on at least.
+// clientv3 (3.4 to 3.7) loses a refusal when the stream's end reaches it within about
+// a tenth of a millisecond after: the substream it failed waits forever to report
+// its closing, and the watch (and Client.Close) hang. etcd makes that rare only by
+// chance; kvmesh makes it impossible.
+const refusalGrace = 250 * time.Millisecond
+
+// settleRefusal holds the end of the stream until refusalGrace has passed since its
+// last refusal.
+func (s *wstream) settleRefusal() {
+	if s.refusedAt.IsZero() {
+		return
 	}
-	return s.send(compactedResponse(s, id, compactRev))
+	if d := refusalGrace - time.Since(s.refusedAt); d > 0 {
+		time.Sleep(d)
+	}
+}
+
+// refuse answers a create that etcd refuses, for etcd's reason.
+func (s *wstream) refuse(reason string) error {
+	s.refusedAt = time.Now()
+	return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: invalidWatchID, Created: true, Canceled: true, CancelReason: reason})
 }
 
 // compactedResponse is etcd's answer to a watcher whose history is compacted: no

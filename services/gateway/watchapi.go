@@ -39,6 +39,21 @@ func (g *Gateway) watch(ctx context.Context, recv func() (*pb.WatchRequest, erro
 	return err
 }
 
+// watchStreamError is how a client's stream ends that the gateway cannot go on
+// serving for a reason of its own (history that no replica could give, no auth state
+// yet): Unavailable, which etcd's clients answer by opening a new stream and resuming
+// every watch from where it was. etcd's own errors (no leader) and the client's
+// leaving end it as they are.
+func watchStreamError(err error) error {
+	var ee *etcderr.Error
+	if err == nil || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.As(err, &ee) || errors.Is(err, errWatchDisabled) {
+		return err
+	}
+	_, msg := etcderr.CodeMessage(err)
+	return connect.NewError(connect.CodeUnavailable, errors.New(msg))
+}
+
 type grpcWatch struct {
 	pb.UnimplementedWatchServer
 	g *Gateway
@@ -47,7 +62,7 @@ type grpcWatch struct {
 func (s grpcWatch) Watch(stream pb.Watch_WatchServer) error {
 	ctx := grpcContext(stream.Context())
 	sendRaw := func(b encodedMsg) error { return stream.SendMsg(b) }
-	return grpcStreamEnd(s.g.watch(ctx, stream.Recv, stream.Send, sendRaw))
+	return grpcStreamEnd(watchStreamError(s.g.watch(ctx, stream.Recv, stream.Send, sendRaw)))
 }
 
 // grpcStreamEnd is how a served stream ends over grpc-go: quietly when the client
@@ -77,7 +92,7 @@ func (h connectWatch) Watch(ctx context.Context, stream *connect.BidiStream[pb.W
 		ctx = withRequireLeader(ctx)
 	}
 	ctx = withCredentials(ctx, stream.RequestHeader().Get)
-	return connectStreamEnd(h.g.watch(ctx, stream.Receive, stream.Send, nil))
+	return connectStreamEnd(watchStreamError(h.g.watch(ctx, stream.Receive, stream.Send, nil)))
 }
 
 // connectWatchOne serves kvmesh.watch.v1.WatchService: one watch per call.
@@ -101,7 +116,7 @@ func (h connectWatchOne) Watch(ctx context.Context, req *connect.Request[pb.Watc
 		}
 		return nil
 	}
-	return connectStreamEnd(h.g.watch(ctx, createOnce(ctx, cr), send, nil))
+	return connectStreamEnd(watchStreamError(h.g.watch(ctx, createOnce(ctx, cr), send, nil)))
 }
 
 // createOnce reads the requests of a stream of one watch: its create, then nothing
