@@ -7,7 +7,9 @@
 // expected-last-sequence set to the sequence of revision r, so a second fanout, a
 // restarted one or a retried publish can never insert a duplicate, reorder the stream
 // or leave a hole in it. A reader therefore finds revision r at sequence
-// r - (lastRev - lastSeq), and checks the header of what it reads.
+// r - (lastRev - lastSeq), and checks the header of what it reads. Beside the stream, a
+// key-value bucket holds what makes no revision of its own: the compacted revision and
+// the auth store's revision (state.go).
 package revstream
 
 import (

@@ -19,7 +19,12 @@ func (t *Telemetry) GRPCServer() []grpc.ServerOption {
 	if t.tracing {
 		opts = append(opts, grpc.StatsHandler(t.grpcStats()))
 	}
-	return append(opts,
+	return append(opts, t.grpcCounted()...)
+}
+
+// grpcCounted counts a grpc-go server's RPCs under etcd's metric names (rpcMetrics).
+func (t *Telemetry) grpcCounted() []grpc.ServerOption {
+	return []grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
 			p := t.rpc.proc(connect.Spec{Procedure: info.FullMethod, StreamType: connect.StreamTypeUnary})
 			p.started.Inc()
@@ -43,7 +48,7 @@ func (t *Telemetry) GRPCServer() []grpc.ServerOption {
 			p.doneCode(start, int(status.Code(err)))
 			return err
 		}),
-	)
+	}
 }
 
 func (t *Telemetry) grpcStats() stats.Handler {
@@ -54,13 +59,15 @@ func (t *Telemetry) grpcStats() stats.Handler {
 }
 
 // GRPCInternalServer is the telemetry of a grpc-go server of kvmesh's internal API:
-// traced, continuing the caller's trace (so that a request is one trace from the
-// gateway to the apply), and not counted under etcd's public metric names.
+// counted under etcd's gRPC metric names (with kvmesh's service names), and traced,
+// continuing the caller's trace (so that a request is one trace from the gateway to
+// the apply).
 func (t *Telemetry) GRPCInternalServer() []grpc.ServerOption {
-	if !t.tracing {
-		return nil
+	opts := t.grpcCounted()
+	if t.tracing {
+		opts = append(opts, grpc.StatsHandler(t.grpcStats()))
 	}
-	return []grpc.ServerOption{grpc.StatsHandler(t.grpcStats())}
+	return opts
 }
 
 // GRPCInternalClient is the telemetry of a grpc-go client of kvmesh's internal API:

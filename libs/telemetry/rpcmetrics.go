@@ -122,3 +122,13 @@ func (m *rpcMetrics) WrapStreamingHandler(next connect.StreamingHandlerFunc) con
 		return err
 	}
 }
+
+// CountCall counts one call that does not travel as an RPC of its own (a call of a
+// batch stream) as the unary RPC procedure ("/package.Service/Method") it stands for;
+// the returned function ends it with its code (0: OK).
+func (t *Telemetry) CountCall(procedure string) func(connect.Code) {
+	p := t.rpc.proc(connect.Spec{Procedure: procedure, StreamType: connect.StreamTypeUnary})
+	p.started.Inc()
+	start := time.Now()
+	return func(code connect.Code) { p.doneCode(start, int(code)) }
+}

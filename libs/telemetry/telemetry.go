@@ -113,10 +113,11 @@ func (t *Telemetry) InternalClient() []connect.ClientOption {
 	}
 }
 
-// InternalHandler is the option set for handlers of kvmesh's internal APIs.
+// InternalHandler is the option set for handlers of kvmesh's internal APIs: counted
+// under etcd's gRPC metric names (with kvmesh's service names), and traced.
 func (t *Telemetry) InternalHandler() []connect.HandlerOption {
 	return []connect.HandlerOption{
-		connect.WithInterceptors(t.interceptors(true)...),
+		connect.WithInterceptors(append([]connect.Interceptor{t.rpc}, t.interceptors(true)...)...),
 		connect.WithCompression("gzip", nil, nil),
 	}
 }

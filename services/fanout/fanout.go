@@ -101,6 +101,7 @@ type Fanout struct {
 		conflicts prometheus.Counter
 		switches  prometheus.Counter
 		tooLarge  prometheus.Counter
+		states    prometheus.Counter
 	}
 
 	server *http.Server
@@ -131,7 +132,8 @@ func New(cfg Config, stream revstream.Config, tel *telemetry.Telemetry, client c
 	f.m.conflicts = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_conflicts_total", Help: "Publishes refused because another publisher got there first."})
 	f.m.switches = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_feed_restarts_total", Help: "Times the fanout (re)started tailing a replica."})
 	f.m.tooLarge = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_too_large_revisions_total", Help: "Revisions published as markers because they exceed the NATS payload limit."})
-	tel.Registry.MustRegister(f.m.published, f.m.conflicts, f.m.switches, f.m.tooLarge,
+	f.m.states = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_stream_states_total", Help: "Compacted and auth store revisions recorded in the stream's state bucket."})
+	tel.Registry.MustRegister(f.m.published, f.m.conflicts, f.m.switches, f.m.tooLarge, f.m.states,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvmesh_fanout_published_revision", Help: "The last revision JetStream acknowledged."},
 			func() float64 { return float64(f.published.Load()) }))
 	return f, nil
@@ -228,6 +230,10 @@ func (f *Fanout) tail(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	state, err := revstream.EnsureState(ctx, f.js, f.stream)
+	if err != nil {
+		return err
+	}
 	end, err := revstream.LastOf(ctx, s)
 	if err != nil {
 		return fmt.Errorf("read the stream's end: %w", err)
@@ -284,6 +290,7 @@ func (f *Fanout) tail(ctx context.Context) error {
 	go f.watchStall(ctx, cancel, idx)
 
 	seq, next := end.Seq, from
+	var told *replicav1.StreamState
 	for feed.Receive() {
 		for _, r := range feed.Msg().GetRevisions() {
 			if next != 0 && r.GetRevision() != next {
@@ -313,6 +320,16 @@ func (f *Fanout) tail(ctx context.Context) error {
 				return context.Cause(ctx)
 			}
 			seq, next = seq+1, r.GetRevision()+1
+		}
+		// A compaction or an auth change, which make no revision: into the state
+		// bucket, for the gateways' watch creations.
+		if st := (&replicav1.StreamState{CompactRevision: feed.Msg().GetCompactRevision(), AuthRevision: feed.Msg().GetAuthRevision()}); told == nil ||
+			st.GetCompactRevision() != told.GetCompactRevision() || st.GetAuthRevision() != told.GetAuthRevision() {
+			if err := revstream.PutState(ctx, state, st); err != nil {
+				return fmt.Errorf("record the stream state: %w", err)
+			}
+			f.m.states.Inc()
+			told = st
 		}
 	}
 	if cause := context.Cause(ctx); cause != nil {

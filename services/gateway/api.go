@@ -214,9 +214,15 @@ func nsAuthorized[Req, Res any](ctx context.Context, g *Gateway, req *Req, in fu
 }
 
 func (g *Gateway) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.CompactionResponse, error) {
-	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.CompactionResponse, error) {
+	resp, err := authorized(ctx, g, admin, func(ctx context.Context) (*pb.CompactionResponse, error) {
 		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.CompactionRequest, pb.CompactionResponse] { return c.kv.Compact }, r)
 	})
+	if err == nil && g.hub != nil {
+		// Watches created through this gateway from now on know it, whatever the
+		// stream's state has told yet.
+		g.hub.compacted(r.GetRevision())
+	}
+	return resp, err
 }
 
 // MemberList needs some user with auth enabled, as in etcd 3.5 and later.

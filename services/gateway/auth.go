@@ -17,6 +17,7 @@ import (
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/meshtls"
+	"github.com/kvmesh/kvmesh/libs/notify"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 
@@ -49,6 +50,12 @@ type authCache struct {
 	running  bool
 	next     *refreshRound
 	failures *failureLimiter
+
+	// announced is the highest auth revision the revision stream's state has told
+	// (see hub.watchState); a copy behind it is being refreshed. stored wakes those
+	// waiting for the copy to catch up.
+	announced atomic.Uint64
+	stored    notify.Notifier
 }
 
 type refreshRound struct {
@@ -126,8 +133,49 @@ func (a *authCache) fetch() error {
 	// answer is never older than the copy.
 	if st := resp.GetState(); st != nil {
 		a.cur.Store(authz.New(st))
+		a.stored.Notify()
 	}
 	return nil
+}
+
+// announce is the stream's word that the replicas' auth store is at rev: a copy
+// behind it is refreshed (one call, shared with every caller waiting for it).
+func (a *authCache) announce(rev uint64) {
+	for {
+		known := a.announced.Load()
+		if rev <= known || a.announced.CompareAndSwap(known, rev) {
+			break
+		}
+	}
+	if s := a.cur.Load(); s != nil && s.Revision < rev {
+		go func() {
+			if err := a.refresh(telemetry.Untraced(context.Background())); err != nil {
+				a.g.log.Debug("auth state refresh after an announced change failed", "err", err)
+			}
+		}()
+	}
+}
+
+// await returns the copy once it is at revision want or later, or the copy it has
+// when limit passes or ctx ends first. It calls no replica: what brings the copy
+// forward is a refresh under way (announce, the periodic one).
+func (a *authCache) await(ctx context.Context, want uint64, limit time.Duration) *authz.Store {
+	timeout := time.NewTimer(limit)
+	defer timeout.Stop()
+	for {
+		stored := a.stored.C()
+		s := a.cur.Load()
+		if s.Revision >= want {
+			return s
+		}
+		select {
+		case <-stored:
+		case <-timeout.C:
+			return a.cur.Load()
+		case <-ctx.Done():
+			return a.cur.Load()
+		}
+	}
 }
 
 // run keeps the copy fresh in the background.
@@ -369,16 +417,19 @@ type watchRefusal struct{ reason string }
 
 func (r *watchRefusal) Error() string { return r.reason }
 
-// watchRefreshBound is how long a watch create may wait for a fresh copy of the auth
-// state when the copy it holds denies it.
-const watchRefreshBound = time.Second
+// watchAuthWait is how long a watch create may wait for the gateway's copy of the auth
+// state to catch up with what the revision stream announced, or with its token.
+const watchAuthWait = time.Second
 
 // watchPermitted is etcd's check at watch creation (isWatchPermitted), made as an etcd
-// member makes it: on the auth state the gateway holds, with no call to a replica (the
-// copy follows the replicas', see authCache). Only a create the copy denies, or whose
-// token is newer than the copy, waits (a moment) for a fresh copy and is decided again,
-// so that a grant made through another gateway a moment ago holds. The keys come back
-// mapped into the namespace of the user the watch is decided for.
+// member makes it: on the auth state the gateway holds, with no call to a replica. The
+// copy follows the replicas' through the revision stream's state (announce): a create
+// the copy denies, or whose token is newer than the copy, waits a moment for a
+// refresh under way and is decided again, so that a change made through another
+// gateway holds from the moment the stream tells it. A token newer than anything the
+// gateway could learn in that moment is taken as an etcd member whose auth store lags
+// the token's takes it. The keys come back mapped into the namespace of the user the
+// watch is decided for.
 //
 // A *watchRefusal is a refusal with one of etcd's reasons. Any other error means the
 // gateway could not decide (no copy of the auth state yet, the stream ending): the
@@ -387,10 +438,14 @@ const watchRefreshBound = time.Second
 func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest) (*pb.WatchCreateRequest, []byte, error) {
 	var p []byte
 	cur := cr
+	var ahead uint64 // the revision of a token newer than the copy
 	permitted := func(s *authz.Store, lagging bool) error {
 		ai, err := g.authInfo(ctx, s)
-		if errors.Is(err, errTokenAhead) && lagging {
-			err = nil // decided as an etcd member whose auth store lags the token's
+		if errors.Is(err, errTokenAhead) {
+			ahead = ai.Revision
+			if lagging {
+				err = nil
+			}
 		}
 		if err != nil {
 			return err
@@ -404,15 +459,14 @@ func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest)
 		return nil, nil, err
 	}
 	if err = permitted(s, false); err != nil {
-		rctx, cancel := context.WithTimeout(ctx, watchRefreshBound)
-		rerr := g.auth.refresh(rctx)
-		cancel()
+		if fresh := g.auth.await(ctx, max(g.auth.announced.Load(), ahead), watchAuthWait); fresh != s {
+			s = fresh
+			err = permitted(s, false)
+		}
 		if ctx.Err() != nil {
 			return nil, nil, ctx.Err()
 		}
-		if rerr == nil {
-			err = permitted(g.auth.cur.Load(), false)
-		} else {
+		if errors.Is(err, errTokenAhead) {
 			err = permitted(s, true)
 		}
 	}
@@ -421,10 +475,7 @@ func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest)
 	}
 	reason := etcderr.ErrPermissionDenied
 	var ee *etcderr.Error
-	switch {
-	case errors.Is(err, errTokenAhead):
-		reason = etcderr.ErrInvalidAuthToken
-	case errors.As(err, &ee) && (ee == etcderr.ErrInvalidAuthToken || ee == etcderr.ErrAuthOldRevision || ee == etcderr.ErrUserEmpty):
+	if errors.As(err, &ee) && (ee == etcderr.ErrInvalidAuthToken || ee == etcderr.ErrAuthOldRevision || ee == etcderr.ErrUserEmpty) {
 		reason = ee
 	}
 	// etcd's reason is the text of its gRPC status error.

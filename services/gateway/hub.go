@@ -83,6 +83,8 @@ type hub struct {
 	ranges     map[*watcher]struct{}
 	changed    chan struct{} // closed and replaced at every revision
 	ready      chan struct{} // closed once rev is known
+	stateReady chan struct{} // closed once the stream's state has been read (see watchState)
+	stateOnce  sync.Once
 
 	offset   atomic.Int64 // stream sequence = revision - offset
 	offsetOK atomic.Bool
@@ -108,8 +110,9 @@ func newHub(g *Gateway, nc *nats.Conn, cfg revstream.Config) (*hub, error) {
 		ringCap: g.cfg.WatchRingRevisions, ringBytes: g.cfg.WatchRingBytes, queueCap: g.cfg.WatchStreamQueue,
 		keys:    make(map[string][]streamRef),
 		ranges:  make(map[*watcher]struct{}),
-		changed: make(chan struct{}),
-		ready:   make(chan struct{}),
+		changed:    make(chan struct{}),
+		ready:      make(chan struct{}),
+		stateReady: make(chan struct{}),
 	}
 	h.m.revisions = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_revisions_total", Help: "Revisions the gateway received from the stream (or repaired) and fanned out."})
 	h.m.repaired = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_repaired_revisions_total", Help: "Revisions missing from the stream that the gateway read from a replica instead."})
@@ -134,6 +137,7 @@ func (h *hub) current() int64 {
 // failure.
 func (h *hub) run(ctx context.Context) {
 	go h.watchdog(ctx)
+	go h.watchState(ctx)
 	for ctx.Err() == nil {
 		err := h.consume(ctx)
 		if ctx.Err() != nil {
@@ -224,6 +228,44 @@ func (h *hub) consume(ctx context.Context) error {
 			return err
 		}
 	}
+}
+
+// watchState follows the stream's state bucket (libs/revstream): the compacted
+// revision and the auth store's revision, which make no revision of their own. With
+// them, and the revisions, the gateway decides every watch creation alone.
+func (h *hub) watchState(ctx context.Context) {
+	for ctx.Err() == nil {
+		kv, err := revstream.EnsureState(ctx, h.js, h.cfg)
+		if err == nil {
+			err = revstream.WatchState(ctx, kv, h.applyState)
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		h.log.Warn("stream state watch stopped; restarting", "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// applyState takes what the stream's state tells (nil: all it held has been told).
+func (h *hub) applyState(st *replicav1.StreamState) {
+	defer h.stateOnce.Do(func() { close(h.stateReady) })
+	if st == nil {
+		return
+	}
+	h.compacted(st.GetCompactRevision())
+	h.g.auth.announce(st.GetAuthRevision())
+}
+
+// compacted records a compacted revision the gateway learned (from the stream's state,
+// a compaction it passed on, a replica's answer).
+func (h *hub) compacted(rev int64) {
+	h.mu.Lock()
+	h.compactRev = max(h.compactRev, rev)
+	h.mu.Unlock()
 }
 
 // start sets the hub's first revision: watchers created from now on start after it.
@@ -514,6 +556,7 @@ func (h *hub) feedFrom(ctx context.Context, c *replicaConn, from, to int64, fn f
 	}
 	if err := s.Err(); err != nil {
 		if _, msg := etcderr.CodeMessage(err); msg == etcderr.ErrCompacted.Error() {
+			h.compacted(compact)
 			return &compactedError{compact}
 		}
 		return err
@@ -559,6 +602,8 @@ func (h *hub) watchdog(ctx context.Context) {
 		if err != nil {
 			continue
 		}
+		h.compacted(pos.GetCompactRevision())
+		h.g.auth.announce(pos.GetAuthRevision())
 		if h.current() == 0 {
 			h.start(pos.GetHeader().GetRevision())
 			continue
@@ -595,14 +640,16 @@ func (h *hub) reach(ctx context.Context, rev int64, limit time.Duration) {
 	}
 }
 
-// waitReady waits until the hub knows where the history is.
+// waitReady waits until the hub knows where the history is, and the stream's state.
 func (h *hub) waitReady(ctx context.Context) error {
-	select {
-	case <-h.ready:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	for _, c := range []chan struct{}{h.ready, h.stateReady} {
+		select {
+		case <-c:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
 	}
+	return nil
 }
 
 // streamRef is a stream with n watchers of one key.

@@ -308,26 +308,15 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 		return err
 	}
 
-	// A watch from the past must not start below the compacted revision; the hub's
-	// knowledge of it may be behind a compaction, so a replica is asked. Without an
-	// answer, what the hub and the history reads know decides.
-	if start <= s.h.current() {
-		if pos, err := s.h.position(s.ctx); err == nil {
-			if c := pos.GetCompactRevision(); start < c {
-				return s.send(compactedResponse(s, id, c))
-			}
-			w.compactRev = pos.GetCompactRevision()
-		} else if s.ctx.Err() != nil {
-			return s.ctx.Err()
-		}
-	}
 	// The catch-up holds the last write this gateway acknowledged, as etcd's would.
 	s.h.reach(s.ctx, s.h.g.seen(), time.Second)
 	if err := s.ctx.Err(); err != nil {
 		return err
 	}
+	// The compacted revision the stream's state told (or a compaction this gateway
+	// passed on): a watch must not start below it.
 	rev, compactRev := s.h.register(w)
-	w.compactRev = max(w.compactRev, compactRev)
+	w.compactRev = compactRev
 	if start < compactRev {
 		s.h.unregister(w)
 		return s.send(compactedResponse(s, id, compactRev))

@@ -22,6 +22,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/notify"
 	"github.com/kvmesh/kvmesh/services/replica/mvcc"
 )
 
@@ -77,6 +78,8 @@ func loadAuth(db pebble.Reader) (*authSnap, error) {
 type authState struct {
 	cur     atomic.Pointer[authSnap]
 	pending *authSnap
+	// changed wakes the feeds, which tell every change's revision.
+	changed notify.Notifier
 }
 
 // applying is the state apply decides with.
@@ -92,8 +95,18 @@ func (a *authState) publish() {
 	if a.pending != nil {
 		a.cur.Store(a.pending)
 		a.pending = nil
+		a.changed.Notify()
 	}
 }
+
+// install makes a (loaded or snapshot's) state the readers'.
+func (a *authState) install(s *authSnap) {
+	a.cur.Store(s)
+	a.changed.Notify()
+}
+
+// revision is the committed auth store's revision.
+func (a *authState) revision() uint64 { return a.cur.Load().store.Revision }
 
 // admit is apply's auth check of a request a gateway decided: refused if the auth
 // state changed since the decision, and checked against the keys of the leases it

@@ -120,6 +120,8 @@ func (s *kvService) serveBatch(ctx context.Context, recv func() (*replicav1.KVCa
 // call carries (decoded by serveBatch; ok false: none).
 func (s *kvService) batchCall(ctx context.Context, c *replicav1.KVCall, d authz.Decision, ok bool) *replicav1.KVResult {
 	out := &replicav1.KVResult{Id: c.GetId()}
+	done := s.r.tel.CountCall(batchMethod(c))
+	defer func() { done(connect.Code(out.Code)) }()
 	fail := func(err error) *replicav1.KVResult {
 		code, msg := etcderr.CodeMessage(err)
 		out.Code, out.Message = int32(code), msg

@@ -30,9 +30,13 @@ func (s *feedService) Feed(ctx context.Context, req *connect.Request[replicav1.F
 		return connect.NewError(connect.CodeInvalidArgument, errors.New("kvmesh: negative feed revision"))
 	}
 	first := true
+	var toldCompact int64
+	var toldAuth uint64
 	for {
 		st := s.r.acquire()
 		changed := st.kv.Changed()
+		authChanged := s.r.auth.changed.C()
+		authRev := s.r.auth.revision()
 		if from == 0 {
 			from = st.kv.Rev() + 1
 		}
@@ -44,12 +48,16 @@ func (s *feedService) Feed(ctx context.Context, req *connect.Request[replicav1.F
 		if to != 0 {
 			chs = clipChanges(chs, to)
 		}
-		if first || len(chs) > 0 {
+		// Revisions, and without them a compaction or an auth change: the readers
+		// learn those from the feed too (see StreamState).
+		if first || len(chs) > 0 || pos.CompactRev != toldCompact || authRev != toldAuth {
 			first = false
+			toldCompact, toldAuth = pos.CompactRev, authRev
 			resp := &replicav1.FeedResponse{
 				Header:          s.r.header(nil),
 				CompactRevision: pos.CompactRev,
 				Revisions:       make([]*replicav1.Revision, len(chs)),
+				AuthRevision:    authRev,
 			}
 			resp.Header.Revision = pos.Rev
 			for i, c := range chs {
@@ -72,6 +80,7 @@ func (s *feedService) Feed(ctx context.Context, req *connect.Request[replicav1.F
 		}
 		select {
 		case <-changed:
+		case <-authChanged:
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-s.r.quitc:
@@ -101,5 +110,5 @@ func (s *feedService) Position(ctx context.Context, req *connect.Request[replica
 	st.release()
 	h := s.r.header(nil)
 	h.Revision = pos.Rev
-	return connect.NewResponse(&replicav1.PositionResponse{Header: h, CompactRevision: pos.CompactRev}), nil
+	return connect.NewResponse(&replicav1.PositionResponse{Header: h, CompactRevision: pos.CompactRev, AuthRevision: s.r.auth.revision()}), nil
 }

@@ -289,7 +289,7 @@ func (r *Replica) open() error {
 	if err != nil {
 		return err
 	}
-	r.auth.cur.Store(a)
+	r.auth.install(a)
 	id, err := loadIdentity(r.raftDB)
 	if err != nil {
 		return err

@@ -332,7 +332,7 @@ func (r *Replica) installSnapshot(snap *raftpb.Snapshot) {
 	old := r.st
 	r.st = st
 	r.members.replace(members)
-	r.auth.cur.Store(auth)
+	r.auth.install(auth)
 	r.stateMu.Unlock()
 	r.applied.Store(pos.index)
 	r.appliedTerm.Store(pos.term)

@@ -135,6 +135,41 @@ func TestMeshAuth(t *testing.T) {
 		}
 	}
 
+	// Watch creations are decided on the gateway's copy, which the revision stream's
+	// state brings forward within moments of a change through the other gateway (as
+	// an etcd member's auth store follows its leader's). alice's token, issued before
+	// the change, is old from then on; a new client of hers gets a new one.
+	watchAnswer := func() (canceled bool, reason string) {
+		c := user(g1, "alice", "alicepw")
+		defer c.Close()
+		wctx, wcancel := context.WithTimeout(ctx, 5*time.Second)
+		defer wcancel()
+		wr, ok := <-c.Watch(wctx, "/app/", clientv3.WithPrefix(), clientv3.WithCreatedNotify())
+		switch {
+		case !ok:
+			return false, "no answer"
+		case wr.Err() != nil:
+			return wr.Canceled, wr.Err().Error()
+		}
+		return wr.Canceled, ""
+	}
+	if _, err := root.RoleRevokePermission(ctx, "app", "/app/", "/app0"); err != nil {
+		t.Fatal(err)
+	}
+	if _, reason := watchAnswer(); !strings.Contains(reason, "permission denied") && !strings.Contains(reason, "revision of auth store is old") {
+		t.Fatalf("a watch through gateway 1 right after the revoke through gateway 0: %q", reason)
+	}
+	waitFor(t, "a watch through gateway 1 refused after the revoke through gateway 0", 5*time.Second, func() bool {
+		canceled, reason := watchAnswer()
+		return canceled && strings.Contains(reason, "permission denied")
+	})
+	if _, err := root.RoleGrantPermission(ctx, "app", "/app/", "/app0", clientv3.PermissionType(clientv3.PermReadWrite)); err != nil {
+		t.Fatal(err)
+	}
+	if canceled, reason := watchAnswer(); canceled || reason != "" {
+		t.Fatalf("a watch through gateway 1 right after the grant through gateway 0, with a new token: canceled %v, %q", canceled, reason)
+	}
+
 	// Tokens live 4 s here: clientv3 replaces an expired one by itself.
 	time.Sleep(5 * time.Second)
 	if _, err := alice0.Get(ctx, "/app/x"); err != nil {

@@ -86,7 +86,9 @@ type FeedResponse struct {
 	// compact_revision is the replica's compacted revision, -1 when never compacted.
 	CompactRevision int64 `protobuf:"varint,2,opt,name=compact_revision,json=compactRevision,proto3" json:"compact_revision,omitempty"`
 	// revisions follow each other without gaps, across responses too.
-	Revisions     []*Revision `protobuf:"bytes,3,rep,name=revisions,proto3" json:"revisions,omitempty"`
+	Revisions []*Revision `protobuf:"bytes,3,rep,name=revisions,proto3" json:"revisions,omitempty"`
+	// auth_revision is the revision of the replica's auth store.
+	AuthRevision  uint64 `protobuf:"varint,4,opt,name=auth_revision,json=authRevision,proto3" json:"auth_revision,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -140,6 +142,13 @@ func (x *FeedResponse) GetRevisions() []*Revision {
 		return x.Revisions
 	}
 	return nil
+}
+
+func (x *FeedResponse) GetAuthRevision() uint64 {
+	if x != nil {
+		return x.AuthRevision
+	}
+	return 0
 }
 
 // Revision is one committed revision with every event of the request that made it,
@@ -263,8 +272,10 @@ type PositionResponse struct {
 	Header *etcdserverpb.ResponseHeader `protobuf:"bytes,1,opt,name=header,proto3" json:"header,omitempty"`
 	// compact_revision is the compacted revision, -1 when never compacted.
 	CompactRevision int64 `protobuf:"varint,2,opt,name=compact_revision,json=compactRevision,proto3" json:"compact_revision,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// auth_revision is the revision of the auth store.
+	AuthRevision  uint64 `protobuf:"varint,3,opt,name=auth_revision,json=authRevision,proto3" json:"auth_revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PositionResponse) Reset() {
@@ -311,6 +322,71 @@ func (x *PositionResponse) GetCompactRevision() int64 {
 	return 0
 }
 
+func (x *PositionResponse) GetAuthRevision() uint64 {
+	if x != nil {
+		return x.AuthRevision
+	}
+	return 0
+}
+
+// StreamState is what a gateway must know, besides the revisions, to decide watch
+// creations without asking a replica: the fanout keeps it in the revision stream's
+// state bucket (see libs/revstream) as the feed tells it. Both revisions only grow; a
+// reader keeps the highest it has seen of each.
+type StreamState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// compact_revision is the compacted revision, -1 when never compacted.
+	CompactRevision int64 `protobuf:"varint,1,opt,name=compact_revision,json=compactRevision,proto3" json:"compact_revision,omitempty"`
+	// auth_revision is the revision of the auth store.
+	AuthRevision  uint64 `protobuf:"varint,2,opt,name=auth_revision,json=authRevision,proto3" json:"auth_revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamState) Reset() {
+	*x = StreamState{}
+	mi := &file_kvmesh_replica_v1_feed_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamState) ProtoMessage() {}
+
+func (x *StreamState) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_feed_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamState.ProtoReflect.Descriptor instead.
+func (*StreamState) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_feed_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *StreamState) GetCompactRevision() int64 {
+	if x != nil {
+		return x.CompactRevision
+	}
+	return 0
+}
+
+func (x *StreamState) GetAuthRevision() uint64 {
+	if x != nil {
+		return x.AuthRevision
+	}
+	return 0
+}
+
 var File_kvmesh_replica_v1_feed_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_feed_proto_rawDesc = "" +
@@ -319,20 +395,25 @@ const file_kvmesh_replica_v1_feed_proto_rawDesc = "" +
 	"\vFeedRequest\x12#\n" +
 	"\rfrom_revision\x18\x01 \x01(\x03R\ffromRevision\x12\x1f\n" +
 	"\vto_revision\x18\x02 \x01(\x03R\n" +
-	"toRevision\"\xaa\x01\n" +
+	"toRevision\"\xcf\x01\n" +
 	"\fFeedResponse\x124\n" +
 	"\x06header\x18\x01 \x01(\v2\x1c.etcdserverpb.ResponseHeaderR\x06header\x12)\n" +
 	"\x10compact_revision\x18\x02 \x01(\x03R\x0fcompactRevision\x129\n" +
-	"\trevisions\x18\x03 \x03(\v2\x1b.kvmesh.replica.v1.RevisionR\trevisions\"\x95\x01\n" +
+	"\trevisions\x18\x03 \x03(\v2\x1b.kvmesh.replica.v1.RevisionR\trevisions\x12#\n" +
+	"\rauth_revision\x18\x04 \x01(\x04R\fauthRevision\"\x95\x01\n" +
 	"\bRevision\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\x12%\n" +
 	"\x06events\x18\x02 \x03(\v2\r.mvccpb.EventR\x06events\x12)\n" +
 	"\x10compact_revision\x18\x03 \x01(\x03R\x0fcompactRevision\x12\x1b\n" +
 	"\ttoo_large\x18\x04 \x01(\bR\btooLarge\"\x11\n" +
-	"\x0fPositionRequest\"s\n" +
+	"\x0fPositionRequest\"\x98\x01\n" +
 	"\x10PositionResponse\x124\n" +
 	"\x06header\x18\x01 \x01(\v2\x1c.etcdserverpb.ResponseHeaderR\x06header\x12)\n" +
-	"\x10compact_revision\x18\x02 \x01(\x03R\x0fcompactRevision2\xad\x01\n" +
+	"\x10compact_revision\x18\x02 \x01(\x03R\x0fcompactRevision\x12#\n" +
+	"\rauth_revision\x18\x03 \x01(\x04R\fauthRevision\"]\n" +
+	"\vStreamState\x12)\n" +
+	"\x10compact_revision\x18\x01 \x01(\x03R\x0fcompactRevision\x12#\n" +
+	"\rauth_revision\x18\x02 \x01(\x04R\fauthRevision2\xad\x01\n" +
 	"\vFeedService\x12I\n" +
 	"\x04Feed\x12\x1e.kvmesh.replica.v1.FeedRequest\x1a\x1f.kvmesh.replica.v1.FeedResponse0\x01\x12S\n" +
 	"\bPosition\x12\".kvmesh.replica.v1.PositionRequest\x1a#.kvmesh.replica.v1.PositionResponseB\xc7\x01\n" +
@@ -350,21 +431,22 @@ func file_kvmesh_replica_v1_feed_proto_rawDescGZIP() []byte {
 	return file_kvmesh_replica_v1_feed_proto_rawDescData
 }
 
-var file_kvmesh_replica_v1_feed_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_kvmesh_replica_v1_feed_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_kvmesh_replica_v1_feed_proto_goTypes = []any{
 	(*FeedRequest)(nil),                 // 0: kvmesh.replica.v1.FeedRequest
 	(*FeedResponse)(nil),                // 1: kvmesh.replica.v1.FeedResponse
 	(*Revision)(nil),                    // 2: kvmesh.replica.v1.Revision
 	(*PositionRequest)(nil),             // 3: kvmesh.replica.v1.PositionRequest
 	(*PositionResponse)(nil),            // 4: kvmesh.replica.v1.PositionResponse
-	(*etcdserverpb.ResponseHeader)(nil), // 5: etcdserverpb.ResponseHeader
-	(*mvccpb.Event)(nil),                // 6: mvccpb.Event
+	(*StreamState)(nil),                 // 5: kvmesh.replica.v1.StreamState
+	(*etcdserverpb.ResponseHeader)(nil), // 6: etcdserverpb.ResponseHeader
+	(*mvccpb.Event)(nil),                // 7: mvccpb.Event
 }
 var file_kvmesh_replica_v1_feed_proto_depIdxs = []int32{
-	5, // 0: kvmesh.replica.v1.FeedResponse.header:type_name -> etcdserverpb.ResponseHeader
+	6, // 0: kvmesh.replica.v1.FeedResponse.header:type_name -> etcdserverpb.ResponseHeader
 	2, // 1: kvmesh.replica.v1.FeedResponse.revisions:type_name -> kvmesh.replica.v1.Revision
-	6, // 2: kvmesh.replica.v1.Revision.events:type_name -> mvccpb.Event
-	5, // 3: kvmesh.replica.v1.PositionResponse.header:type_name -> etcdserverpb.ResponseHeader
+	7, // 2: kvmesh.replica.v1.Revision.events:type_name -> mvccpb.Event
+	6, // 3: kvmesh.replica.v1.PositionResponse.header:type_name -> etcdserverpb.ResponseHeader
 	0, // 4: kvmesh.replica.v1.FeedService.Feed:input_type -> kvmesh.replica.v1.FeedRequest
 	3, // 5: kvmesh.replica.v1.FeedService.Position:input_type -> kvmesh.replica.v1.PositionRequest
 	1, // 6: kvmesh.replica.v1.FeedService.Feed:output_type -> kvmesh.replica.v1.FeedResponse
@@ -387,7 +469,7 @@ func file_kvmesh_replica_v1_feed_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvmesh_replica_v1_feed_proto_rawDesc), len(file_kvmesh_replica_v1_feed_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

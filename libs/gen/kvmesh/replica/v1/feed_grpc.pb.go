@@ -33,11 +33,13 @@ const (
 type FeedServiceClient interface {
 	// Feed streams every committed revision from from_revision on, in order and without
 	// gaps, each with all its events: first the stored history, then live, as revisions
-	// are applied. The first response carries no revisions, only the replica's position.
-	// A compacted from_revision answers etcd's OutOfRange "required revision has been
-	// compacted" after that first response.
+	// are applied. The first response carries no revisions, only the replica's position;
+	// a compaction or a change of the auth store is told at once, by a response without
+	// revisions when none come with it. A compacted from_revision answers etcd's
+	// OutOfRange "required revision has been compacted" after that first response.
 	Feed(ctx context.Context, in *FeedRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[FeedResponse], error)
-	// Position reports the replica's current and compacted revisions.
+	// Position reports the replica's current and compacted revisions and its auth
+	// store's revision.
 	Position(ctx context.Context, in *PositionRequest, opts ...grpc.CallOption) (*PositionResponse, error)
 }
 
@@ -88,11 +90,13 @@ func (c *feedServiceClient) Position(ctx context.Context, in *PositionRequest, o
 type FeedServiceServer interface {
 	// Feed streams every committed revision from from_revision on, in order and without
 	// gaps, each with all its events: first the stored history, then live, as revisions
-	// are applied. The first response carries no revisions, only the replica's position.
-	// A compacted from_revision answers etcd's OutOfRange "required revision has been
-	// compacted" after that first response.
+	// are applied. The first response carries no revisions, only the replica's position;
+	// a compaction or a change of the auth store is told at once, by a response without
+	// revisions when none come with it. A compacted from_revision answers etcd's
+	// OutOfRange "required revision has been compacted" after that first response.
 	Feed(*FeedRequest, grpc.ServerStreamingServer[FeedResponse]) error
-	// Position reports the replica's current and compacted revisions.
+	// Position reports the replica's current and compacted revisions and its auth
+	// store's revision.
 	Position(context.Context, *PositionRequest) (*PositionResponse, error)
 	mustEmbedUnimplementedFeedServiceServer()
 }

@@ -43,11 +43,13 @@ const (
 type FeedServiceClient interface {
 	// Feed streams every committed revision from from_revision on, in order and without
 	// gaps, each with all its events: first the stored history, then live, as revisions
-	// are applied. The first response carries no revisions, only the replica's position.
-	// A compacted from_revision answers etcd's OutOfRange "required revision has been
-	// compacted" after that first response.
+	// are applied. The first response carries no revisions, only the replica's position;
+	// a compaction or a change of the auth store is told at once, by a response without
+	// revisions when none come with it. A compacted from_revision answers etcd's
+	// OutOfRange "required revision has been compacted" after that first response.
 	Feed(context.Context, *connect.Request[v1.FeedRequest]) (*connect.ServerStreamForClient[v1.FeedResponse], error)
-	// Position reports the replica's current and compacted revisions.
+	// Position reports the replica's current and compacted revisions and its auth
+	// store's revision.
 	Position(context.Context, *connect.Request[v1.PositionRequest]) (*connect.Response[v1.PositionResponse], error)
 }
 
@@ -97,11 +99,13 @@ func (c *feedServiceClient) Position(ctx context.Context, req *connect.Request[v
 type FeedServiceHandler interface {
 	// Feed streams every committed revision from from_revision on, in order and without
 	// gaps, each with all its events: first the stored history, then live, as revisions
-	// are applied. The first response carries no revisions, only the replica's position.
-	// A compacted from_revision answers etcd's OutOfRange "required revision has been
-	// compacted" after that first response.
+	// are applied. The first response carries no revisions, only the replica's position;
+	// a compaction or a change of the auth store is told at once, by a response without
+	// revisions when none come with it. A compacted from_revision answers etcd's
+	// OutOfRange "required revision has been compacted" after that first response.
 	Feed(context.Context, *connect.Request[v1.FeedRequest], *connect.ServerStream[v1.FeedResponse]) error
-	// Position reports the replica's current and compacted revisions.
+	// Position reports the replica's current and compacted revisions and its auth
+	// store's revision.
 	Position(context.Context, *connect.Request[v1.PositionRequest]) (*connect.Response[v1.PositionResponse], error)
 }
 
