@@ -108,8 +108,8 @@ func newHub(g *Gateway, nc *nats.Conn, cfg revstream.Config) (*hub, error) {
 	h := &hub{
 		g: g, log: g.log.With("component", "watch"), js: js, cfg: cfg, tracer: g.tracer,
 		ringCap: g.cfg.WatchRingRevisions, ringBytes: g.cfg.WatchRingBytes, queueCap: g.cfg.WatchStreamQueue,
-		keys:    make(map[string][]streamRef),
-		ranges:  make(map[*watcher]struct{}),
+		keys:       make(map[string][]streamRef),
+		ranges:     make(map[*watcher]struct{}),
 		changed:    make(chan struct{}),
 		ready:      make(chan struct{}),
 		stateReady: make(chan struct{}),
