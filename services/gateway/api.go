@@ -15,6 +15,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/health"
 	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
+	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
 
 // The gateway's logic, once per RPC, whatever the protocol: the Connect handlers
@@ -151,7 +152,7 @@ func (g *Gateway) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeRespo
 	if err := etcdcheck.RangeRequest(r); err != nil {
 		return nil, err
 	}
-	return nsAuthorized(ctx, g, r, rangeIn, rangeOut,
+	return nsAuthorized(ctx, g, r, namespace.RangeIn, namespace.RangeOut,
 		func(s *authz.Store, ai *authz.Info, r *pb.RangeRequest) error {
 			return s.IsRangePermitted(ai, r.GetKey(), r.GetRangeEnd())
 		},
@@ -164,7 +165,7 @@ func (g *Gateway) Put(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, e
 	if err := etcdcheck.PutRequest(r); err != nil {
 		return nil, err
 	}
-	return nsAuthorized(ctx, g, r, putIn, putOut,
+	return nsAuthorized(ctx, g, r, namespace.PutIn, namespace.PutOut,
 		func(s *authz.Store, ai *authz.Info, r *pb.PutRequest) error {
 			return s.CheckPut(ai, r.GetKey(), r.GetPrevKv())
 		},
@@ -177,7 +178,7 @@ func (g *Gateway) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*p
 	if len(r.GetKey()) == 0 {
 		return nil, etcderr.ErrEmptyKey
 	}
-	return nsAuthorized(ctx, g, r, deleteIn, deleteOut,
+	return nsAuthorized(ctx, g, r, namespace.DeleteIn, namespace.DeleteOut,
 		func(s *authz.Store, ai *authz.Info, r *pb.DeleteRangeRequest) error {
 			return s.CheckDeleteRange(ai, r.GetKey(), r.GetRangeEnd(), r.GetPrevKv())
 		}, func(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
@@ -186,7 +187,7 @@ func (g *Gateway) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*p
 }
 
 func (g *Gateway) Txn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
-	return nsAuthorized(ctx, g, r, txnIn, txnOut,
+	return nsAuthorized(ctx, g, r, namespace.TxnIn, namespace.TxnOut,
 		func(s *authz.Store, ai *authz.Info, r *pb.TxnRequest) error { return s.CheckTxn(ai, r) },
 		func(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
 			return call(ctx, g, txnRoute(r), func(c *replicaConn) unaryFunc[pb.TxnRequest, pb.TxnResponse] { return c.kv.Txn }, r)

@@ -19,6 +19,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/libs/notify"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
+	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
 
 // Access control at the gateway. The gateway keeps a copy of the auth state (users,
@@ -451,7 +452,7 @@ func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest)
 			return err
 		}
 		p = g.prefix(s, ai)
-		cur = watchIn(p, cr)
+		cur = namespace.WatchIn(p, cr)
 		return s.IsRangePermitted(ai, cur.GetKey(), cur.GetRangeEnd())
 	}
 	s, err := g.auth.current(ctx)

@@ -18,6 +18,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb/v3electionpbconnect"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb/v3lockpbconnect"
+	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
 
 // etcd's Lock and Election services. etcd serves them by running its client recipes
@@ -101,7 +102,7 @@ func opRange(r *pb.RangeRequest) *pb.RequestOp {
 
 // oldest is clientv3's Get(pfx, WithFirstCreate()): the key under pfx created first.
 func oldest(pfx []byte) *pb.RangeRequest {
-	return &pb.RangeRequest{Key: pfx, RangeEnd: prefixEnd(pfx), Limit: 1, SortOrder: pb.RangeRequest_ASCEND, SortTarget: pb.RangeRequest_CREATE}
+	return &pb.RangeRequest{Key: pfx, RangeEnd: namespace.End(pfx), Limit: 1, SortOrder: pb.RangeRequest_ASCEND, SortTarget: pb.RangeRequest_CREATE}
 }
 
 // cleanupContext outlives the caller's context (the caller may be gone) but keeps its
@@ -219,7 +220,7 @@ func (g *Gateway) waitDeletes(ctx context.Context, rpc string, pfx []byte, maxCr
 	defer w.Dec()
 	start := time.Now()
 	for {
-		r, err := g.Range(ctx, &pb.RangeRequest{Key: pfx, RangeEnd: prefixEnd(pfx), Limit: 1,
+		r, err := g.Range(ctx, &pb.RangeRequest{Key: pfx, RangeEnd: namespace.End(pfx), Limit: 1,
 			SortOrder: pb.RangeRequest_DESCEND, SortTarget: pb.RangeRequest_CREATE, MaxCreateRevision: maxCreateRev})
 		if err != nil {
 			span.RecordError(err)
@@ -431,7 +432,7 @@ func (g *Gateway) Observe(ctx context.Context, r *v3electionpb.LeaderRequest, se
 			hdr, kv = gr.GetHeader(), gr.GetKvs()[0]
 		} else {
 			// No leader yet: the first key put under the prefix is the next.
-			err := g.recipeWatch(ctx, "Observe", &pb.WatchCreateRequest{Key: pfx, RangeEnd: prefixEnd(pfx), StartRevision: gr.GetHeader().GetRevision()},
+			err := g.recipeWatch(ctx, "Observe", &pb.WatchCreateRequest{Key: pfx, RangeEnd: namespace.End(pfx), StartRevision: gr.GetHeader().GetRevision()},
 				func(resp *pb.WatchResponse) (bool, error) {
 					for _, ev := range resp.GetEvents() {
 						if ev.GetType() == mvccpb.Event_PUT {

@@ -15,6 +15,7 @@ import (
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
+	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
 
 // The Lease API. Grants and revokes are writes (to the leader, like puts). Keep-alives
@@ -62,7 +63,7 @@ func (g *Gateway) LeaseLeases(ctx context.Context, r *pb.LeaseLeasesRequest) (*p
 
 // LeaseTimeToLive asks the leader, looking for it while replicas answer "not leader".
 func (g *Gateway) LeaseTimeToLive(ctx context.Context, r *pb.LeaseTimeToLiveRequest) (*pb.LeaseTimeToLiveResponse, error) {
-	return nsAuthorized(ctx, g, r, func(_ []byte, r *pb.LeaseTimeToLiveRequest) *pb.LeaseTimeToLiveRequest { return r }, leaseKeysOut,
+	return nsAuthorized(ctx, g, r, func(_ []byte, r *pb.LeaseTimeToLiveRequest) *pb.LeaseTimeToLiveRequest { return r }, namespace.LeaseKeysOut,
 		func(s *authz.Store, ai *authz.Info, _ *pb.LeaseTimeToLiveRequest) error { return requireInfo(s, ai) },
 		g.leaseTimeToLive)
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
 
 // etcd's watch, served from the hub (hub.go). One wstream is one client Watch stream;
@@ -579,7 +580,7 @@ func (s *wstream) sendEvents(w *watcher, headerRev int64, evs []*mvccpb.Event) e
 		return s.sendRaw(s.wire.encode(hdr, w.id, w.prefix, evs))
 	}
 	// Out of a namespaced watcher's namespace (the wire encodings above are too).
-	evs = eventsOut(w.prefix, evs)
+	evs = namespace.EventsOut(w.prefix, evs)
 	resp := &pb.WatchResponse{Header: s.header(headerRev), WatchId: w.id, Events: evs}
 	if !w.fragment {
 		return s.send(resp)

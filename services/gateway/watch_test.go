@@ -12,6 +12,7 @@ import (
 
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
 
 // A watcher created when the store was compacted at C sees C's puts but not its
@@ -135,7 +136,7 @@ func TestWireEncoding(t *testing.T) {
 		{Type: mvccpb.Event_PUT, Kv: &mvccpb.KeyValue{Key: []byte("/t/k"), Value: []byte("v"), ModRevision: 9}, PrevKv: &mvccpb.KeyValue{Key: []byte("/t/k"), ModRevision: 8}},
 	}
 	for _, p := range []string{"/t/", "", "/t/"} {
-		want, err := proto.Marshal(&pb.WatchResponse{Header: &pb.ResponseHeader{Revision: 9}, WatchId: 1, Events: eventsOut([]byte(p), ns)})
+		want, err := proto.Marshal(&pb.WatchResponse{Header: &pb.ResponseHeader{Revision: 9}, WatchId: 1, Events: namespace.EventsOut([]byte(p), ns)})
 		if err != nil {
 			t.Fatal(err)
 		}

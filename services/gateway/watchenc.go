@@ -11,6 +11,7 @@ import (
 
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
 
 // Watch responses in wire form. A put to a key with 100,000 watchers is 100,000
@@ -71,7 +72,7 @@ func (c *wireCache) event(p []byte, ev *mvccpb.Event) []byte {
 	if c.events == nil || len(c.events) >= maxCachedEvents {
 		c.events = make(map[*mvccpb.Event][]byte)
 	}
-	b, err := proto.Marshal(eventOut(p, ev))
+	b, err := proto.Marshal(namespace.EventOut(p, ev))
 	if err != nil {
 		panic(err) // an Event has no field that fails to marshal
 	}

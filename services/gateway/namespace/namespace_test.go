@@ -1,4 +1,4 @@
-package gateway
+package namespace
 
 import (
 	"bytes"
@@ -19,9 +19,9 @@ func TestPrefixInterval(t *testing.T) {
 		{"a\xff", "k", "\x00", "a\xffk", "b"},          // the end carries
 		{"\xff\xff", "k", "\x00", "\xff\xffk", "\x00"}, // nothing after: the keyspace's end
 	} {
-		k, e := prefixInterval([]byte(c.p), []byte(c.key), []byte(c.end))
+		k, e := Interval([]byte(c.p), []byte(c.key), []byte(c.end))
 		if string(k) != c.wantKey || string(e) != c.wantEnd {
-			t.Errorf("prefixInterval(%q, %q, %q) = %q, %q; want %q, %q", c.p, c.key, c.end, k, e, c.wantKey, c.wantEnd)
+			t.Errorf("Interval(%q, %q, %q) = %q, %q; want %q, %q", c.p, c.key, c.end, k, e, c.wantKey, c.wantEnd)
 		}
 	}
 }
@@ -39,9 +39,9 @@ func TestTxnNamespaceMapsEveryKeyAndLeavesTheRequest(t *testing.T) {
 		Failure: []*pb.RequestOp{{Request: &pb.RequestOp_RequestRange{RequestRange: &pb.RangeRequest{Key: []byte("r")}}}},
 	}
 	orig := proto.Clone(req)
-	got := txnIn(p, req)
+	got := TxnIn(p, req)
 	if !proto.Equal(req, orig) {
-		t.Fatal("txnIn modified the client's request")
+		t.Fatal("TxnIn modified the client's request")
 	}
 	if c := got.Compare[0]; string(c.Key) != "/acme/a" || string(c.RangeEnd) != "/acme0" {
 		t.Errorf("compare: %q %q", c.Key, c.RangeEnd)
@@ -63,7 +63,7 @@ func TestTxnNamespaceMapsEveryKeyAndLeavesTheRequest(t *testing.T) {
 			{Response: &pb.ResponseOp_ResponseRange{ResponseRange: &pb.RangeResponse{Kvs: []*mvccpb.KeyValue{kv}, Count: 1}}},
 		}}}},
 	}}
-	out := txnOut(p, resp)
+	out := TxnOut(p, resp)
 	if k := out.Responses[0].GetResponsePut().GetPrevKv().GetKey(); string(k) != "x" {
 		t.Errorf("prev_kv: %q", k)
 	}
@@ -71,9 +71,9 @@ func TestTxnNamespaceMapsEveryKeyAndLeavesTheRequest(t *testing.T) {
 		t.Errorf("nested range: %v", r)
 	}
 	if !bytes.Equal(kv.Key, []byte("/acme/x")) {
-		t.Error("txnOut modified the replica's key-value")
+		t.Error("TxnOut modified the replica's key-value")
 	}
-	if txnIn(nil, req) != req || txnOut(nil, resp) != resp {
+	if TxnIn(nil, req) != req || TxnOut(nil, resp) != resp {
 		t.Error("without a namespace the messages are not passed as they are")
 	}
 }
@@ -82,23 +82,23 @@ func TestTxnNamespaceMapsEveryKeyAndLeavesTheRequest(t *testing.T) {
 // as etcd does, instead of naming the namespace itself. In a watch it means "\x00".
 func TestEmptyKeysStayInvalid(t *testing.T) {
 	p := []byte("/t/")
-	txn := txnIn(p, &pb.TxnRequest{
+	txn := TxnIn(p, &pb.TxnRequest{
 		Compare: []*pb.Compare{{}},
 		Success: []*pb.RequestOp{{Request: &pb.RequestOp_RequestPut{RequestPut: &pb.PutRequest{}}}},
 	})
 	if len(txn.Compare[0].Key) != 0 || len(txn.Success[0].GetRequestPut().GetKey()) != 0 {
 		t.Errorf("empty txn keys mapped: %v", txn)
 	}
-	if r := rangeIn(p, &pb.RangeRequest{RangeEnd: []byte("z")}); len(r.Key) != 0 || string(r.RangeEnd) != "z" {
+	if r := RangeIn(p, &pb.RangeRequest{RangeEnd: []byte("z")}); len(r.Key) != 0 || string(r.RangeEnd) != "z" {
 		t.Errorf("empty range key mapped: %v", r)
 	}
-	if w := watchIn(p, &pb.WatchCreateRequest{}); string(w.Key) != "/t/" {
+	if w := WatchIn(p, &pb.WatchCreateRequest{}); string(w.Key) != "/t/" {
 		t.Errorf("empty watch key: %q", w.Key)
 	}
 }
 
 func TestLeaseKeysOutHidesOtherNamespaces(t *testing.T) {
-	r := leaseKeysOut([]byte("/a/"), &pb.LeaseTimeToLiveResponse{ID: 1, TTL: 5, Keys: [][]byte{[]byte("/a/x"), []byte("/b/y"), []byte("/a")}})
+	r := LeaseKeysOut([]byte("/a/"), &pb.LeaseTimeToLiveResponse{ID: 1, TTL: 5, Keys: [][]byte{[]byte("/a/x"), []byte("/b/y"), []byte("/a")}})
 	if len(r.Keys) != 1 || string(r.Keys[0]) != "x" || r.ID != 1 || r.TTL != 5 {
 		t.Fatalf("%v", r)
 	}
