@@ -221,7 +221,7 @@ func (g *Gateway) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.Com
 	if err == nil && g.hub != nil {
 		// Watches created through this gateway from now on know it, whatever the
 		// stream's state has told yet.
-		g.hub.compacted(r.GetRevision())
+		g.hub.Compacted(r.GetRevision())
 	}
 	return resp, err
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/notify"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/gateway/namespace"
+	"github.com/kvmesh/kvmesh/services/gateway/watch"
 )
 
 // Access control at the gateway. The gateway keeps a copy of the auth state (users,
@@ -413,11 +414,6 @@ func decisionValue(ctx context.Context) string {
 	return ""
 }
 
-// watchRefusal is the reason a watch create is refused, one of etcd's cancel reasons.
-type watchRefusal struct{ reason string }
-
-func (r *watchRefusal) Error() string { return r.reason }
-
 // watchAuthWait is how long a watch create may wait for the gateway's copy of the auth
 // state to catch up with what the revision stream announced, or with its token.
 const watchAuthWait = time.Second
@@ -432,7 +428,7 @@ const watchAuthWait = time.Second
 // the token's takes it. The keys come back mapped into the namespace of the user the
 // watch is decided for.
 //
-// A *watchRefusal is a refusal with one of etcd's reasons. Any other error means the
+// A *watch.Refusal is a refusal with one of etcd's reasons. Any other error means the
 // gateway could not decide (no copy of the auth state yet, the stream ending): the
 // stream fails instead, because a watch refused for a reason etcd never gives is
 // mishandled by clients, and clientv3 loses one whose stream ends right after it.
@@ -481,5 +477,5 @@ func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest)
 	}
 	// etcd's reason is the text of its gRPC status error.
 	code, msg := etcderr.CodeMessage(reason)
-	return nil, nil, &watchRefusal{status.Error(codes.Code(code), msg).Error()}
+	return nil, nil, &watch.Refusal{Reason: status.Error(codes.Code(code), msg).Error()}
 }

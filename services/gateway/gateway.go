@@ -33,6 +33,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
+	"github.com/kvmesh/kvmesh/services/gateway/watch"
 )
 
 // Config is the gateway's configuration, from KVMESH_GATEWAY_… variables.
@@ -133,7 +134,7 @@ type Gateway struct {
 	// created after it starts after it, so a client sees its own writes.
 	seenRev atomic.Int64
 	// hub serves watches; nil until EnableWatch.
-	hub     *hub
+	hub     *watch.Hub
 	stopHub context.CancelFunc
 
 	// client carries internal API calls; view knows the replicas and the leader.
@@ -198,13 +199,23 @@ func (g *Gateway) EnableWatch(nc *nats.Conn, stream revstream.Config) error {
 	if err := stream.Validate(); err != nil {
 		return err
 	}
-	h, err := newHub(g, nc, stream)
+	h, err := watch.New(watch.Config{
+		RingRevisions:          g.cfg.WatchRingRevisions,
+		RingBytes:              g.cfg.WatchRingBytes,
+		StreamQueue:            g.cfg.WatchStreamQueue,
+		ProgressNotifyInterval: g.cfg.WatchProgressNotifyInterval,
+		FragmentBytes:          g.cfg.MaxRequestBytes + grpcOverheadBytes,
+	}, stream, nc, watch.Deps{
+		Replicas:   watchReplicas{view: g.view, inProcess: g.inProcess},
+		Authorizer: watchAuthorizer{g},
+		Cluster:    watchCluster{g},
+	}, g.tel)
 	if err != nil {
 		return err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	g.hub, g.stopHub = h, cancel
-	go h.run(telemetry.Untraced(ctx))
+	go h.Run(ctx)
 	return nil
 }
 

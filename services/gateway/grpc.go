@@ -14,6 +14,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb"
 	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb"
 	"github.com/kvmesh/kvmesh/libs/meshtls"
+	"github.com/kvmesh/kvmesh/services/gateway/watch"
 )
 
 // The gRPC face of the public API, on grpc-go's own HTTP/2 transport. Connections whose
@@ -33,7 +34,7 @@ func (g *Gateway) newGRPCServer() *grpc.Server {
 		// grow its stack through the whole gateway-replica call chain every time.
 		grpc.NumStreamWorkers(streamWorkers),
 		// Protobuf, and watch responses already in wire form (watchenc.go).
-		grpc.ForceServerCodecV2(newGRPCCodec()),
+		grpc.ForceServerCodecV2(watch.Codec()),
 	)
 	s := grpc.NewServer(opts...)
 	pb.RegisterKVServer(s, grpcKV{g: g})

@@ -3,12 +3,14 @@ package gateway
 import (
 	"context"
 	"errors"
+	"time"
 
 	"connectrpc.com/connect"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/services/gateway/watch"
 )
 
 // The Watch faces: etcd's bidi Watch over grpc-go and over connect-go, and kvmesh's
@@ -19,7 +21,7 @@ var errWatchDisabled = connect.NewError(connect.CodeUnimplemented, errors.New("k
 
 // watch serves one stream, failing with etcd's "no leader" when the client asked for
 // a leader (hasleader) and the cluster has none, at the start or later.
-func (g *Gateway) watch(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error, sendRaw func(encodedMsg) error) error {
+func (g *Gateway) watch(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error, sendRaw func(watch.EncodedMsg) error) error {
 	if g.hub == nil {
 		return errWatchDisabled
 	}
@@ -32,7 +34,7 @@ func (g *Gateway) watch(ctx context.Context, recv func() (*pb.WatchRequest, erro
 		defer cancel(nil)
 		go g.monitorLeader(ctx, cancel)
 	}
-	err := g.serveWatch(ctx, recv, send, sendRaw)
+	err := g.hub.Serve(ctx, recv, send, sendRaw)
 	if cause := context.Cause(ctx); errors.Is(cause, etcderr.ErrNoLeader) {
 		return etcderr.ErrNoLeader
 	}
@@ -54,6 +56,27 @@ func watchStreamError(err error) error {
 	return connect.NewError(connect.CodeUnavailable, errors.New(msg))
 }
 
+// monitorLeader cancels a watch stream that requires a leader once the cluster has
+// had none for a moment (etcd's watch server does the same for WithRequireLeader).
+func (g *Gateway) monitorLeader(ctx context.Context, cancel context.CancelCauseFunc) {
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	misses := 0
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if g.hasLeader(ctx) {
+			misses = 0
+		} else if misses++; misses >= 2 {
+			cancel(etcderr.ErrNoLeader)
+			return
+		}
+	}
+}
+
 type grpcWatch struct {
 	pb.UnimplementedWatchServer
 	g *Gateway
@@ -61,7 +84,7 @@ type grpcWatch struct {
 
 func (s grpcWatch) Watch(stream pb.Watch_WatchServer) error {
 	ctx := grpcContext(stream.Context())
-	sendRaw := func(b encodedMsg) error { return stream.SendMsg(b) }
+	sendRaw := func(b watch.EncodedMsg) error { return stream.SendMsg(b) }
 	return grpcStreamEnd(watchStreamError(s.g.watch(ctx, stream.Recv, stream.Send, sendRaw)))
 }
 

@@ -1,4 +1,4 @@
-package gateway
+package watch
 
 import (
 	"bytes"
@@ -20,23 +20,25 @@ import (
 // writes every watcher's response as header, watch_id and events side by side: the
 // bytes proto.Marshal would produce (WatchResponse's fields in number order).
 
-// encodedMsg is a message already in protobuf wire form; grpcCodec sends it as it is.
-type encodedMsg []byte
+// EncodedMsg is a message already in protobuf wire form; grpcCodec sends it as it is.
+type EncodedMsg []byte
 
-// grpcCodec is grpc-go's protobuf codec that also sends encodedMsg.
+// grpcCodec is grpc-go's protobuf codec that also sends EncodedMsg.
 type grpcCodec struct{ encoding.CodecV2 }
 
-func newGRPCCodec() grpcCodec { return grpcCodec{encoding.GetCodecV2(grpcproto.Name)} }
+// Codec is the codec a grpc-go server of Watch needs (grpc.ForceServerCodecV2): grpc-go's
+// protobuf codec, which also sends an EncodedMsg as it is.
+func Codec() encoding.CodecV2 { return grpcCodec{encoding.GetCodecV2(grpcproto.Name)} }
 
 func (c grpcCodec) Marshal(v any) (mem.BufferSlice, error) {
-	if b, ok := v.(encodedMsg); ok {
+	if b, ok := v.(EncodedMsg); ok {
 		return mem.BufferSlice{mem.SliceBuffer(b)}, nil
 	}
 	return c.CodecV2.Marshal(v)
 }
 
 // wireCache is a stream's encoded headers and events. Events are encoded in the
-// namespace of the last watcher that asked (see namespace.go); a stream's watchers
+// namespace of the last watcher that asked (see package namespace); a stream's watchers
 // share one namespace unless a user's changes meanwhile, so that is the one encoding.
 type wireCache struct {
 	hdr    pb.ResponseHeader
@@ -82,7 +84,7 @@ func (c *wireCache) event(p []byte, ev *mvccpb.Event) []byte {
 
 // encode returns WatchResponse{Header: hdr, WatchId: id, Events: evs} in wire form,
 // hdr being what wireCache.header returned, the events' keys out of the namespace p.
-func (c *wireCache) encode(hdr []byte, id int64, p []byte, evs []*mvccpb.Event) encodedMsg {
+func (c *wireCache) encode(hdr []byte, id int64, p []byte, evs []*mvccpb.Event) EncodedMsg {
 	var few [4][]byte
 	encs := few[:0]
 	size := protowire.SizeTag(1) + protowire.SizeBytes(len(hdr)) + protowire.SizeTag(2) + protowire.SizeVarint(uint64(id))

@@ -1,4 +1,4 @@
-package gateway
+package watch
 
 import (
 	"bytes"
@@ -13,7 +13,6 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
 	"github.com/kvmesh/kvmesh/services/gateway/namespace"
@@ -73,11 +72,11 @@ func (w *watcher) matches(key []byte) bool {
 
 // wstream is one client Watch stream.
 type wstream struct {
-	h    *hub
+	h    *Hub
 	ctx  context.Context
 	send func(*pb.WatchResponse) error
 	// sendRaw writes responses encoded by wire (nil: every response goes to send).
-	sendRaw func(encodedMsg) error
+	sendRaw func(EncodedMsg) error
 	wire    wireCache
 
 	// Filled by the hub (under qmu); drained by the stream's goroutine.
@@ -106,7 +105,7 @@ func (s *wstream) enqueue(r *hrev) {
 		return
 	}
 	s.lastQueued = r.GetRevision()
-	if len(s.queue) >= s.h.queueCap {
+	if len(s.queue) >= s.h.cfg.StreamQueue {
 		s.overflow = r.GetRevision()
 		s.h.m.overflows.Inc()
 	} else {
@@ -118,32 +117,10 @@ func (s *wstream) enqueue(r *hrev) {
 	}
 }
 
-// monitorLeader cancels a watch stream that requires a leader once the cluster has
-// had none for a moment (etcd's watch server does the same for WithRequireLeader).
-func (g *Gateway) monitorLeader(ctx context.Context, cancel context.CancelCauseFunc) {
-	t := time.NewTicker(500 * time.Millisecond)
-	defer t.Stop()
-	misses := 0
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		if g.hasLeader(ctx) {
-			misses = 0
-		} else if misses++; misses >= 2 {
-			cancel(etcderr.ErrNoLeader)
-			return
-		}
-	}
-}
-
-// serveWatch runs one client Watch stream: recv reads the client's requests, send
-// writes responses (only ever from one goroutine).
-// sendRaw, when not nil, writes a response already in wire form (the gRPC face).
-func (g *Gateway) serveWatch(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error, sendRaw func(encodedMsg) error) error {
-	h := g.hub
+// Serve runs one client Watch stream: recv reads the client's requests, send writes
+// responses (only ever from one goroutine). sendRaw, when not nil, writes a response
+// already in wire form (see Codec: the gRPC face).
+func (h *Hub) Serve(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error, sendRaw func(EncodedMsg) error) error {
 	if err := h.waitReady(ctx); err != nil {
 		return err
 	}
@@ -181,7 +158,7 @@ func (g *Gateway) serveWatch(ctx context.Context, recv func() (*pb.WatchRequest,
 	}()
 
 	var tick <-chan time.Time
-	if iv := g.cfg.WatchProgressNotifyInterval; iv > 0 {
+	if iv := h.cfg.ProgressNotifyInterval; iv > 0 {
 		t := time.NewTicker(iv)
 		defer t.Stop()
 		tick = t.C
@@ -230,7 +207,7 @@ func (g *Gateway) serveWatch(ctx context.Context, recv func() (*pb.WatchRequest,
 }
 
 func (s *wstream) header(rev int64) *pb.ResponseHeader {
-	return &pb.ResponseHeader{ClusterId: s.h.g.view.clusterID(), MemberId: s.h.g.view.leaderID(), Revision: rev, RaftTerm: 0}
+	return &pb.ResponseHeader{ClusterId: s.h.cluster.ClusterID(), MemberId: s.h.cluster.LeaderID(), Revision: rev, RaftTerm: 0}
 }
 
 func (s *wstream) handle(req *pb.WatchRequest) error {
@@ -256,10 +233,10 @@ func (s *wstream) handle(req *pb.WatchRequest) error {
 // its cancellation when that history is compacted.
 func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 	// Permission first, as etcd's watch server; the keys come back in the namespace.
-	cr, prefix, err := s.h.g.watchPermitted(s.ctx, cr)
-	var rf *watchRefusal
+	cr, prefix, err := s.h.auth.WatchPermitted(s.ctx, cr)
+	var rf *Refusal
 	if errors.As(err, &rf) {
-		return s.refuse(rf.reason)
+		return s.refuse(rf.Reason)
 	}
 	if err != nil {
 		return err
@@ -301,16 +278,16 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 		rev, compactRev := s.h.register(w)
 		w.compactRev = compactRev
 		s.add(w)
-		headerRev := max(rev, s.h.g.seen())
+		headerRev := max(rev, s.h.cluster.Seen())
 		w.next = headerRev + 1
 		return s.send(&pb.WatchResponse{Header: s.header(headerRev), WatchId: id, Created: true})
 	}
-	if err := s.send(&pb.WatchResponse{Header: s.header(max(s.h.current(), s.h.g.seen())), WatchId: id, Created: true}); err != nil {
+	if err := s.send(&pb.WatchResponse{Header: s.header(max(s.h.current(), s.h.cluster.Seen())), WatchId: id, Created: true}); err != nil {
 		return err
 	}
 
 	// The catch-up holds the last write this gateway acknowledged, as etcd's would.
-	s.h.reach(s.ctx, s.h.g.seen(), time.Second)
+	s.h.reach(s.ctx, s.h.cluster.Seen(), time.Second)
 	if err := s.ctx.Err(); err != nil {
 		return err
 	}
@@ -347,10 +324,10 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 	if err == nil {
 		err = s.sendEvents(w, rev, batch)
 	}
-	var ce *compactedError
+	var ce *CompactedError
 	if errors.As(err, &ce) {
 		s.remove(w)
-		return s.send(compactedResponse(s, w.id, ce.rev))
+		return s.send(compactedResponse(s, w.id, ce.Rev))
 	}
 	if err != nil {
 		return err
@@ -470,19 +447,19 @@ func (s *wstream) drain() error {
 			from = r.GetRevision() + 1
 			return s.deliver(r)
 		})
-		var ce *compactedError
+		var ce *CompactedError
 		if errors.As(err, &ce) {
 			// History the stream's watchers need is gone: cancel them as etcd cancels
 			// a watcher that fell behind a compaction.
 			for _, w := range s.watchers {
-				if w.next < ce.rev {
+				if w.next < ce.Rev {
 					s.remove(w)
-					if err := s.send(compactedResponse(s, w.id, ce.rev)); err != nil {
+					if err := s.send(compactedResponse(s, w.id, ce.Rev)); err != nil {
 						return err
 					}
 				}
 			}
-			from = ce.rev
+			from = ce.Rev
 			continue
 		}
 		if err != nil {
@@ -576,7 +553,7 @@ func (s *wstream) sendEvents(w *watcher, headerRev int64, evs []*mvccpb.Event) e
 	w.sent = true
 	s.h.m.events.Add(float64(len(evs)))
 	if s.sendRaw != nil && !w.fragment {
-		hdr := s.wire.header(s.h.g.view.clusterID(), s.h.g.view.leaderID(), headerRev)
+		hdr := s.wire.header(s.h.cluster.ClusterID(), s.h.cluster.LeaderID(), headerRev)
 		return s.sendRaw(s.wire.encode(hdr, w.id, w.prefix, evs))
 	}
 	// Out of a namespaced watcher's namespace (the wire encodings above are too).
@@ -596,7 +573,7 @@ const catchUpBatchRevisions = 1000
 // limit plus gRPC's overhead allowance) into pieces, each but the last marked
 // fragment, exactly as etcd's watch server does for watches that asked.
 func (s *wstream) sendFragments(resp *pb.WatchResponse) error {
-	limit := s.h.g.cfg.MaxRequestBytes + grpcOverheadBytes
+	limit := s.h.cfg.FragmentBytes
 	if proto.Size(resp) < limit || len(resp.Events) < 2 {
 		return s.send(resp)
 	}

@@ -1,4 +1,4 @@
-package gateway
+package watch
 
 import (
 	"bytes"
@@ -47,7 +47,7 @@ func TestWatcherTakeAtCompactedRevision(t *testing.T) {
 // The indexes follow watchers of one key on two streams through adds and removals
 // from the head, the middle and the tail of a stream's list.
 func TestWatchIndexes(t *testing.T) {
-	h := &hub{keys: make(map[string][]streamRef), ranges: make(map[*watcher]struct{})}
+	h := &Hub{keys: make(map[string][]streamRef), ranges: make(map[*watcher]struct{})}
 	h.m.watchers = prometheus.NewGauge(prometheus.GaugeOpts{Name: "test_watchers"})
 	newStream := func() *wstream {
 		return &wstream{h: h, watchers: make(map[int64]*watcher), keyW: make(map[string]*watcher)}
@@ -125,7 +125,7 @@ func TestWireEncoding(t *testing.T) {
 		if !bytes.Equal(got, want) {
 			t.Fatalf("watch %d: wire form\n%x\nwant\n%x", tc.id, got, want)
 		}
-		sent, err := newGRPCCodec().Marshal(got)
+		sent, err := Codec().Marshal(got)
 		if err != nil || !bytes.Equal(sent.Materialize(), want) {
 			t.Fatalf("the codec changed the bytes: %v", err)
 		}

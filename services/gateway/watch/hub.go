@@ -1,4 +1,4 @@
-package gateway
+package watch
 
 import (
 	"context"
@@ -10,7 +10,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"connectrpc.com/connect"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,11 +20,10 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
-	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/revstream"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 
 // The hub is the gateway's one reader of the revision stream. It consumes the
@@ -63,16 +61,17 @@ func (r *hrev) eventsWithoutPrev() []*mvccpb.Event {
 	return r.noPrev
 }
 
-type hub struct {
-	g      *Gateway
-	log    *slog.Logger
-	js     jetstream.JetStream
-	cfg    revstream.Config
-	tracer trace.Tracer
-
-	ringCap   int
-	ringBytes int // bound on the ring's encoded size
-	queueCap  int
+// Hub serves etcd's Watch from the revision stream. It starts nothing until Run.
+type Hub struct {
+	cfg      Config
+	stream   revstream.Config
+	replicas Replicas
+	auth     Authorizer
+	cluster  Cluster
+	tel      *telemetry.Telemetry
+	log      *slog.Logger
+	js       jetstream.JetStream
+	tracer   trace.Tracer
 
 	mu         sync.Mutex
 	rev        int64 // last revision handed to the streams; 0 until known
@@ -100,14 +99,22 @@ type hub struct {
 	}
 }
 
-func newHub(g *Gateway, nc *nats.Conn, cfg revstream.Config) (*hub, error) {
+// New builds a hub reading the stream through nc; deps are what it needs of the
+// gateway, none of them optional: without an Authorizer no watch could be decided.
+func New(cfg Config, stream revstream.Config, nc *nats.Conn, deps Deps, tel *telemetry.Telemetry) (*Hub, error) {
+	if err := errors.Join(cfg.Validate(), stream.Validate()); err != nil {
+		return nil, err
+	}
+	if deps.Replicas == nil || deps.Authorizer == nil || deps.Cluster == nil {
+		return nil, errors.New("watch: a hub needs its replicas, an authorizer and the cluster's identity")
+	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		return nil, err
 	}
-	h := &hub{
-		g: g, log: g.log.With("component", "watch"), js: js, cfg: cfg, tracer: g.tracer,
-		ringCap: g.cfg.WatchRingRevisions, ringBytes: g.cfg.WatchRingBytes, queueCap: g.cfg.WatchStreamQueue,
+	h := &Hub{
+		cfg: cfg, stream: stream, replicas: deps.Replicas, auth: deps.Authorizer, cluster: deps.Cluster, tel: tel,
+		log: tel.Log.With("role", "gateway", "component", "watch"), js: js, tracer: tel.Tracer.Tracer("kvmesh/gateway"),
 		keys:       make(map[string][]streamRef),
 		ranges:     make(map[*watcher]struct{}),
 		changed:    make(chan struct{}),
@@ -120,28 +127,31 @@ func newHub(g *Gateway, nc *nats.Conn, cfg revstream.Config) (*hub, error) {
 	h.m.events = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_events_sent_total", Help: "Events sent to watchers."})
 	h.m.watchers = prometheus.NewGauge(prometheus.GaugeOpts{Name: "etcd_debugging_mvcc_watcher_total", Help: "Total number of watchers."})
 	h.m.streams = prometheus.NewGauge(prometheus.GaugeOpts{Name: "etcd_debugging_mvcc_watch_stream_total", Help: "Total number of watch streams."})
-	g.tel.Registry.MustRegister(h.m.revisions, h.m.repaired, h.m.overflows, h.m.events, h.m.watchers, h.m.streams,
+	tel.Registry.MustRegister(h.m.revisions, h.m.repaired, h.m.overflows, h.m.events, h.m.watchers, h.m.streams,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvmesh_gateway_watch_revision", Help: "The last revision fanned out to watchers."},
 			func() float64 { return float64(h.current()) }))
 	return h, nil
 }
 
 // current is the last revision handed out.
-func (h *hub) current() int64 {
+func (h *Hub) current() int64 {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return h.rev
 }
 
-// run consumes the stream until ctx ends, starting over (from where it is) after any
+// Run consumes the stream until ctx ends, starting over (from where it is) after any
 // failure.
-func (h *hub) run(ctx context.Context) {
-	go h.watchdog(ctx)
-	go h.watchState(ctx)
+func (h *Hub) Run(ctx context.Context) error {
+	ctx = telemetry.Untraced(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { h.watchdog(ctx) })
+	wg.Go(func() { h.watchState(ctx) })
 	for ctx.Err() == nil {
 		err := h.consume(ctx)
 		if ctx.Err() != nil {
-			return
+			return nil
 		}
 		if err == nil {
 			continue
@@ -152,15 +162,16 @@ func (h *hub) run(ctx context.Context) {
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
+	return nil
 }
 
 // consume reads the stream from just after the hub's revision.
-func (h *hub) consume(ctx context.Context) error {
+func (h *Hub) consume(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	s, err := h.js.Stream(ctx, h.cfg.Stream)
+	s, err := h.js.Stream(ctx, h.stream.Stream)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		h.log.Info("waiting for the fanout to create the revision stream", "stream", h.cfg.Stream)
+		h.log.Info("waiting for the fanout to create the revision stream", "stream", h.stream.Stream)
 		select {
 		case <-ctx.Done():
 		case <-time.After(time.Second):
@@ -168,7 +179,7 @@ func (h *hub) consume(ctx context.Context) error {
 		return nil
 	}
 	if err != nil {
-		return fmt.Errorf("stream %s: %w", h.cfg.Stream, err)
+		return fmt.Errorf("stream %s: %w", h.stream.Stream, err)
 	}
 	tail, err := revstream.LastOf(ctx, s)
 	if err != nil {
@@ -181,7 +192,7 @@ func (h *hub) consume(ctx context.Context) error {
 	if h.current() == 0 {
 		start := tail.Rev
 		if start == 0 {
-			pos, err := h.position(ctx)
+			pos, err := h.replicas.Position(ctx)
 			if err != nil {
 				return err
 			}
@@ -197,8 +208,8 @@ func (h *hub) consume(ctx context.Context) error {
 			startSeq = uint64(seq)
 		}
 	}
-	c, err := h.js.OrderedConsumer(ctx, h.cfg.Stream, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{h.cfg.Subject},
+	c, err := h.js.OrderedConsumer(ctx, h.stream.Stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{h.stream.Subject},
 		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
 		OptStartSeq:    startSeq,
 	})
@@ -233,9 +244,9 @@ func (h *hub) consume(ctx context.Context) error {
 // watchState follows the stream's state bucket (libs/revstream): the compacted
 // revision and the auth store's revision, which make no revision of their own. With
 // them, and the revisions, the gateway decides every watch creation alone.
-func (h *hub) watchState(ctx context.Context) {
+func (h *Hub) watchState(ctx context.Context) {
 	for ctx.Err() == nil {
-		kv, err := revstream.EnsureState(ctx, h.js, h.cfg)
+		kv, err := revstream.EnsureState(ctx, h.js, h.stream)
 		if err == nil {
 			err = revstream.WatchState(ctx, kv, h.applyState)
 		}
@@ -251,25 +262,25 @@ func (h *hub) watchState(ctx context.Context) {
 }
 
 // applyState takes what the stream's state tells (nil: all it held has been told).
-func (h *hub) applyState(st *replicav1.StreamState) {
+func (h *Hub) applyState(st *replicav1.StreamState) {
 	defer h.stateOnce.Do(func() { close(h.stateReady) })
 	if st == nil {
 		return
 	}
-	h.compacted(st.GetCompactRevision())
-	h.g.auth.announce(st.GetAuthRevision())
+	h.Compacted(st.GetCompactRevision())
+	h.auth.Announce(st.GetAuthRevision())
 }
 
 // compacted records a compacted revision the gateway learned (from the stream's state,
 // a compaction it passed on, a replica's answer).
-func (h *hub) compacted(rev int64) {
+func (h *Hub) Compacted(rev int64) {
 	h.mu.Lock()
 	h.compactRev = max(h.compactRev, rev)
 	h.mu.Unlock()
 }
 
 // start sets the hub's first revision: watchers created from now on start after it.
-func (h *hub) start(rev int64) {
+func (h *Hub) start(rev int64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.rev == 0 {
@@ -282,8 +293,8 @@ func (h *hub) start(rev int64) {
 // ingestTraced is ingest, continuing the revision's trace when the fanout traced it:
 // "watch.deliver" is the hub handing it to the watch streams, and each stream's
 // "watch.send" (see wstream.deliver) a child of it.
-func (h *hub) ingestTraced(ctx context.Context, r *replicav1.Revision, headers nats.Header) error {
-	if !h.g.tel.Tracing() {
+func (h *Hub) ingestTraced(ctx context.Context, r *replicav1.Revision, headers nats.Header) error {
+	if !h.tel.Tracing() {
 		return h.ingest(ctx, r)
 	}
 	ctx, span := h.tracer.Start(otel.GetTextMapPropagator().Extract(ctx, propagation.HeaderCarrier(headers)),
@@ -298,7 +309,7 @@ func (h *hub) ingestTraced(ctx context.Context, r *replicav1.Revision, headers n
 }
 
 // ingest hands r to the streams, first repairing any revisions missing before it.
-func (h *hub) ingest(ctx context.Context, r *replicav1.Revision) error {
+func (h *Hub) ingest(ctx context.Context, r *replicav1.Revision) error {
 	cur := h.current()
 	if r.GetRevision() <= cur {
 		return nil // already handed out (a replay, or repaired from a replica)
@@ -320,7 +331,7 @@ func (h *hub) ingest(ctx context.Context, r *replicav1.Revision) error {
 }
 
 // repair reads the revisions after the hub's up to to from a replica and hands them out.
-func (h *hub) repair(ctx context.Context, to int64) error {
+func (h *Hub) repair(ctx context.Context, to int64) error {
 	from := h.current() + 1
 	if from > to {
 		return nil
@@ -336,7 +347,7 @@ func (h *hub) repair(ctx context.Context, to int64) error {
 }
 
 // publish makes r the hub's revision and queues it to the streams it concerns.
-func (h *hub) publish(r *hrev) {
+func (h *Hub) publish(r *hrev) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if r.GetRevision() != h.rev+1 {
@@ -346,15 +357,15 @@ func (h *hub) publish(r *hrev) {
 	h.compactRev = max(h.compactRev, r.GetCompactRevision())
 	h.ring = append(h.ring, r)
 	h.ringSize += r.size
-	if len(h.ring) > h.ringCap || (h.ringSize > h.ringBytes && len(h.ring) > 1) {
+	if len(h.ring) > h.cfg.RingRevisions || (h.ringSize > h.cfg.RingBytes && len(h.ring) > 1) {
 		// Drop the oldest quarter at once (or down to the byte bound), so that
 		// trimming is not a copy per revision.
-		drop := max(len(h.ring)-h.ringCap*3/4, 0)
+		drop := max(len(h.ring)-h.cfg.RingRevisions*3/4, 0)
 		size := h.ringSize
 		for i := range drop {
 			size -= h.ring[i].size
 		}
-		for drop < len(h.ring)-1 && size > h.ringBytes*3/4 {
+		for drop < len(h.ring)-1 && size > h.cfg.RingBytes*3/4 {
 			size -= h.ring[drop].size
 			drop++
 		}
@@ -379,13 +390,13 @@ func (h *hub) publish(r *hrev) {
 }
 
 // ringFrom returns the revisions of the ring in [from, to] when the ring holds from.
-func (h *hub) ringFrom(from, to int64) []*hrev {
+func (h *Hub) ringFrom(from, to int64) []*hrev {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return h.ringFromLocked(from, to)
 }
 
-func (h *hub) ringFromLocked(from, to int64) []*hrev {
+func (h *Hub) ringFromLocked(from, to int64) []*hrev {
 	if len(h.ring) == 0 {
 		return nil
 	}
@@ -400,7 +411,7 @@ func (h *hub) ringFromLocked(from, to int64) []*hrev {
 // history calls fn with every revision in [from, to], in order: from memory, from the
 // stream, or from a replica, whichever still has it. It fails with a compactedError
 // when a replica has compacted from.
-func (h *hub) history(ctx context.Context, from, to int64, fn func(*hrev) error) error {
+func (h *Hub) history(ctx context.Context, from, to int64, fn func(*hrev) error) error {
 	for from <= to {
 		if rs := h.ringFrom(from, to); len(rs) > 0 {
 			for _, r := range rs {
@@ -442,7 +453,7 @@ func (h *hub) history(ctx context.Context, from, to int64, fn func(*hrev) error)
 
 // fromStream reads revisions from the JetStream stream, from from on, up to to, and
 // returns how many it delivered (0 when the stream does not have from).
-func (h *hub) fromStream(ctx context.Context, from, to int64, fn func(*hrev) error) (int64, error) {
+func (h *Hub) fromStream(ctx context.Context, from, to int64, fn func(*hrev) error) (int64, error) {
 	if !h.offsetOK.Load() {
 		return 0, nil
 	}
@@ -452,8 +463,8 @@ func (h *hub) fromStream(ctx context.Context, from, to int64, fn func(*hrev) err
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	c, err := h.js.OrderedConsumer(ctx, h.cfg.Stream, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{h.cfg.Subject},
+	c, err := h.js.OrderedConsumer(ctx, h.stream.Stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{h.stream.Subject},
 		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
 		OptStartSeq:    uint64(seq),
 	})
@@ -496,87 +507,22 @@ func (h *hub) fromStream(ctx context.Context, from, to int64, fn func(*hrev) err
 	return n, nil
 }
 
-// compactedError is a history read that started below a replica's compacted revision.
-type compactedError struct{ rev int64 }
+// CompactedError is a history read that started below the replicas' compacted
+// revision Rev.
+type CompactedError struct{ Rev int64 }
 
-func (e *compactedError) Error() string {
-	return fmt.Sprintf("revision compacted at %d", e.rev)
+func (e *CompactedError) Error() string {
+	return fmt.Sprintf("revision compacted at %d", e.Rev)
 }
 
-// fromReplica reads [from, to] from a replica's Feed, trying the replicas in turn.
-func (h *hub) fromReplica(ctx context.Context, from, to int64, fn func(*hrev) error) error {
-	var lastErr error
-	for attempt := 0; attempt < 20 && ctx.Err() == nil; attempt++ {
-		for _, c := range h.g.view.forRead() {
-			err := h.feedFrom(ctx, c, from, to, func(r *hrev) error {
-				from = r.GetRevision() + 1
-				return fn(r)
-			})
-			if from > to {
-				return nil
-			}
-			var ce *compactedError
-			if errors.As(err, &ce) {
-				return err
-			}
-			if err != nil {
-				lastErr = err
-			}
-		}
-		select {
-		case <-ctx.Done():
-		case <-time.After(100 * time.Millisecond):
-		}
+// fromReplica reads [from, to] from the replicas.
+func (h *Hub) fromReplica(ctx context.Context, from, to int64, fn func(*hrev) error) error {
+	err := h.replicas.Feed(ctx, from, to, func(r *replicav1.Revision) error { return fn(newHrev(r)) })
+	var ce *CompactedError
+	if errors.As(err, &ce) {
+		h.Compacted(ce.Rev)
 	}
-	if ctx.Err() != nil {
-		return ctx.Err()
-	}
-	return fmt.Errorf("read revisions %d-%d from the replicas: %w", from, to, lastErr)
-}
-
-func (h *hub) feedFrom(ctx context.Context, c *replicaConn, from, to int64, fn func(*hrev) error) error {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	if h.g.inProcess {
-		ctx = inproc.Context(ctx)
-	}
-	s, err := c.feed.Feed(ctx, connect.NewRequest(&replicav1.FeedRequest{FromRevision: from, ToRevision: to}))
-	if err != nil {
-		return err
-	}
-	defer s.Close()
-	compact := int64(-1)
-	for s.Receive() {
-		compact = s.Msg().GetCompactRevision()
-		for _, r := range s.Msg().GetRevisions() {
-			if err := fn(newHrev(r)); err != nil {
-				return err
-			}
-		}
-	}
-	if err := s.Err(); err != nil {
-		if _, msg := etcderr.CodeMessage(err); msg == etcderr.ErrCompacted.Error() {
-			h.compacted(compact)
-			return &compactedError{compact}
-		}
-		return err
-	}
-	return nil
-}
-
-// position asks a replica for its current and compacted revisions.
-func (h *hub) position(ctx context.Context) (*replicav1.PositionResponse, error) {
-	var lastErr error = etcderr.ErrNoLeader
-	for _, c := range h.g.view.forRead() {
-		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		resp, err := c.feed.Position(cctx, connect.NewRequest(&replicav1.PositionRequest{}))
-		cancel()
-		if err == nil {
-			return resp.Msg, nil
-		}
-		lastErr = err
-	}
-	return nil, lastErr
+	return err
 }
 
 // staleAfter is how long the hub waits for the stream to bring a revision a replica
@@ -586,7 +532,7 @@ const staleAfter = 2 * time.Second
 // watchdog keeps watchers served when the stream stops moving (the fanout is down,
 // NATS lost its data, the consumer is stuck): when a replica is ahead of the hub and
 // the hub has not moved for staleAfter, the missing revisions come from the replica.
-func (h *hub) watchdog(ctx context.Context) {
+func (h *Hub) watchdog(ctx context.Context) {
 	t := time.NewTicker(staleAfter / 2)
 	defer t.Stop()
 	for {
@@ -598,12 +544,12 @@ func (h *hub) watchdog(ctx context.Context) {
 		if time.Since(time.Unix(0, h.lastMove.Load())) < staleAfter {
 			continue
 		}
-		pos, err := h.position(ctx)
+		pos, err := h.replicas.Position(ctx)
 		if err != nil {
 			continue
 		}
-		h.compacted(pos.GetCompactRevision())
-		h.g.auth.announce(pos.GetAuthRevision())
+		h.Compacted(pos.GetCompactRevision())
+		h.auth.Announce(pos.GetAuthRevision())
 		if h.current() == 0 {
 			h.start(pos.GetHeader().GetRevision())
 			continue
@@ -620,7 +566,7 @@ func (h *hub) watchdog(ctx context.Context) {
 // a write this gateway acknowledged then catches up to that write from history, as
 // etcd's would, rather than taking it later from the queue. The wait is only a
 // nicety: without it the watcher gets the same events, in a different grouping.
-func (h *hub) reach(ctx context.Context, rev int64, limit time.Duration) {
+func (h *Hub) reach(ctx context.Context, rev int64, limit time.Duration) {
 	timeout := time.NewTimer(limit)
 	defer timeout.Stop()
 	for {
@@ -641,7 +587,7 @@ func (h *hub) reach(ctx context.Context, rev int64, limit time.Duration) {
 }
 
 // waitReady waits until the hub knows where the history is, and the stream's state.
-func (h *hub) waitReady(ctx context.Context) error {
+func (h *Hub) waitReady(ctx context.Context) error {
 	for _, c := range []chan struct{}{h.ready, h.stateReady} {
 		select {
 		case <-c:
@@ -660,7 +606,7 @@ type streamRef struct {
 
 // register adds w to the hub's index and returns the hub's revision at that moment:
 // every later revision that concerns w is queued to its stream.
-func (h *hub) register(w *watcher) (rev, compactRev int64) {
+func (h *Hub) register(w *watcher) (rev, compactRev int64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if w.end == nil {
@@ -680,7 +626,7 @@ func (h *hub) register(w *watcher) (rev, compactRev int64) {
 }
 
 // unregister removes w from the index.
-func (h *hub) unregister(w *watcher) {
+func (h *Hub) unregister(w *watcher) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if w.end == nil {

@@ -1,0 +1,119 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"connectrpc.com/connect"
+
+	"github.com/kvmesh/kvmesh/libs/etcderr"
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/services/gateway/watch"
+)
+
+// What the watch hub needs of the gateway (watch.Deps): the replicas' history, the
+// permission of a watch, and the names in a response's header.
+
+// watchReplicas reads history from the replicas the view knows.
+type watchReplicas struct {
+	view      *view
+	inProcess bool
+}
+
+// Feed reads [from, to] from a replica's Feed, trying the replicas in turn.
+func (r watchReplicas) Feed(ctx context.Context, from, to int64, fn func(*replicav1.Revision) error) error {
+	var lastErr error
+	for attempt := 0; attempt < 20 && ctx.Err() == nil; attempt++ {
+		for _, c := range r.view.forRead() {
+			err := r.feedFrom(ctx, c, from, to, func(rev *replicav1.Revision) error {
+				from = rev.GetRevision() + 1
+				return fn(rev)
+			})
+			if from > to {
+				return nil
+			}
+			var ce *watch.CompactedError
+			if errors.As(err, &ce) {
+				return err
+			}
+			if err != nil {
+				lastErr = err
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return fmt.Errorf("read revisions %d-%d from the replicas: %w", from, to, lastErr)
+}
+
+func (r watchReplicas) feedFrom(ctx context.Context, c *replicaConn, from, to int64, fn func(*replicav1.Revision) error) error {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if r.inProcess {
+		ctx = inproc.Context(ctx)
+	}
+	s, err := c.feed.Feed(ctx, connect.NewRequest(&replicav1.FeedRequest{FromRevision: from, ToRevision: to}))
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	compact := int64(-1)
+	for s.Receive() {
+		compact = s.Msg().GetCompactRevision()
+		for _, rev := range s.Msg().GetRevisions() {
+			if err := fn(rev); err != nil {
+				return err
+			}
+		}
+	}
+	if err := s.Err(); err != nil {
+		if _, msg := etcderr.CodeMessage(err); msg == etcderr.ErrCompacted.Error() {
+			return &watch.CompactedError{Rev: compact}
+		}
+		return err
+	}
+	return nil
+}
+
+// Position asks a replica for its current and compacted revisions.
+func (r watchReplicas) Position(ctx context.Context) (*replicav1.PositionResponse, error) {
+	if r.inProcess {
+		ctx = inproc.Context(ctx)
+	}
+	var lastErr error = etcderr.ErrNoLeader
+	for _, c := range r.view.forRead() {
+		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		resp, err := c.feed.Position(cctx, connect.NewRequest(&replicav1.PositionRequest{}))
+		cancel()
+		if err == nil {
+			return resp.Msg, nil
+		}
+		lastErr = err
+	}
+	return nil, lastErr
+}
+
+// watchAuthorizer decides watch creations (watchPermitted).
+type watchAuthorizer struct{ g *Gateway }
+
+func (a watchAuthorizer) WatchPermitted(ctx context.Context, cr *pb.WatchCreateRequest) (*pb.WatchCreateRequest, []byte, error) {
+	return a.g.watchPermitted(ctx, cr)
+}
+
+func (a watchAuthorizer) Announce(rev uint64) { a.g.auth.announce(rev) }
+
+// watchCluster names the cluster in watch responses' headers.
+type watchCluster struct{ g *Gateway }
+
+func (c watchCluster) ClusterID() uint64 { return c.g.view.clusterID() }
+func (c watchCluster) LeaderID() uint64  { return c.g.view.leaderID() }
+func (c watchCluster) Seen() int64       { return c.g.seen() }
