@@ -79,10 +79,10 @@ type Hub struct {
 	ring       []*hrev                // consecutive revisions ending at rev
 	ringSize   int                    // encoded bytes of the ring's revisions
 	keys       map[string][]streamRef // the streams with watchers of a key, and how many
-	ranges     map[*watcher]struct{}
-	changed    chan struct{} // closed and replaced at every revision
-	ready      chan struct{} // closed once rev is known
-	stateReady chan struct{} // closed once the stream's state has been read (see watchState)
+	ranges     intervals              // the range watchers, by range
+	changed    chan struct{}          // closed and replaced at every revision
+	ready      chan struct{}          // closed once rev is known
+	stateReady chan struct{}          // closed once the stream's state has been read (see watchState)
 	stateOnce  sync.Once
 
 	offset   atomic.Int64 // stream sequence = revision - offset
@@ -116,7 +116,6 @@ func New(cfg Config, stream revstream.Config, nc *nats.Conn, deps Deps, tel *tel
 		cfg: cfg, stream: stream, replicas: deps.Replicas, auth: deps.Authorizer, cluster: deps.Cluster, tel: tel,
 		log: tel.Log.With("role", "gateway", "component", "watch"), js: js, tracer: tel.Tracer.Tracer("kvmesh/gateway"),
 		keys:       make(map[string][]streamRef),
-		ranges:     make(map[*watcher]struct{}),
 		changed:    make(chan struct{}),
 		ready:      make(chan struct{}),
 		stateReady: make(chan struct{}),
@@ -373,15 +372,12 @@ func (h *Hub) publish(r *hrev) {
 		clear(h.ring[n:])
 		h.ring, h.ringSize = h.ring[:n], size
 	}
+	enqueue := func(w *watcher) { w.s.enqueue(r) }
 	for _, ev := range r.Events {
 		for _, ref := range h.keys[string(ev.Kv.Key)] {
 			ref.s.enqueue(r)
 		}
-		for w := range h.ranges {
-			if w.matches(ev.Kv.Key) {
-				w.s.enqueue(r)
-			}
-		}
+		h.ranges.stab(ev.Kv.Key, enqueue)
 	}
 	h.m.revisions.Inc()
 	h.lastMove.Store(time.Now().UnixNano())
@@ -619,7 +615,7 @@ func (h *Hub) register(w *watcher) (rev, compactRev int64) {
 			refs[i].n++
 		}
 	} else {
-		h.ranges[w] = struct{}{}
+		h.ranges.add(w)
 	}
 	h.m.watchers.Inc()
 	return h.rev, h.compactRev
@@ -643,7 +639,7 @@ func (h *Hub) unregister(w *watcher) {
 			h.keys[k] = refs
 		}
 	} else {
-		delete(h.ranges, w)
+		h.ranges.remove(w)
 	}
 	h.m.watchers.Dec()
 }

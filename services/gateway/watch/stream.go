@@ -89,7 +89,7 @@ type wstream struct {
 	// The stream goroutine's own.
 	watchers map[int64]*watcher
 	keyW     map[string]*watcher // the stream's watchers of a key, linked by sameKey
-	rangeW   []*watcher
+	rangeW   intervals
 	nextID   int64
 	progress bool // a WatchProgressRequest awaits its answer
 	// refusedAt is when the stream last refused a create (see refusalGrace).
@@ -373,7 +373,7 @@ func (s *wstream) add(w *watcher) {
 		w.sameKey = s.keyW[k]
 		s.keyW[k] = w
 	} else {
-		s.rangeW = append(s.rangeW, w)
+		s.rangeW.add(w)
 	}
 }
 
@@ -397,12 +397,7 @@ func (s *wstream) remove(w *watcher) {
 		}
 		return
 	}
-	for i, x := range s.rangeW {
-		if x == w {
-			s.rangeW = append(s.rangeW[:i], s.rangeW[i+1:]...)
-			break
-		}
-	}
+	s.rangeW.remove(w)
 }
 
 // drain delivers what the hub queued and, after an overflow, catches the stream up from
@@ -482,19 +477,17 @@ func (s *wstream) deliver(r *hrev) error {
 	}
 	var targets []*watcher
 	rev := r.GetRevision()
+	pick := func(w *watcher) {
+		if w.picked != rev {
+			w.picked = rev
+			targets = append(targets, w)
+		}
+	}
 	for _, ev := range r.Events {
 		for w := s.keyW[string(ev.Kv.Key)]; w != nil; w = w.sameKey {
-			if w.picked != rev {
-				w.picked = rev
-				targets = append(targets, w)
-			}
+			pick(w)
 		}
-		for _, w := range s.rangeW {
-			if w.picked != rev && w.matches(ev.Kv.Key) {
-				w.picked = rev
-				targets = append(targets, w)
-			}
-		}
+		s.rangeW.stab(ev.Kv.Key, pick)
 	}
 	for _, w := range targets {
 		if err := s.deliverTo(w, r); err != nil {

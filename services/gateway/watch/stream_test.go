@@ -47,7 +47,7 @@ func TestWatcherTakeAtCompactedRevision(t *testing.T) {
 // The indexes follow watchers of one key on two streams through adds and removals
 // from the head, the middle and the tail of a stream's list.
 func TestWatchIndexes(t *testing.T) {
-	h := &Hub{keys: make(map[string][]streamRef), ranges: make(map[*watcher]struct{})}
+	h := &Hub{keys: make(map[string][]streamRef)}
 	h.m.watchers = prometheus.NewGauge(prometheus.GaugeOpts{Name: "test_watchers"})
 	newStream := func() *wstream {
 		return &wstream{h: h, watchers: make(map[int64]*watcher), keyW: make(map[string]*watcher)}

@@ -1,0 +1,564 @@
+package watch
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+
+	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/libs/revstream"
+	"github.com/kvmesh/kvmesh/libs/telemetry"
+)
+
+// The hub on its own: a real JetStream stream (an embedded NATS server) that the test
+// publishes revisions to as the fanout does, a history of every revision standing for
+// the replicas' feeds, and client streams served by Hub.Serve.
+
+// history is the replicas' committed history, as their feeds give it.
+type history struct {
+	mu      sync.Mutex
+	revs    map[int64]*replicav1.Revision
+	compact int64
+	feeds   int // Feed calls
+}
+
+func (h *history) Feed(ctx context.Context, from, to int64, fn func(*replicav1.Revision) error) error {
+	h.mu.Lock()
+	h.feeds++
+	if from < h.compact {
+		h.mu.Unlock()
+		return &CompactedError{Rev: h.compact}
+	}
+	var rs []*replicav1.Revision
+	for r := from; r <= to; r++ {
+		if x := h.revs[r]; x != nil {
+			rs = append(rs, x)
+		}
+	}
+	h.mu.Unlock()
+	for _, r := range rs {
+		if err := fn(r); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (h *history) Position(context.Context) (*replicav1.PositionResponse, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var last int64 = 1
+	for r := range h.revs {
+		last = max(last, r)
+	}
+	return &replicav1.PositionResponse{Header: &pb.ResponseHeader{Revision: last}, CompactRevision: h.compact}, nil
+}
+
+// permitAll permits every watch, or refuses those of the key it refuses.
+type permitAll struct{ refuse string }
+
+func (p permitAll) WatchPermitted(_ context.Context, cr *pb.WatchCreateRequest) (*pb.WatchCreateRequest, []byte, error) {
+	if p.refuse != "" && string(cr.GetKey()) == p.refuse {
+		return nil, nil, &Refusal{Reason: "rpc error: code = PermissionDenied desc = etcdserver: permission denied"}
+	}
+	return cr, nil, nil
+}
+
+func (permitAll) Announce(uint64) {}
+
+type cluster struct{}
+
+func (cluster) ClusterID() uint64 { return 7 }
+func (cluster) LeaderID() uint64  { return 9 }
+func (cluster) Seen() int64       { return 0 }
+
+type fixture struct {
+	t      *testing.T
+	hub    *Hub
+	hist   *history
+	js     jetstream.JetStream
+	stream revstream.Config
+	seq    uint64
+	rev    int64
+}
+
+func testConfig() Config {
+	return Config{RingRevisions: 16, RingBytes: 1 << 20, StreamQueue: 1024, FragmentBytes: 1 << 20}
+}
+
+// newFixture starts NATS and a hub (cfg: testConfig with changes) whose store is at
+// revision 1.
+func newFixture(t *testing.T, cfg Config, auth Authorizer) *fixture {
+	t.Helper()
+	tel, err := telemetry.New(context.Background(), "test", telemetry.Config{LogLevel: "warn", LogFormat: "text"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := revstream.StartEmbedded(t.TempDir(), "", nil, false, tel.Log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Stop)
+	nc, err := nats.Connect("", nats.InProcessServer(srv))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream := revstream.Config{Stream: "TEST", Subject: "test.revisions", MaxMsgs: 1000, MaxBytes: 1 << 30, MaxAge: time.Hour}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	if _, err := revstream.Ensure(ctx, js, stream); err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{t: t, hist: &history{revs: map[int64]*replicav1.Revision{}}, js: js, stream: stream, rev: 1}
+	if auth == nil {
+		auth = permitAll{}
+	}
+	if f.hub, err = New(cfg, stream, nc, Deps{Replicas: f.hist, Authorizer: auth, Cluster: cluster{}}, tel); err != nil {
+		t.Fatal(err)
+	}
+	f.publish(f.put("init", "0")) // revision 2: the stream's first
+	done := make(chan struct{})
+	go func() { f.hub.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	f.waitHub(2)
+	return f
+}
+
+// put makes the next revision: a put of each key=value pair given.
+func (f *fixture) put(kvs ...string) *replicav1.Revision {
+	f.rev++
+	r := &replicav1.Revision{Revision: f.rev}
+	for i := 0; i+1 < len(kvs); i += 2 {
+		r.Events = append(r.Events, &mvccpb.Event{Type: mvccpb.Event_PUT, Kv: &mvccpb.KeyValue{Key: []byte(kvs[i]), Value: []byte(kvs[i+1]), ModRevision: f.rev, CreateRevision: f.rev, Version: 1}})
+	}
+	f.hist.mu.Lock()
+	f.hist.revs[f.rev] = r
+	f.hist.mu.Unlock()
+	return r
+}
+
+// publish puts r in the stream, as the fanout does.
+func (f *fixture) publish(r *replicav1.Revision) {
+	f.t.Helper()
+	msg, _, err := revstream.Message(f.stream.Subject, r, 1<<20)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	if _, err := f.js.PublishMsg(context.Background(), msg, jetstream.WithExpectLastSequence(f.seq)); err != nil {
+		f.t.Fatalf("publish revision %d: %v", r.GetRevision(), err)
+	}
+	f.seq++
+}
+
+func (f *fixture) waitHub(rev int64) {
+	f.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for f.hub.current() < rev {
+		if time.Now().After(deadline) {
+			f.t.Fatalf("the hub is at %d, not %d, after 10 s", f.hub.current(), rev)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// client is one client stream.
+type client struct {
+	t     *testing.T
+	reqs  chan *pb.WatchRequest
+	resps chan *pb.WatchResponse
+	// gate, when set, holds every send until it is closed (a slow client).
+	gate   chan struct{}
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func (f *fixture) client(gate chan struct{}) *client {
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &client{t: f.t, reqs: make(chan *pb.WatchRequest, 16), resps: make(chan *pb.WatchResponse, 100000), gate: gate, cancel: cancel, done: make(chan error, 1)}
+	recv := func() (*pb.WatchRequest, error) {
+		select {
+		case r := <-c.reqs:
+			return r, nil
+		case <-ctx.Done():
+			return nil, io.EOF
+		}
+	}
+	send := func(r *pb.WatchResponse) error {
+		if c.gate != nil {
+			<-c.gate
+		}
+		c.resps <- r
+		return nil
+	}
+	go func() { c.done <- f.hub.Serve(ctx, recv, send, nil) }()
+	f.t.Cleanup(func() { cancel(); <-c.done })
+	return c
+}
+
+func (c *client) create(cr *pb.WatchCreateRequest) {
+	c.reqs <- &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: cr}}
+}
+
+func (c *client) next() *pb.WatchResponse {
+	c.t.Helper()
+	select {
+	case r := <-c.resps:
+		return r
+	case <-time.After(10 * time.Second):
+		c.t.Fatal("no response within 10 s")
+		return nil
+	}
+}
+
+// created reads the answer to a create: a valid watch id.
+func (c *client) created() int64 {
+	c.t.Helper()
+	r := c.next()
+	if !r.Created || r.Canceled || r.WatchId < 0 {
+		c.t.Fatalf("answer to a create: %+v", r)
+	}
+	return r.WatchId
+}
+
+// revisions reads event responses until revision to and answers each response's
+// revisions, checking that every revision's events are whole and in one response.
+func (c *client) revisions(to int64) [][]int64 {
+	c.t.Helper()
+	var out [][]int64
+	for last := int64(0); last < to; {
+		r := c.next()
+		if len(r.Events) == 0 {
+			c.t.Fatalf("an empty response while waiting for revision %d: %+v", to, r)
+		}
+		var revs []int64
+		for _, ev := range r.Events {
+			rev := ev.Kv.ModRevision
+			if rev < last || (rev == last && (len(revs) == 0 || revs[len(revs)-1] != rev)) {
+				c.t.Fatalf("revision %d after %d, or split over responses", rev, last)
+			}
+			if len(revs) == 0 || revs[len(revs)-1] != rev {
+				revs = append(revs, rev)
+			}
+			last = rev
+		}
+		out = append(out, revs)
+	}
+	return out
+}
+
+func flat(rs [][]int64) []int64 {
+	var out []int64
+	for _, r := range rs {
+		out = append(out, r...)
+	}
+	return out
+}
+
+func span(from, to int64) []int64 {
+	var out []int64
+	for r := from; r <= to; r++ {
+		out = append(out, r)
+	}
+	return out
+}
+
+// Live revisions reach a prefix watcher in order, each whole; a key watcher gets only
+// its key's; both are created at once with a header at the hub's revision.
+func TestHubDeliversInOrder(t *testing.T) {
+	f := newFixture(t, testConfig(), nil)
+	c := f.client(nil)
+	c.create(&pb.WatchCreateRequest{Key: []byte("a/"), RangeEnd: []byte("a0")})
+	if id := c.created(); id != 0 {
+		t.Fatalf("first watch id %d, want 0", id)
+	}
+	c.create(&pb.WatchCreateRequest{Key: []byte("a/2")})
+	if id := c.created(); id != 1 {
+		t.Fatalf("second watch id %d, want 1", id)
+	}
+	for i := range 30 {
+		f.publish(f.put(fmt.Sprintf("a/%d", i%3), "v", fmt.Sprintf("a/x%d", i), "w"))
+	}
+	var prefix, key []int64
+	for len(prefix) < 30 || len(key) < 10 {
+		r := c.next()
+		for _, ev := range r.Events {
+			if r.WatchId == 0 {
+				if n := len(prefix); n == 0 || prefix[n-1] != ev.Kv.ModRevision {
+					prefix = append(prefix, ev.Kv.ModRevision)
+				}
+			} else {
+				key = append(key, ev.Kv.ModRevision)
+			}
+		}
+		if r.WatchId == 0 && len(r.Events) != 2 {
+			t.Fatalf("revision %d not whole: %d events", r.Events[0].Kv.ModRevision, len(r.Events))
+		}
+	}
+	if !slices.Equal(prefix, span(3, 32)) {
+		t.Fatalf("prefix watcher's revisions %v", prefix)
+	}
+	for i, r := range key {
+		if want := int64(5 + 3*i); r != want {
+			t.Fatalf("key watcher's revisions %v, want every third from 5", key)
+		}
+	}
+}
+
+// A revision missing from the stream is read from the replicas before the one after
+// it is delivered.
+func TestHubRepairsAGap(t *testing.T) {
+	f := newFixture(t, testConfig(), nil)
+	c := f.client(nil)
+	c.create(&pb.WatchCreateRequest{Key: []byte("k")})
+	c.created()
+	f.publish(f.put("k", "1"))
+	f.put("k", "2") // revision 4: only the replicas have it
+	f.publish(f.put("k", "3"))
+	if got := flat(c.revisions(5)); !slices.Equal(got, []int64{3, 4, 5}) {
+		t.Fatalf("revisions %v, want 3 4 5", got)
+	}
+}
+
+// A watch from the past catches up from memory, the stream and the replicas (the
+// ring keeps 16 revisions, the stream all of them, the replicas all), then takes
+// the live revisions with no gap and no duplicate; the catch-up comes in one response
+// per thousand revisions, under the hub's revision.
+func TestHubCatchesUpThenGoesLive(t *testing.T) {
+	f := newFixture(t, testConfig(), nil)
+	for range 60 {
+		f.publish(f.put("k", "v"))
+	}
+	f.waitHub(62)
+	for _, start := range []int64{55, 10, 3} { // ring, stream, stream from its start
+		c := f.client(nil)
+		c.create(&pb.WatchCreateRequest{Key: []byte("k"), StartRevision: start})
+		c.created()
+		catchUp := c.next()
+		if n := len(catchUp.Events); n != int(62-start+1) || catchUp.Header.Revision != 62 {
+			t.Fatalf("from %d: catch-up of %d events at header revision %d, want %d at 62", start, n, catchUp.Header.Revision, 62-start+1)
+		}
+	}
+	c := f.client(nil)
+	c.create(&pb.WatchCreateRequest{Key: []byte("k"), StartRevision: 40})
+	c.created()
+	for range 5 {
+		f.publish(f.put("k", "v"))
+	}
+	if got := flat(c.revisions(67)); !slices.Equal(got, span(40, 67)) {
+		t.Fatalf("catch-up then live: %v", got)
+	}
+	// Older than the stream keeps: from the replicas.
+	st, err := f.js.Stream(context.Background(), f.stream.Stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Purge(context.Background(), jetstream.WithPurgeSequence(30)); err != nil {
+		t.Fatal(err)
+	}
+	f.hist.mu.Lock()
+	feeds := f.hist.feeds
+	f.hist.mu.Unlock()
+	c = f.client(nil)
+	c.create(&pb.WatchCreateRequest{Key: []byte("k"), StartRevision: 3})
+	c.created()
+	if got := flat(c.revisions(67)); !slices.Equal(got, span(3, 67)) {
+		t.Fatalf("from before the stream: %v", got)
+	}
+	f.hist.mu.Lock()
+	defer f.hist.mu.Unlock()
+	if f.hist.feeds == feeds {
+		t.Fatal("history older than the stream was not read from the replicas")
+	}
+}
+
+// A client that does not read falls behind its queue; it is caught up from history
+// once it reads again, every revision once, and the other client never waits for it.
+func TestHubSlowClient(t *testing.T) {
+	cfg := testConfig()
+	cfg.StreamQueue = 2
+	f := newFixture(t, cfg, nil)
+	gate := make(chan struct{})
+	slow, fast := f.client(nil), f.client(nil)
+	slow.create(&pb.WatchCreateRequest{Key: []byte("k")})
+	slow.created()
+	fast.create(&pb.WatchCreateRequest{Key: []byte("k")})
+	fast.created()
+	slow.gate = gate // set before any event is sent to it
+	for range 40 {
+		f.publish(f.put("k", "v"))
+	}
+	if got := flat(fast.revisions(42)); !slices.Equal(got, span(3, 42)) {
+		t.Fatalf("the fast client: %v", got)
+	}
+	close(gate)
+	if got := flat(slow.revisions(42)); !slices.Equal(got, span(3, 42)) {
+		t.Fatalf("the slow client: %v", got)
+	}
+}
+
+// A watch that asked for fragments gets a catch-up larger than the fragment size in
+// pieces, each but the last marked, whose events are the whole catch-up.
+func TestHubFragments(t *testing.T) {
+	cfg := testConfig()
+	cfg.FragmentBytes = 600
+	f := newFixture(t, cfg, nil)
+	for i := range 20 {
+		f.publish(f.put("k", fmt.Sprintf("%064d", i)))
+	}
+	f.waitHub(22)
+	c := f.client(nil)
+	c.create(&pb.WatchCreateRequest{Key: []byte("k"), StartRevision: 3, Fragment: true})
+	c.created()
+	var revs []int64
+	pieces := 0
+	for {
+		r := c.next()
+		pieces++
+		for _, ev := range r.Events {
+			revs = append(revs, ev.Kv.ModRevision)
+		}
+		if !r.Fragment {
+			break
+		}
+	}
+	if pieces < 3 || !slices.Equal(revs, span(3, 22)) {
+		t.Fatalf("%d pieces with revisions %v", pieces, revs)
+	}
+}
+
+// A progress request is answered with the hub's revision and watch id -1; a watch that
+// asked for progress notifications gets one per interval while nothing happens.
+func TestHubProgress(t *testing.T) {
+	cfg := testConfig()
+	cfg.ProgressNotifyInterval = 100 * time.Millisecond
+	f := newFixture(t, cfg, nil)
+	f.publish(f.put("k", "v"))
+	f.waitHub(3)
+	c := f.client(nil)
+	c.create(&pb.WatchCreateRequest{Key: []byte("other")})
+	c.created()
+	c.reqs <- &pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}}
+	if r := c.next(); r.WatchId != -1 || r.Header.Revision != 3 || len(r.Events) != 0 {
+		t.Fatalf("progress answer %+v", r)
+	}
+	n := f.client(nil)
+	n.create(&pb.WatchCreateRequest{Key: []byte("other"), ProgressNotify: true})
+	id := n.created()
+	for range 2 {
+		if r := n.next(); r.WatchId != id || len(r.Events) != 0 || r.Header.Revision != 3 {
+			t.Fatalf("progress notification %+v", r)
+		}
+	}
+}
+
+// A canceled watch is answered canceled and gets nothing more; a watch below the
+// compacted revision the stream's state tells is created, then canceled with it; a
+// refused one is created and canceled at once with the authorizer's reason.
+func TestHubCancelCompactionRefusal(t *testing.T) {
+	f := newFixture(t, testConfig(), permitAll{refuse: "secret"})
+	c := f.client(nil)
+	c.create(&pb.WatchCreateRequest{Key: []byte("k")})
+	id := c.created()
+	c.reqs <- &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: id}}}
+	if r := c.next(); !r.Canceled || r.WatchId != id {
+		t.Fatalf("answer to the cancel: %+v", r)
+	}
+	c.create(&pb.WatchCreateRequest{Key: []byte("k2")})
+	id2 := c.created()
+	f.publish(f.put("k", "v", "k2", "w"))
+	if r := c.next(); r.WatchId != id2 || len(r.Events) != 1 {
+		t.Fatalf("after the cancel: %+v (only the other watch's event is due)", r)
+	}
+
+	for range 5 {
+		f.publish(f.put("k", "v"))
+	}
+	kv, err := revstream.EnsureState(context.Background(), f.js, f.stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := revstream.PutState(context.Background(), kv, &replicav1.StreamState{CompactRevision: 6}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		f.hub.mu.Lock()
+		known := f.hub.compactRev
+		f.hub.mu.Unlock()
+		if known == 6 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the hub did not learn the compaction from the stream's state")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	c.create(&pb.WatchCreateRequest{Key: []byte("k"), StartRevision: 5})
+	cid := c.created()
+	if r := c.next(); !r.Canceled || r.WatchId != cid || r.CompactRevision != 6 {
+		t.Fatalf("a watch below the compaction: %+v", r)
+	}
+	c.create(&pb.WatchCreateRequest{Key: []byte("secret")})
+	if r := c.next(); !r.Created || !r.Canceled || r.WatchId != -1 || r.CancelReason == "" {
+		t.Fatalf("a refused watch: %+v", r)
+	}
+}
+
+// A hub with no authorizer is not built: there is no watch without a decision.
+func TestHubNeedsAnAuthorizer(t *testing.T) {
+	tel, err := telemetry.New(context.Background(), "test", telemetry.Config{LogLevel: "warn", LogFormat: "text"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stream := revstream.Config{Stream: "S", Subject: "s", MaxMsgs: 1, MaxBytes: 1, MaxAge: time.Hour}
+	if _, err := New(testConfig(), stream, nil, Deps{Replicas: &history{}, Cluster: cluster{}}, tel); err == nil {
+		t.Fatal("a hub was built without an authorizer")
+	}
+}
+
+// BenchmarkHubPublishPrefixWatchers is the hub's work for one revision that one of n
+// prefix watchers (on n streams) watches: the same for 1,000 and for 100,000.
+func BenchmarkHubPublishPrefixWatchers(b *testing.B) {
+	for _, n := range []int{1000, 10000, 100000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			h := &Hub{cfg: testConfig(), keys: make(map[string][]streamRef), changed: make(chan struct{})}
+			h.cfg.RingRevisions = 1024
+			h.m.watchers = prometheus.NewGauge(prometheus.GaugeOpts{Name: "w"})
+			h.m.revisions = prometheus.NewCounter(prometheus.CounterOpts{Name: "r"})
+			var match *wstream
+			for i := range n {
+				s := &wstream{h: h, notify: make(chan struct{}, 1), watchers: map[int64]*watcher{}, keyW: map[string]*watcher{}}
+				p := fmt.Sprintf("/prefix/%06d/", i)
+				w := &watcher{s: s, key: []byte(p), end: []byte(p[:len(p)-1] + "0")}
+				h.register(w)
+				s.add(w)
+				if i == 777 {
+					match = s
+				}
+			}
+			key := []byte("/prefix/000777/k")
+			b.ResetTimer()
+			for i := range b.N {
+				h.publish(newHrev(&replicav1.Revision{Revision: int64(i + 1), Events: []*mvccpb.Event{{Kv: &mvccpb.KeyValue{Key: key}}}}))
+				match.qmu.Lock()
+				match.queue = match.queue[:0]
+				match.qmu.Unlock()
+			}
+		})
+	}
+}
