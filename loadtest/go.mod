@@ -4,17 +4,17 @@ go 1.26.0
 
 require (
 	connectrpc.com/connect v1.21.1
-	github.com/kvmesh/kvmesh/libs v0.0.0
+	github.com/kvmesh/kvmesh/api v0.0.0
 	golang.org/x/term v0.47.0
 	google.golang.org/protobuf v1.36.12
 )
 
 require (
-	golang.org/x/net v0.60.0 // indirect
+	golang.org/x/net v0.62.0 // indirect
 	golang.org/x/sys v0.49.0 // indirect
 	golang.org/x/text v0.43.0 // indirect
-	google.golang.org/genproto/googleapis/rpc v0.0.0-20260928230214-8a89bd6388cc // indirect
-	google.golang.org/grpc v1.83.2 // indirect
+	google.golang.org/genproto/googleapis/rpc v0.0.0-20261012220534-4341edf3f941 // indirect
+	google.golang.org/grpc v1.85.0 // indirect
 )
 
-replace github.com/kvmesh/kvmesh/libs => ../libs
+replace github.com/kvmesh/kvmesh/api => ../api

@@ -14,8 +14,8 @@ import (
 	"testing"
 
 	"connectrpc.com/connect"
-	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
 )
 
 func TestParseInterleaved(t *testing.T) {

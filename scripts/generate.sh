@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the Go code for every .proto under proto/ into libs/gen with the pinned
+# Regenerates the Go code for every .proto under proto/ into api/gen with the pinned
 # buf and plugins. With --check, fails if that changes anything committed.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -10,9 +10,9 @@ buf lint
 buf format --diff --exit-code
 buf generate
 if [[ "${1:-}" == "--check" ]]; then
-	if ! git diff --quiet -- libs/gen || [[ -n "$(git ls-files --others --exclude-standard -- libs/gen)" ]]; then
-		echo "generated code in libs/gen is stale: run scripts/generate.sh and commit the result" >&2
-		git status --short -- libs/gen >&2
+	if ! git diff --quiet -- api/gen || [[ -n "$(git ls-files --others --exclude-standard -- api/gen)" ]]; then
+		echo "generated code in api/gen is stale: run scripts/generate.sh and commit the result" >&2
+		git status --short -- api/gen >&2
 		exit 1
 	fi
 	echo "generated code is up to date"

@@ -21,10 +21,18 @@ fi
 
 scripts/generate.sh --check
 
-unformatted=$(git ls-files '*.go' | grep -v '^libs/gen/' | xargs gofmt -l)
+unformatted=$(git ls-files '*.go' | grep -v '^api/gen/' | xargs gofmt -l)
 if [[ -n "$unformatted" ]]; then
 	echo "gofmt would change:" >&2
 	echo "$unformatted" >&2
+	exit 1
+fi
+
+# Clients pull in no server: the client module and the load generator link neither
+# Pebble, nor a NATS server, nor porcupine.
+if server=$(go list -deps ./api/... ./loadtest | grep -E 'cockroachdb/pebble|nats-io/nats-server|anishathalye/porcupine'); then
+	echo "a client links server code:" >&2
+	echo "$server" >&2
 	exit 1
 fi
 

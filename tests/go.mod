@@ -5,6 +5,7 @@ go 1.26.0
 require (
 	connectrpc.com/connect v1.21.1
 	github.com/anishathalye/porcupine v1.3.1
+	github.com/kvmesh/kvmesh/api v0.0.0
 	github.com/nats-io/nats.go v1.55.0
 	go.etcd.io/etcd/api/v3 v3.7.3
 	go.etcd.io/etcd/client/v3 v3.7.3
@@ -37,3 +38,5 @@ require (
 require github.com/kvmesh/kvmesh/libs v0.0.0
 
 replace github.com/kvmesh/kvmesh/libs => ../libs
+
+replace github.com/kvmesh/kvmesh/api => ../api

@@ -15,8 +15,8 @@ import (
 	"sync/atomic"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	"github.com/kvmesh/kvmesh/libs/gen/authpb"
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/api/gen/authpb"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 )
 
 // RootUser and RootRole are etcd's: the root role may do anything, and auth can only

@@ -6,7 +6,7 @@ import (
 	"strconv"
 	"strings"
 
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 )
 
 // MetadataKey is the metadata (gRPC) or header (Connect) a gateway sends the stamp of

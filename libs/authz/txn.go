@@ -1,6 +1,6 @@
 package authz
 
-import pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+import pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 
 // CheckTxn is etcd's checkTxnPermission: every compare is a read; every op of both
 // branches, at every nesting level, is checked as its own request would be. The lease

@@ -5,7 +5,7 @@ package etcdcheck
 
 import (
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 )
 
 // The checks are etcd's gRPC-layer request validation: they run before a request

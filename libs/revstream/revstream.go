@@ -24,7 +24,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
 
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 )
 
 // Config is where the stream lives and how much of it is kept, from KVMESH_NATS_…

@@ -13,7 +13,7 @@ import (
 	"google.golang.org/grpc"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 

@@ -9,7 +9,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 )
 
 // The keys of locks and campaigns are clientv3/concurrency's: "%s%x" of the prefix and

@@ -9,10 +9,10 @@ import (
 	"google.golang.org/grpc/metadata"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	tenantv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/tenant/v1"
-	"github.com/kvmesh/kvmesh/libs/gen/v3electionpb"
-	"github.com/kvmesh/kvmesh/libs/gen/v3lockpb"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	tenantv1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/tenant/v1"
+	"github.com/kvmesh/kvmesh/api/gen/v3electionpb"
+	"github.com/kvmesh/kvmesh/api/gen/v3lockpb"
 	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/services/gateway/watch"
 )

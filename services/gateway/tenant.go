@@ -5,8 +5,8 @@ import (
 
 	"connectrpc.com/connect"
 
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
-	tenantv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/tenant/v1"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	tenantv1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/tenant/v1"
 )
 
 // kvmesh.tenant.v1.TenantService: users' namespaces (see namespace.go), kept in the

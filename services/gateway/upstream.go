@@ -13,9 +13,9 @@ import (
 
 	"github.com/kvmesh/kvmesh/libs/authz"
 
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
-	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
 )
 
 // The gateway's unary calls to a replica go over grpc-go: on the same port as the

@@ -11,9 +11,9 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/grpc"
 
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
-	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 )
 

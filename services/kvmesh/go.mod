@@ -4,6 +4,7 @@ go 1.26.0
 
 require (
 	connectrpc.com/connect v1.21.1
+	github.com/kvmesh/kvmesh/api v0.0.0
 	github.com/kvmesh/kvmesh/libs v0.0.0
 	github.com/kvmesh/kvmesh/services/fanout v0.0.0
 	github.com/kvmesh/kvmesh/services/gateway v0.0.0
@@ -48,6 +49,7 @@ require (
 	github.com/nats-io/nkeys v0.4.16 // indirect
 	github.com/nats-io/nuid v1.0.1 // indirect
 	github.com/pkg/errors v0.9.1 // indirect
+	github.com/pmezard/go-difflib v1.0.1-0.20181226105442-5d4384ee4fb2 // indirect
 	github.com/prometheus/client_golang v1.25.0 // indirect
 	github.com/prometheus/client_model v0.6.3 // indirect
 	github.com/prometheus/common v0.72.0 // indirect
@@ -81,3 +83,5 @@ replace (
 	github.com/kvmesh/kvmesh/services/gateway => ../gateway
 	github.com/kvmesh/kvmesh/services/replica => ../replica
 )
+
+replace github.com/kvmesh/kvmesh/api => ../../api

@@ -16,8 +16,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/kvmesh/kvmesh/libs/config"
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
 	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"

@@ -20,8 +20,8 @@ import (
 
 	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/notify"
 	"github.com/kvmesh/kvmesh/services/replica/mvcc"
 )

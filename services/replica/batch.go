@@ -16,7 +16,7 @@ import (
 
 	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 )
 
 // KVService.Batch: a gateway's KV calls over one long-lived stream. A unary call costs

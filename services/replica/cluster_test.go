@@ -12,8 +12,8 @@ import (
 	"connectrpc.com/connect"
 	raftpb "go.etcd.io/raft/v3/raftpb"
 
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1/replicav1connect"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )

@@ -7,7 +7,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/services/replica/mvcc"
 )
 

@@ -15,7 +15,7 @@ import (
 
 	"github.com/kvmesh/kvmesh/libs/linearizable"
 
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 )
 
 // TestLinearizableUnderPartitionsAndRestarts runs concurrent clients (puts, linearizable

@@ -14,8 +14,8 @@ import (
 	raftpb "go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/protobuf/proto"
 
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 )
 
 var (

@@ -19,7 +19,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	peerv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1"
+	peerv1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/peer/v1"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/telemetry"

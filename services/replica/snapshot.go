@@ -15,8 +15,8 @@ import (
 	raftpb "go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/protobuf/proto"
 
-	peerv1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1"
-	"github.com/kvmesh/kvmesh/libs/gen/kvmesh/peer/v1/peerv1connect"
+	peerv1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/peer/v1"
+	"github.com/kvmesh/kvmesh/api/gen/kvmesh/peer/v1/peerv1connect"
 )
 
 // Snapshots.

@@ -10,7 +10,7 @@ import (
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 )
 
 // TestFollowerBehindTruncatedLogCatchesUpBySnapshot cuts a follower off while the

@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
-	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 )
 
 // Config holds the options shared by all benchmarks.

@@ -14,9 +14,9 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
-	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
-	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 )
 
 // memKV is a trivial in-memory KV service, for tests only.

@@ -7,7 +7,7 @@ import (
 
 	"connectrpc.com/connect"
 
-	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 )
 
 // LeaseOptions configures the lease-keepalive benchmark.

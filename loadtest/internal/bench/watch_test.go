@@ -13,9 +13,9 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	"github.com/kvmesh/kvmesh/libs/gen/etcdserverpb/etcdserverpbconnect"
-	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 )
 
 // Every value lies in its bucket, buckets are ordered, and no bucket is wider than

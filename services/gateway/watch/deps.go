@@ -12,8 +12,8 @@ import (
 	"errors"
 	"time"
 
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 )
 
 // Config is the hub's configuration (the gateway's KVMESH_GATEWAY_WATCH_… variables).

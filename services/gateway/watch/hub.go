@@ -20,8 +20,8 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 
-	replicav1 "github.com/kvmesh/kvmesh/libs/gen/kvmesh/replica/v1"
-	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )

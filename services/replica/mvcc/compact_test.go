@@ -12,7 +12,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 )
 
 func TestCompactErrors(t *testing.T) {

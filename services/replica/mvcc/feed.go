@@ -10,7 +10,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 )
 
 // Change is one committed revision with all its events, in the order its request made

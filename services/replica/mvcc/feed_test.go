@@ -11,8 +11,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 )
 
 // The history a feed reads must be exactly the difference between consecutive

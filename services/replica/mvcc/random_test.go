@@ -11,7 +11,7 @@ import (
 	"github.com/cockroachdb/pebble/v2"
 	"google.golang.org/protobuf/proto"
 
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 )
 
 // genKeys are the keys random requests use: few enough that keys are rewritten,

@@ -23,8 +23,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 )
 
 // keyMeta is what a put needs to know of a key's live version. The store keeps it in

@@ -11,8 +11,8 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	pb "github.com/kvmesh/kvmesh/libs/gen/etcdserverpb"
-	"github.com/kvmesh/kvmesh/libs/gen/mvccpb"
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 )
 
 // txn is one request's work: the writes of a Put, DeleteRange or Txn all share the
