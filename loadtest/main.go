@@ -318,6 +318,10 @@ func runWatch(ctx context.Context, g *globalFlags, args []string, stdout, stderr
 	fs.DurationVar(&opts.Settle, "settle", 5*time.Second, "idle time after the watches are created before the servers' memory is read")
 	fs.DurationVar(&opts.MaxP99, "max-p99", 0, "stop after the first step whose p99 delivery latency exceeds this (0: run every step)")
 	pids := fs.String("server-pids", "", "comma-separated server process ids whose resident memory is read (Linux)")
+	fs.BoolVar(&opts.FromPast, "from-past", false, "create every watch with a start revision (the revision before the run), as Kubernetes reflectors do")
+	coreMetrics := fs.String("core-metrics", "", "comma-separated /metrics URLs of the core (kvmesh's replicas) whose RPCs are counted over an idle window and over the creation")
+	corePIDs := fs.String("core-pids", "", "comma-separated process ids of the core whose CPU is read over the same windows (Linux)")
+	fs.DurationVar(&opts.IdleWindow, "idle-window", 10*time.Second, "the idle window before the creation, with --core-metrics or --core-pids")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return exitCode(err)
@@ -343,6 +347,19 @@ func runWatch(ctx context.Context, g *globalFlags, args []string, stdout, stderr
 				return 2
 			}
 			opts.ServerPIDs = append(opts.ServerPIDs, pid)
+		}
+	}
+	if *coreMetrics != "" {
+		opts.CoreMetrics = strings.Split(*coreMetrics, ",")
+	}
+	if *corePIDs != "" {
+		for _, f := range strings.Split(*corePIDs, ",") {
+			pid, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil {
+				fmt.Fprintf(stderr, "loadtest watch: --core-pids: %v\n", err)
+				return 2
+			}
+			opts.CorePIDs = append(opts.CorePIDs, pid)
 		}
 	}
 	rep, err := bench.Watch(ctx, g.config(0, false, stderr), opts)

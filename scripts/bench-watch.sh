@@ -3,8 +3,8 @@
 # kvmesh and a single-node etcd (the version pinned in tools/etcd) on this machine, in
 # one run, through the same load generator.
 #
-#   scripts/bench-watch.sh [SCENARIOS]   SCENARIOS: any of spread, hot, scale
-#                                         (default: all three)
+#   scripts/bench-watch.sh [SCENARIOS]   SCENARIOS: any of spread, hot, scale, million
+#                                         (default: spread, hot and scale)
 #
 # kvmesh is the mesh: a NATS server, one replica, the fanout, and gateways (the
 # watches' memory and work are the gateways'). Every scenario starts its servers
@@ -18,6 +18,11 @@
 # - scale: two gateways, each held to BENCH_GATEWAY_CPU cores (default 0.5) by a CPU
 #   cgroup as if on a machine of its own; the hot scenario with the watches on one
 #   gateway, then spread over both.
+# - million: BENCH_MILLION (default 1,000,000) watches, each on its own key and
+#   created from the past (with a start revision, as Kubernetes reflectors create
+#   theirs), over 1,000 streams and 100 connections: on etcd, on one gateway, and on
+#   two; creation time, memory per watch, delivery at 1,000 puts/s, and the replica's
+#   RPCs and CPU during the creation against an idle window as long.
 #
 # Data directories live under BENCH_DIR (default: a temporary directory). Every
 # server is stopped at the end.
@@ -25,6 +30,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 scenarios=${1:-spread,hot,scale}
+million=${BENCH_MILLION:-1000000}
 watchers=${BENCH_WATCHERS:-100000}
 streams=${BENCH_STREAMS:-100}
 hot_rates=${BENCH_HOT_RATES:-1,1.5,2,3,4,5,6,7,8,10,12,14,16,20,24,28,32}
@@ -81,11 +87,12 @@ start_mesh() {
 		KVMESH_REPLICA_PEER_URLS="http://127.0.0.1:$rp" KVMESH_REPLICA_INITIAL_CLUSTER="r0=http://127.0.0.1:$rp" \
 		KVMESH_LOG_LEVEL=warn .bin/kvmesh-replica >"$dir/$name.r0.log" 2>&1 &
 	pids+=($!)
+	rep_pid=$! rep_ep=127.0.0.1:$rp
 	wait_health "127.0.0.1:$rp" /metrics
 	KVMESH_FANOUT_REPLICAS="http://127.0.0.1:$rp" KVMESH_NATS_URL="nats://127.0.0.1:$np" KVMESH_LOG_LEVEL=warn \
 		.bin/kvmesh-fanout >"$dir/$name.fanout.log" 2>&1 &
 	pids+=($!)
-	gws=()
+	gws=() gw_pids=()
 	for g in $(seq 0 $((n - 1))); do
 		gp=$(free_port)
 		cg=""
@@ -98,6 +105,7 @@ start_mesh() {
 				KVMESH_NATS_URL="nats://127.0.0.1:$np" KVMESH_LOG_LEVEL=warn exec .bin/kvmesh-gateway
 		) >"$dir/$name.gw$g.log" 2>&1 &
 		pids+=($!)
+		gw_pids+=($!)
 		((g > 0)) || pid=$!
 		gws+=("127.0.0.1:$gp")
 		wait_health "127.0.0.1:$gp"
@@ -174,6 +182,21 @@ if has scale; then
 	stop_all
 fi
 
+if has million; then
+	margs=(watch --from-past --watchers="$million" --streams=1000 --rates=1000 --step=30s --drain=30s --settle=10s)
+	start_etcd million-etcd
+	load million-etcd --endpoints="$ep" --conns=100 --target-name=etcd "${margs[@]}" --server-pids="$pid"
+	stop_all
+	start_mesh million-1 1
+	load million-1 --endpoints="$ep" --conns=100 --target-name="kvmesh, 1 gateway" "${margs[@]}" --server-pids="$pid" \
+		--core-metrics="http://$rep_ep/metrics" --core-pids="$rep_pid"
+	stop_all
+	start_mesh million-2 2
+	load million-2 --endpoints="${gws[0]},${gws[1]}" --conns=100 --target-name="kvmesh, 2 gateways" "${margs[@]}" \
+		--server-pids="$(IFS=,; echo "${gw_pids[*]}")" --core-metrics="http://$rep_ep/metrics" --core-pids="$rep_pid"
+	stop_all
+fi
+
 python3 - "$dir" "$gw_cpu" <<'PY'
 import json, os, sys
 d, gw_cpu = sys.argv[1], sys.argv[2]
@@ -185,6 +208,19 @@ def ms(v):
 def best(r):
     ok = [s for s in r["steps"] if s["p99_seconds"] is not None and s["p99_seconds"] < 1]
     return max(ok, key=lambda s: s["delivered_events_per_sec"]) if ok else None
+ms_ = [load(n) for n in ("million-etcd", "million-1", "million-2")]
+if any(ms_):
+    print("\n### a million watches from the past\n")
+    print("| target | watches | created in | memory per watch | puts/s | events delivered/expected | p50 | p99 | core RPCs above idle while creating | core CPU creating / idle as long |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in ms_:
+        if not r:
+            continue
+        s = r["steps"][0]
+        c = r.get("core")
+        rpc = f"{c['calls_above_idle']:.0f}" if c else "—"
+        cpu = f"{c['create_cpu_seconds']:.2f} s / {c['idle_cpu_seconds']*c['create_seconds']/c['idle_seconds']:.2f} s" if c else "—"
+        print(f"| {r['target']} | {r['watchers']} | {r['create_seconds']:.1f} s | {r['bytes_per_watcher']:.0f} B | {s['puts_per_sec']:.0f} | {s['delivered_events']}/{s['expected_events']} | {ms(s['p50_seconds'])} | {ms(s['p99_seconds'])} | {rpc} | {cpu} |")
 e, k = load("spread-etcd"), load("spread-kvmesh")
 if e and k:
     print("\n### spread\n")

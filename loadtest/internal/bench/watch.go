@@ -11,6 +11,7 @@ import (
 	mrand "math/rand/v2"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -50,6 +51,15 @@ type WatchOptions struct {
 	// ServerPIDs are the processes whose resident memory is read before the watches
 	// are created and after they settled (Linux /proc).
 	ServerPIDs []int
+	// FromPast creates every watch with a start revision (the revision before the
+	// run), as Kubernetes reflectors do, rather than from now on.
+	FromPast bool
+	// CoreMetrics are /metrics URLs of the consensus core (kvmesh's replicas) and
+	// CorePIDs its processes: their RPCs (grpc_server_started_total, by method) and CPU
+	// are read over an idle window as long as IdleWindow, then over the creation.
+	CoreMetrics []string
+	CorePIDs    []int
+	IdleWindow  time.Duration
 }
 
 // WatchReport is the outcome of one watch benchmark run.
@@ -68,9 +78,103 @@ type WatchReport struct {
 	// divided by the number of watches (all ServerPIDs together).
 	BytesPerWatcher float64     `json:"bytes_per_watcher,omitempty"`
 	Steps           []WatchStep `json:"steps"`
+	// Core is what the creation cost the core (with CoreMetrics, CorePIDs).
+	Core *CoreCost `json:"core,omitempty"`
 	// Canceled counts watches the server canceled during the run.
 	Canceled    int64 `json:"canceled"`
 	Interrupted bool  `json:"interrupted,omitempty"`
+}
+
+// CoreCost is the core's RPCs and CPU while the watches were created, beside the same
+// over an idle window before.
+type CoreCost struct {
+	IdleSeconds      float64            `json:"idle_seconds"`
+	IdleCalls        map[string]float64 `json:"idle_calls"`
+	IdleCPUSeconds   float64            `json:"idle_cpu_seconds"`
+	CreateSeconds    float64            `json:"create_seconds"`
+	CreateCalls      map[string]float64 `json:"create_calls"`
+	CreateCPUSeconds float64            `json:"create_cpu_seconds"`
+	CallsAboveIdle   float64            `json:"calls_above_idle"`
+}
+
+// coreSample is the core's RPC counts by method and CPU seconds at one moment.
+type coreSample struct {
+	calls map[string]float64
+	cpu   float64
+}
+
+func sampleCore(ctx context.Context, opts WatchOptions) (coreSample, error) {
+	s := coreSample{calls: map[string]float64{}}
+	for _, u := range opts.CoreMetrics {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		if err != nil {
+			return s, err
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			return s, fmt.Errorf("core metrics %s: %w", u, err)
+		}
+		body, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			return s, err
+		}
+		for _, line := range strings.Split(string(body), "\n") {
+			rest, ok := strings.CutPrefix(line, "grpc_server_started_total{")
+			if !ok {
+				continue
+			}
+			labels, value, _ := strings.Cut(rest, "} ")
+			var service, method string
+			for _, kv := range strings.Split(labels, ",") {
+				k, v, _ := strings.Cut(kv, "=")
+				switch v = strings.Trim(v, `"`); k {
+				case "grpc_service":
+					service = v
+				case "grpc_method":
+					method = v
+				}
+			}
+			f, _ := strconv.ParseFloat(strings.TrimSpace(value), 64)
+			s.calls[service+"/"+method] += f
+		}
+	}
+	for _, pid := range opts.CorePIDs {
+		sec, err := cpuSeconds(pid)
+		if err != nil {
+			return s, err
+		}
+		s.cpu += sec
+	}
+	return s, nil
+}
+
+func diffCalls(a, b coreSample) map[string]float64 {
+	out := map[string]float64{}
+	for k, v := range b.calls {
+		if d := v - a.calls[k]; d > 0 {
+			out[k] = d
+		}
+	}
+	return out
+}
+
+// cpuSeconds is the user and system CPU time process pid has used (Linux /proc).
+func cpuSeconds(pid int) (float64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// The fields after the command's closing parenthesis; utime and stime are the
+	// 14th and 15th of the line.
+	i := strings.LastIndexByte(string(b), ')')
+	f := strings.Fields(string(b)[i+1:])
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
+	}
+	ut, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (ut + st) / 100, nil // clock ticks (USER_HZ, 100 on Linux)
 }
 
 // ProcessMemory is one server process's resident memory around the watch creation.
@@ -367,6 +471,13 @@ func Watch(ctx context.Context, cfg Config, opts WatchOptions) (*WatchReport, er
 		return nil, fmt.Errorf("put before the run: %w", err)
 	}
 	base := warm.Msg.GetHeader().GetRevision()
+	// Every connection speaks at once too (kvmesh's gateways close one whose first
+	// request does not come within 10 s, and the idle window below is that long).
+	for _, c := range conns[:cfg.Conns] {
+		if _, err := c.kv.Range(ctx, connect.NewRequest(&etcdserverpb.RangeRequest{Key: []byte(opts.Prefix + "start"), Serializable: true})); err != nil {
+			return nil, fmt.Errorf("first request on %s: %w", c.endpoint, err)
+		}
+	}
 	rep := &WatchReport{Target: cfg.TargetName, Scenario: "spread", Endpoints: cfg.Endpoints,
 		Conns: cfg.Conns, Watchers: opts.Watchers, Streams: opts.Streams}
 	if opts.Hot {
@@ -377,6 +488,21 @@ func Watch(ctx context.Context, cfg Config, opts WatchOptions) (*WatchReport, er
 		if before[i], err = residentBytes(pid); err != nil {
 			return nil, err
 		}
+	}
+
+	var core *CoreCost
+	var coreBefore coreSample
+	if len(opts.CoreMetrics)+len(opts.CorePIDs) > 0 {
+		idleStart, err := sampleCore(ctx, opts)
+		if err != nil {
+			return nil, err
+		}
+		t := time.Now()
+		sleepCtx(ctx, opts.IdleWindow)
+		if coreBefore, err = sampleCore(ctx, opts); err != nil {
+			return nil, err
+		}
+		core = &CoreCost{IdleSeconds: time.Since(t).Seconds(), IdleCalls: diffCalls(idleStart, coreBefore), IdleCPUSeconds: coreBefore.cpu - idleStart.cpu}
 	}
 
 	run := &watchRun{opts: opts, base: base}
@@ -404,8 +530,11 @@ func Watch(ctx context.Context, cfg Config, opts WatchOptions) (*WatchReport, er
 				if !opts.Hot {
 					key = spreadKey(opts.Prefix, w)
 				}
-				req := &etcdserverpb.WatchRequest{RequestUnion: &etcdserverpb.WatchRequest_CreateRequest{
-					CreateRequest: &etcdserverpb.WatchCreateRequest{Key: []byte(key)}}}
+				cr := &etcdserverpb.WatchCreateRequest{Key: []byte(key)}
+				if opts.FromPast {
+					cr.StartRevision = base
+				}
+				req := &etcdserverpb.WatchRequest{RequestUnion: &etcdserverpb.WatchRequest_CreateRequest{CreateRequest: cr}}
 				if err := s.stream.Send(req); err != nil {
 					sendErr <- fmt.Errorf("stream %d: create watch %d: %w", i, w, err)
 					return
@@ -430,6 +559,19 @@ func Watch(ctx context.Context, cfg Config, opts WatchOptions) (*WatchReport, er
 		time.Sleep(10 * time.Millisecond)
 	}
 	rep.CreateSeconds = time.Since(t0).Seconds()
+	if core != nil {
+		after, err := sampleCore(ctx, opts)
+		if err != nil {
+			return nil, err
+		}
+		core.CreateSeconds = rep.CreateSeconds
+		core.CreateCalls = diffCalls(coreBefore, after)
+		core.CreateCPUSeconds = after.cpu - coreBefore.cpu
+		for k, n := range core.CreateCalls {
+			core.CallsAboveIdle += max(0, n-core.IdleCalls[k]*core.CreateSeconds/core.IdleSeconds)
+		}
+		rep.Core = core
+	}
 
 	if len(opts.ServerPIDs) > 0 {
 		sleepCtx(ctx, opts.Settle)
@@ -664,6 +806,10 @@ func (r *WatchReport) WriteText(w io.Writer) error {
 	if len(r.Memory) > 0 {
 		fmt.Fprintf(&b, "  memory per idle watch: %.0f bytes\n", r.BytesPerWatcher)
 	}
+	if c := r.Core; c != nil {
+		fmt.Fprintf(&b, "  the core while idle %.1fs: %s, %.2fs CPU; while the watches were created (%.1fs): %s, %.2fs CPU; calls above the idle rate: %.0f\n",
+			c.IdleSeconds, callList(c.IdleCalls), c.IdleCPUSeconds, c.CreateSeconds, callList(c.CreateCalls), c.CreateCPUSeconds, c.CallsAboveIdle)
+	}
 	ms := func(v *float64) string {
 		if v == nil {
 			return "missing"
@@ -680,4 +826,21 @@ func (r *WatchReport) WriteText(w io.Writer) error {
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// callList is calls by method, in the method's order.
+func callList(calls map[string]float64) string {
+	if len(calls) == 0 {
+		return "no RPCs"
+	}
+	keys := make([]string, 0, len(calls))
+	for k := range calls {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	var parts []string
+	for _, k := range keys {
+		parts = append(parts, fmt.Sprintf("%s %.0f", k, calls[k]))
+	}
+	return strings.Join(parts, ", ")
 }
