@@ -141,52 +141,9 @@ func TestMeshWatchValidatorUnderFaults(t *testing.T) {
 		watches = append(watches, w)
 	}
 
-	// The writer: every acknowledged revision is recorded.
-	var (
-		ackMu sync.Mutex
-		acked = map[int64]string{}
-	)
+	// The writers: every acknowledged revision is recorded.
 	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for c := range 2 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(c), 42))
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				k := fmt.Sprintf("w/%d", rng.IntN(20))
-				cctx, ccancel := context.WithTimeout(ctx, 3*time.Second)
-				var rev int64
-				var what string
-				switch n := rng.IntN(10); {
-				case n < 6:
-					if r, err := clis[c].Put(cctx, k, fmt.Sprint(c, "-", i)); err == nil {
-						rev, what = r.Header.Revision, "put "+k
-					}
-				case n < 8:
-					if r, err := clis[c].Txn(cctx).Then(clientv3.OpPut(k+"/a", fmt.Sprint(i)), clientv3.OpPut(k+"/b", fmt.Sprint(i)), clientv3.OpPut(k+"/c", fmt.Sprint(i))).Commit(); err == nil {
-						rev, what = r.Header.Revision, "txn "+k
-					}
-				default:
-					if r, err := clis[c].Delete(cctx, k, clientv3.WithPrefix()); err == nil && r.Deleted > 0 {
-						rev, what = r.Header.Revision, "delete "+k
-					}
-				}
-				ccancel()
-				if rev > 0 {
-					ackMu.Lock()
-					acked[rev] = what
-					ackMu.Unlock()
-				}
-				time.Sleep(5 * time.Millisecond)
-			}
-		}()
-	}
+	log := startWriters(ctx, clis, 2, "w/", 20, stop)
 
 	pause := func(d time.Duration) { time.Sleep(d) }
 	pause(2 * time.Second)
@@ -237,8 +194,7 @@ func TestMeshWatchValidatorUnderFaults(t *testing.T) {
 	watches = append(watches, late)
 	pause(2 * time.Second)
 
-	close(stop)
-	wg.Wait()
+	acked := log.stop(stop)
 	end, err := clis[0].Put(ctx, "w/end", "1")
 	if err != nil {
 		t.Fatal(err)
@@ -251,8 +207,6 @@ func TestMeshWatchValidatorUnderFaults(t *testing.T) {
 		}
 	}
 
-	ackMu.Lock()
-	defer ackMu.Unlock()
 	var reference []string
 	var all []string
 	for i, w := range watches {
@@ -284,6 +238,67 @@ func TestMeshWatchValidatorUnderFaults(t *testing.T) {
 		t.Fatalf("%d watch violations (of %d acknowledged writes up to revision %d):\n%s", len(all), len(acked), to, strings.Join(all[:min(len(all), 40)], "\n"))
 	}
 	t.Logf("%d watchers agree on %d events over revisions %d-%d (%d acknowledged writes); zero violations", len(watches), len(reference), from, to, len(acked))
+}
+
+// writeLog is what the writers of startWriters had acknowledged: the revision of each
+// write, and what it was.
+type writeLog struct {
+	mu    sync.Mutex
+	acked map[int64]string
+	wg    sync.WaitGroup
+}
+
+// startWriters runs n writers, each through clis[i % len(clis)], until stop is closed:
+// puts (six in ten), two-key txns and deletes of a key and the keys under it, on keys
+// prefix0 … prefix<keys-1> and under them, each with a deadline of 3 s.
+func startWriters(ctx context.Context, clis []*clientv3.Client, n int, prefix string, keys int, stop <-chan struct{}) *writeLog {
+	l := &writeLog{acked: map[int64]string{}}
+	for c := range n {
+		l.wg.Go(func() {
+			cli := clis[c%len(clis)]
+			rng := rand.New(rand.NewPCG(uint64(c), 42))
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				k := fmt.Sprintf("%s%d", prefix, rng.IntN(keys))
+				cctx, ccancel := context.WithTimeout(ctx, 3*time.Second)
+				var rev int64
+				var what string
+				switch n := rng.IntN(10); {
+				case n < 6:
+					if r, err := cli.Put(cctx, k, fmt.Sprint(c, "-", i)); err == nil {
+						rev, what = r.Header.Revision, "put "+k
+					}
+				case n < 8:
+					if r, err := cli.Txn(cctx).Then(clientv3.OpPut(k+"/a", fmt.Sprint(i)), clientv3.OpPut(k+"/b", fmt.Sprint(i))).Commit(); err == nil {
+						rev, what = r.Header.Revision, "txn "+k
+					}
+				default:
+					if r, err := cli.Delete(cctx, k, clientv3.WithPrefix()); err == nil && r.Deleted > 0 {
+						rev, what = r.Header.Revision, "delete "+k
+					}
+				}
+				ccancel()
+				if rev > 0 {
+					l.mu.Lock()
+					l.acked[rev] = what
+					l.mu.Unlock()
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		})
+	}
+	return l
+}
+
+// stop waits for the writers, which stop was closed for, and answers what they wrote.
+func (l *writeLog) stop(stop chan struct{}) map[int64]string {
+	close(stop)
+	l.wg.Wait()
+	return l.acked
 }
 
 func prefixOf(a, b []string) bool {

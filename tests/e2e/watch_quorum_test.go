@@ -117,53 +117,8 @@ func TestMeshWatchersSurviveQuorumLoss(t *testing.T) {
 		watchers = append(watchers, w)
 	}
 
-	var (
-		ackMu sync.Mutex
-		acked = map[int64]string{}
-	)
 	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	for c := range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			cli := writers[c%2]
-			rng := rand.New(rand.NewPCG(uint64(c), 17))
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				k := fmt.Sprintf("q/%d", rng.IntN(5))
-				cctx, ccancel := context.WithTimeout(ctx, 2*time.Second)
-				var rev int64
-				var what string
-				switch n := rng.IntN(10); {
-				case n < 6:
-					if r, err := cli.Put(cctx, k, fmt.Sprint(c, "-", i)); err == nil {
-						rev, what = r.Header.Revision, "put "+k
-					}
-				case n < 8:
-					k2 := fmt.Sprintf("q/%d", rng.IntN(5))
-					if r, err := cli.Txn(cctx).Then(clientv3.OpPut(k, "a"), clientv3.OpPut(k2+"/b", "b")).Commit(); err == nil {
-						rev, what = r.Header.Revision, "txn "+k
-					}
-				default:
-					if r, err := cli.Delete(cctx, k); err == nil && r.Deleted > 0 {
-						rev, what = r.Header.Revision, "delete "+k
-					}
-				}
-				ccancel()
-				if rev > 0 {
-					ackMu.Lock()
-					acked[rev] = what
-					ackMu.Unlock()
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
-		}()
-	}
+	log := startWriters(ctx, writers, 4, "q/", 5, stop)
 
 	// Faults: every 5 s two random replicas are killed and restarted 2.5 s later.
 	rng := rand.New(rand.NewPCG(7, 7))
@@ -179,8 +134,7 @@ func TestMeshWatchersSurviveQuorumLoss(t *testing.T) {
 		m.replicas[j].start()
 		time.Sleep(2500 * time.Millisecond)
 	}
-	close(stop)
-	wg.Wait()
+	acked := log.stop(stop)
 
 	// The end: one more write once the cluster answers again, which every watcher
 	// must reach.
