@@ -7,6 +7,11 @@
 #
 #   BENCH_CLUSTER=3 scripts/bench.sh …  runs a 3-member etcd cluster against 3 kvmesh
 #                                        replicas behind one gateway instead
+#   BENCH_RULER=benchmark scripts/bench.sh …
+#                                        measures with etcd's own benchmark tool
+#                                        (tools/etcd-benchmark, the same arguments)
+#                                        instead of loadtest: the put and range
+#                                        workloads
 #   scripts/bench.sh [ROUNDS [FILTER]]   (default 3 rounds, every workload; prints a
 #                                        Markdown table; FILTER keeps the workloads
 #                                        whose name matches it, an extended regular
@@ -20,6 +25,8 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 rounds=${1:-3}
 filter=${2:-}
+ruler=${BENCH_RULER:-loadtest}
+[[ $ruler == loadtest || $ruler == benchmark ]] || { echo "BENCH_RULER: loadtest or benchmark, not $ruler" >&2; exit 2; }
 "$root/scripts/tools.sh"
 go build -o .bin/kvmesh ./services/kvmesh
 go build -o .bin/loadtest ./loadtest
@@ -106,12 +113,28 @@ for round in $(seq "$rounds"); do
 		name=${w%%|*}
 		args=${w#*|}
 		[[ -z $filter || $name =~ $filter ]] || continue
+		[[ $ruler == loadtest || $name == put* || $name == range* ]] || continue
 		for target in etcd kvmesh; do
 			endpoints=$ep procs=("${etcd_pids[@]}")
 			[[ $target == kvmesh ]] && endpoints="127.0.0.1:$kp" procs=("${kvmesh_pids[@]}")
 			before=$(cpu_ticks "${procs[@]}")
-			# shellcheck disable=SC2086
-			json=$(.bin/loadtest --endpoints="$endpoints" --target-name=$target --json $args 2>/dev/null)
+			if [[ $ruler == loadtest ]]; then
+				# shellcheck disable=SC2086
+				json=$(.bin/loadtest --endpoints="$endpoints" --target-name=$target --json $args 2>/dev/null)
+			else
+				# shellcheck disable=SC2086
+				json=$(.bin/etcd-benchmark --endpoints="$endpoints" $args 2>&1 | python3 -c '
+import json, re, sys
+t = sys.stdin.read()
+def num(pat):
+    m = re.search(pat, t)
+    return float(m.group(1)) if m else 0.0
+total = num(r"Total:\s+([0-9.]+)")
+rps = num(r"Requests/sec:\s+([0-9.]+)")
+errs = sum(int(n) for n in re.findall(r"\[(\d+)\]", t.split("Error distribution:")[1])) if "Error distribution:" in t else 0
+print(json.dumps({"requests_per_sec": rps, "succeeded": round(rps * total), "failed": errs,
+    "latency_seconds": {"average": num(r"Average:\s+([0-9.]+)"), "p99": num(r"99% in ([0-9.]+)")}}))')
+			fi
 			after=$(cpu_ticks "${procs[@]}")
 			python3 - "$round" "$name" "$target" "$json" "$((after - before))" "$(getconf CLK_TCK)" >>"$results" <<'PY'
 import json, sys
@@ -125,7 +148,7 @@ PY
 	done
 done
 
-python3 - "$results" "$rounds" <<'PY'
+python3 - "$results" "$rounds" "$ruler" <<'PY'
 import statistics, sys
 from collections import defaultdict
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
@@ -138,7 +161,7 @@ for _, name, target, q, a, p, f, c in rows:
     cpu[name, target].append(float(c))
     failed[name, target] += int(f)
 m = statistics.median
-print(f"Medians of {sys.argv[2]} alternating rounds.\n")
+print(f"Medians of {sys.argv[2]} alternating rounds, measured by {sys.argv[3]}.\n")
 print("| workload | etcd req/s | kvmesh req/s | throughput kvmesh/etcd | etcd avg | kvmesh avg | latency kvmesh/etcd | etcd p99 | kvmesh p99 | server CPU/req etcd | kvmesh | CPU kvmesh/etcd | failed (etcd/kvmesh) |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for n in names:
