@@ -14,9 +14,9 @@ import (
 	"slices"
 	"sync/atomic"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/api/gen/authpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // RootUser and RootRole are etcd's: the root role may do anything, and auth can only

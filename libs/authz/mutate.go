@@ -9,11 +9,11 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/api/gen/authpb"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	tenantv1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/tenant/v1"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // IsChange tells whether an Auth request changes the store (and so goes through

@@ -4,8 +4,8 @@
 package etcdcheck
 
 import (
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // The checks are etcd's gRPC-layer request validation: they run before a request

@@ -32,10 +32,10 @@ import (
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/kvmesh/kvmesh/libs/config"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
+	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/health"
 	"github.com/kvmesh/kvmesh/libs/meshtls"

@@ -8,10 +8,10 @@ import (
 
 	"connectrpc.com/connect"
 
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcdcheck"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/health"
 	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/telemetry"

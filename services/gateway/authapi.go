@@ -8,10 +8,10 @@ import (
 	"connectrpc.com/connect"
 	"google.golang.org/grpc/peer"
 
-	"github.com/kvmesh/kvmesh/libs/authz"
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/authz"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // etcd's Auth service. Authenticate goes to a replica, which checks the password and

@@ -11,13 +11,13 @@ import (
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/trace"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 	"github.com/kvmesh/kvmesh/api/gen/v3electionpb"
 	"github.com/kvmesh/kvmesh/api/gen/v3electionpb/v3electionpbconnect"
 	"github.com/kvmesh/kvmesh/api/gen/v3lockpb"
 	"github.com/kvmesh/kvmesh/api/gen/v3lockpb/v3lockpbconnect"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
 

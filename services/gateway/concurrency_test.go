@@ -8,8 +8,8 @@ import (
 
 	"connectrpc.com/connect"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // The keys of locks and campaigns are clientv3/concurrency's: "%s%x" of the prefix and

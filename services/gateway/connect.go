@@ -6,9 +6,9 @@ import (
 	"connectrpc.com/connect"
 	healthv1 "google.golang.org/grpc/health/grpc_health_v1"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // The Connect face of the public API (Connect, gRPC-Web, and gRPC over HTTP/1.1 or

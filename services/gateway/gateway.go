@@ -20,12 +20,12 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
-	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
 	"github.com/kvmesh/kvmesh/api/gen/kvmesh/tenant/v1/tenantv1connect"
 	"github.com/kvmesh/kvmesh/api/gen/kvmesh/watch/v1/watchv1connect"
 	"github.com/kvmesh/kvmesh/api/gen/v3electionpb/v3electionpbconnect"
 	"github.com/kvmesh/kvmesh/api/gen/v3lockpb/v3lockpbconnect"
+	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/inproc"

@@ -8,11 +8,11 @@ import (
 	healthv1 "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	tenantv1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/tenant/v1"
 	"github.com/kvmesh/kvmesh/api/gen/v3electionpb"
 	"github.com/kvmesh/kvmesh/api/gen/v3lockpb"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/services/gateway/watch"
 )

@@ -7,9 +7,9 @@ import (
 
 	"connectrpc.com/connect"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/services/gateway/watch"
 )
 

@@ -15,9 +15,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/kvmesh/kvmesh/libs/config"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
+	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"

@@ -7,10 +7,10 @@ import (
 	"connectrpc.com/connect"
 	"go.etcd.io/raft/v3"
 
-	"github.com/kvmesh/kvmesh/libs/etcdcheck"
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/etcdcheck"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/libs/health"
 	"github.com/kvmesh/kvmesh/services/replica/mvcc"
 )

@@ -14,9 +14,9 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/protobuf/proto"
 
+	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 )
 
 // KVService.Batch: a gateway's KV calls over one long-lived stream. A unary call costs

@@ -6,8 +6,8 @@ import (
 
 	"connectrpc.com/connect"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/services/replica/mvcc"
 )
 

@@ -11,9 +11,9 @@ import (
 
 	"github.com/kvmesh/kvmesh/api/gen/authpb"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // Leases go through Raft: a grant gets an ID and at least the minimum TTL, puts attach

@@ -7,9 +7,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // The lessor decides when leases expire. Only the leader keeps their clocks (it is the

@@ -18,10 +18,10 @@ import (
 	raftpb "go.etcd.io/raft/v3/raftpb"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // Membership changes are Raft conf changes (ConfChangeV2, one change each): add a

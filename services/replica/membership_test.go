@@ -8,8 +8,8 @@ import (
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 func requireEtcdErr(t *testing.T, err, want error) {

@@ -18,8 +18,8 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	peerv1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/peer/v1"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/telemetry"

@@ -36,11 +36,11 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/config"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/kvmesh/peer/v1/peerv1connect"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
+	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/meshtls"

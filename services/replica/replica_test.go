@@ -19,10 +19,10 @@ import (
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/replica/raftlog"

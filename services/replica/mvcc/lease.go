@@ -12,9 +12,9 @@ import (
 	"github.com/cockroachdb/pebble/v2"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // The lease table: which leases exist, with their granted TTL and the remaining TTL

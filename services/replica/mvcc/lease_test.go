@@ -5,9 +5,9 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 func leaseKeyNames(s *Store, id int64) []string {

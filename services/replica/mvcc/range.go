@@ -11,9 +11,9 @@ import (
 	"github.com/cockroachdb/pebble/v2"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // rangeEnd maps etcd's range_end to the store's: nil for a single key, empty (not nil)

@@ -10,8 +10,8 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // trickyKeys contain zero bytes and are prefixes of each other, which the escaped index

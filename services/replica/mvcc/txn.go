@@ -10,9 +10,9 @@ import (
 	"github.com/cockroachdb/pebble/v2"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 // txn is one request's work: the writes of a Put, DeleteRange or Txn all share the

@@ -6,9 +6,9 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/kvmesh/kvmesh/libs/etcderr"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/libs/etcderr"
 )
 
 func cmpValue(key string, res pb.Compare_CompareResult, v string) *pb.Compare {
