@@ -15,6 +15,7 @@ import (
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
+	"github.com/kvmesh/kvmesh/libs/notify"
 )
 
 // view is the gateway's picture of the cluster: the members (learned from the
@@ -35,8 +36,8 @@ type view struct {
 	seeds    []*replicaConn
 	next     atomic.Uint32 // round robin over voters
 	refresh  chan struct{}
-	updated  chan struct{} // closed and replaced at the end of every refresh (under mu)
-	cluster  atomic.Uint64 // the cluster's ID, once a replica told it
+	updated  notify.Notifier // at the end of every refresh
+	cluster  atomic.Uint64   // the cluster's ID, once a replica told it
 }
 
 // kvClient is the part of the KV service's client the gateway calls: Connect's in
@@ -76,7 +77,7 @@ const updateTimeout = 2 * time.Second
 const downFor = time.Second
 
 func newView(g *Gateway, urls []string) *view {
-	v := &view{g: g, conns: make(map[string]*replicaConn), refresh: make(chan struct{}, 1), updated: make(chan struct{})}
+	v := &view{g: g, conns: make(map[string]*replicaConn), refresh: make(chan struct{}, 1)}
 	for _, u := range urls {
 		v.seeds = append(v.seeds, v.conn(u))
 	}
@@ -142,10 +143,7 @@ func (v *view) run(ctx context.Context) {
 	defer t.Stop()
 	for {
 		v.update(ctx)
-		v.mu.Lock()
-		close(v.updated)
-		v.updated = make(chan struct{})
-		v.mu.Unlock()
+		v.updated.Notify()
 		select {
 		case <-ctx.Done():
 			return
@@ -270,9 +268,8 @@ func (v *view) leaderID() uint64 {
 // cost the replicas one round of Status calls. 0 when ctx ends first.
 func (v *view) leaderNow(ctx context.Context) uint64 {
 	for range 2 { // the refresh running now may have begun before the call
-		v.mu.RLock()
-		id, updated := v.leadID, v.updated
-		v.mu.RUnlock()
+		updated := v.updated.C()
+		id := v.leaderID()
 		if id != 0 {
 			return id
 		}

@@ -298,10 +298,7 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 
 // notifyApplied wakes everyone waiting for the applied index to advance.
 func (r *Replica) notifyApplied() {
-	r.appliedMu.Lock()
-	close(r.appliedNotify)
-	r.appliedNotify = make(chan struct{})
-	r.appliedMu.Unlock()
+	r.applyDone.Notify()
 }
 
 func (r *Replica) applyRequest(ctx context.Context, wr *mvcc.Writer, req *replicav1.RaftRequest) result {
@@ -438,9 +435,7 @@ func (r *Replica) proposeError(ctx context.Context, err error) error {
 // waitAppliedInTerm blocks until index is applied and so is an entry of term or later.
 func (r *Replica) waitAppliedInTerm(ctx context.Context, index, term uint64) error {
 	for {
-		r.appliedMu.Lock()
-		ch := r.appliedNotify
-		r.appliedMu.Unlock()
+		ch := r.applyDone.C()
 		if r.applied.Load() >= index && r.appliedTerm.Load() >= term {
 			return nil
 		}

@@ -44,6 +44,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/meshtls"
+	"github.com/kvmesh/kvmesh/libs/notify"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/replica/mvcc"
@@ -179,8 +180,7 @@ type Replica struct {
 	applied     atomic.Uint64
 	appliedTerm atomic.Uint64 // term of the last applied entry
 
-	appliedMu     sync.Mutex
-	appliedNotify chan struct{} // closed and replaced after every apply
+	applyDone notify.Notifier // after every apply
 
 	nextID  atomic.Uint64
 	waitMu  sync.Mutex
@@ -229,16 +229,15 @@ func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 	}
 	r := &Replica{
 		cfg: cfg, log: tel.Log.With("role", "replica", "name", cfg.Name), tel: tel, mesh: mesh,
-		tracer:        tel.Tracer.Tracer("kvmesh/replica"),
-		raftDB:        db,
-		waiters:       make(map[uint64]*waiter),
-		appliedNotify: make(chan struct{}),
-		applyc:        make(chan applyWork, 64),
-		removedc:      make(chan struct{}),
-		stopc:         make(chan struct{}),
-		quitc:         make(chan struct{}),
-		doneRaft:      make(chan struct{}),
-		doneApp:       make(chan struct{}),
+		tracer:   tel.Tracer.Tracer("kvmesh/replica"),
+		raftDB:   db,
+		waiters:  make(map[uint64]*waiter),
+		applyc:   make(chan applyWork, 64),
+		removedc: make(chan struct{}),
+		stopc:    make(chan struct{}),
+		quitc:    make(chan struct{}),
+		doneRaft: make(chan struct{}),
+		doneApp:  make(chan struct{}),
 	}
 	r.calls = newWorkers(batchWorkers, r.stopc)
 	if err := r.open(); err != nil {

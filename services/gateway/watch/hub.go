@@ -22,6 +22,7 @@ import (
 
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/libs/notify"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
@@ -80,7 +81,7 @@ type Hub struct {
 	ringSize   int                    // encoded bytes of the ring's revisions
 	keys       map[string][]streamRef // the streams with watchers of a key, and how many
 	ranges     intervals              // the range watchers, by range
-	changed    chan struct{}          // closed and replaced at every revision
+	changed    notify.Notifier        // at every revision
 	ready      chan struct{}          // closed once rev is known
 	stateReady chan struct{}          // closed once the stream's state has been read (see watchState)
 	stateOnce  sync.Once
@@ -116,7 +117,6 @@ func New(cfg Config, stream revstream.Config, nc *nats.Conn, deps Deps, tel *tel
 		cfg: cfg, stream: stream, replicas: deps.Replicas, auth: deps.Authorizer, cluster: deps.Cluster, tel: tel,
 		log: tel.Log.With("role", "gateway", "component", "watch"), js: js, tracer: tel.Tracer.Tracer("kvmesh/gateway"),
 		keys:       make(map[string][]streamRef),
-		changed:    make(chan struct{}),
 		ready:      make(chan struct{}),
 		stateReady: make(chan struct{}),
 	}
@@ -381,8 +381,7 @@ func (h *Hub) publish(r *hrev) {
 	}
 	h.m.revisions.Inc()
 	h.lastMove.Store(time.Now().UnixNano())
-	close(h.changed)
-	h.changed = make(chan struct{})
+	h.changed.Notify()
 }
 
 // ringFrom returns the revisions of the ring in [from, to] when the ring holds from.
@@ -566,9 +565,8 @@ func (h *Hub) reach(ctx context.Context, rev int64, limit time.Duration) {
 	timeout := time.NewTimer(limit)
 	defer timeout.Stop()
 	for {
-		h.mu.Lock()
-		cur, changed := h.rev, h.changed
-		h.mu.Unlock()
+		changed := h.changed.C()
+		cur := h.current()
 		if cur >= rev {
 			return
 		}

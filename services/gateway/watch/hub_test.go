@@ -536,7 +536,7 @@ func TestHubNeedsAnAuthorizer(t *testing.T) {
 func BenchmarkHubPublishPrefixWatchers(b *testing.B) {
 	for _, n := range []int{1000, 10000, 100000} {
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
-			h := &Hub{cfg: testConfig(), keys: make(map[string][]streamRef), changed: make(chan struct{})}
+			h := &Hub{cfg: testConfig(), keys: make(map[string][]streamRef)}
 			h.cfg.RingRevisions = 1024
 			h.m.watchers = prometheus.NewGauge(prometheus.GaugeOpts{Name: "w"})
 			h.m.revisions = prometheus.NewCounter(prometheus.CounterOpts{Name: "r"})

@@ -166,13 +166,13 @@ func (h *Hub) Serve(ctx context.Context, recv func() (*pb.WatchRequest, error), 
 	for {
 		var hubChanged <-chan struct{}
 		if s.progress {
+			// Taken before the look, so that a revision after it wakes the wait.
+			changed := h.changed.C()
 			if err := s.answerProgress(); err != nil {
 				return err
 			}
 			if s.progress {
-				h.mu.Lock()
-				hubChanged = h.changed
-				h.mu.Unlock()
+				hubChanged = changed
 			}
 		}
 		var err error

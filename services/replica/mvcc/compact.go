@@ -48,9 +48,8 @@ func (s *Store) compactLoop() {
 		}
 		s.compactMu.Lock()
 		s.compacted = target
-		close(s.compactDone)
-		s.compactDone = make(chan struct{})
 		s.compactMu.Unlock()
+		s.compactDone.Notify()
 	}
 }
 

@@ -141,22 +141,4 @@ func (s *Store) Position() Position {
 
 // Changed returns a channel that is closed at the next commit (or when the store
 // closes): a reader that found nothing new waits on it.
-func (s *Store) Changed() <-chan struct{} {
-	s.changedMu.Lock()
-	defer s.changedMu.Unlock()
-	return s.changed
-}
-
-func (s *Store) notifyChanged(closing bool) {
-	s.changedMu.Lock()
-	defer s.changedMu.Unlock()
-	select {
-	case <-s.changed:
-		return // closed for good
-	default:
-	}
-	close(s.changed)
-	if !closing {
-		s.changed = make(chan struct{})
-	}
-}
+func (s *Store) Changed() <-chan struct{} { return s.changed.C() }

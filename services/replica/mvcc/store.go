@@ -25,6 +25,7 @@ import (
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
+	"github.com/kvmesh/kvmesh/libs/notify"
 )
 
 // keyMeta is what a put needs to know of a key's live version. The store keeps it in
@@ -51,24 +52,21 @@ type Store struct {
 
 	compactc    chan int64
 	compactMu   sync.Mutex
-	compacted   int64         // finished compaction revision
-	compactDone chan struct{} // closed and replaced whenever compacted advances
+	compacted   int64           // finished compaction revision
+	compactDone notify.Notifier // whenever compacted advances
 	stop        chan struct{}
 	stopped     chan struct{}
 
-	changedMu sync.Mutex
-	changed   chan struct{} // closed at the next commit (see Changed)
+	changed notify.Notifier // at every commit (see Changed)
 }
 
 // Open loads the store kept in db and resumes an interrupted compaction.
 func Open(db *pebble.DB, log *slog.Logger) (*Store, error) {
 	s := &Store{
 		db: db, log: log,
-		compactc:    make(chan int64, 64),
-		compactDone: make(chan struct{}),
-		stop:        make(chan struct{}),
-		stopped:     make(chan struct{}),
-		changed:     make(chan struct{}),
+		compactc: make(chan int64, 64),
+		stop:     make(chan struct{}),
+		stopped:  make(chan struct{}),
 	}
 	rev, err := getInt(db, metaRevKey, 1)
 	if err != nil {
@@ -131,7 +129,7 @@ func (s *Store) loadLive() error {
 func (s *Store) Close() {
 	close(s.stop)
 	<-s.stopped
-	s.notifyChanged(true)
+	s.changed.Close()
 }
 
 // Rev is the current (last committed) revision.
@@ -246,8 +244,9 @@ func (s *Store) ReadTxn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse,
 // WaitCompacted blocks until the physical compaction up to rev has finished.
 func (s *Store) WaitCompacted(ctx context.Context, rev int64) error {
 	for {
+		ch := s.compactDone.C()
 		s.compactMu.Lock()
-		done, ch := s.compacted >= rev, s.compactDone
+		done := s.compacted >= rev
 		s.compactMu.Unlock()
 		if done {
 			return nil
@@ -371,7 +370,7 @@ func (s *Store) Commit(w *Writer, opts *pebble.WriteOptions) error {
 	changed := s.committed(w)
 	s.commits.Add(1)
 	if changed {
-		s.notifyChanged(false)
+		s.changed.Notify()
 	}
 	return nil
 }
