@@ -46,6 +46,11 @@ go test -count=1 -timeout 15m "$@" "${modules[@]}"
 # as the oracle.
 KVMESH_E2E_ETCD_BIN="$root/.bin/etcd" go test -count=1 -timeout 5m -run 'TestDifferential' "$@" github.com/kvmesh/kvmesh/tests/e2e
 
+# The end-to-end suites once more against a mesh: every kvmesh server the tests start is
+# three replicas, NATS, the fanout and a gateway, each its own process
+# (tests/harness/cmd/kvmesh-mesh). The TestMesh… tests build their meshes themselves.
+KVMESH_E2E_TOPOLOGY=mesh go test -count=1 -timeout 10m -skip 'TestMesh|TestClientv3' "$@" github.com/kvmesh/kvmesh/tests/e2e
+
 # The compose smoke test (scripts/smoke.sh): the images, the mesh of docker-compose.yml,
 # etcdctl through both gateways, a replica killed. Skipped, saying so, where no Docker
 # engine can be started.

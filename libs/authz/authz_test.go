@@ -143,3 +143,22 @@ func TestStampEncoding(t *testing.T) {
 		}
 	}
 }
+
+func TestClaimedRevisionReadsWithoutTrusting(t *testing.T) {
+	_, priv, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := Sign(priv, "alice", 42, time.Now().Add(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := ClaimedRevision(tok); got != 42 {
+		t.Errorf("ClaimedRevision = %d, want 42", got)
+	}
+	for _, bad := range []string{"", "simple-token.7", "a.b", "x.!!!.y"} {
+		if got := ClaimedRevision(bad); got != 0 {
+			t.Errorf("ClaimedRevision(%q) = %d, want 0", bad, got)
+		}
+	}
+}

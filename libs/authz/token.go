@@ -77,6 +77,26 @@ func Verify(pub ed25519.PublicKey, token string, now time.Time) (Info, time.Time
 	return Info{User: c.Username, Revision: c.Revision}, exp, nil
 }
 
+// ClaimedRevision is the auth revision a token says it was issued at, unverified (0
+// when it says none): enough to tell that a copy of the auth state is behind the one
+// that issued it, never to trust the token.
+func ClaimedRevision(token string) uint64 {
+	i := strings.IndexByte(token, '.')
+	j := strings.LastIndexByte(token, '.')
+	if i <= 0 || j <= i {
+		return 0
+	}
+	body, err := base64.RawURLEncoding.DecodeString(token[i+1 : j])
+	if err != nil {
+		return 0
+	}
+	var c claims
+	if json.Unmarshal(body, &c) != nil {
+		return 0
+	}
+	return c.Revision
+}
+
 // Verifier verifies tokens and remembers the ones it verified until they expire, so a
 // client that sends the same token with every request costs one signature check.
 type Verifier struct {

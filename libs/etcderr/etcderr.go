@@ -18,7 +18,37 @@ type Error struct {
 	msg  string
 }
 
-func newError(code connect.Code, msg string) *Error { return &Error{code: code, msg: msg} }
+// known are the errors below by code and message: what arrives from the wire becomes
+// the same value again (FromWire), so the system tells errors apart with errors.Is.
+var known = map[wireKey]*Error{}
+
+type wireKey struct {
+	code connect.Code
+	msg  string
+}
+
+func newError(code connect.Code, msg string) *Error {
+	e := &Error{code: code, msg: msg}
+	known[wireKey{code, msg}] = e
+	return e
+}
+
+// FromWire is the typed error for a code and message that came over the wire: one of
+// the errors below when it is one of them (errors.Is works across the network), else
+// an *Error with that code and message. The conversion happens once, where the
+// message arrives; nothing after it compares strings.
+func FromWire(code connect.Code, msg string) error {
+	if e := known[wireKey{code, msg}]; e != nil {
+		return e
+	}
+	return &Error{code: code, msg: msg}
+}
+
+// CodeOf is the code a client would see for err (see CodeMessage).
+func CodeOf(err error) connect.Code {
+	code, _ := CodeMessage(err)
+	return code
+}
 
 func (e *Error) Error() string { return e.msg }
 

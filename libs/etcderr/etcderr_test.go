@@ -43,3 +43,21 @@ func TestCodeMessage(t *testing.T) {
 		t.Error("nil error converted to non-nil")
 	}
 }
+
+func TestFromWireGivesTheSameErrorBack(t *testing.T) {
+	for _, want := range []*Error{ErrCompacted, ErrAuthStale, ErrNotSupportedForLearner, ErrNoLeader} {
+		code, msg := CodeMessage(ToGRPC(want))
+		if got := FromWire(code, msg); !errors.Is(got, want) {
+			t.Errorf("FromWire(%v, %q) = %v, not the same error", code, msg, got)
+		}
+	}
+	// A message that is not one of etcd's keeps its code and text, typed.
+	got := FromWire(connect.CodeUnavailable, "kvmesh: something else")
+	if errors.Is(got, ErrNoLeader) || CodeOf(got) != connect.CodeUnavailable || got.Error() != "kvmesh: something else" {
+		t.Errorf("FromWire of an unknown message = %v (%v)", got, CodeOf(got))
+	}
+	// The same message with another code is not the error.
+	if errors.Is(FromWire(connect.CodeInternal, ErrNoLeader.Error()), ErrNoLeader) {
+		t.Error("FromWire matched a message under another code")
+	}
+}

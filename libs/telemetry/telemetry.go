@@ -102,9 +102,8 @@ func (t *Telemetry) WithTracerProvider(tp trace.TracerProvider) {
 	t.tracing = true
 }
 
-// InternalClient is the option set for clients of kvmesh's internal APIs: traced, over
-// the Connect protocol (which needs no HTTP trailers, so it also runs in-process, see
-// package inproc), and uncompressed (internal links are local or in one data center,
+// InternalClient is the option set for Connect clients of kvmesh's internal APIs (the
+// peers' snapshot stream): traced, and uncompressed (internal links are local or in one data center,
 // where gzip costs more CPU than it saves).
 func (t *Telemetry) InternalClient() []connect.ClientOption {
 	return []connect.ClientOption{

@@ -22,7 +22,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"connectrpc.com/connect"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
@@ -34,11 +33,10 @@ import (
 
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
-	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/config"
-	"github.com/kvmesh/kvmesh/libs/h2c"
 	"github.com/kvmesh/kvmesh/libs/health"
 	"github.com/kvmesh/kvmesh/libs/meshtls"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
@@ -88,10 +86,11 @@ type Fanout struct {
 	stream revstream.Config
 	tel    *telemetry.Telemetry
 	log    *slog.Logger
-	client connect.HTTPClient
-	nc     *nats.Conn
-	js     jetstream.JetStream
-	tracer trace.Tracer
+	// replicas are the links to cfg.Replicas, in order.
+	replicas []replicaapi.Conn
+	nc       *nats.Conn
+	js       jetstream.JetStream
+	tracer   trace.Tracer
 
 	published atomic.Int64 // last revision acknowledged by JetStream
 	avoid     atomic.Int64 // index+1 of a replica found stalled, skipped at the next pick
@@ -109,9 +108,9 @@ type Fanout struct {
 	mesh   *meshtls.Mesh // nil: plaintext
 }
 
-// New builds a fanout publishing through nc. client carries the calls to the replicas;
-// nil means h2c over the network.
-func New(cfg Config, stream revstream.Config, tel *telemetry.Telemetry, client connect.HTTPClient, nc *nats.Conn) (*Fanout, error) {
+// New builds a fanout publishing through nc. dial links it to the replicas; nil means
+// over the network (replicaapi.Network, with the mesh's TLS).
+func New(cfg Config, stream revstream.Config, tel *telemetry.Telemetry, dial replicaapi.Dialer, nc *nats.Conn) (*Fanout, error) {
 	if err := errors.Join(cfg.Validate(), stream.Validate()); err != nil {
 		return nil, err
 	}
@@ -119,14 +118,22 @@ func New(cfg Config, stream revstream.Config, tel *telemetry.Telemetry, client c
 	if err != nil {
 		return nil, err
 	}
-	if client == nil {
-		client = h2c.NewClient(mesh.ClientConfig())
+	if dial == nil {
+		dial = replicaapi.Network{TLS: mesh.ClientConfig(), Options: tel.GRPCInternalClient()}
+	}
+	var replicas []replicaapi.Conn
+	for _, u := range cfg.Replicas {
+		c, err := dial.Dial(u)
+		if err != nil {
+			return nil, fmt.Errorf("KVMESH_FANOUT_REPLICAS: %w", err)
+		}
+		replicas = append(replicas, c)
 	}
 	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(cfg.MaxInFlight))
 	if err != nil {
 		return nil, err
 	}
-	f := &Fanout{cfg: cfg, stream: stream, tel: tel, log: tel.Log.With("role", "fanout"), client: client, nc: nc, js: js, mesh: mesh,
+	f := &Fanout{cfg: cfg, stream: stream, tel: tel, log: tel.Log.With("role", "fanout"), replicas: replicas, nc: nc, js: js, mesh: mesh,
 		tracer: tel.Tracer.Tracer("kvmesh/fanout")}
 	f.m.published = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_published_revisions_total", Help: "Revisions published to the JetStream stream."})
 	f.m.conflicts = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_fanout_conflicts_total", Help: "Publishes refused because another publisher got there first."})
@@ -174,6 +181,11 @@ func (f *Fanout) Listen() error {
 // traced; each published revision is a trace of its own (see tail).
 func (f *Fanout) Run(ctx context.Context) error {
 	ctx = telemetry.Untraced(ctx)
+	defer func() {
+		for _, c := range f.replicas {
+			c.Close()
+		}
+	}()
 	if f.server != nil {
 		go f.server.Serve(f.lis)
 		defer f.server.Close()
@@ -246,11 +258,6 @@ func (f *Fanout) tail(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	feed, err := replicav1connect.NewFeedServiceClient(f.client, base, f.tel.InternalClient()...).Feed(ctx, connect.NewRequest(&replicav1.FeedRequest{FromRevision: from}))
-	if err != nil {
-		return err
-	}
-	defer feed.Close()
 	f.m.switches.Inc()
 	f.log.Info("tailing", "replica", base, "from", from, "stream_seq", end.Seq)
 	if end.Rev > 0 && f.published.Load() < end.Rev {
@@ -289,56 +296,84 @@ func (f *Fanout) tail(ctx context.Context) error {
 	}()
 	go f.watchStall(ctx, cancel, idx)
 
-	seq, next := end.Seq, from
-	var told *replicav1.StreamState
-	for feed.Receive() {
-		for _, r := range feed.Msg().GetRevisions() {
-			if next != 0 && r.GetRevision() != next {
-				return fmt.Errorf("replica %s sent revision %d, expected %d", base, r.GetRevision(), next)
-			}
-			msg, tooLarge, err := revstream.Message(f.stream.Subject, r, maxPayload)
-			if err != nil {
-				return err
-			}
-			if tooLarge {
-				f.m.tooLarge.Inc()
-			}
-			span := f.publishSpan(ctx, msg, r)
-			fut, err := f.js.PublishMsgAsync(msg, jetstream.WithExpectLastSequence(seq), jetstream.WithMsgID(f.stream.Stream+"-"+fmt.Sprint(r.GetRevision())))
-			if err != nil {
-				span.SetStatus(codes.Error, err.Error())
-				span.End()
-				if isWrongLastSequence(err) {
-					return &conflictError{r.GetRevision()}
-				}
-				return fmt.Errorf("publish revision %d: %w", r.GetRevision(), err)
-			}
-			select {
-			case acks <- ack{fut, r.GetRevision(), span}:
-			case <-ctx.Done():
-				span.End()
-				return context.Cause(ctx)
-			}
-			seq, next = seq+1, r.GetRevision()+1
-		}
-		// A compaction or an auth change, which make no revision: into the state
-		// bucket, for the gateways' watch creations.
-		if st := (&replicav1.StreamState{CompactRevision: feed.Msg().GetCompactRevision(), AuthRevision: feed.Msg().GetAuthRevision()}); told == nil ||
-			st.GetCompactRevision() != told.GetCompactRevision() || st.GetAuthRevision() != told.GetAuthRevision() {
-			if err := revstream.PutState(ctx, state, st); err != nil {
-				return fmt.Errorf("record the stream state: %w", err)
-			}
-			f.m.states.Inc()
-			told = st
-		}
-	}
+	p := &publisher{f: f, base: base, state: state, maxPayload: maxPayload, acks: acks, seq: end.Seq, next: from}
+	// The feed's answers go to p; its failure ends the feed.
+	var failed error
+	err = f.replicas[idx].Feed(ctx, &replicav1.FeedRequest{FromRevision: from}, func(m *replicav1.FeedResponse) error {
+		failed = p.publish(ctx, m)
+		return failed
+	})
 	if cause := context.Cause(ctx); cause != nil {
 		return cause
 	}
-	if err := feed.Err(); err != nil {
+	if failed != nil {
+		return failed
+	}
+	if err != nil {
 		return fmt.Errorf("feed from %s: %w", base, err)
 	}
 	return fmt.Errorf("feed from %s ended", base)
+}
+
+// publisher publishes the answers of one tail's feed.
+type publisher struct {
+	f          *Fanout
+	base       string // the replica fed from
+	state      jetstream.KeyValue
+	maxPayload int64
+	acks       chan<- ack // the publishes to wait for, in order
+
+	seq  uint64 // the stream's last sequence
+	next int64  // the revision expected next (0: any)
+	told *replicav1.StreamState
+}
+
+// publish sends one feed answer's revisions to JetStream and records a compaction or
+// an auth change in the state bucket.
+func (p *publisher) publish(ctx context.Context, m *replicav1.FeedResponse) error {
+	f, base, state, maxPayload, acks := p.f, p.base, p.state, p.maxPayload, p.acks
+	seq, next, told := p.seq, p.next, p.told
+	defer func() { p.seq, p.next, p.told = seq, next, told }()
+	for _, r := range m.GetRevisions() {
+		if next != 0 && r.GetRevision() != next {
+			return fmt.Errorf("replica %s sent revision %d, expected %d", base, r.GetRevision(), next)
+		}
+		msg, tooLarge, err := revstream.Message(f.stream.Subject, r, maxPayload)
+		if err != nil {
+			return err
+		}
+		if tooLarge {
+			f.m.tooLarge.Inc()
+		}
+		span := f.publishSpan(ctx, msg, r)
+		fut, err := f.js.PublishMsgAsync(msg, jetstream.WithExpectLastSequence(seq), jetstream.WithMsgID(f.stream.Stream+"-"+fmt.Sprint(r.GetRevision())))
+		if err != nil {
+			span.SetStatus(codes.Error, err.Error())
+			span.End()
+			if isWrongLastSequence(err) {
+				return &conflictError{r.GetRevision()}
+			}
+			return fmt.Errorf("publish revision %d: %w", r.GetRevision(), err)
+		}
+		select {
+		case acks <- ack{fut, r.GetRevision(), span}:
+		case <-ctx.Done():
+			span.End()
+			return context.Cause(ctx)
+		}
+		seq, next = seq+1, r.GetRevision()+1
+	}
+	// A compaction or an auth change, which make no revision: into the state
+	// bucket, for the gateways' watch creations.
+	if st := (&replicav1.StreamState{CompactRevision: m.GetCompactRevision(), AuthRevision: m.GetAuthRevision()}); told == nil ||
+		st.GetCompactRevision() != told.GetCompactRevision() || st.GetAuthRevision() != told.GetAuthRevision() {
+		if err := revstream.PutState(ctx, state, st); err != nil {
+			return fmt.Errorf("record the stream state: %w", err)
+		}
+		f.m.states.Inc()
+		told = st
+	}
+	return nil
 }
 
 type ack struct {
@@ -386,15 +421,15 @@ func (f *Fanout) watchStall(ctx context.Context, cancel context.CancelCauseFunc,
 		case <-t.C:
 		}
 		best := int64(0)
-		for i, base := range f.cfg.Replicas {
+		for i, c := range f.replicas {
 			if i == idx {
 				continue
 			}
 			cctx, ccancel := context.WithTimeout(ctx, time.Second)
-			pos, err := replicav1connect.NewFeedServiceClient(f.client, base, f.tel.InternalClient()...).Position(cctx, connect.NewRequest(&replicav1.PositionRequest{}))
+			pos, err := c.Position(cctx, &replicav1.PositionRequest{})
 			ccancel()
 			if err == nil {
-				best = max(best, pos.Msg.GetHeader().GetRevision())
+				best = max(best, pos.GetHeader().GetRevision())
 			}
 		}
 		if best <= f.published.Load() {
@@ -421,14 +456,14 @@ func (f *Fanout) pick(ctx context.Context) (int, string, error) {
 	for i, base := range f.cfg.Replicas {
 		base = strings.TrimRight(base, "/")
 		cctx, cancel := context.WithTimeout(ctx, time.Second)
-		st, err := replicav1connect.NewMaintenanceServiceClient(f.client, base, f.tel.InternalClient()...).Status(cctx, connect.NewRequest(&pb.StatusRequest{}))
+		st, err := f.replicas[i].Status(cctx, &pb.StatusRequest{})
 		cancel()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", base, err))
 			continue
 		}
 		score := 1
-		if lead := st.Msg.GetLeader(); lead != 0 && lead != st.Msg.GetHeader().GetMemberId() && !st.Msg.GetIsLearner() {
+		if lead := st.GetLeader(); lead != 0 && lead != st.GetHeader().GetMemberId() && !st.GetIsLearner() {
 			score = 3 // a voting follower with a leader
 		} else if lead != 0 {
 			score = 2

@@ -3,7 +3,6 @@ package gateway
 import (
 	"context"
 	"errors"
-	"net"
 	"time"
 
 	"connectrpc.com/connect"
@@ -13,15 +12,13 @@ import (
 	"github.com/kvmesh/kvmesh/libs/etcdcheck"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/libs/health"
-	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
 
 // The gateway's logic, once per RPC, whatever the protocol: the Connect handlers
 // (connect.go) and the grpc-go services (grpc.go) are thin adapters over these.
-
-type unaryFunc[Req, Res any] func(context.Context, *connect.Request[Req]) (*connect.Response[Res], error)
 
 // route is where a request goes.
 type route int
@@ -44,10 +41,7 @@ const (
 // a leader, or on a member that cannot serve it, is retried on the next replica: reads
 // are safe to repeat. Any other failure is the client's answer, since a write may have
 // been applied.
-func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(*replicaConn) unaryFunc[Req, Res], req *Req) (*Res, error) {
-	if g.inProcess {
-		ctx = inproc.Context(ctx)
-	}
+func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(replicaapi.API, context.Context, *Req) (*Res, error), req *Req) (*Res, error) {
 	if requiresLeader(ctx) && !g.hasLeader(ctx) {
 		return nil, etcderr.ErrNoLeader
 	}
@@ -57,21 +51,15 @@ func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(*
 	}
 	err := error(etcderr.ErrNoLeader)
 	for _, c := range order {
-		creq := connect.NewRequest(req)
-		if c.grpc == nil {
-			// Connect clients (in process, or the fallback) send the header; the
-			// grpc-go ones take the decision from the context.
-			setDecisionHeader(ctx, creq)
-		}
-		resp, e := method(c)(ctx, creq)
+		resp, e := method(c.api, ctx, req)
 		if e == nil {
-			if h, ok := any(resp.Msg).(interface{ GetHeader() *pb.ResponseHeader }); ok {
+			if h, ok := any(resp).(interface{ GetHeader() *pb.ResponseHeader }); ok {
 				g.sawRevision(h.GetHeader().GetRevision())
 			}
-			return resp.Msg, nil
+			return resp, nil
 		}
 		err = e
-		if neverArrived(e) {
+		if replicaapi.IsNotSent(e) {
 			g.view.markDown(c)
 			g.m.unreachable.Inc()
 			continue
@@ -86,22 +74,10 @@ func call[Req, Res any](ctx context.Context, g *Gateway, rt route, method func(*
 	return nil, err
 }
 
-// neverArrived tells a failure to connect (the request was not sent) from failures
-// after sending.
-func neverArrived(err error) bool {
-	var op *net.OpError
-	return errors.As(err, &op) && op.Op == "dial"
-}
-
 // retryableRead tells the errors after which a read may be sent to another replica:
 // that replica lacks a leader, is stopping, or is a learner.
 func retryableRead(err error) bool {
-	code, msg := etcderr.CodeMessage(err)
-	if code == connect.CodeUnavailable {
-		return true
-	}
-	_, learner := etcderr.CodeMessage(etcderr.ErrNotSupportedForLearner)
-	return msg == learner
+	return etcderr.CodeOf(err) == connect.CodeUnavailable || errors.Is(err, etcderr.ErrNotSupportedForLearner)
 }
 
 type requireLeaderKey struct{}
@@ -157,7 +133,7 @@ func (g *Gateway) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeRespo
 			return s.IsRangePermitted(ai, r.GetKey(), r.GetRangeEnd())
 		},
 		func(ctx context.Context, r *pb.RangeRequest) (*pb.RangeResponse, error) {
-			return call(ctx, g, rangeRoute(r), func(c *replicaConn) unaryFunc[pb.RangeRequest, pb.RangeResponse] { return c.kv.Range }, r)
+			return call(ctx, g, rangeRoute(r), replicaapi.API.Range, r)
 		})
 }
 
@@ -170,7 +146,7 @@ func (g *Gateway) Put(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, e
 			return s.CheckPut(ai, r.GetKey(), r.GetPrevKv())
 		},
 		func(ctx context.Context, r *pb.PutRequest) (*pb.PutResponse, error) {
-			return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.PutRequest, pb.PutResponse] { return c.kv.Put }, r)
+			return call(ctx, g, toLeader, replicaapi.API.Put, r)
 		})
 }
 
@@ -182,7 +158,7 @@ func (g *Gateway) DeleteRange(ctx context.Context, r *pb.DeleteRangeRequest) (*p
 		func(s *authz.Store, ai *authz.Info, r *pb.DeleteRangeRequest) error {
 			return s.CheckDeleteRange(ai, r.GetKey(), r.GetRangeEnd(), r.GetPrevKv())
 		}, func(ctx context.Context, r *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
-			return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.DeleteRangeRequest, pb.DeleteRangeResponse] { return c.kv.DeleteRange }, r)
+			return call(ctx, g, toLeader, replicaapi.API.DeleteRange, r)
 		})
 }
 
@@ -190,7 +166,7 @@ func (g *Gateway) Txn(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, e
 	return nsAuthorized(ctx, g, r, namespace.TxnIn, namespace.TxnOut,
 		func(s *authz.Store, ai *authz.Info, r *pb.TxnRequest) error { return s.CheckTxn(ai, r) },
 		func(ctx context.Context, r *pb.TxnRequest) (*pb.TxnResponse, error) {
-			return call(ctx, g, txnRoute(r), func(c *replicaConn) unaryFunc[pb.TxnRequest, pb.TxnResponse] { return c.kv.Txn }, r)
+			return call(ctx, g, txnRoute(r), replicaapi.API.Txn, r)
 		})
 }
 
@@ -216,7 +192,7 @@ func nsAuthorized[Req, Res any](ctx context.Context, g *Gateway, req *Req, in fu
 
 func (g *Gateway) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.CompactionResponse, error) {
 	resp, err := authorized(ctx, g, admin, func(ctx context.Context) (*pb.CompactionResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.CompactionRequest, pb.CompactionResponse] { return c.kv.Compact }, r)
+		return call(ctx, g, toLeader, replicaapi.API.Compact, r)
 	})
 	if err == nil && g.hub != nil {
 		// Watches created through this gateway from now on know it, whatever the
@@ -229,55 +205,47 @@ func (g *Gateway) Compact(ctx context.Context, r *pb.CompactionRequest) (*pb.Com
 // MemberList needs some user with auth enabled, as in etcd 3.5 and later.
 func (g *Gateway) MemberList(ctx context.Context, r *pb.MemberListRequest) (*pb.MemberListResponse, error) {
 	return authorized(ctx, g, requireInfo, func(ctx context.Context) (*pb.MemberListResponse, error) {
-		return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.MemberListRequest, pb.MemberListResponse] {
-			return c.cluster.MemberList
-		}, r)
+		return call(ctx, g, spread, replicaapi.API.MemberList, r)
 	})
 }
 
 func (g *Gateway) MemberAdd(ctx context.Context, r *pb.MemberAddRequest) (*pb.MemberAddResponse, error) {
 	defer g.view.kick()
 	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.MemberAddResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberAddRequest, pb.MemberAddResponse] { return c.cluster.MemberAdd }, r)
+		return call(ctx, g, toLeader, replicaapi.API.MemberAdd, r)
 	})
 }
 
 func (g *Gateway) MemberRemove(ctx context.Context, r *pb.MemberRemoveRequest) (*pb.MemberRemoveResponse, error) {
 	defer g.view.kick()
 	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.MemberRemoveResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberRemoveRequest, pb.MemberRemoveResponse] {
-			return c.cluster.MemberRemove
-		}, r)
+		return call(ctx, g, toLeader, replicaapi.API.MemberRemove, r)
 	})
 }
 
 func (g *Gateway) MemberUpdate(ctx context.Context, r *pb.MemberUpdateRequest) (*pb.MemberUpdateResponse, error) {
 	defer g.view.kick()
 	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.MemberUpdateResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberUpdateRequest, pb.MemberUpdateResponse] {
-			return c.cluster.MemberUpdate
-		}, r)
+		return call(ctx, g, toLeader, replicaapi.API.MemberUpdate, r)
 	})
 }
 
 func (g *Gateway) MemberPromote(ctx context.Context, r *pb.MemberPromoteRequest) (*pb.MemberPromoteResponse, error) {
 	defer g.view.kick()
 	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.MemberPromoteResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MemberPromoteRequest, pb.MemberPromoteResponse] {
-			return c.cluster.MemberPromote
-		}, r)
+		return call(ctx, g, toLeader, replicaapi.API.MemberPromote, r)
 	})
 }
 
 func (g *Gateway) HashKV(ctx context.Context, r *pb.HashKVRequest) (*pb.HashKVResponse, error) {
 	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.HashKVResponse, error) {
-		return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.HashKVRequest, pb.HashKVResponse] { return c.maint.HashKV }, r)
+		return call(ctx, g, spread, replicaapi.API.HashKV, r)
 	})
 }
 
 func (g *Gateway) Hash(ctx context.Context, r *pb.HashRequest) (*pb.HashResponse, error) {
 	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.HashResponse, error) {
-		return call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.HashRequest, pb.HashResponse] { return c.maint.Hash }, r)
+		return call(ctx, g, spread, replicaapi.API.Hash, r)
 	})
 }
 
@@ -285,14 +253,14 @@ func (g *Gateway) Hash(ctx context.Context, r *pb.HashRequest) (*pb.HashResponse
 // (etcdctl move-leader) find the leader as the endpoint whose member ID is the leader.
 func (g *Gateway) Status(ctx context.Context, r *pb.StatusRequest) (*pb.StatusResponse, error) {
 	return authorized(ctx, g, requireInfo, func(ctx context.Context) (*pb.StatusResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.StatusRequest, pb.StatusResponse] { return c.maint.Status }, r)
+		return call(ctx, g, toLeader, replicaapi.API.Status, r)
 	})
 }
 
 func (g *Gateway) MoveLeader(ctx context.Context, r *pb.MoveLeaderRequest) (*pb.MoveLeaderResponse, error) {
 	defer g.view.kick()
 	return authorized(ctx, g, admin, func(ctx context.Context) (*pb.MoveLeaderResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.MoveLeaderRequest, pb.MoveLeaderResponse] { return c.maint.MoveLeader }, r)
+		return call(ctx, g, toLeader, replicaapi.API.MoveLeader, r)
 	})
 }
 

@@ -8,7 +8,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"connectrpc.com/connect"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -18,6 +17,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/libs/notify"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 	"github.com/kvmesh/kvmesh/services/gateway/watch"
@@ -125,9 +125,7 @@ func (a *authCache) fetch() error {
 	if known := a.cur.Load(); known != nil {
 		req.Known = known.Stamp()
 	}
-	resp, err := call(ctx, a.g, leaderRead, func(c *replicaConn) unaryFunc[replicav1.AuthStateRequest, replicav1.AuthStateResponse] {
-		return c.auth.State
-	}, req)
+	resp, err := call(ctx, a.g, leaderRead, replicaapi.API.AuthState, req)
 	if err != nil {
 		return err
 	}
@@ -246,7 +244,12 @@ func (g *Gateway) decide(ctx context.Context, chk check) (context.Context, *auth
 		}
 		ai, err = g.authInfo(ctx, s)
 		if err == errTokenAhead {
-			err = etcderr.ErrInvalidAuthToken
+			// Still ahead of a fresh copy: a token no replica issued. etcd ignores
+			// tokens while auth is disabled.
+			ai, err = nil, etcderr.ErrInvalidAuthToken
+			if !s.Enabled {
+				err = nil
+			}
 		}
 	}
 	if err != nil {
@@ -267,10 +270,15 @@ var errTokenAhead = errors.New("token from a newer auth state than the gateway's
 // authInfo is etcd's AuthInfoFromCtx: nothing while auth is disabled or no token was
 // sent; otherwise the user the token names, or "invalid auth token".
 func (g *Gateway) authInfo(ctx context.Context, s *authz.Store) (*authz.Info, error) {
+	tok, _ := ctx.Value(credentialsKey{}).(string)
 	if !s.Enabled {
+		// A token issued after the copy (auth was enabled since) says the copy is
+		// behind: the revision it claims, unverified, only asks for a refresh.
+		if rev := authz.ClaimedRevision(tok); tok != "" && rev > s.Revision {
+			return &authz.Info{Revision: rev}, errTokenAhead
+		}
 		return nil, nil
 	}
-	tok, _ := ctx.Value(credentialsKey{}).(string)
 	if tok == "" {
 		if g.cfg.ClientCertAuth {
 			// etcd's AuthInfoFromTLS: without a token, the verified client
@@ -310,7 +318,7 @@ func authorized[Res any](ctx context.Context, g *Gateway, chk check, do func(con
 			continue
 		}
 		res, err := do(dctx)
-		if err == nil || !isAuthStale(err) {
+		if err == nil || !errors.Is(err, etcderr.ErrAuthStale) {
 			return res, err
 		}
 		g.m.authStale.Inc()
@@ -322,11 +330,6 @@ func authorized[Res any](ctx context.Context, g *Gateway, chk check, do func(con
 		}
 		refreshed = true
 	}
-}
-
-func isAuthStale(err error) bool {
-	_, msg := etcderr.CodeMessage(err)
-	return msg == etcderr.ErrAuthStale.Error()
 }
 
 // failureLimiter limits failed Authenticate attempts per user and per client address:
@@ -398,22 +401,6 @@ func (l *failureLimiter) succeeded(key string) {
 	l.mu.Unlock()
 }
 
-// setDecisionHeader puts the decision a request carries on a Connect call to a
-// replica. The grpc-go clients take it from the context (decisionValue).
-func setDecisionHeader[Req any](ctx context.Context, r *connect.Request[Req]) {
-	if v := decisionValue(ctx); v != "" {
-		r.Header().Set(authz.MetadataKey, v)
-	}
-}
-
-// decisionValue is the metadata value of the decision ctx carries; "" for none.
-func decisionValue(ctx context.Context) string {
-	if d, ok := authz.DecisionFrom(ctx); ok {
-		return d.Encode()
-	}
-	return ""
-}
-
 // watchAuthWait is how long a watch create may wait for the gateway's copy of the auth
 // state to catch up with what the revision stream announced, or with its token.
 const watchAuthWait = time.Second
@@ -442,6 +429,9 @@ func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest)
 			ahead = ai.Revision
 			if lagging {
 				err = nil
+				if !s.Enabled {
+					ai = nil
+				}
 			}
 		}
 		if err != nil {

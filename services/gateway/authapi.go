@@ -2,6 +2,7 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"net"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 )
 
 // etcd's Auth service. Authenticate goes to a replica, which checks the password and
@@ -32,7 +34,7 @@ func userName(ai *authz.Info) string {
 // authCall decides and runs one Auth RPC on the leader.
 func (g *Gateway) authCall(ctx context.Context, chk check, req *replicav1.AuthRequest) (*replicav1.AuthResponse, error) {
 	resp, err := authorized(ctx, g, chk, func(ctx context.Context) (*replicav1.AuthResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[replicav1.AuthRequest, replicav1.AuthResponse] { return c.auth.Call }, req)
+		return call(ctx, g, toLeader, replicaapi.API.AuthCall, req)
 	})
 	if err == nil && authz.IsChange(req) {
 		// This gateway's next request sees the change without waiting for the
@@ -60,11 +62,9 @@ func (g *Gateway) Authenticate(ctx context.Context, r *pb.AuthenticateRequest) (
 		g.m.authThrottled.Inc()
 		return nil, etcderr.ErrTooManyAuthFailures
 	}
-	resp, err := call(ctx, g, spread, func(c *replicaConn) unaryFunc[pb.AuthenticateRequest, pb.AuthenticateResponse] {
-		return c.auth.Authenticate
-	}, r)
+	resp, err := call(ctx, g, spread, replicaapi.API.Authenticate, r)
 	if err != nil {
-		if _, msg := etcderr.CodeMessage(err); msg == etcderr.ErrAuthFailed.Error() {
+		if errors.Is(err, etcderr.ErrAuthFailed) {
 			g.auth.failures.failed(time.Now(), userKey, addrKey)
 			g.m.authFailures.Inc()
 		}

@@ -28,8 +28,8 @@ import (
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
-	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/meshtls"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
@@ -127,9 +127,6 @@ type Gateway struct {
 	log    *slog.Logger
 	tracer trace.Tracer
 
-	// inProcess is set when the replica is reached in-process (the all-in-one).
-	inProcess bool
-
 	// seenRev is the highest revision of any answer this gateway passed on: a watch
 	// created after it starts after it, so a client sees its own writes.
 	seenRev atomic.Int64
@@ -137,8 +134,7 @@ type Gateway struct {
 	hub     *watch.Hub
 	stopHub context.CancelFunc
 
-	// client carries internal API calls; view knows the replicas and the leader.
-	client   connect.HTTPClient
+	// view knows the replicas, the links to them and the leader.
 	view     *view
 	stopView context.CancelFunc
 	leases   *leaseRouter
@@ -158,9 +154,9 @@ type Gateway struct {
 	grpc   *grpc.Server
 }
 
-// New builds a gateway; call Listen, then Serve. client carries the internal API calls
-// to the replicas; nil means h2c over the network.
-func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gateway, error) {
+// New builds a gateway; call Listen, then Serve. dial links the gateway to the
+// replicas; nil means over the network (replicaapi.Network, with the mesh's TLS).
+func New(cfg Config, tel *telemetry.Telemetry, dial replicaapi.Dialer) (*Gateway, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -177,12 +173,12 @@ func New(cfg Config, tel *telemetry.Telemetry, client connect.HTTPClient) (*Gate
 			return nil, fmt.Errorf("KVMESH_GATEWAY_TLS_…: %w", err)
 		}
 	}
-	if client == nil {
-		client = h2c.NewClient(g.mesh.ClientConfig())
+	if dial == nil {
+		dial = replicaapi.Network{TLS: g.mesh.ClientConfig(), Options: tel.GRPCInternalClient()}
 	}
-	_, g.inProcess = client.(*inproc.Client)
-	g.client = client
-	g.view = newView(g, cfg.Replicas)
+	if g.view, err = newView(g, dial, cfg.Replicas); err != nil {
+		return nil, err
+	}
 	g.leases = newLeaseRouter(g)
 	g.auth = newAuthCache(g)
 	g.registerMetrics()
@@ -206,7 +202,7 @@ func (g *Gateway) EnableWatch(nc *nats.Conn, stream revstream.Config) error {
 		ProgressNotifyInterval: g.cfg.WatchProgressNotifyInterval,
 		FragmentBytes:          g.cfg.MaxRequestBytes + grpcOverheadBytes,
 	}, stream, nc, watch.Deps{
-		Replicas:   watchReplicas{view: g.view, inProcess: g.inProcess},
+		Replicas:   watchReplicas{view: g.view},
 		Authorizer: watchAuthorizer{g},
 		Cluster:    watchCluster{g},
 	}, g.tel)

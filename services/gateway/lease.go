@@ -13,7 +13,7 @@ import (
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
@@ -40,24 +40,20 @@ const renewRetry = 50 * time.Millisecond
 
 func (g *Gateway) LeaseGrant(ctx context.Context, r *pb.LeaseGrantRequest) (*pb.LeaseGrantResponse, error) {
 	return authorized(ctx, g, requireInfo, func(ctx context.Context) (*pb.LeaseGrantResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseGrantRequest, pb.LeaseGrantResponse] { return c.lease.LeaseGrant }, r)
+		return call(ctx, g, toLeader, replicaapi.API.LeaseGrant, r)
 	})
 }
 
 func (g *Gateway) LeaseRevoke(ctx context.Context, r *pb.LeaseRevokeRequest) (*pb.LeaseRevokeResponse, error) {
 	return authorized(ctx, g, allow, func(ctx context.Context) (*pb.LeaseRevokeResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseRevokeRequest, pb.LeaseRevokeResponse] {
-			return c.lease.LeaseRevoke
-		}, r)
+		return call(ctx, g, toLeader, replicaapi.API.LeaseRevoke, r)
 	})
 }
 
 // LeaseLeases goes to the leader, so a client sees the leases it was just granted.
 func (g *Gateway) LeaseLeases(ctx context.Context, r *pb.LeaseLeasesRequest) (*pb.LeaseLeasesResponse, error) {
 	return authorized(ctx, g, requireInfo, func(ctx context.Context) (*pb.LeaseLeasesResponse, error) {
-		return call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseLeasesRequest, pb.LeaseLeasesResponse] {
-			return c.lease.LeaseLeases
-		}, r)
+		return call(ctx, g, toLeader, replicaapi.API.LeaseLeases, r)
 	})
 }
 
@@ -72,9 +68,7 @@ func (g *Gateway) leaseTimeToLive(ctx context.Context, r *pb.LeaseTimeToLiveRequ
 	ctx, cancel := context.WithTimeout(ctx, renewTimeout)
 	defer cancel()
 	for {
-		resp, err := call(ctx, g, toLeader, func(c *replicaConn) unaryFunc[pb.LeaseTimeToLiveRequest, pb.LeaseTimeToLiveResponse] {
-			return c.lease.LeaseTimeToLive
-		}, r)
+		resp, err := call(ctx, g, toLeader, replicaapi.API.LeaseTimeToLive, r)
 		if !isNotLeader(err) {
 			return resp, err
 		}
@@ -245,11 +239,8 @@ func (lr *leaseRouter) keeper(c *replicaConn) *keeper {
 	k := lr.keepers[c]
 	if k == nil {
 		k = &keeper{lr: lr, c: c, sent: make(map[uint64][]*renewal), wake: make(chan struct{}, 1)}
-		ctx := context.Background()
-		if lr.g.inProcess {
-			ctx = inproc.Context(ctx)
-		}
-		ctx, k.cancel = context.WithCancel(ctx)
+		var ctx context.Context
+		ctx, k.cancel = context.WithCancel(context.Background())
 		lr.keepers[c] = k
 		go k.run(ctx)
 	}
@@ -308,7 +299,11 @@ func (k *keeper) add(rn *renewal) bool {
 func (k *keeper) run(ctx context.Context) {
 	// The keeper's stream carries the renewals of many clients for as long as the
 	// gateway runs: not a request of its own to trace.
-	stream := k.c.lease.KeepAlive(telemetry.Untraced(ctx))
+	stream, err := k.c.api.KeepAlive(telemetry.Untraced(ctx))
+	if err != nil {
+		k.fail(err)
+		return
+	}
 	go k.receive(stream)
 	for {
 		select {
@@ -340,9 +335,9 @@ func (k *keeper) run(ctx context.Context) {
 	}
 }
 
-func (k *keeper) receive(stream *connect.BidiStreamForClient[replicav1.KeepAliveBatch, replicav1.KeepAliveResults]) {
+func (k *keeper) receive(stream replicaapi.KeepAliveStream) {
 	for {
-		res, err := stream.Receive()
+		res, err := stream.Recv()
 		if err != nil {
 			k.fail(err)
 			return
@@ -364,7 +359,7 @@ func (k *keeper) receive(stream *connect.BidiStreamForClient[replicav1.KeepAlive
 		for i, rn := range batch {
 			if len(refused) > 0 && refused[0].GetIndex() == uint32(i) {
 				// etcd ends the client's keep-alive stream with the error.
-				rn.done(0, nil, connect.NewError(connect.Code(refused[0].GetCode()), errors.New(refused[0].GetMessage())))
+				rn.done(0, nil, etcderr.FromWire(connect.Code(refused[0].GetCode()), refused[0].GetMessage()))
 				refused = refused[1:]
 				continue
 			}
@@ -390,7 +385,7 @@ func (k *keeper) fail(err error) {
 	k.mu.Unlock()
 	k.cancel()
 	k.lr.forget(k)
-	if neverArrived(err) {
+	if replicaapi.IsNotSent(err) {
 		k.lr.g.view.markDown(k.c)
 	} else if !errors.Is(err, context.Canceled) {
 		k.lr.g.log.Debug("keep-alive stream to a replica ended", "replica", k.c.url, "err", err)

@@ -1,6 +1,7 @@
 package gateway
 
 import (
+	"errors"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -45,23 +46,24 @@ func (g *Gateway) registerMetrics() {
 		Name: "kvmesh_gateway_recipe_waiters",
 		Help: "Lock, Campaign and Observe calls waiting for keys to change, by RPC.",
 	}, []string{"rpc"})
-	cs := []prometheus.Collector{failovers, g.m.leaderChanges, g.m.authFailures, g.m.authThrottled, g.m.authStale, g.m.recipeWaiters,
+	g.tel.Registry.MustRegister(failovers, g.m.leaderChanges, g.m.authFailures, g.m.authThrottled, g.m.authStale, g.m.recipeWaiters,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "kvmesh_gateway_replicas_reachable",
 			Help: "Voting replicas the gateway can reach now.",
-		}, func() float64 { return float64(g.view.reachable(time.Now())) }),
+		}, func() float64 { return float64(g.view.reachable(time.Now())) }))
+	// etcd's own gauge, for the tools that watch it on the client port. A replica in the
+	// same process (the all-in-one) has registered it already, with the same meaning.
+	err := g.tel.Registry.Register(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "etcd_server_has_leader",
+		Help: "Whether or not a leader exists. 1 is existence, 0 is not.",
+	}, func() float64 {
+		if g.view.leaderID() != 0 {
+			return 1
+		}
+		return 0
+	}))
+	var already prometheus.AlreadyRegisteredError
+	if err != nil && !errors.As(err, &already) {
+		panic(err)
 	}
-	if !g.inProcess {
-		// In the all-in-one the replica reports it, under the same name.
-		cs = append(cs, prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Name: "etcd_server_has_leader",
-			Help: "Whether or not a leader exists. 1 is existence, 0 is not.",
-		}, func() float64 {
-			if g.view.leaderID() != 0 {
-				return 1
-			}
-			return 0
-		}))
-	}
-	g.tel.Registry.MustRegister(cs...)
 }

@@ -2,20 +2,16 @@ package gateway
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"connectrpc.com/connect"
-	"google.golang.org/grpc"
-
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
-	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
-	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
-	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/notify"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 )
 
 // view is the gateway's picture of the cluster: the members (learned from the
@@ -24,7 +20,8 @@ import (
 // refresh at once. Nothing in it is state the gateway owns: a new gateway learns it in
 // one round.
 type view struct {
-	g *Gateway
+	g    *Gateway
+	dial replicaapi.Dialer
 
 	mu     sync.RWMutex
 	conns  map[string]*replicaConn // by internal API URL, every replica ever seen
@@ -40,27 +37,11 @@ type view struct {
 	cluster  atomic.Uint64   // the cluster's ID, once a replica told it
 }
 
-// kvClient is the part of the KV service's client the gateway calls: Connect's in
-// process, grpcKVClient (batched) over the network.
-type kvClient interface {
-	Range(context.Context, *connect.Request[pb.RangeRequest]) (*connect.Response[pb.RangeResponse], error)
-	Put(context.Context, *connect.Request[pb.PutRequest]) (*connect.Response[pb.PutResponse], error)
-	DeleteRange(context.Context, *connect.Request[pb.DeleteRangeRequest]) (*connect.Response[pb.DeleteRangeResponse], error)
-	Txn(context.Context, *connect.Request[pb.TxnRequest]) (*connect.Response[pb.TxnResponse], error)
-	Compact(context.Context, *connect.Request[pb.CompactionRequest]) (*connect.Response[pb.CompactionResponse], error)
-}
-
 // replicaConn is the gateway's link to one replica's internal API.
 type replicaConn struct {
-	url     string
-	id      uint64
-	kv      kvClient
-	cluster replicav1connect.ClusterServiceClient
-	maint   replicav1connect.MaintenanceServiceClient
-	feed    replicav1connect.FeedServiceClient
-	lease   replicav1connect.LeaseServiceClient
-	auth    replicav1connect.AuthServiceClient
-	grpc    *grpc.ClientConn // nil in-process
+	url string
+	id  uint64
+	api replicaapi.Conn
 	// downUntil is when a replica that could not be reached is tried again.
 	downUntil atomic.Int64
 }
@@ -76,47 +57,34 @@ const updateTimeout = 2 * time.Second
 // downFor is how long a replica that could not be reached is passed over.
 const downFor = time.Second
 
-func newView(g *Gateway, urls []string) *view {
-	v := &view{g: g, conns: make(map[string]*replicaConn), refresh: make(chan struct{}, 1)}
+// newView starts from the replicas at urls (checked by Config.Validate), reached
+// through dial.
+func newView(g *Gateway, dial replicaapi.Dialer, urls []string) (*view, error) {
+	v := &view{g: g, dial: dial, conns: make(map[string]*replicaConn), refresh: make(chan struct{}, 1)}
 	for _, u := range urls {
-		v.seeds = append(v.seeds, v.conn(u))
+		c, err := v.conn(u)
+		if err != nil {
+			return nil, fmt.Errorf("KVMESH_GATEWAY_REPLICAS: %w", err)
+		}
+		v.seeds = append(v.seeds, c)
 	}
 	v.voters = v.seeds
-	return v
+	return v, nil
 }
 
 // conn returns the link to the replica at u, making it on first use.
-func (v *view) conn(u string) *replicaConn {
+func (v *view) conn(u string) (*replicaConn, error) {
 	u = strings.TrimRight(u, "/")
 	if c := v.conns[u]; c != nil {
-		return c
+		return c, nil
 	}
-	opts := v.g.tel.InternalClient()
-	c := &replicaConn{
-		url:     u,
-		kv:      replicav1connect.NewKVServiceClient(v.g.client, u, opts...),
-		cluster: replicav1connect.NewClusterServiceClient(v.g.client, u, opts...),
-		maint:   replicav1connect.NewMaintenanceServiceClient(v.g.client, u, opts...),
-		feed:    replicav1connect.NewFeedServiceClient(v.g.client, u, opts...),
-		lease:   replicav1connect.NewLeaseServiceClient(v.g.client, u, opts...),
-		auth:    replicav1connect.NewAuthServiceClient(v.g.client, u, opts...),
+	api, err := v.dial.Dial(u)
+	if err != nil {
+		return nil, err
 	}
-	if !v.g.inProcess {
-		// Over the network, the unary calls go over grpc-go (see upstream.go).
-		if cc, err := grpcsplit.Dial(u, v.g.mesh.ClientConfig(), v.g.tel.GRPCInternalClient()...); err == nil {
-			c.grpc = cc
-			kv := replicav1.NewKVServiceClient(cc)
-			c.kv = grpcKVClient{c: kv, b: &kvBatcher{client: kv}}
-			c.cluster = grpcClusterClient{replicav1.NewClusterServiceClient(cc)}
-			c.maint = grpcMaintenanceClient{replicav1.NewMaintenanceServiceClient(cc)}
-			c.lease = grpcLeaseClient{LeaseServiceClient: c.lease, c: replicav1.NewLeaseServiceClient(cc)}
-			c.auth = grpcAuthClient{replicav1.NewAuthServiceClient(cc)}
-		} else {
-			v.g.log.Warn("no grpc-go link to the replica; using Connect", "replica", u, "err", err)
-		}
-	}
+	c := &replicaConn{url: u, api: api}
 	v.conns[u] = c
-	return c
+	return c, nil
 }
 
 // close closes the links to every replica.
@@ -124,9 +92,7 @@ func (v *view) close() {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	for _, c := range v.conns {
-		if c.grpc != nil {
-			c.grpc.Close()
-		}
+		c.api.Close()
 	}
 }
 
@@ -170,10 +136,10 @@ func (v *view) update(ctx context.Context) {
 	v.mu.RUnlock()
 	var members []*pb.Member
 	for _, c := range order {
-		resp, err := c.cluster.MemberList(ctx, connect.NewRequest(&pb.MemberListRequest{}))
+		resp, err := c.api.MemberList(ctx, &pb.MemberListRequest{})
 		if err == nil {
-			members = resp.Msg.GetMembers()
-			v.cluster.Store(resp.Msg.GetHeader().GetClusterId())
+			members = resp.GetMembers()
+			v.cluster.Store(resp.GetHeader().GetClusterId())
 			break
 		}
 		if ctx.Err() != nil {
@@ -189,7 +155,11 @@ func (v *view) update(ctx context.Context) {
 		if m.GetIsLearner() || len(m.GetPeerURLs()) == 0 {
 			continue
 		}
-		c := v.conn(m.GetPeerURLs()[0])
+		c, err := v.conn(m.GetPeerURLs()[0])
+		if err != nil {
+			v.g.log.Warn("a member's URL cannot be dialed", "member", m.GetID(), "url", m.GetPeerURLs()[0], "err", err)
+			continue
+		}
 		c.id = m.GetID()
 		voters = append(voters, c)
 	}
@@ -206,13 +176,13 @@ func (v *view) update(ctx context.Context) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			st, err := c.maint.Status(ctx, connect.NewRequest(&pb.StatusRequest{}))
+			st, err := c.api.Status(ctx, &pb.StatusRequest{})
 			if err != nil {
 				c.downUntil.Store(time.Now().Add(downFor).UnixNano())
 				return
 			}
 			c.downUntil.Store(0)
-			votes[i], answered[i] = st.Msg.GetLeader(), true
+			votes[i], answered[i] = st.GetLeader(), true
 		}()
 	}
 	wg.Wait()

@@ -6,12 +6,9 @@ import (
 	"fmt"
 	"time"
 
-	"connectrpc.com/connect"
-
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/services/gateway/watch"
 )
 
@@ -19,10 +16,7 @@ import (
 // permission of a watch, and the names in a response's header.
 
 // watchReplicas reads history from the replicas the view knows.
-type watchReplicas struct {
-	view      *view
-	inProcess bool
-}
+type watchReplicas struct{ view *view }
 
 // Feed reads [from, to] from a replica's Feed, trying the replicas in turn.
 func (r watchReplicas) Feed(ctx context.Context, from, to int64, fn func(*replicav1.Revision) error) error {
@@ -58,44 +52,31 @@ func (r watchReplicas) Feed(ctx context.Context, from, to int64, fn func(*replic
 func (r watchReplicas) feedFrom(ctx context.Context, c *replicaConn, from, to int64, fn func(*replicav1.Revision) error) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if r.inProcess {
-		ctx = inproc.Context(ctx)
-	}
-	s, err := c.feed.Feed(ctx, connect.NewRequest(&replicav1.FeedRequest{FromRevision: from, ToRevision: to}))
-	if err != nil {
-		return err
-	}
-	defer s.Close()
 	compact := int64(-1)
-	for s.Receive() {
-		compact = s.Msg().GetCompactRevision()
-		for _, rev := range s.Msg().GetRevisions() {
+	err := c.api.Feed(ctx, &replicav1.FeedRequest{FromRevision: from, ToRevision: to}, func(m *replicav1.FeedResponse) error {
+		compact = m.GetCompactRevision()
+		for _, rev := range m.GetRevisions() {
 			if err := fn(rev); err != nil {
 				return err
 			}
 		}
+		return nil
+	})
+	if errors.Is(err, etcderr.ErrCompacted) {
+		return &watch.CompactedError{Rev: compact}
 	}
-	if err := s.Err(); err != nil {
-		if _, msg := etcderr.CodeMessage(err); msg == etcderr.ErrCompacted.Error() {
-			return &watch.CompactedError{Rev: compact}
-		}
-		return err
-	}
-	return nil
+	return err
 }
 
 // Position asks a replica for its current and compacted revisions.
 func (r watchReplicas) Position(ctx context.Context) (*replicav1.PositionResponse, error) {
-	if r.inProcess {
-		ctx = inproc.Context(ctx)
-	}
 	var lastErr error = etcderr.ErrNoLeader
 	for _, c := range r.view.forRead() {
 		cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		resp, err := c.feed.Position(cctx, connect.NewRequest(&replicav1.PositionRequest{}))
+		resp, err := c.api.Position(cctx, &replicav1.PositionRequest{})
 		cancel()
 		if err == nil {
-			return resp.Msg, nil
+			return resp, nil
 		}
 		lastErr = err
 	}

@@ -14,8 +14,8 @@ import (
 	"github.com/nats-io/nats.go"
 
 	"github.com/kvmesh/kvmesh/libs/config"
-	"github.com/kvmesh/kvmesh/libs/inproc"
 	"github.com/kvmesh/kvmesh/libs/lifecycle"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/fanout"
@@ -116,12 +116,13 @@ func run() error {
 			embedded.Stop()
 		}
 	}
-	// The gateway and the fanout reach the replica over the internal API, as they do
-	// in the mesh, but in-process: the same Connect calls without sockets.
-	client := inproc.NewClient(rep.Handler())
+	// The gateway and the fanout call the replica's internal API in process: the
+	// methods its grpc-go server serves, called directly (any other member, should one
+	// be added, over the network).
+	dial := rep.Dialer(replicaapi.Network{TLS: mesh.ClientConfig(), Options: tel.GRPCInternalClient()})
 	gcfg.Replicas = []string{"http://" + rep.Addr()}
 	fcfg.Replicas = gcfg.Replicas
-	gw, err := gateway.New(gcfg, tel, client)
+	gw, err := gateway.New(gcfg, tel, dial)
 	if err == nil {
 		err = gw.EnableWatch(nc, ncfg)
 	}
@@ -130,7 +131,7 @@ func run() error {
 	}
 	var fo *fanout.Fanout
 	if err == nil {
-		fo, err = fanout.New(fcfg, ncfg, tel, client, nc)
+		fo, err = fanout.New(fcfg, ncfg, tel, dial, nc)
 	}
 	if err == nil {
 		err = fo.Listen()

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"io"
+	"net"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -18,7 +19,8 @@ import (
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
 	"github.com/kvmesh/kvmesh/libs/config"
-	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/fanout"
@@ -27,14 +29,36 @@ import (
 )
 
 // A request through the gateway is one trace, from the gateway's public handler
-// through the internal call to the replica, the Raft proposal, its commit and the
-// apply: over Connect and over gRPC (grpc-go's face).
+// through the internal call to the replica (in process, or over grpc-go with the
+// replica's span for the call), the Raft proposal, its commit and the apply: over Connect and
+// over gRPC (grpc-go's face).
 func TestARequestIsOneTraceFromGatewayToApply(t *testing.T) {
 	tel, spans := tracedTelemetry(t)
 	rcfg, gcfg, _, _ := defaultConfigs(t)
 	rep := startReplica(t, rcfg, tel)
 	gcfg.Replicas = []string{"http://" + rep.Addr()}
-	gw, err := gateway.New(gcfg, tel, inproc.NewClient(rep.Handler()))
+	network := replicaapi.Network{Options: tel.GRPCInternalClient()}
+	for _, link := range []struct {
+		name     string
+		dial     replicaapi.Dialer
+		internal []string // the internal call's spans
+	}{
+		{"in-process", rep.Dialer(network), nil},
+		// The replica's span for the call on the gateway's Batch stream.
+		{"network", network, []string{"kvmesh.replica.v1.KVService/Put"}},
+	} {
+		t.Run(link.name, func(t *testing.T) { testRequestTrace(t, tel, spans, gcfg, link.dial, link.internal) })
+	}
+}
+
+func testRequestTrace(t *testing.T, rtel *telemetry.Telemetry, spans *tracetest.InMemoryExporter, gcfg gateway.Config, dial replicaapi.Dialer, internal []string) {
+	// Each gateway its own metrics, the replica's spans too.
+	tel, err := telemetry.New(context.Background(), "trace-test", telemetry.Config{LogLevel: "error", LogFormat: "text"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tel.WithTracerProvider(rtel.Tracer)
+	gw, err := gateway.New(gcfg, tel, dial)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -46,7 +70,7 @@ func TestARequestIsOneTraceFromGatewayToApply(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	connectKV := etcdserverpbconnect.NewKVClient(inproc.NewClient(gw.Handler()), "http://gateway")
+	connectKV := etcdserverpbconnect.NewKVClient(h2c.NewClient(nil), "http://"+gw.Addr())
 	for {
 		_, err := connectKV.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte("warm"), Value: []byte("up")}))
 		if err == nil {
@@ -105,7 +129,7 @@ func TestARequestIsOneTraceFromGatewayToApply(t *testing.T) {
 					t.Fatalf("span %s is in another trace", s.Name)
 				}
 			}
-			want := []string{"mvcc.apply", "raft.propose", "kvmesh.replica.v1.KVService/Put", "kvmesh.replica.v1.KVService/Put", face.public}
+			want := append(append([]string{"mvcc.apply", "raft.propose"}, internal...), face.public)
 			if len(chain) != len(want) {
 				t.Fatalf("the apply's ancestry is %q; want %q", chain, want)
 			}
@@ -143,10 +167,10 @@ func TestAWatchedRevisionIsOneTraceFromFanoutToGateway(t *testing.T) {
 	}
 	t.Cleanup(nc.Close)
 
-	client := inproc.NewClient(rep.Handler())
+	dial := rep.Dialer(replicaapi.Network{})
 	gcfg.Replicas = []string{"http://" + rep.Addr()}
 	fcfg.Replicas = gcfg.Replicas
-	gw, err := gateway.New(gcfg, tel, client)
+	gw, err := gateway.New(gcfg, tel, dial)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -158,7 +182,7 @@ func TestAWatchedRevisionIsOneTraceFromFanoutToGateway(t *testing.T) {
 	}
 	go gw.Serve()
 	t.Cleanup(func() { gw.Stop(context.Background()) })
-	fo, err := fanout.New(fcfg, ncfg, tel, client, nc)
+	fo, err := fanout.New(fcfg, ncfg, tel, dial, nc)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -276,7 +300,15 @@ func defaultConfigs(t *testing.T) (rcfg replica.Config, gcfg gateway.Config, fcf
 			t.Fatal(err)
 		}
 	}
-	rcfg.DataDir, rcfg.Listen, rcfg.TickInterval = t.TempDir(), "127.0.0.1:0", 10*time.Millisecond
+	// The replica's peer URL is where it listens: gateways reach it there.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	rcfg.DataDir, rcfg.Listen, rcfg.TickInterval = t.TempDir(), addr, 10*time.Millisecond
+	rcfg.PeerURLs = []string{"http://" + addr}
 	gcfg.Listen, fcfg.Listen = "127.0.0.1:0", ""
 	return
 }

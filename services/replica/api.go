@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 
-	"connectrpc.com/connect"
 	"go.etcd.io/raft/v3"
 
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
@@ -17,19 +16,22 @@ import (
 
 // kvService serves etcd's KV operations to gateways. It validates requests exactly as
 // etcd's gRPC layer does before anything reaches Raft.
-type kvService struct{ r *Replica }
+type kvService struct {
+	replicav1.UnimplementedKVServiceServer
+	r *Replica
+}
 
-func (s *kvService) Range(ctx context.Context, req *connect.Request[pb.RangeRequest]) (*connect.Response[pb.RangeResponse], error) {
-	m := req.Msg
+func (s *kvService) Range(ctx context.Context, req *pb.RangeRequest) (*pb.RangeResponse, error) {
+	m := req
 	if err := etcdcheck.RangeRequest(m); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	if err := s.r.serving(m.GetSerializable()); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	if !m.GetSerializable() {
 		if err := s.r.read.linearizable(ctx); err != nil {
-			return nil, etcderr.ToConnect(err)
+			return nil, err
 		}
 	}
 	st := s.r.acquire()
@@ -39,60 +41,60 @@ func (s *kvService) Range(ctx context.Context, req *connect.Request[pb.RangeRequ
 		err = s.r.checkRead(ctx)
 	}
 	if err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	s.r.header(resp.Header)
-	return connect.NewResponse(resp), nil
+	return resp, nil
 }
 
-func (s *kvService) Put(ctx context.Context, req *connect.Request[pb.PutRequest]) (*connect.Response[pb.PutResponse], error) {
+func (s *kvService) Put(ctx context.Context, req *pb.PutRequest) (*pb.PutResponse, error) {
 	if err := s.r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	if err := etcdcheck.PutRequest(req.Msg); err != nil {
-		return nil, etcderr.ToConnect(err)
+	if err := etcdcheck.PutRequest(req); err != nil {
+		return nil, err
 	}
-	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Put{Put: req.Msg}})
+	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Put{Put: req}})
 	if err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	out := resp.(*pb.PutResponse)
 	s.r.header(out.Header)
-	return connect.NewResponse(out), nil
+	return out, nil
 }
 
-func (s *kvService) DeleteRange(ctx context.Context, req *connect.Request[pb.DeleteRangeRequest]) (*connect.Response[pb.DeleteRangeResponse], error) {
+func (s *kvService) DeleteRange(ctx context.Context, req *pb.DeleteRangeRequest) (*pb.DeleteRangeResponse, error) {
 	if err := s.r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	if len(req.Msg.GetKey()) == 0 {
-		return nil, etcderr.ToConnect(etcderr.ErrEmptyKey)
+	if len(req.GetKey()) == 0 {
+		return nil, etcderr.ErrEmptyKey
 	}
-	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_DeleteRange{DeleteRange: req.Msg}})
+	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_DeleteRange{DeleteRange: req}})
 	if err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	out := resp.(*pb.DeleteRangeResponse)
 	s.r.header(out.Header)
-	return connect.NewResponse(out), nil
+	return out, nil
 }
 
-func (s *kvService) Txn(ctx context.Context, req *connect.Request[pb.TxnRequest]) (*connect.Response[pb.TxnResponse], error) {
+func (s *kvService) Txn(ctx context.Context, req *pb.TxnRequest) (*pb.TxnResponse, error) {
 	if err := s.r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	m := req.Msg
+	m := req
 	if err := etcdcheck.TxnRequest(m, s.r.cfg.MaxTxnOps); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	if err := etcdcheck.TxnIntervals(m); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	var out *pb.TxnResponse
 	if mvcc.IsTxnReadOnly(m) {
 		if !mvcc.IsTxnSerializable(m) {
 			if err := s.r.read.linearizable(ctx); err != nil {
-				return nil, etcderr.ToConnect(err)
+				return nil, err
 			}
 		}
 		st := s.r.acquire()
@@ -102,57 +104,63 @@ func (s *kvService) Txn(ctx context.Context, req *connect.Request[pb.TxnRequest]
 			err = s.r.checkRead(ctx)
 		}
 		if err != nil {
-			return nil, etcderr.ToConnect(err)
+			return nil, err
 		}
 		out = resp
 	} else {
 		resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Txn{Txn: m}})
 		if err != nil {
-			return nil, etcderr.ToConnect(err)
+			return nil, err
 		}
 		out = resp.(*pb.TxnResponse)
 	}
 	s.r.header(out.Header)
-	return connect.NewResponse(out), nil
+	return out, nil
 }
 
-func (s *kvService) Compact(ctx context.Context, req *connect.Request[pb.CompactionRequest]) (*connect.Response[pb.CompactionResponse], error) {
+func (s *kvService) Compact(ctx context.Context, req *pb.CompactionRequest) (*pb.CompactionResponse, error) {
 	if err := s.r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Compaction{Compaction: req.Msg}})
+	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Compaction{Compaction: req}})
 	if err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	if req.Msg.GetPhysical() {
+	if req.GetPhysical() {
 		st := s.r.acquire()
-		err := st.kv.WaitCompacted(ctx, req.Msg.GetRevision())
+		err := st.kv.WaitCompacted(ctx, req.GetRevision())
 		st.release()
 		if err != nil {
-			return nil, etcderr.ToConnect(err)
+			return nil, err
 		}
 	}
 	out := resp.(*pb.CompactionResponse)
 	s.r.header(out.Header)
-	return connect.NewResponse(out), nil
+	return out, nil
 }
 
-type clusterService struct{ r *Replica }
+type clusterService struct {
+	replicav1.UnimplementedClusterServiceServer
+	r *Replica
+}
 
-func (s *clusterService) MemberList(ctx context.Context, req *connect.Request[pb.MemberListRequest]) (*connect.Response[pb.MemberListResponse], error) {
+func (s *clusterService) MemberList(ctx context.Context, req *pb.MemberListRequest) (*pb.MemberListResponse, error) {
 	if err := s.r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	if req.Msg.GetLinearizable() {
+	if req.GetLinearizable() {
 		if err := s.r.read.linearizable(ctx); err != nil {
-			return nil, etcderr.ToConnect(err)
+			return nil, err
 		}
 	}
 	resp := &pb.MemberListResponse{Header: s.r.header(&pb.ResponseHeader{Revision: s.r.rev()}), Members: s.r.members.list()}
-	return connect.NewResponse(resp), nil
+	return resp, nil
 }
 
-type maintenanceService struct{ r *Replica }
+type maintenanceService struct {
+	replicav1.UnimplementedMaintenanceServiceServer
+	r *Replica
+}
 
 // serverVersion is the etcd version whose API kvmesh serves; tools compare it to
 // decide which features they may use.
@@ -161,7 +169,7 @@ const serverVersion = "3.6.0"
 // defaultQuotaBytes is etcd's default backend quota, reported as dbSizeQuota.
 const defaultQuotaBytes = 2 << 30
 
-func (s *maintenanceService) Status(ctx context.Context, req *connect.Request[pb.StatusRequest]) (*connect.Response[pb.StatusResponse], error) {
+func (s *maintenanceService) Status(ctx context.Context, req *pb.StatusRequest) (*pb.StatusResponse, error) {
 	r := s.r
 	st := r.node.Status()
 	size := r.dbSize()
@@ -183,47 +191,47 @@ func (s *maintenanceService) Status(ctx context.Context, req *connect.Request[pb
 	if st.Lead == raft.None {
 		resp.Errors = append(resp.Errors, etcderr.ErrNoLeader.Error())
 	}
-	return connect.NewResponse(resp), nil
+	return resp, nil
 }
 
-func (s *maintenanceService) HashKV(ctx context.Context, req *connect.Request[pb.HashKVRequest]) (*connect.Response[pb.HashKVResponse], error) {
+func (s *maintenanceService) HashKV(ctx context.Context, req *pb.HashKVRequest) (*pb.HashKVResponse, error) {
 	if err := s.r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	st := s.r.acquire()
-	hash, rev, compact, err := st.kv.HashKV(ctx, req.Msg.GetRevision())
+	hash, rev, compact, err := st.kv.HashKV(ctx, req.GetRevision())
 	st.release()
 	if err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	return connect.NewResponse(&pb.HashKVResponse{
+	return &pb.HashKVResponse{
 		Header:          s.r.header(&pb.ResponseHeader{Revision: s.r.rev()}),
 		Hash:            hash,
 		CompactRevision: compact,
 		HashRevision:    rev,
-	}), nil
+	}, nil
 }
 
 // Hash hashes the whole key history (etcd hashes its whole backend; kvmesh's members
 // agree on the key history, which is what the hash is compared for).
-func (s *maintenanceService) Hash(ctx context.Context, req *connect.Request[pb.HashRequest]) (*connect.Response[pb.HashResponse], error) {
+func (s *maintenanceService) Hash(ctx context.Context, req *pb.HashRequest) (*pb.HashResponse, error) {
 	if err := s.r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	st := s.r.acquire()
 	hash, rev, _, err := st.kv.HashKV(ctx, 0)
 	st.release()
 	if err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	return connect.NewResponse(&pb.HashResponse{Header: s.r.header(&pb.ResponseHeader{Revision: rev}), Hash: hash}), nil
+	return &pb.HashResponse{Header: s.r.header(&pb.ResponseHeader{Revision: rev}), Hash: hash}, nil
 }
 
 // healthRead is the read etcd's health checks make: one key, serializable (local) or
 // linearizable (through a ReadIndex round), with etcd's errors.
 func (r *Replica) healthRead(ctx context.Context, serializable bool) error {
 	return health.Read(ctx, func(ctx context.Context) error {
-		_, err := (&kvService{r}).Range(ctx, connect.NewRequest(&pb.RangeRequest{Key: []byte("health"), KeysOnly: true, Limit: 1, Serializable: serializable}))
+		_, err := (&kvService{r: r}).Range(ctx, &pb.RangeRequest{Key: []byte("health"), KeysOnly: true, Limit: 1, Serializable: serializable})
 		return err
 	})
 }

@@ -207,27 +207,6 @@ func decisionFromHeader(ctx context.Context, v string) (context.Context, error) 
 	return authz.WithDecision(ctx, d), nil
 }
 
-// authConnectInterceptor carries the decision of Connect calls into their context.
-type authConnectInterceptor struct{}
-
-func (authConnectInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
-	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
-		ctx, err := decisionFromHeader(ctx, req.Header().Get(authz.MetadataKey))
-		if err != nil {
-			return nil, err
-		}
-		return next(ctx, req)
-	}
-}
-
-func (authConnectInterceptor) WrapStreamingClient(next connect.StreamingClientFunc) connect.StreamingClientFunc {
-	return next
-}
-
-func (authConnectInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFunc) connect.StreamingHandlerFunc {
-	return next
-}
-
 // authGRPCInterceptor carries the decision of grpc-go calls into their context.
 func authGRPCInterceptor(ctx context.Context, req any, _ *grpc.UnaryServerInfo, next grpc.UnaryHandler) (any, error) {
 	if md, ok := metadata.FromIncomingContext(ctx); ok {
@@ -242,51 +221,54 @@ func authGRPCInterceptor(ctx context.Context, req any, _ *grpc.UnaryServerInfo, 
 }
 
 // authService is etcd's Auth API on a replica, for gateways.
-type authService struct{ r *Replica }
+type authService struct {
+	replicav1.UnimplementedAuthServiceServer
+	r *Replica
+}
 
-func (s *authService) State(ctx context.Context, req *connect.Request[replicav1.AuthStateRequest]) (*connect.Response[replicav1.AuthStateResponse], error) {
+func (s *authService) State(ctx context.Context, req *replicav1.AuthStateRequest) (*replicav1.AuthStateResponse, error) {
 	r := s.r
 	if err := r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	if err := r.read.linearizable(ctx); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	a := r.auth.cur.Load()
 	resp := &replicav1.AuthStateResponse{Stamp: a.store.Stamp()}
-	if k := req.Msg.GetKnown(); k == nil || !a.store.Matches(k) {
+	if k := req.GetKnown(); k == nil || !a.store.Matches(k) {
 		resp.State = authz.Public(a.msg, a.pub)
 	}
-	return connect.NewResponse(resp), nil
+	return resp, nil
 }
 
 // Authenticate is etcd's: after a linearizable read, the password is checked against
 // the stored bcrypt hash, outside of Raft; the token names the auth revision the check
 // was made at, and the check is made again if the store changed meanwhile.
-func (s *authService) Authenticate(ctx context.Context, req *connect.Request[pb.AuthenticateRequest]) (*connect.Response[pb.AuthenticateResponse], error) {
+func (s *authService) Authenticate(ctx context.Context, req *pb.AuthenticateRequest) (*pb.AuthenticateResponse, error) {
 	r := s.r
 	if err := r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	if err := r.read.linearizable(ctx); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	name, password := req.Msg.GetName(), req.Msg.GetPassword()
+	name, password := req.GetName(), req.GetPassword()
 	for {
 		a := r.auth.cur.Load()
 		if !a.store.Enabled {
-			return nil, etcderr.ToConnect(etcderr.ErrAuthNotEnabled)
+			return nil, etcderr.ErrAuthNotEnabled
 		}
 		hash, noPassword, found := authz.PasswordHash(a.msg, name)
 		switch {
 		case !found:
-			return nil, etcderr.ToConnect(etcderr.ErrAuthFailed)
+			return nil, etcderr.ErrAuthFailed
 		case noPassword:
-			return nil, etcderr.ToConnect(etcderr.ErrNoPasswordUser)
+			return nil, etcderr.ErrNoPasswordUser
 		}
 		if bcrypt.CompareHashAndPassword(hash, []byte(password)) != nil {
 			r.log.Info("authentication failed: invalid password", "user", name)
-			return nil, etcderr.ToConnect(etcderr.ErrAuthFailed)
+			return nil, etcderr.ErrAuthFailed
 		}
 		if r.auth.cur.Load().store.Revision != a.store.Revision {
 			continue // changed while the hash was compared: check again
@@ -298,23 +280,23 @@ func (s *authService) Authenticate(ctx context.Context, req *connect.Request[pb.
 		if err != nil {
 			return nil, connect.NewError(connect.CodeInternal, err)
 		}
-		return connect.NewResponse(&pb.AuthenticateResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Token: token}), nil
+		return &pb.AuthenticateResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Token: token}, nil
 	}
 }
 
 // Call runs the other Auth RPCs: changes go through Raft (passwords hashed first, so
 // the log never holds one), reads are answered after a linearizable read.
-func (s *authService) Call(ctx context.Context, req *connect.Request[replicav1.AuthRequest]) (*connect.Response[replicav1.AuthResponse], error) {
+func (s *authService) Call(ctx context.Context, req *replicav1.AuthRequest) (*replicav1.AuthResponse, error) {
 	r := s.r
 	if err := r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	m := req.Msg
+	m := req
 	var resp *replicav1.AuthResponse
 	if authz.IsChange(m) {
 		m = proto.Clone(m).(*replicav1.AuthRequest)
 		if err := r.hashPasswords(m); err != nil {
-			return nil, etcderr.ToConnect(err)
+			return nil, err
 		}
 		if m.GetAuthEnable() != nil {
 			m.SigningSeed = make([]byte, ed25519.SeedSize)
@@ -324,23 +306,23 @@ func (s *authService) Call(ctx context.Context, req *connect.Request[replicav1.A
 		}
 		out, err := r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Auth{Auth: m}})
 		if err != nil {
-			return nil, etcderr.ToConnect(err)
+			return nil, err
 		}
 		resp = out.(*replicav1.AuthResponse)
 	} else {
 		if err := r.read.linearizable(ctx); err != nil {
-			return nil, etcderr.ToConnect(err)
+			return nil, err
 		}
 		if err := r.checkRead(ctx); err != nil {
-			return nil, etcderr.ToConnect(err)
+			return nil, err
 		}
 		var err error
 		if _, resp, err = authz.Apply(r.auth.cur.Load().msg, m); err != nil {
-			return nil, etcderr.ToConnect(err)
+			return nil, err
 		}
 	}
 	setAuthHeader(resp, r.header(&pb.ResponseHeader{Revision: r.rev()}))
-	return connect.NewResponse(resp), nil
+	return resp, nil
 }
 
 // hashPasswords replaces a request's password by its bcrypt hash, as etcd does before
@@ -383,19 +365,4 @@ func setAuthHeader(resp *replicav1.AuthResponse, h *pb.ResponseHeader) {
 	if hf := inner.Descriptor().Fields().ByName("header"); hf != nil {
 		inner.Set(hf, protoreflect.ValueOfMessage(h.ProtoReflect()))
 	}
-}
-
-type grpcAuth struct {
-	replicav1.UnimplementedAuthServiceServer
-	s *authService
-}
-
-func (g grpcAuth) State(ctx context.Context, r *replicav1.AuthStateRequest) (*replicav1.AuthStateResponse, error) {
-	return unary(ctx, r, g.s.State)
-}
-func (g grpcAuth) Authenticate(ctx context.Context, r *pb.AuthenticateRequest) (*pb.AuthenticateResponse, error) {
-	return unary(ctx, r, g.s.Authenticate)
-}
-func (g grpcAuth) Call(ctx context.Context, r *replicav1.AuthRequest) (*replicav1.AuthResponse, error) {
-	return unary(ctx, r, g.s.Call)
 }

@@ -158,29 +158,29 @@ func (s *kvService) batchCall(ctx context.Context, c *replicav1.KVCall, d authz.
 	}
 	switch r := c.GetRequest().(type) {
 	case *replicav1.KVCall_Range:
-		resp, err := s.Range(ctx, connect.NewRequest(r.Range))
+		resp, err := s.Range(ctx, r.Range)
 		if err != nil {
 			return fail(err)
 		}
-		out.Response = &replicav1.KVResult_Range{Range: resp.Msg}
+		out.Response = &replicav1.KVResult_Range{Range: resp}
 	case *replicav1.KVCall_Put:
-		resp, err := s.Put(ctx, connect.NewRequest(r.Put))
+		resp, err := s.Put(ctx, r.Put)
 		if err != nil {
 			return fail(err)
 		}
-		out.Response = &replicav1.KVResult_Put{Put: resp.Msg}
+		out.Response = &replicav1.KVResult_Put{Put: resp}
 	case *replicav1.KVCall_DeleteRange:
-		resp, err := s.DeleteRange(ctx, connect.NewRequest(r.DeleteRange))
+		resp, err := s.DeleteRange(ctx, r.DeleteRange)
 		if err != nil {
 			return fail(err)
 		}
-		out.Response = &replicav1.KVResult_DeleteRange{DeleteRange: resp.Msg}
+		out.Response = &replicav1.KVResult_DeleteRange{DeleteRange: resp}
 	case *replicav1.KVCall_Txn:
-		resp, err := s.Txn(ctx, connect.NewRequest(r.Txn))
+		resp, err := s.Txn(ctx, r.Txn)
 		if err != nil {
 			return fail(err)
 		}
-		out.Response = &replicav1.KVResult_Txn{Txn: resp.Msg}
+		out.Response = &replicav1.KVResult_Txn{Txn: resp}
 	default:
 		return fail(connect.NewError(connect.CodeInvalidArgument, errors.New("kvmesh: a batch call without a request")))
 	}
@@ -202,14 +202,9 @@ func batchMethod(c *replicav1.KVCall) string {
 	return "kvmesh.replica.v1.KVService/Batch"
 }
 
-// Batch serves a Batch stream over Connect.
-func (s *kvService) Batch(ctx context.Context, stream *connect.BidiStream[replicav1.KVCalls, replicav1.KVResults]) error {
-	return s.serveBatch(ctx, stream.Receive, stream.Send)
-}
-
 // Batch serves a Batch stream over grpc-go.
-func (g grpcKV) Batch(stream replicav1.KVService_BatchServer) error {
-	err := g.s.serveBatch(stream.Context(), stream.Recv, stream.Send)
+func (s *kvService) Batch(stream replicav1.KVService_BatchServer) error {
+	err := s.serveBatch(stream.Context(), stream.Recv, stream.Send)
 	if err == nil || errors.Is(err, context.Canceled) {
 		return nil
 	}

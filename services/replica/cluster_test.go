@@ -9,23 +9,21 @@ import (
 	"testing"
 	"time"
 
-	"connectrpc.com/connect"
 	raftpb "go.etcd.io/raft/v3/raftpb"
 
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
-	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
-	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 
 // member is one replica of an in-process cluster: its own data directory and internal
-// listener (which serves the peer API), reached by the test in process.
+// listener (which serves the internal and peer APIs), reached by the test over it.
 type member struct {
 	cfg  Config
 	r    *Replica
-	kv   replicav1connect.KVServiceClient
-	stat replicav1connect.MaintenanceServiceClient
-	cl   replicav1connect.ClusterServiceClient
+	kv   replicaapi.API
+	stat replicaapi.API
+	cl   replicaapi.API
 	errc chan error
 }
 
@@ -54,10 +52,13 @@ func (m *member) start(t *testing.T) {
 	}
 	m.r, m.errc = r, make(chan error, 1)
 	go func() { m.errc <- r.Serve() }()
-	c := inproc.NewClient(r.Handler())
-	m.kv = replicav1connect.NewKVServiceClient(c, "http://replica", tel.InternalClient()...)
-	m.stat = replicav1connect.NewMaintenanceServiceClient(c, "http://replica", tel.InternalClient()...)
-	m.cl = replicav1connect.NewClusterServiceClient(c, "http://replica", tel.InternalClient()...)
+	// The test calls each member as gateways do, over grpc-go.
+	c, err := replicaapi.Network{Options: tel.GRPCInternalClient()}.Dial("http://" + r.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	m.kv, m.stat, m.cl = c, c, c
 }
 
 // testLogOutput is where in-process replicas log: nowhere, unless KVMESH_TEST_LOG=1.
@@ -125,12 +126,12 @@ func leader(t *testing.T, members []*member) *member {
 			if m.r == nil {
 				continue
 			}
-			st, err := m.stat.Status(context.Background(), connect.NewRequest(&pb.StatusRequest{}))
-			if err != nil || st.Msg.GetLeader() == 0 || (lead != 0 && st.Msg.GetLeader() != lead) {
+			st, err := m.stat.Status(context.Background(), &pb.StatusRequest{})
+			if err != nil || st.GetLeader() == 0 || (lead != 0 && st.GetLeader() != lead) {
 				agree = false
 				break
 			}
-			lead = st.Msg.GetLeader()
+			lead = st.GetLeader()
 		}
 		if agree && lead != 0 {
 			for _, m := range members {
@@ -160,16 +161,16 @@ func TestThreeReplicasReplicateAndSurviveLeaderLoss(t *testing.T) {
 	f := follower(members, lead)
 
 	// A write accepted by a follower reaches the leader and is applied everywhere.
-	put, err := f.kv.Put(context.Background(), connect.NewRequest(&pb.PutRequest{Key: []byte("k"), Value: []byte("v1")}))
+	put, err := f.kv.Put(context.Background(), &pb.PutRequest{Key: []byte("k"), Value: []byte("v1")})
 	if err != nil {
 		t.Fatalf("put through follower %s: %v", f.cfg.Name, err)
 	}
 	for _, m := range members {
-		got, err := m.kv.Range(context.Background(), connect.NewRequest(&pb.RangeRequest{Key: []byte("k")}))
-		if err != nil || len(got.Msg.GetKvs()) != 1 || string(got.Msg.GetKvs()[0].GetValue()) != "v1" {
+		got, err := m.kv.Range(context.Background(), &pb.RangeRequest{Key: []byte("k")})
+		if err != nil || len(got.GetKvs()) != 1 || string(got.GetKvs()[0].GetValue()) != "v1" {
 			t.Fatalf("linearizable read on %s: %v, %v; want v1", m.cfg.Name, got, err)
 		}
-		if h := got.Msg.GetHeader(); h.GetClusterId() != put.Msg.GetHeader().GetClusterId() || h.GetMemberId() != m.r.ID() {
+		if h := got.GetHeader(); h.GetClusterId() != put.GetHeader().GetClusterId() || h.GetMemberId() != m.r.ID() {
 			t.Fatalf("%s answers header %v: want the cluster's ID and its own member ID", m.cfg.Name, h)
 		}
 	}
@@ -184,7 +185,7 @@ func TestThreeReplicasReplicateAndSurviveLeaderLoss(t *testing.T) {
 	}
 	other := follower(members, newLead)
 	for i := range 20 {
-		if _, err := other.kv.Put(context.Background(), connect.NewRequest(&pb.PutRequest{Key: []byte("k"), Value: []byte(fmt.Sprint("v", i+2))})); err != nil {
+		if _, err := other.kv.Put(context.Background(), &pb.PutRequest{Key: []byte("k"), Value: []byte(fmt.Sprint("v", i+2))}); err != nil {
 			t.Fatalf("put %d after leader loss: %v", i, err)
 		}
 	}
@@ -193,8 +194,8 @@ func TestThreeReplicasReplicateAndSurviveLeaderLoss(t *testing.T) {
 	lead.start(t)
 	deadline := time.Now().Add(15 * time.Second)
 	for {
-		got, err := lead.kv.Range(context.Background(), connect.NewRequest(&pb.RangeRequest{Key: []byte("k")}))
-		if err == nil && len(got.Msg.GetKvs()) == 1 && string(got.Msg.GetKvs()[0].GetValue()) == "v21" {
+		got, err := lead.kv.Range(context.Background(), &pb.RangeRequest{Key: []byte("k")})
+		if err == nil && len(got.GetKvs()) == 1 && string(got.GetKvs()[0].GetValue()) == "v21" {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -211,19 +212,19 @@ func requireSameHashKV(t *testing.T, members []*member) {
 	t.Helper()
 	var rev int64
 	for _, m := range members {
-		got, err := m.kv.Range(context.Background(), connect.NewRequest(&pb.RangeRequest{Key: []byte("k")}))
+		got, err := m.kv.Range(context.Background(), &pb.RangeRequest{Key: []byte("k")})
 		if err != nil {
 			t.Fatal(err)
 		}
-		rev = max(rev, got.Msg.GetHeader().GetRevision())
+		rev = max(rev, got.GetHeader().GetRevision())
 	}
 	hashes := map[uint32][]string{}
 	for _, m := range members {
-		h, err := m.stat.HashKV(context.Background(), connect.NewRequest(&pb.HashKVRequest{Revision: rev}))
+		h, err := m.stat.HashKV(context.Background(), &pb.HashKVRequest{Revision: rev})
 		if err != nil {
 			t.Fatalf("HashKV on %s at %d: %v", m.cfg.Name, rev, err)
 		}
-		hashes[h.Msg.GetHash()] = append(hashes[h.Msg.GetHash()], m.cfg.Name)
+		hashes[h.GetHash()] = append(hashes[h.GetHash()], m.cfg.Name)
 	}
 	if len(hashes) != 1 {
 		t.Fatalf("members disagree on their history at revision %d: %v", rev, hashes)
@@ -272,20 +273,20 @@ func TestPartitionedMinorityNeitherWritesNorReadsStale(t *testing.T) {
 	put := func(m *member, v string, timeout time.Duration) error {
 		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		defer cancel()
-		_, err := m.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte("p"), Value: []byte(v)}))
+		_, err := m.kv.Put(ctx, &pb.PutRequest{Key: []byte("p"), Value: []byte(v)})
 		return err
 	}
 	read := func(m *member, serializable bool, timeout time.Duration) (string, error) {
 		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		defer cancel()
-		r, err := m.kv.Range(ctx, connect.NewRequest(&pb.RangeRequest{Key: []byte("p"), Serializable: serializable}))
+		r, err := m.kv.Range(ctx, &pb.RangeRequest{Key: []byte("p"), Serializable: serializable})
 		if err != nil {
 			return "", err
 		}
-		if len(r.Msg.GetKvs()) == 0 {
+		if len(r.GetKvs()) == 0 {
 			return "", nil
 		}
-		return string(r.Msg.GetKvs()[0].GetValue()), nil
+		return string(r.GetKvs()[0].GetValue()), nil
 	}
 	if err := put(lead, "before", 5*time.Second); err != nil {
 		t.Fatal(err)

@@ -19,13 +19,22 @@ const feedBatchBytes = 1 << 20
 // member serves it, learners too: what a member has applied is committed, so a feed
 // never shows a revision that could be rolled back. The fanout prefers followers, so
 // that the leader does not pay for it.
-type feedService struct{ r *Replica }
+type feedService struct {
+	replicav1.UnimplementedFeedServiceServer
+	r *Replica
+}
 
-func (s *feedService) Feed(ctx context.Context, req *connect.Request[replicav1.FeedRequest], stream *connect.ServerStream[replicav1.FeedResponse]) error {
+// Feed serves a feed over grpc-go.
+func (s *feedService) Feed(req *replicav1.FeedRequest, stream replicav1.FeedService_FeedServer) error {
+	return s.serveFeed(stream.Context(), req, stream.Send)
+}
+
+// serveFeed sends the history from req's revision to send.
+func (s *feedService) serveFeed(ctx context.Context, req *replicav1.FeedRequest, send func(*replicav1.FeedResponse) error) error {
 	if err := s.r.serving(true); err != nil {
-		return etcderr.ToConnect(err)
+		return err
 	}
-	from, to := req.Msg.GetFromRevision(), req.Msg.GetToRevision()
+	from, to := req.GetFromRevision(), req.GetToRevision()
 	if from < 0 || to < 0 {
 		return connect.NewError(connect.CodeInvalidArgument, errors.New("kvmesh: negative feed revision"))
 	}
@@ -43,7 +52,7 @@ func (s *feedService) Feed(ctx context.Context, req *connect.Request[replicav1.F
 		chs, pos, err := st.kv.Changes(ctx, from, feedBatchBytes)
 		st.release()
 		if err != nil && !errors.Is(err, etcderr.ErrCompacted) {
-			return etcderr.ToConnect(err)
+			return err
 		}
 		if to != 0 {
 			chs = clipChanges(chs, to)
@@ -63,13 +72,13 @@ func (s *feedService) Feed(ctx context.Context, req *connect.Request[replicav1.F
 			for i, c := range chs {
 				resp.Revisions[i] = &replicav1.Revision{Revision: c.Rev, Events: c.Events, CompactRevision: pos.CompactRev}
 			}
-			if err := stream.Send(resp); err != nil {
+			if err := send(resp); err != nil {
 				return err
 			}
 			s.r.m.feedRevisions.Add(float64(len(chs)))
 		}
 		if err != nil { // compacted, after telling the reader where compaction is
-			return etcderr.ToConnect(err)
+			return err
 		}
 		if len(chs) > 0 {
 			from = chs[len(chs)-1].Rev + 1
@@ -84,9 +93,9 @@ func (s *feedService) Feed(ctx context.Context, req *connect.Request[replicav1.F
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-s.r.quitc:
-			return etcderr.ToConnect(etcderr.ErrStopped)
+			return etcderr.ErrStopped
 		case <-s.r.removedc:
-			return etcderr.ToConnect(etcderr.ErrStopped)
+			return etcderr.ErrStopped
 		}
 	}
 }
@@ -101,14 +110,14 @@ func clipChanges(chs []mvcc.Change, to int64) []mvcc.Change {
 	return chs
 }
 
-func (s *feedService) Position(ctx context.Context, req *connect.Request[replicav1.PositionRequest]) (*connect.Response[replicav1.PositionResponse], error) {
+func (s *feedService) Position(ctx context.Context, req *replicav1.PositionRequest) (*replicav1.PositionResponse, error) {
 	if err := s.r.serving(true); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	st := s.r.acquire()
 	pos := st.kv.Position()
 	st.release()
 	h := s.r.header(nil)
 	h.Revision = pos.Rev
-	return connect.NewResponse(&replicav1.PositionResponse{Header: h, CompactRevision: pos.CompactRev, AuthRevision: s.r.auth.revision()}), nil
+	return &replicav1.PositionResponse{Header: h, CompactRevision: pos.CompactRev, AuthRevision: s.r.auth.revision()}, nil
 }

@@ -9,8 +9,6 @@ import (
 	"sync"
 	"time"
 
-	"connectrpc.com/connect"
-
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/authz"
@@ -98,68 +96,71 @@ func appendLeaseOp(ops []leaseOp, req *replicav1.RaftRequest) []leaseOp {
 }
 
 // leaseService is etcd's Lease API for gateways.
-type leaseService struct{ r *Replica }
-
-func (s *leaseService) LeaseGrant(ctx context.Context, req *connect.Request[pb.LeaseGrantRequest]) (*connect.Response[pb.LeaseGrantResponse], error) {
-	if err := s.r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
-	}
-	resp, err := s.r.LeaseGrant(ctx, req.Msg)
-	if err != nil {
-		return nil, etcderr.ToConnect(err)
-	}
-	s.r.m.leasesGranted.Inc()
-	return connect.NewResponse(resp), nil
+type leaseService struct {
+	replicav1.UnimplementedLeaseServiceServer
+	r *Replica
 }
 
-func (s *leaseService) LeaseRevoke(ctx context.Context, req *connect.Request[pb.LeaseRevokeRequest]) (*connect.Response[pb.LeaseRevokeResponse], error) {
+func (s *leaseService) LeaseGrant(ctx context.Context, req *pb.LeaseGrantRequest) (*pb.LeaseGrantResponse, error) {
 	if err := s.r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	resp, err := s.r.LeaseRevoke(ctx, req.Msg)
+	resp, err := s.r.LeaseGrant(ctx, req)
 	if err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
+	}
+	s.r.m.leasesGranted.Inc()
+	return resp, nil
+}
+
+func (s *leaseService) LeaseRevoke(ctx context.Context, req *pb.LeaseRevokeRequest) (*pb.LeaseRevokeResponse, error) {
+	if err := s.r.serving(false); err != nil {
+		return nil, err
+	}
+	resp, err := s.r.LeaseRevoke(ctx, req)
+	if err != nil {
+		return nil, err
 	}
 	s.r.m.leasesRevoked.Inc()
-	return connect.NewResponse(resp), nil
+	return resp, nil
 }
 
 // LeaseTimeToLive answers on the leader only: it alone keeps the clocks. An unknown
 // lease answers TTL -1, as etcd.
-func (s *leaseService) LeaseTimeToLive(ctx context.Context, req *connect.Request[pb.LeaseTimeToLiveRequest]) (*connect.Response[pb.LeaseTimeToLiveResponse], error) {
+func (s *leaseService) LeaseTimeToLive(ctx context.Context, req *pb.LeaseTimeToLiveRequest) (*pb.LeaseTimeToLiveResponse, error) {
 	r := s.r
 	if err := r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	term, err := r.leaseLeader(ctx)
 	if err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	id := req.Msg.GetID()
+	id := req.GetID()
 	left, ttl, ok, err := r.lessor.remaining(term, id)
 	if err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	resp := &pb.LeaseTimeToLiveResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), ID: id, TTL: -1}
 	if ok {
 		resp.TTL, resp.GrantedTTL = left, ttl
-		if req.Msg.GetKeys() {
+		if req.GetKeys() {
 			st := r.acquire()
 			resp.Keys = st.kv.LeaseKeys(id)
 			st.release()
 			if err := r.checkLeaseRead(ctx, resp.Keys); err != nil {
-				return nil, etcderr.ToConnect(err)
+				return nil, err
 			}
 		}
 	}
-	return connect.NewResponse(resp), nil
+	return resp, nil
 }
 
 // LeaseLeases lists the committed leases this member knows.
-func (s *leaseService) LeaseLeases(ctx context.Context, req *connect.Request[pb.LeaseLeasesRequest]) (*connect.Response[pb.LeaseLeasesResponse], error) {
+func (s *leaseService) LeaseLeases(ctx context.Context, req *pb.LeaseLeasesRequest) (*pb.LeaseLeasesResponse, error) {
 	r := s.r
 	if err := r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	st := r.acquire()
 	leases := st.kv.Leases()
@@ -169,24 +170,28 @@ func (s *leaseService) LeaseLeases(ctx context.Context, req *connect.Request[pb.
 	}
 	st.release()
 	if err := r.checkLeaseRead(ctx, keys); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	resp := &pb.LeaseLeasesResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Leases: make([]*pb.LeaseStatus, len(leases))}
 	for i, l := range leases {
 		resp.Leases[i] = &pb.LeaseStatus{ID: l.ID}
 	}
-	return connect.NewResponse(resp), nil
+	return resp, nil
 }
 
 // KeepAlive renews batches of leases; each batch is answered when it is done, in its
 // own goroutine, so a batch that waits (for an expired lease's revoke) holds up no
 // other.
-func (s *leaseService) KeepAlive(ctx context.Context, stream *connect.BidiStream[replicav1.KeepAliveBatch, replicav1.KeepAliveResults]) error {
+func (s *leaseService) KeepAlive(stream replicav1.LeaseService_KeepAliveServer) error {
+	return s.serveKeepAlive(stream.Context(), stream.Recv, stream.Send)
+}
+
+func (s *leaseService) serveKeepAlive(ctx context.Context, recv func() (*replicav1.KeepAliveBatch, error), send func(*replicav1.KeepAliveResults) error) error {
 	var sendMu sync.Mutex
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
-		b, err := stream.Receive()
+		b, err := recv()
 		if err != nil {
 			if errors.Is(err, io.EOF) {
 				return nil
@@ -199,7 +204,7 @@ func (s *leaseService) KeepAlive(ctx context.Context, stream *connect.BidiStream
 			res := s.r.keepAlive(ctx, b)
 			sendMu.Lock()
 			defer sendMu.Unlock()
-			stream.Send(res) // a broken stream ends Receive too
+			send(res) // a broken stream ends recv too
 		}()
 	}
 }

@@ -41,7 +41,7 @@ func TestLeasesThroughRaft(t *testing.T) {
 		t.Fatalf("granting an existing ID: %v", err)
 	}
 	for _, k := range []string{"l1", "l2"} {
-		if _, err := tr.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte(k), Value: []byte("v"), Lease: g.GetID()})); err != nil {
+		if _, err := tr.kv.Put(ctx, &pb.PutRequest{Key: []byte(k), Value: []byte("v"), Lease: g.GetID()}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -67,7 +67,7 @@ func TestLeasesThroughRaft(t *testing.T) {
 	if _, err := tr.r.LeaseRevoke(ctx, &pb.LeaseRevokeRequest{ID: g.GetID()}); !errors.Is(err, etcderr.ErrLeaseNotFound) {
 		t.Fatalf("revoking twice: %v", err)
 	}
-	if _, err := tr.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte("x"), Value: []byte("v"), Lease: g.GetID()})); connect.CodeOf(err) != connect.CodeNotFound {
+	if _, err := tr.kv.Put(ctx, &pb.PutRequest{Key: []byte("x"), Value: []byte("v"), Lease: g.GetID()}); etcderr.CodeOf(err) != connect.CodeNotFound {
 		t.Fatalf("put with the revoked lease: %v", err)
 	}
 	if l, ok := tr.r.st.kv.Lease(1000); !ok || l.TTL != 60 {
@@ -77,11 +77,11 @@ func TestLeasesThroughRaft(t *testing.T) {
 
 func timeToLive(t *testing.T, r *Replica, id int64) *pb.LeaseTimeToLiveResponse {
 	t.Helper()
-	resp, err := (&leaseService{r}).LeaseTimeToLive(context.Background(), connect.NewRequest(&pb.LeaseTimeToLiveRequest{ID: id, Keys: true}))
+	resp, err := (&leaseService{r: r}).LeaseTimeToLive(context.Background(), &pb.LeaseTimeToLiveRequest{ID: id, Keys: true})
 	if err != nil {
 		t.Fatalf("time to live of %x: %v", id, err)
 	}
-	return resp.Msg
+	return resp
 }
 
 func renewOnce(t *testing.T, r *Replica, id int64) *replicav1.KeepAliveResults {
@@ -99,7 +99,7 @@ func TestLeaseKeepAliveAndExpiry(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, k := range []string{"a", "b"} {
-		if _, err := tr.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte(k), Value: []byte("v"), Lease: g.GetID()})); err != nil {
+		if _, err := tr.kv.Put(ctx, &pb.PutRequest{Key: []byte(k), Value: []byte("v"), Lease: g.GetID()}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -208,7 +208,7 @@ func TestLeaseExpiryStormIsRateLimited(t *testing.T) {
 		if _, err := tr.r.LeaseGrant(ctx, &pb.LeaseGrantRequest{ID: id, TTL: ttl}); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := tr.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte(fmt.Sprintf("s/%04d", i)), Value: []byte("v"), Lease: id})); err != nil {
+		if _, err := tr.kv.Put(ctx, &pb.PutRequest{Key: []byte(fmt.Sprintf("s/%04d", i)), Value: []byte("v"), Lease: id}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -246,8 +246,8 @@ func TestLeaseExpiryStormIsRateLimited(t *testing.T) {
 	if puts < 10 {
 		t.Fatalf("only %d puts went through during the storm", puts)
 	}
-	rest, err := tr.kv.Range(ctx, connect.NewRequest(&pb.RangeRequest{Key: []byte("s/"), RangeEnd: []byte("s0"), CountOnly: true}))
-	if err != nil || rest.Msg.GetCount() != 0 {
+	rest, err := tr.kv.Range(ctx, &pb.RangeRequest{Key: []byte("s/"), RangeEnd: []byte("s0"), CountOnly: true})
+	if err != nil || rest.GetCount() != 0 {
 		t.Fatalf("keys of expired leases remain: %v, %v", rest, err)
 	}
 }
@@ -266,11 +266,11 @@ func TestKeepAliveAuthCheck(t *testing.T) {
 		if _, err := tr.r.LeaseGrant(ctx, &pb.LeaseGrantRequest{ID: l.id, TTL: 60}); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := tr.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte(l.key), Value: []byte("v"), Lease: l.id})); err != nil {
+		if _, err := tr.kv.Put(ctx, &pb.PutRequest{Key: []byte(l.key), Value: []byte("v"), Lease: l.id}); err != nil {
 			t.Fatal(err)
 		}
 	}
-	auth := &authService{tr.r}
+	auth := &authService{r: tr.r}
 	for _, m := range []*replicav1.AuthRequest{
 		{Request: &replicav1.AuthRequest_UserAdd{UserAdd: &pb.AuthUserAddRequest{Name: "root", Options: &authpb.UserAddOptions{NoPassword: true}}}},
 		{Request: &replicav1.AuthRequest_UserGrantRole{UserGrantRole: &pb.AuthUserGrantRoleRequest{User: "root", Role: "root"}}},
@@ -280,7 +280,7 @@ func TestKeepAliveAuthCheck(t *testing.T) {
 			Perm: &authpb.Permission{PermType: authpb.Permission_WRITE, Key: []byte("/in/"), RangeEnd: []byte("/in0")}}}},
 		{Request: &replicav1.AuthRequest_UserGrantRole{UserGrantRole: &pb.AuthUserGrantRoleRequest{User: "w", Role: "w"}}},
 	} {
-		if _, err := auth.Call(ctx, connect.NewRequest(m)); err != nil {
+		if _, err := auth.Call(ctx, m); err != nil {
 			t.Fatalf("%v: %v", m, err)
 		}
 	}
@@ -289,7 +289,7 @@ func TestKeepAliveAuthCheck(t *testing.T) {
 	if res := tr.r.keepAlive(ctx, batch); len(res.GetRefused()) != 0 || res.GetTtls()[1] != 60 {
 		t.Fatalf("keep-alives with auth disabled: %v", res)
 	}
-	if _, err := auth.Call(ctx, connect.NewRequest(&replicav1.AuthRequest{Request: &replicav1.AuthRequest_AuthEnable{AuthEnable: &pb.AuthEnableRequest{}}})); err != nil {
+	if _, err := auth.Call(ctx, &replicav1.AuthRequest{Request: &replicav1.AuthRequest_AuthEnable{AuthEnable: &pb.AuthEnableRequest{}}}); err != nil {
 		t.Fatal(err)
 	}
 	res := tr.r.keepAlive(ctx, batch)

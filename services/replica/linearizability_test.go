@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"connectrpc.com/connect"
 	"github.com/anishathalye/porcupine"
 	raftpb "go.etcd.io/raft/v3/raftpb"
 
@@ -100,22 +99,22 @@ func checkHistory(t *testing.T, w *linearizable.Workload, minKnown int, name str
 }
 
 func runOp(ctx context.Context, kv interface {
-	Range(context.Context, *connect.Request[pb.RangeRequest]) (*connect.Response[pb.RangeResponse], error)
-	Put(context.Context, *connect.Request[pb.PutRequest]) (*connect.Response[pb.PutResponse], error)
-	Txn(context.Context, *connect.Request[pb.TxnRequest]) (*connect.Response[pb.TxnResponse], error)
+	Range(context.Context, *pb.RangeRequest) (*pb.RangeResponse, error)
+	Put(context.Context, *pb.PutRequest) (*pb.PutResponse, error)
+	Txn(context.Context, *pb.TxnRequest) (*pb.TxnResponse, error)
 }, in linearizable.Input) (linearizable.Output, error) {
 	switch in.Op {
 	case "get":
-		r, err := kv.Range(ctx, connect.NewRequest(&pb.RangeRequest{Key: []byte(in.Key)}))
+		r, err := kv.Range(ctx, &pb.RangeRequest{Key: []byte(in.Key)})
 		if err != nil {
 			return linearizable.Output{}, err
 		}
-		if len(r.Msg.GetKvs()) == 0 {
+		if len(r.GetKvs()) == 0 {
 			return linearizable.Output{}, nil
 		}
-		return linearizable.Output{Value: string(r.Msg.GetKvs()[0].GetValue())}, nil
+		return linearizable.Output{Value: string(r.GetKvs()[0].GetValue())}, nil
 	case "put":
-		_, err := kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte(in.Key), Value: []byte(in.Value)}))
+		_, err := kv.Put(ctx, &pb.PutRequest{Key: []byte(in.Key), Value: []byte(in.Value)})
 		return linearizable.Output{}, err
 	default:
 		cmp := &pb.Compare{Key: []byte(in.Key), Target: pb.Compare_VALUE, Result: pb.Compare_EQUAL,
@@ -125,13 +124,13 @@ func runOp(ctx context.Context, kv interface {
 			cmp = &pb.Compare{Key: []byte(in.Key), Target: pb.Compare_VERSION, Result: pb.Compare_EQUAL,
 				TargetUnion: &pb.Compare_Version{Version: 0}}
 		}
-		r, err := kv.Txn(ctx, connect.NewRequest(&pb.TxnRequest{
+		r, err := kv.Txn(ctx, &pb.TxnRequest{
 			Compare: []*pb.Compare{cmp},
 			Success: []*pb.RequestOp{{Request: &pb.RequestOp_RequestPut{RequestPut: &pb.PutRequest{Key: []byte(in.Key), Value: []byte(in.Value)}}}},
-		}))
+		})
 		if err != nil {
 			return linearizable.Output{}, err
 		}
-		return linearizable.Output{OK: r.Msg.GetSucceeded()}, nil
+		return linearizable.Output{OK: r.GetSucceeded()}, nil
 	}
 }

@@ -12,7 +12,6 @@ import (
 	"strings"
 	"time"
 
-	"connectrpc.com/connect"
 	"github.com/cockroachdb/pebble/v2"
 	"go.etcd.io/raft/v3"
 	raftpb "go.etcd.io/raft/v3/raftpb"
@@ -20,8 +19,8 @@ import (
 
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
-	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 )
 
 // Membership changes are Raft conf changes (ConfChangeV2, one change each): add a
@@ -210,9 +209,9 @@ func (r *Replica) serving(allowLearner bool) error {
 	return nil
 }
 
-// leaderCluster is the leader's ClusterService when another member leads; nil when
-// this member does.
-func (r *Replica) leaderCluster() (replicav1connect.ClusterServiceClient, error) {
+// leaderConn is a link to the leader when another member leads (close it after use);
+// nil when this member does.
+func (r *Replica) leaderConn() (replicaapi.Conn, error) {
 	lead := r.leader.Load()
 	switch lead {
 	case r.id:
@@ -224,7 +223,7 @@ func (r *Replica) leaderCluster() (replicav1connect.ClusterServiceClient, error)
 	if m == nil || len(m.GetPeerURLs()) == 0 {
 		return nil, etcderr.ErrNoLeader
 	}
-	return replicav1connect.NewClusterServiceClient(r.peers.client, strings.TrimRight(m.GetPeerURLs()[0], "/"), r.tel.InternalClient()...), nil
+	return r.peerAPI().Dial(m.GetPeerURLs()[0])
 }
 
 // proposeConfChange replicates a one-member conf change and waits until it is applied.
@@ -345,46 +344,44 @@ func (r *Replica) learnerReady(id uint64) error {
 
 // onLeader runs a membership change on the leader: here when this member leads,
 // otherwise forwarded (forward calls the leader's ClusterService). Errors are etcd's.
-func onLeader[Req, Res any](ctx context.Context, r *Replica, req *connect.Request[Req],
-	forward func(replicav1connect.ClusterServiceClient) func(context.Context, *connect.Request[Req]) (*connect.Response[Res], error),
-	local func() (*Res, error)) (*connect.Response[Res], error) {
+func onLeader[Req, Res any](ctx context.Context, r *Replica, req *Req,
+	forward func(replicaapi.API, context.Context, *Req) (*Res, error),
+	local func() (*Res, error)) (*Res, error) {
 	if err := r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	fwd, err := r.leaderCluster()
+	fwd, err := r.leaderConn()
 	if err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	if fwd != nil {
-		return forward(fwd)(ctx, req)
+		defer fwd.Close()
+		return forward(fwd, ctx, req)
 	}
 	res, err := local()
 	if err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	return connect.NewResponse(res), nil
+	return res, nil
 }
 
-func (s *clusterService) MemberAdd(ctx context.Context, req *connect.Request[pb.MemberAddRequest]) (*connect.Response[pb.MemberAddResponse], error) {
+func (s *clusterService) MemberAdd(ctx context.Context, req *pb.MemberAddRequest) (*pb.MemberAddResponse, error) {
 	r := s.r
-	fwd := func(c replicav1connect.ClusterServiceClient) func(context.Context, *connect.Request[pb.MemberAddRequest]) (*connect.Response[pb.MemberAddResponse], error) {
-		return c.MemberAdd
-	}
-	return onLeader(ctx, r, req, fwd, func() (*pb.MemberAddResponse, error) {
-		if !validPeerURLs(req.Msg.GetPeerURLs()) {
+	return onLeader(ctx, r, req, replicaapi.API.MemberAdd, func() (*pb.MemberAddResponse, error) {
+		if !validPeerURLs(req.GetPeerURLs()) {
 			return nil, etcderr.ErrMemberBadURLs
 		}
 		for _, o := range r.members.list() {
 			for _, u := range o.GetPeerURLs() {
-				if slices.Contains(req.Msg.GetPeerURLs(), u) {
+				if slices.Contains(req.GetPeerURLs(), u) {
 					return nil, etcderr.ErrPeerURLExist
 				}
 			}
 		}
-		if err := r.mayAddMember(req.Msg.GetIsLearner()); err != nil {
+		if err := r.mayAddMember(req.GetIsLearner()); err != nil {
 			return nil, err
 		}
-		m := &pb.Member{PeerURLs: req.Msg.GetPeerURLs(), IsLearner: req.Msg.GetIsLearner()}
+		m := &pb.Member{PeerURLs: req.GetPeerURLs(), IsLearner: req.GetIsLearner()}
 		m.ID = newMemberID(m.GetPeerURLs(), r.cfg.ClusterToken, time.Now())
 		typ := raftpb.ConfChangeType_ConfChangeAddNode
 		if m.GetIsLearner() {
@@ -397,35 +394,29 @@ func (s *clusterService) MemberAdd(ctx context.Context, req *connect.Request[pb.
 	})
 }
 
-func (s *clusterService) MemberRemove(ctx context.Context, req *connect.Request[pb.MemberRemoveRequest]) (*connect.Response[pb.MemberRemoveResponse], error) {
+func (s *clusterService) MemberRemove(ctx context.Context, req *pb.MemberRemoveRequest) (*pb.MemberRemoveResponse, error) {
 	r := s.r
-	fwd := func(c replicav1connect.ClusterServiceClient) func(context.Context, *connect.Request[pb.MemberRemoveRequest]) (*connect.Response[pb.MemberRemoveResponse], error) {
-		return c.MemberRemove
-	}
-	return onLeader(ctx, r, req, fwd, func() (*pb.MemberRemoveResponse, error) {
-		if err := r.mayRemoveMember(req.Msg.GetID()); err != nil {
+	return onLeader(ctx, r, req, replicaapi.API.MemberRemove, func() (*pb.MemberRemoveResponse, error) {
+		if err := r.mayRemoveMember(req.GetID()); err != nil {
 			return nil, err
 		}
-		if err := r.proposeConfChange(ctx, raftpb.ConfChangeType_ConfChangeRemoveNode, &pb.Member{ID: req.Msg.GetID()}); err != nil {
+		if err := r.proposeConfChange(ctx, raftpb.ConfChangeType_ConfChangeRemoveNode, &pb.Member{ID: req.GetID()}); err != nil {
 			return nil, err
 		}
 		return &pb.MemberRemoveResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Members: r.members.list()}, nil
 	})
 }
 
-func (s *clusterService) MemberPromote(ctx context.Context, req *connect.Request[pb.MemberPromoteRequest]) (*connect.Response[pb.MemberPromoteResponse], error) {
+func (s *clusterService) MemberPromote(ctx context.Context, req *pb.MemberPromoteRequest) (*pb.MemberPromoteResponse, error) {
 	r := s.r
-	fwd := func(c replicav1connect.ClusterServiceClient) func(context.Context, *connect.Request[pb.MemberPromoteRequest]) (*connect.Response[pb.MemberPromoteResponse], error) {
-		return c.MemberPromote
-	}
-	return onLeader(ctx, r, req, fwd, func() (*pb.MemberPromoteResponse, error) {
-		if err := r.learnerReady(req.Msg.GetID()); err != nil {
+	return onLeader(ctx, r, req, replicaapi.API.MemberPromote, func() (*pb.MemberPromoteResponse, error) {
+		if err := r.learnerReady(req.GetID()); err != nil {
 			return nil, err
 		}
 		if err := r.mayAddMember(false); err != nil {
 			return nil, err
 		}
-		m := r.members.get(req.Msg.GetID())
+		m := r.members.get(req.GetID())
 		if m == nil {
 			return nil, etcderr.ErrMemberNotFound
 		}
@@ -436,32 +427,32 @@ func (s *clusterService) MemberPromote(ctx context.Context, req *connect.Request
 	})
 }
 
-func (s *clusterService) MemberUpdate(ctx context.Context, req *connect.Request[pb.MemberUpdateRequest]) (*connect.Response[pb.MemberUpdateResponse], error) {
+func (s *clusterService) MemberUpdate(ctx context.Context, req *pb.MemberUpdateRequest) (*pb.MemberUpdateResponse, error) {
 	r := s.r
 	if err := r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
-	if !validPeerURLs(req.Msg.GetPeerURLs()) {
-		return nil, etcderr.ToConnect(etcderr.ErrMemberBadURLs)
+	if !validPeerURLs(req.GetPeerURLs()) {
+		return nil, etcderr.ErrMemberBadURLs
 	}
-	if _, err := r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_MemberUpdate{MemberUpdate: req.Msg}}); err != nil {
-		return nil, etcderr.ToConnect(err)
+	if _, err := r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_MemberUpdate{MemberUpdate: req}}); err != nil {
+		return nil, err
 	}
-	return connect.NewResponse(&pb.MemberUpdateResponse{
-		Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Members: r.members.list()}), nil
+	return &pb.MemberUpdateResponse{
+		Header: r.header(&pb.ResponseHeader{Revision: r.rev()}), Members: r.members.list()}, nil
 }
 
-func (s *maintenanceService) MoveLeader(ctx context.Context, req *connect.Request[pb.MoveLeaderRequest]) (*connect.Response[pb.MoveLeaderResponse], error) {
+func (s *maintenanceService) MoveLeader(ctx context.Context, req *pb.MoveLeaderRequest) (*pb.MoveLeaderResponse, error) {
 	r := s.r
 	if err := r.serving(false); err != nil {
-		return nil, etcderr.ToConnect(err)
+		return nil, err
 	}
 	if r.leader.Load() != r.id {
-		return nil, etcderr.ToConnect(etcderr.ErrNotLeader)
+		return nil, etcderr.ErrNotLeader
 	}
-	target := req.Msg.GetTargetID()
+	target := req.GetTargetID()
 	if m := r.members.get(target); m == nil || m.GetIsLearner() {
-		return nil, etcderr.ToConnect(etcderr.ErrBadLeaderTransferee)
+		return nil, etcderr.ErrBadLeaderTransferee
 	}
 	if target != r.id {
 		ctx, cancel := context.WithTimeout(ctx, r.cfg.RequestTimeout)
@@ -473,11 +464,11 @@ func (s *maintenanceService) MoveLeader(ctx context.Context, req *connect.Reques
 			select {
 			case <-tick.C:
 			case <-ctx.Done():
-				return nil, etcderr.ToConnect(etcderr.ErrTimeoutLeaderTransfer)
+				return nil, etcderr.ErrTimeoutLeaderTransfer
 			}
 		}
 	}
-	return connect.NewResponse(&pb.MoveLeaderResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()})}), nil
+	return &pb.MoveLeaderResponse{Header: r.header(&pb.ResponseHeader{Revision: r.rev()})}, nil
 }
 
 // joinInfo asks the members listed in InitialCluster for the membership, finds this
@@ -490,10 +481,15 @@ func (r *Replica) joinInfo() (*identity, error) {
 		if u == "" || slices.Contains(r.cfg.PeerURLs, u) {
 			continue
 		}
-		c := replicav1connect.NewClusterServiceClient(r.peers.client, strings.TrimRight(u, "/"), r.tel.InternalClient()...)
+		c, err := r.peerAPI().Dial(u)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", u, err))
+			continue
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), r.cfg.RequestTimeout)
-		resp, err := c.MemberList(ctx, connect.NewRequest(&pb.MemberListRequest{}))
+		resp, err := c.MemberList(ctx, &pb.MemberListRequest{})
 		cancel()
+		c.Close()
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", u, err))
 			continue
@@ -501,11 +497,11 @@ func (r *Replica) joinInfo() (*identity, error) {
 		mine := append([]string(nil), r.cfg.PeerURLs...)
 		sort.Strings(mine)
 		var self *identity
-		for _, m := range resp.Msg.GetMembers() {
+		for _, m := range resp.GetMembers() {
 			urls := append([]string(nil), m.GetPeerURLs()...)
 			sort.Strings(urls)
 			if slices.Equal(urls, mine) {
-				self = &identity{member: m.GetID(), cluster: resp.Msg.GetHeader().GetClusterId()}
+				self = &identity{member: m.GetID(), cluster: resp.GetHeader().GetClusterId()}
 			} else if len(m.GetPeerURLs()) > 0 {
 				r.peers.hint(m.GetID(), m.GetPeerURLs()[0])
 			}

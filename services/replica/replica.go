@@ -9,7 +9,6 @@
 package replica
 
 import (
-	"connectrpc.com/connect"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
@@ -39,7 +38,6 @@ import (
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/kvmesh/peer/v1/peerv1connect"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
-	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
@@ -443,17 +441,10 @@ func clusterID(members []uint64, token string) uint64 {
 	return binary.BigEndian.Uint64(h.Sum(nil)[:8])
 }
 
-// Handler is the replica's internal API.
+// Handler is the replica's HTTP surface: the peers' snapshot stream (Connect), /metrics,
+// the health endpoints. The internal API is grpc-go's (grpc.go), on the same port.
 func (r *Replica) Handler() http.Handler {
 	mux := rpcmux.New()
-	opts := append(r.tel.InternalHandler(), connect.WithReadMaxBytes(r.cfg.MaxRequestBytes+grpcOverheadBytes),
-		connect.WithInterceptors(authConnectInterceptor{}))
-	mux.Handle(replicav1connect.NewAuthServiceHandler(&authService{r}, opts...))
-	mux.Handle(replicav1connect.NewKVServiceHandler(&kvService{r}, opts...))
-	mux.Handle(replicav1connect.NewClusterServiceHandler(&clusterService{r}, opts...))
-	mux.Handle(replicav1connect.NewMaintenanceServiceHandler(&maintenanceService{r}, opts...))
-	mux.Handle(replicav1connect.NewLeaseServiceHandler(&leaseService{r}, opts...))
-	mux.Handle(replicav1connect.NewFeedServiceHandler(&feedService{r}, opts...))
 	mux.Handle(peerv1connect.NewPeerServiceHandler(&peerService{r}, r.tel.InternalHandler()...))
 	mux.Handle("/metrics", r.tel.MetricsHandler())
 	r.healthEndpoints().Install(mux)

@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"connectrpc.com/connect"
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
 	raftpb "go.etcd.io/raft/v3/raftpb"
@@ -21,9 +20,8 @@ import (
 
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
-	"github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1/replicav1connect"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
-	"github.com/kvmesh/kvmesh/libs/inproc"
+	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/replica/raftlog"
 )
@@ -34,8 +32,8 @@ type testReplica struct {
 	t     *testing.T
 	cfg   Config
 	r     *Replica
-	kv    replicav1connect.KVServiceClient
-	maint replicav1connect.MaintenanceServiceClient
+	kv    replicaapi.API
+	maint replicaapi.API
 	spans *tracetest.InMemoryExporter
 }
 
@@ -51,11 +49,9 @@ func startReplica(t *testing.T, cfg Config) *testReplica {
 	if err != nil {
 		t.Fatalf("start replica: %v", err)
 	}
-	client := inproc.NewClient(r.Handler())
-	tr := &testReplica{t: t, cfg: cfg, r: r, spans: spans,
-		kv:    replicav1connect.NewKVServiceClient(client, "http://replica", tel.InternalClient()...),
-		maint: replicav1connect.NewMaintenanceServiceClient(client, "http://replica", tel.InternalClient()...),
-	}
+	// The test calls the replica in process, as the all-in-one's gateway does.
+	api := r.services()
+	tr := &testReplica{t: t, cfg: cfg, r: r, spans: spans, kv: api, maint: api}
 	t.Cleanup(func() { tr.stop() })
 	tr.waitLeader()
 	return tr
@@ -80,8 +76,8 @@ func (tr *testReplica) waitLeader() {
 	tr.t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
-		st, err := tr.maint.Status(context.Background(), connect.NewRequest(&pb.StatusRequest{}))
-		if err == nil && st.Msg.GetLeader() == tr.r.ID() {
+		st, err := tr.maint.Status(context.Background(), &pb.StatusRequest{})
+		if err == nil && st.GetLeader() == tr.r.ID() {
 			return
 		}
 		time.Sleep(10 * time.Millisecond)
@@ -91,20 +87,20 @@ func (tr *testReplica) waitLeader() {
 
 func (tr *testReplica) put(key, val string) *pb.PutResponse {
 	tr.t.Helper()
-	resp, err := tr.kv.Put(context.Background(), connect.NewRequest(&pb.PutRequest{Key: []byte(key), Value: []byte(val)}))
+	resp, err := tr.kv.Put(context.Background(), &pb.PutRequest{Key: []byte(key), Value: []byte(val)})
 	if err != nil {
 		tr.t.Fatalf("put %q: %v", key, err)
 	}
-	return resp.Msg
+	return resp
 }
 
 func (tr *testReplica) get(key string, rev int64) *pb.RangeResponse {
 	tr.t.Helper()
-	resp, err := tr.kv.Range(context.Background(), connect.NewRequest(&pb.RangeRequest{Key: []byte(key), Revision: rev}))
+	resp, err := tr.kv.Range(context.Background(), &pb.RangeRequest{Key: []byte(key), Revision: rev})
 	if err != nil {
 		tr.t.Fatalf("get %q at %d: %v", key, rev, err)
 	}
-	return resp.Msg
+	return resp
 }
 
 func testConfig(t *testing.T) Config {
@@ -177,11 +173,11 @@ func TestRequestValidationAndLimits(t *testing.T) {
 		want *etcderr.Error
 	}{
 		{"empty key", func() error {
-			_, err := tr.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{}))
+			_, err := tr.kv.Put(ctx, &pb.PutRequest{})
 			return err
 		}, etcderr.ErrEmptyKey},
 		{"request too large", func() error {
-			_, err := tr.kv.Put(ctx, connect.NewRequest(&pb.PutRequest{Key: []byte("k"), Value: make([]byte, 2000)}))
+			_, err := tr.kv.Put(ctx, &pb.PutRequest{Key: []byte("k"), Value: make([]byte, 2000)})
 			return err
 		}, etcderr.ErrRequestTooLarge},
 		{"too many ops", func() error {
@@ -189,18 +185,16 @@ func TestRequestValidationAndLimits(t *testing.T) {
 			for i := range ops {
 				ops[i] = &pb.RequestOp{Request: &pb.RequestOp_RequestPut{RequestPut: &pb.PutRequest{Key: []byte{byte('a' + i)}}}}
 			}
-			_, err := tr.kv.Txn(ctx, connect.NewRequest(&pb.TxnRequest{Success: ops}))
+			_, err := tr.kv.Txn(ctx, &pb.TxnRequest{Success: ops})
 			return err
 		}, etcderr.ErrTooManyOps},
 		{"invalid sort", func() error {
-			_, err := tr.kv.Range(ctx, connect.NewRequest(&pb.RangeRequest{Key: []byte("k"), SortOrder: 9}))
+			_, err := tr.kv.Range(ctx, &pb.RangeRequest{Key: []byte("k"), SortOrder: 9})
 			return err
 		}, etcderr.ErrInvalidSortOption},
 	}
 	for _, c := range cases {
-		err := c.call()
-		var ce *connect.Error
-		if !errors.As(err, &ce) || ce.Code() != c.want.Code() || ce.Message() != c.want.Error() {
+		if err := c.call(); !errors.Is(err, c.want) {
 			t.Errorf("%s: got %v, want %v %q", c.name, err, c.want.Code(), c.want.Error())
 		}
 	}
@@ -212,17 +206,22 @@ func TestRequestValidationAndLimits(t *testing.T) {
 func TestAPutIsOneTraceFromProposalToApply(t *testing.T) {
 	tr := startReplica(t, testConfig(t))
 	tr.spans.Reset()
-	tr.put("traced", "v")
+	// The caller's span (a gateway's request, over the network or in process).
+	ctx, span := tr.r.tel.Tracer.Tracer("test").Start(context.Background(), "request")
+	if _, err := tr.kv.Put(ctx, &pb.PutRequest{Key: []byte("traced"), Value: []byte("v")}); err != nil {
+		t.Fatal(err)
+	}
+	span.End()
 	byName := map[string]tracetest.SpanStub{}
 	for _, s := range tr.spans.GetSpans() {
 		byName[s.Name] = s
 	}
-	for _, name := range []string{"kvmesh.replica.v1.KVService/Put", "raft.propose", "raft.commit", "mvcc.apply"} {
+	for _, name := range []string{"request", "raft.propose", "raft.commit", "mvcc.apply"} {
 		if _, ok := byName[name]; !ok {
 			t.Fatalf("no %q span among %v", name, byName)
 		}
 	}
-	trace := byName["kvmesh.replica.v1.KVService/Put"].SpanContext.TraceID()
+	trace := byName["request"].SpanContext.TraceID()
 	for _, name := range []string{"raft.propose", "raft.commit", "mvcc.apply"} {
 		if got := byName[name].SpanContext.TraceID(); got != trace {
 			t.Errorf("span %q is in trace %s, want the request's trace %s", name, got, trace)
@@ -288,14 +287,14 @@ func TestLinearizableReadAfterRestartSeesEveryLoggedWrite(t *testing.T) {
 	}
 	defer r.Stop(context.Background())
 	slow.slow.Store(true)
-	kv := replicav1connect.NewKVServiceClient(inproc.NewClient(r.Handler()), "http://replica", tel.InternalClient()...)
+	kv := r.services()
 	for i := range 3 {
-		resp, err := kv.Range(context.Background(), connect.NewRequest(&pb.RangeRequest{Key: []byte(fmt.Sprintf("logged%d", i))}))
+		resp, err := kv.Range(context.Background(), &pb.RangeRequest{Key: []byte(fmt.Sprintf("logged%d", i))})
 		if err != nil {
 			t.Fatalf("read after restart: %v", err)
 		}
-		if len(resp.Msg.GetKvs()) != 1 {
-			t.Fatalf("linearizable read after restart misses logged write %d (revision %d)", i, resp.Msg.GetHeader().GetRevision())
+		if len(resp.GetKvs()) != 1 {
+			t.Fatalf("linearizable read after restart misses logged write %d (revision %d)", i, resp.GetHeader().GetRevision())
 		}
 	}
 }

@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"testing"
 
-	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
@@ -26,7 +25,7 @@ func TestFollowerBehindTruncatedLogCatchesUpBySnapshot(t *testing.T) {
 	f := follower(members, lead)
 	put := func(m *member, k, v string) {
 		t.Helper()
-		if _, err := m.kv.Put(context.Background(), connect.NewRequest(&pb.PutRequest{Key: []byte(k), Value: []byte(v)})); err != nil {
+		if _, err := m.kv.Put(context.Background(), &pb.PutRequest{Key: []byte(k), Value: []byte(v)}); err != nil {
 			t.Fatalf("put %s: %v", k, err)
 		}
 	}
@@ -46,7 +45,7 @@ func TestFollowerBehindTruncatedLogCatchesUpBySnapshot(t *testing.T) {
 	for i := range 300 {
 		put(lead, fmt.Sprintf("k%03d", i%100), fmt.Sprint("during", i))
 	}
-	if _, err := lead.kv.Compact(context.Background(), connect.NewRequest(&pb.CompactionRequest{Revision: 200})); err != nil {
+	if _, err := lead.kv.Compact(context.Background(), &pb.CompactionRequest{Revision: 200}); err != nil {
 		t.Fatal(err)
 	}
 	first, _ := lead.r.raftLog.FirstIndex()
@@ -59,11 +58,11 @@ func TestFollowerBehindTruncatedLogCatchesUpBySnapshot(t *testing.T) {
 	put(lead, "k", "after")
 	requireEventually(t, func() bool { return f.r.applied.Load() >= lead.r.applied.Load() })
 	requireSameHashKV(t, members)
-	got, err := f.kv.Range(context.Background(), connect.NewRequest(&pb.RangeRequest{Key: []byte("k0"), RangeEnd: []byte("k1"), Serializable: true}))
-	if err != nil || got.Msg.GetCount() != 100 {
+	got, err := f.kv.Range(context.Background(), &pb.RangeRequest{Key: []byte("k0"), RangeEnd: []byte("k1"), Serializable: true})
+	if err != nil || got.GetCount() != 100 {
 		t.Fatalf("follower after the snapshot: %v, %v; want 100 keys", got, err)
 	}
-	if _, err := f.kv.Range(context.Background(), connect.NewRequest(&pb.RangeRequest{Key: []byte("k000"), Revision: 150, Serializable: true})); err == nil {
+	if _, err := f.kv.Range(context.Background(), &pb.RangeRequest{Key: []byte("k000"), Revision: 150, Serializable: true}); err == nil {
 		t.Fatal("the snapshot lost the compaction: a read below the compacted revision succeeded")
 	}
 

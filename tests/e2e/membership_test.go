@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/base64"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -12,37 +10,28 @@ import (
 	"testing"
 	"time"
 
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/kvmesh/kvmesh/tests/harness"
 	"github.com/kvmesh/kvmesh/tests/harness/etcdclient"
 )
 
-// callReplica calls a replica's internal API directly, with the Connect protocol's
-// JSON encoding (this test binary links etcd's own protos through clientv3, so it
-// cannot link kvmesh's generated messages too). It returns the decoded answer, or the
-// Connect error's message.
-func callReplica(ctx context.Context, url, method, body string) (map[string]any, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url+"/kvmesh.replica.v1."+method, strings.NewReader(body))
+// callReplica calls a replica's internal API directly over grpc-go, with etcd's own
+// messages: the replica's KV and Maintenance services take and answer etcd's, wire for
+// wire (this test binary links etcd's protos through clientv3, so it cannot link
+// kvmesh's generated ones too).
+func callReplica(ctx context.Context, url, method string, req, resp any) error {
+	cc, err := grpc.NewClient(strings.TrimPrefix(url, "http://"), grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return nil, err
+		return err
 	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	var out map[string]any
-	if err := json.NewDecoder(resp.Body).Decode(&out); err != nil {
-		return nil, fmt.Errorf("%s: HTTP %d: %w", method, resp.StatusCode, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("%s: %v: %v", method, out["code"], out["message"])
-	}
-	return out, nil
+	defer cc.Close()
+	return cc.Invoke(ctx, "/kvmesh.replica.v1."+method, req, resp)
 }
 
 // metricOf reads one unlabeled metric of a process's /metrics.
@@ -126,7 +115,6 @@ func TestMeshPartitionMembershipAndSnapshots(t *testing.T) {
 	}
 	f := (lead + 1) % 3
 	fURL := m.urls[f]
-	b64 := func(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
 
 	// Partition the follower.
 	post := func(url string) {
@@ -144,14 +132,14 @@ func TestMeshPartitionMembershipAndSnapshots(t *testing.T) {
 		t.Cleanup(cancel)
 		return ctx
 	}
-	if r, err := callReplica(short(), fURL, "KVService/Put", `{"key":"`+b64("minority")+`","value":"eA=="}`); err == nil {
+	if r := new(pb.PutResponse); callReplica(short(), fURL, "KVService/Put", &pb.PutRequest{Key: []byte("minority"), Value: []byte("x")}, r) == nil {
 		t.Fatalf("the cut-off follower accepted a write: %v", r)
 	}
-	if r, err := callReplica(short(), fURL, "KVService/Range", `{"key":"`+b64("b/0000")+`"}`); err == nil {
+	if r := new(pb.RangeResponse); callReplica(short(), fURL, "KVService/Range", &pb.RangeRequest{Key: []byte("b/0000")}, r) == nil {
 		t.Fatalf("the cut-off follower served a linearizable read: %v", r)
 	}
-	if r, err := callReplica(short(), fURL, "KVService/Range", `{"key":"`+b64("a/0000")+`","serializable":true}`); err != nil || fmt.Sprint(r["count"]) != "1" {
-		t.Fatalf("serializable read on the cut-off follower: %v, %v", r, err)
+	if r := new(pb.RangeResponse); callReplica(short(), fURL, "KVService/Range", &pb.RangeRequest{Key: []byte("a/0000"), Serializable: true}, r) != nil || r.Count != 1 {
+		t.Fatalf("serializable read on the cut-off follower: %v", r)
 	}
 	// Its health endpoints say so, as an etcd member's do: alive, not ready.
 	expectHTTP(t, fURL+"/livez", 200, "ok\n")
@@ -239,11 +227,11 @@ func TestMeshPartitionMembershipAndSnapshots(t *testing.T) {
 	var hashes []string
 	for _, u := range []string{m.urls[lead], m.urls[3-lead-f], lURL} {
 		waitFor(t, u+" reaches the revision", 20*time.Second, func() bool { return currentRevisionOf(u) >= rev })
-		h, err := callReplica(ctxT(t), u, "MaintenanceService/HashKV", fmt.Sprintf(`{"revision":"%d"}`, rev))
-		if err != nil {
+		h := new(pb.HashKVResponse)
+		if err := callReplica(ctxT(t), u, "MaintenanceService/HashKV", &pb.HashKVRequest{Revision: rev}, h); err != nil {
 			t.Fatalf("HashKV on %s: %v", u, err)
 		}
-		hashes = append(hashes, fmt.Sprint(h["hash"]))
+		hashes = append(hashes, fmt.Sprint(h.Hash))
 	}
 	if hashes[0] != hashes[1] || hashes[1] != hashes[2] {
 		t.Fatalf("members disagree on their history at revision %d: %v", rev, hashes)

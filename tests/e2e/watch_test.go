@@ -130,7 +130,7 @@ func TestWatchDifferential(t *testing.T) {
 	// Let both servers register the watches before the writes begin.
 	time.Sleep(500 * time.Millisecond)
 
-	g := &diffGen{rng: rand.New(rand.NewPCG(seed, seed^0x5bd1e995)), rev: 1}
+	g := &diffGen{rng: rand.New(rand.NewPCG(seed, seed^0x5bd1e995)), rev: 1, physical: true}
 	kvs := [2]pb.KVClient{pb.NewKVClient(clis[0].ActiveConnection()), pb.NewKVClient(clis[1].ActiveConnection())}
 	for i := 0; i < 250; i++ {
 		op := g.next()

@@ -10,6 +10,23 @@ import (
 	"sync"
 )
 
+// TopologyMesh, in KVMESH_E2E_TOPOLOGY, runs "kvmesh" servers as a mesh of processes
+// (tests/harness/cmd/kvmesh-mesh: three replicas, NATS, the fanout, a gateway) behind
+// the all-in-one's interface; unset (or "all-in-one"), they are the all-in-one.
+const TopologyMesh = "mesh"
+
+// Topology is KVMESH_E2E_TOPOLOGY.
+func Topology() string { return strings.TrimSpace(os.Getenv("KVMESH_E2E_TOPOLOGY")) }
+
+// meshPackages are the binaries of the mesh topology.
+var meshPackages = []string{
+	"github.com/kvmesh/kvmesh/tests/harness/cmd/kvmesh-mesh",
+	"github.com/kvmesh/kvmesh/services/replica/cmd/kvmesh-replica",
+	"github.com/kvmesh/kvmesh/services/gateway/cmd/kvmesh-gateway",
+	"github.com/kvmesh/kvmesh/services/fanout/cmd/kvmesh-fanout",
+	"github.com/nats-io/nats-server/v2",
+}
+
 // KvmeshPackage is the Go package of kvmesh's all-in-one binary.
 const KvmeshPackage = "github.com/kvmesh/kvmesh/services/kvmesh"
 
@@ -46,13 +63,17 @@ func KvmeshBinary() (string, error) {
 			return
 		}
 		buildDir = dir
-		out := filepath.Join(dir, "kvmesh")
-		cmd := exec.Command("go", "build", "-o", out, KvmeshPackage)
+		// The mesh topology: the launcher and the binaries it runs, side by side.
+		pkgs, out := []string{KvmeshPackage}, filepath.Join(dir, "kvmesh")
+		if Topology() == TopologyMesh {
+			pkgs, out = meshPackages, filepath.Join(dir, "kvmesh-mesh")
+		}
+		cmd := exec.Command("go", append([]string{"build", "-o", dir + "/"}, pkgs...)...)
 		cmd.Dir = root
 		cmd.Env = append(os.Environ(), "GOWORK="+filepath.Join(root, "go.work"))
 		if output, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("building kvmesh: `go build -o %s %s` in %s: %v\n%s",
-				out, KvmeshPackage, root, err, output)
+			buildErr = fmt.Errorf("building kvmesh: `go build -o %s/ %s` in %s: %v\n%s",
+				dir, strings.Join(pkgs, " "), root, err, output)
 			return
 		}
 		buildBin = out

@@ -111,14 +111,13 @@ func (m *model) rangeAt(r *pb.RangeRequest, curRev int64) (*pb.RangeResponse, er
 	// Note: etcd 3.7.3 serves keys_only (unless sorting by value) from its in-memory
 	// index and so drops the lease from the KeyValues; that is a known regression
 	// (etcd-io/etcd#22209, fix in #22212), so the model keeps the lease as etcd 3.6 did.
+	// The revision filters as etcd documents them: each bound, when not 0, is
+	// inclusive.
+	within := func(v, lo, hi int64) bool { return (lo == 0 || v >= lo) && (hi == 0 || v <= hi) }
 	var kept []*mvccpb.KeyValue
 	for _, kv := range kvs {
-		switch {
-		case r.GetMaxModRevision() != 0 && kv.GetModRevision() > r.GetMaxModRevision():
-		case r.GetMinModRevision() != 0 && kv.GetModRevision() < r.GetMinModRevision():
-		case r.GetMaxCreateRevision() != 0 && kv.GetCreateRevision() > r.GetMaxCreateRevision():
-		case r.GetMinCreateRevision() != 0 && kv.GetCreateRevision() < r.GetMinCreateRevision():
-		default:
+		if within(kv.GetModRevision(), r.GetMinModRevision(), r.GetMaxModRevision()) &&
+			within(kv.GetCreateRevision(), r.GetMinCreateRevision(), r.GetMaxCreateRevision()) {
 			kept = append(kept, kv)
 		}
 	}

@@ -1,8 +1,7 @@
-package gateway
+package replicaapi
 
 import (
 	"context"
-	"errors"
 	"sync"
 	"time"
 
@@ -13,18 +12,18 @@ import (
 	"google.golang.org/grpc"
 
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 
-// The gateway's KV calls to a replica travel over one long-lived Batch stream per
-// replica (KVService.Batch), as its keep-alives do: whatever calls queued while the
+// KV calls to a replica travel over one long-lived Batch stream per replica
+// (KVService.Batch): whatever calls queued while the
 // previous message was being written go out as the next message, and the replica
 // answers many calls per message. A unary call costs both sides a stream of its own;
 // here the per-call cost is a few bytes of framing.
 //
-// The unary call's semantics are kept, for call (api.go) to decide retries the same
-// way: a call that never left the gateway (the stream could not be opened, or broke
+// The unary call's semantics are kept, for callers to decide retries the same way: a call that never left the gateway (the stream could not be opened, or broke
 // before the call was written) fails as a call that never arrived, and is sent to the
 // next replica; a call written to a stream that then broke fails Unavailable, as a
 // unary call whose connection broke.
@@ -32,12 +31,13 @@ import (
 // batchMaxCalls bounds the calls of one message.
 const batchMaxCalls = 256
 
-// kvBatcher is the Batch stream to one replica, opened on first use and again after
+// batcher is the Batch stream to one replica, opened on first use and again after
 // it fails.
-type kvBatcher struct {
+type batcher struct {
 	client replicav1.KVServiceClient
 	mu     sync.Mutex
 	cur    *kvStream
+	closed bool
 }
 
 // kvStream is one Batch stream and the calls on it.
@@ -63,13 +63,12 @@ type kvOutcome struct {
 	err error
 }
 
-// errBatchNotSent is the failure of calls that never left the gateway: a dial error,
-// which call treats as a request that never arrived.
-var errBatchNotSent = dialError(connect.CodeUnavailable, "kvmesh: the stream to the replica failed before the call was sent")
+// errBatchNotSent is the failure of calls that never left the caller.
+var errBatchNotSent = NotSent("kvmesh: the stream to the replica failed before the call was sent")
 
 // do sends c and waits for its result, or for ctx to end (the replica may still
 // carry the call out; its result is then dropped).
-func (b *kvBatcher) do(ctx context.Context, c *replicav1.KVCall) (*replicav1.KVResult, error) {
+func (b *batcher) do(ctx context.Context, c *replicav1.KVCall) (*replicav1.KVResult, error) {
 	p := &kvPending{call: c, done: make(chan kvOutcome, 1)}
 	if !b.stream().add(p) {
 		// That stream failed just now, before taking the call: one more, once.
@@ -86,9 +85,12 @@ func (b *kvBatcher) do(ctx context.Context, c *replicav1.KVCall) (*replicav1.KVR
 }
 
 // stream is the open stream, or a new one.
-func (b *kvBatcher) stream() *kvStream {
+func (b *batcher) stream() *kvStream {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if b.closed {
+		return deadStream
+	}
 	if s := b.cur; s != nil {
 		s.mu.Lock()
 		dead := s.dead
@@ -104,6 +106,20 @@ func (b *kvBatcher) stream() *kvStream {
 	b.cur = s
 	go s.run(ctx, b.client)
 	return s
+}
+
+// deadStream takes no calls: the batcher is closed.
+var deadStream = &kvStream{dead: true}
+
+// close ends the stream; calls after it fail as never sent.
+func (b *batcher) close() {
+	b.mu.Lock()
+	b.closed = true
+	s := b.cur
+	b.mu.Unlock()
+	if s != nil {
+		s.fail(errBatchNotSent)
+	}
 }
 
 // add queues p; false when the stream has failed.
@@ -125,7 +141,7 @@ func (s *kvStream) add(p *kvPending) bool {
 func (s *kvStream) run(ctx context.Context, client replicav1.KVServiceClient) {
 	st, err := client.Batch(ctx)
 	if err != nil {
-		s.fail(fromGRPC(err))
+		s.fail(FromGRPC(err))
 		return
 	}
 	go s.receive(st)
@@ -160,7 +176,7 @@ func (s *kvStream) run(ctx context.Context, client replicav1.KVServiceClient) {
 		s.mu.Unlock()
 		if err := st.Send(m); err != nil {
 			// The real error comes from Recv; receive fails the stream with it.
-			s.fail(fromGRPC(err))
+			s.fail(FromGRPC(err))
 			return
 		}
 	}
@@ -170,7 +186,7 @@ func (s *kvStream) receive(st grpc.BidiStreamingClient[replicav1.KVCalls, replic
 	for {
 		m, err := st.Recv()
 		if err != nil {
-			s.fail(fromGRPC(err))
+			s.fail(FromGRPC(err))
 			return
 		}
 		s.mu.Lock()
@@ -196,14 +212,14 @@ func (s *kvStream) fail(err error) {
 	for _, p := range s.queue {
 		p.done <- kvOutcome{err: errBatchNotSent}
 	}
-	if neverArrived(err) {
+	if IsNotSent(err) {
 		// The stream was never opened: nothing was sent on it.
 		for _, p := range s.sent {
 			p.done <- kvOutcome{err: errBatchNotSent}
 		}
 	} else {
 		_, msg := etcderr.CodeMessage(err)
-		lost := connect.NewError(connect.CodeUnavailable, errors.New("kvmesh: lost the stream to the replica: "+msg))
+		lost := etcderr.FromWire(connect.CodeUnavailable, "kvmesh: lost the stream to the replica: "+msg)
 		for _, p := range s.sent {
 			p.done <- kvOutcome{err: lost}
 		}
@@ -218,8 +234,10 @@ func (s *kvStream) fail(err error) {
 
 // batched sends one KV call over b with what the unary call would carry in its
 // metadata (the decision, the trace context, the deadline) and answers its response.
-func batched[Req, Res any](ctx context.Context, b *kvBatcher, r *connect.Request[Req], c *replicav1.KVCall, get func(*replicav1.KVResult) *Res) (*connect.Response[Res], error) {
-	c.Auth = decisionValue(ctx)
+func batched[Res any](ctx context.Context, b *batcher, c *replicav1.KVCall, get func(*replicav1.KVResult) *Res) (*Res, error) {
+	if d, ok := authz.DecisionFrom(ctx); ok {
+		c.Auth = d.Encode()
+	}
 	if sc := trace.SpanContextFromContext(ctx); sc.IsValid() {
 		carrier := propagation.MapCarrier{}
 		otel.GetTextMapPropagator().Inject(ctx, carrier)
@@ -237,7 +255,7 @@ func batched[Req, Res any](ctx context.Context, b *kvBatcher, r *connect.Request
 		return nil, err
 	}
 	if res.GetCode() != 0 {
-		return nil, connect.NewError(connect.Code(res.GetCode()), errors.New(res.GetMessage()))
+		return nil, etcderr.FromWire(connect.Code(res.GetCode()), res.GetMessage())
 	}
-	return connect.NewResponse(get(res)), nil
+	return get(res), nil
 }
