@@ -131,12 +131,15 @@ type Gateway struct {
 	// created after it starts after it, so a client sees its own writes.
 	seenRev atomic.Int64
 	// hub serves watches; nil until EnableWatch.
-	hub     *watch.Hub
-	stopHub context.CancelFunc
+	hub *watch.Hub
+
+	// background is the context of the loops Serve starts (the view's and the auth
+	// copy's refreshes, the hub); Stop ends it.
+	background     context.Context
+	stopBackground context.CancelFunc
 
 	// view knows the replicas, the links to them and the leader.
 	view     *view
-	stopView context.CancelFunc
 	leases   *leaseRouter
 	auth     *authCache
 	m        gatewayMetrics
@@ -154,7 +157,7 @@ type Gateway struct {
 	grpc   *grpc.Server
 }
 
-// New builds a gateway; call Listen, then Serve. dial links the gateway to the
+// New builds a gateway and starts nothing; call Listen, then Serve. dial links the gateway to the
 // replicas; nil means over the network (replicaapi.Network, with the mesh's TLS).
 func New(cfg Config, tel *telemetry.Telemetry, dial replicaapi.Dialer) (*Gateway, error) {
 	if err := cfg.Validate(); err != nil {
@@ -182,15 +185,12 @@ func New(cfg Config, tel *telemetry.Telemetry, dial replicaapi.Dialer) (*Gateway
 	g.leases = newLeaseRouter(g)
 	g.auth = newAuthCache(g)
 	g.registerMetrics()
-	ctx, cancel := context.WithCancel(context.Background())
-	g.stopView = cancel
-	go g.view.run(telemetry.Untraced(ctx))
-	go g.auth.run(telemetry.Untraced(ctx))
+	g.background, g.stopBackground = context.WithCancel(context.Background())
 	return g, nil
 }
 
 // EnableWatch serves etcd's Watch from the revision stream that the fanout publishes
-// to NATS (see hub.go). Without it Watch answers Unimplemented.
+// to NATS (package watch), from Serve on. Without it Watch answers Unimplemented.
 func (g *Gateway) EnableWatch(nc *nats.Conn, stream revstream.Config) error {
 	if err := stream.Validate(); err != nil {
 		return err
@@ -209,9 +209,7 @@ func (g *Gateway) EnableWatch(nc *nats.Conn, stream revstream.Config) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	g.hub, g.stopHub = h, cancel
-	go h.Run(ctx)
+	g.hub = h
 	return nil
 }
 
@@ -269,8 +267,14 @@ func (g *Gateway) Listen() error {
 // Addr is the bound client address.
 func (g *Gateway) Addr() string { return g.lis.Addr().String() }
 
-// Serve answers clients until Stop.
+// Serve starts the background loops and answers clients until Stop.
 func (g *Gateway) Serve() error {
+	// The refreshes are background polls, not traced; the hub traces each revision.
+	go g.view.run(telemetry.Untraced(g.background))
+	go g.auth.run(telemetry.Untraced(g.background))
+	if g.hub != nil {
+		go g.hub.Run(g.background)
+	}
 	g.log.Info("serving etcd API", "addr", g.Addr())
 	g.split = grpcsplit.New(g.lis, g.log)
 	errc := make(chan error, 2)
@@ -285,12 +289,9 @@ func (g *Gateway) Serve() error {
 
 // Stop stops accepting requests and waits for those in flight until ctx ends.
 func (g *Gateway) Stop(ctx context.Context) error {
-	g.stopView()
+	g.stopBackground()
 	defer g.view.close()
 	g.leases.stop()
-	if g.stopHub != nil {
-		g.stopHub()
-	}
 	if g.server == nil {
 		return nil
 	}
