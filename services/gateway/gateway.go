@@ -139,10 +139,10 @@ type Gateway struct {
 	stopBackground context.CancelFunc
 
 	// view knows the replicas, the links to them and the leader.
-	view     *view
-	leases   *leaseRouter
-	auth     *authCache
-	m        gatewayMetrics
+	view   *view
+	leases *leaseRouter
+	auth   *authCache
+	m      gatewayMetrics
 
 	// mesh is the mutual TLS of calls to the replicas (nil: plaintext); clientTLS the
 	// client port's TLS (nil: plaintext).
