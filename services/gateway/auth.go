@@ -272,9 +272,11 @@ var errTokenAhead = errors.New("token from a newer auth state than the gateway's
 func (g *Gateway) authInfo(ctx context.Context, s *authz.Store) (*authz.Info, error) {
 	tok, _ := ctx.Value(credentialsKey{}).(string)
 	if !s.Enabled {
-		// A token issued after the copy (auth was enabled since) says the copy is
-		// behind: the revision it claims, unverified, only asks for a refresh.
-		if rev := authz.ClaimedRevision(tok); tok != "" && rev > s.Revision {
+		// A token issued at or after the copy's revision while the copy says auth
+		// is disabled (no replica issues tokens then: it was enabled since) says the
+		// copy is behind: the revision it claims, unverified, only asks for a refresh.
+		// A token from before a disable claims an older revision and is ignored.
+		if rev := authz.ClaimedRevision(tok); tok != "" && rev >= s.Revision {
 			return &authz.Info{Revision: rev}, errTokenAhead
 		}
 		return nil, nil
@@ -446,6 +448,17 @@ func (g *Gateway) watchPermitted(ctx context.Context, cr *pb.WatchCreateRequest)
 		return nil, nil, err
 	}
 	if err = permitted(s, false); err != nil {
+		if errors.Is(err, errTokenAhead) {
+			// The client holds a token from an auth state newer than the copy (an
+			// auth change a moment ago): bring the copy to it, as an etcd member
+			// applies the change before it answers. Rare, and shared with every
+			// caller waiting: the steady state calls no replica.
+			rctx, cancel := context.WithTimeout(ctx, watchAuthWait)
+			if err := g.auth.refresh(rctx); err != nil {
+				g.log.Debug("auth state refresh for a newer token failed", "err", err)
+			}
+			cancel()
+		}
 		if fresh := g.auth.await(ctx, max(g.auth.announced.Load(), ahead), watchAuthWait); fresh != s {
 			s = fresh
 			err = permitted(s, false)
