@@ -141,7 +141,7 @@ func (s *kvStream) add(p *kvPending) bool {
 func (s *kvStream) run(ctx context.Context, client replicav1.KVServiceClient) {
 	st, err := client.Batch(ctx)
 	if err != nil {
-		s.fail(FromGRPC(err))
+		s.fail(fromGRPC(err))
 		return
 	}
 	go s.receive(st)
@@ -176,7 +176,7 @@ func (s *kvStream) run(ctx context.Context, client replicav1.KVServiceClient) {
 		s.mu.Unlock()
 		if err := st.Send(m); err != nil {
 			// The real error comes from Recv; receive fails the stream with it.
-			s.fail(FromGRPC(err))
+			s.fail(fromGRPC(err))
 			return
 		}
 	}
@@ -186,7 +186,7 @@ func (s *kvStream) receive(st grpc.BidiStreamingClient[replicav1.KVCalls, replic
 	for {
 		m, err := st.Recv()
 		if err != nil {
-			s.fail(FromGRPC(err))
+			s.fail(fromGRPC(err))
 			return
 		}
 		s.mu.Lock()

@@ -66,12 +66,12 @@ func (c *netConn) Close() error {
 	return c.cc.Close()
 }
 
-// FromGRPC is the typed error for what a grpc-go call to a replica failed with: a call
+// fromGRPC is the typed error for what a grpc-go call to a replica failed with: a call
 // that found no connection never arrived (NotSent); a status becomes etcd's error of
 // that code and message (etcderr.FromWire).
-func FromGRPC(err error) error {
+func fromGRPC(err error) error {
 	st, ok := status.FromError(err)
-	if !ok {
+	if err == nil || !ok {
 		return err
 	}
 	if msg := st.Message(); strings.Contains(msg, "Error while dialing") {
@@ -91,7 +91,7 @@ func outgoing(ctx context.Context) context.Context {
 func unary[Req, Res any](ctx context.Context, f func(context.Context, *Req, ...grpc.CallOption) (*Res, error), req *Req) (*Res, error) {
 	res, err := f(outgoing(ctx), req)
 	if err != nil {
-		return nil, FromGRPC(err)
+		return nil, fromGRPC(err)
 	}
 	return res, nil
 }
@@ -157,7 +157,7 @@ func (c *netConn) LeaseLeases(ctx context.Context, r *pb.LeaseLeasesRequest) (*p
 func (c *netConn) KeepAlive(ctx context.Context) (KeepAliveStream, error) {
 	s, err := c.lease.KeepAlive(ctx)
 	if err != nil {
-		return nil, FromGRPC(err)
+		return nil, fromGRPC(err)
 	}
 	return netKeepAlive{s}, nil
 }
@@ -166,21 +166,15 @@ type netKeepAlive struct {
 	s grpc.BidiStreamingClient[replicav1.KeepAliveBatch, replicav1.KeepAliveResults]
 }
 
+// Send fails with io.EOF once the stream has ended; Recv has the reason.
 func (k netKeepAlive) Send(b *replicav1.KeepAliveBatch) error {
-	if err := k.s.Send(b); err != nil {
-		if errors.Is(err, io.EOF) {
-			// The stream ended; Recv has the reason.
-			_, err = k.s.Recv()
-		}
-		return FromGRPC(err)
-	}
-	return nil
+	return fromGRPC(k.s.Send(b))
 }
 
 func (k netKeepAlive) Recv() (*replicav1.KeepAliveResults, error) {
 	res, err := k.s.Recv()
 	if err != nil {
-		return nil, FromGRPC(err)
+		return nil, fromGRPC(err)
 	}
 	return res, nil
 }
@@ -200,7 +194,7 @@ func (c *netConn) Feed(ctx context.Context, r *replicav1.FeedRequest, fn func(*r
 	defer cancel()
 	s, err := c.feed.Feed(outgoing(ctx), r)
 	if err != nil {
-		return FromGRPC(err)
+		return fromGRPC(err)
 	}
 	for {
 		m, err := s.Recv()
@@ -208,7 +202,7 @@ func (c *netConn) Feed(ctx context.Context, r *replicav1.FeedRequest, fn func(*r
 			return nil
 		}
 		if err != nil {
-			return FromGRPC(err)
+			return fromGRPC(err)
 		}
 		if err := fn(m); err != nil {
 			return err

@@ -331,14 +331,12 @@ type publisher struct {
 // publish sends one feed answer's revisions to JetStream and records a compaction or
 // an auth change in the state bucket.
 func (p *publisher) publish(ctx context.Context, m *replicav1.FeedResponse) error {
-	f, base, state, maxPayload, acks := p.f, p.base, p.state, p.maxPayload, p.acks
-	seq, next, told := p.seq, p.next, p.told
-	defer func() { p.seq, p.next, p.told = seq, next, told }()
+	f := p.f
 	for _, r := range m.GetRevisions() {
-		if next != 0 && r.GetRevision() != next {
-			return fmt.Errorf("replica %s sent revision %d, expected %d", base, r.GetRevision(), next)
+		if p.next != 0 && r.GetRevision() != p.next {
+			return fmt.Errorf("replica %s sent revision %d, expected %d", p.base, r.GetRevision(), p.next)
 		}
-		msg, tooLarge, err := revstream.Message(f.stream.Subject, r, maxPayload)
+		msg, tooLarge, err := revstream.Message(f.stream.Subject, r, p.maxPayload)
 		if err != nil {
 			return err
 		}
@@ -346,7 +344,7 @@ func (p *publisher) publish(ctx context.Context, m *replicav1.FeedResponse) erro
 			f.m.tooLarge.Inc()
 		}
 		span := f.publishSpan(ctx, msg, r)
-		fut, err := f.js.PublishMsgAsync(msg, jetstream.WithExpectLastSequence(seq), jetstream.WithMsgID(f.stream.Stream+"-"+fmt.Sprint(r.GetRevision())))
+		fut, err := f.js.PublishMsgAsync(msg, jetstream.WithExpectLastSequence(p.seq), jetstream.WithMsgID(f.stream.Stream+"-"+fmt.Sprint(r.GetRevision())))
 		if err != nil {
 			span.SetStatus(codes.Error, err.Error())
 			span.End()
@@ -356,22 +354,22 @@ func (p *publisher) publish(ctx context.Context, m *replicav1.FeedResponse) erro
 			return fmt.Errorf("publish revision %d: %w", r.GetRevision(), err)
 		}
 		select {
-		case acks <- ack{fut, r.GetRevision(), span}:
+		case p.acks <- ack{fut, r.GetRevision(), span}:
 		case <-ctx.Done():
 			span.End()
 			return context.Cause(ctx)
 		}
-		seq, next = seq+1, r.GetRevision()+1
+		p.seq, p.next = p.seq+1, r.GetRevision()+1
 	}
 	// A compaction or an auth change, which make no revision: into the state
 	// bucket, for the gateways' watch creations.
-	if st := (&replicav1.StreamState{CompactRevision: m.GetCompactRevision(), AuthRevision: m.GetAuthRevision()}); told == nil ||
-		st.GetCompactRevision() != told.GetCompactRevision() || st.GetAuthRevision() != told.GetAuthRevision() {
-		if err := revstream.PutState(ctx, state, st); err != nil {
+	if st := (&replicav1.StreamState{CompactRevision: m.GetCompactRevision(), AuthRevision: m.GetAuthRevision()}); p.told == nil ||
+		st.GetCompactRevision() != p.told.GetCompactRevision() || st.GetAuthRevision() != p.told.GetAuthRevision() {
+		if err := revstream.PutState(ctx, p.state, st); err != nil {
 			return fmt.Errorf("record the stream state: %w", err)
 		}
 		f.m.states.Inc()
-		told = st
+		p.told = st
 	}
 	return nil
 }

@@ -36,7 +36,7 @@ func (r *Replica) services() *local {
 }
 
 // Dialer links to this replica in process, and to any other replica with next. Its
-// own URLs are its peer URLs and its listening address.
+// own URLs are its peer URLs and its listening address (call it after Listen).
 func (r *Replica) Dialer(next replicaapi.Dialer) replicaapi.Dialer {
 	own := map[string]bool{"http://" + r.Addr(): true, "https://" + r.Addr(): true}
 	for _, u := range r.cfg.PeerURLs {

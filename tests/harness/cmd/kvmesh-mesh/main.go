@@ -2,8 +2,8 @@
 // JetStream, the fanout and a gateway, each a process of its own — behind the
 // all-in-one's interface: the same variables (KVMESH_GATEWAY_LISTEN is the client
 // address, KVMESH_REPLICA_DATA_DIR holds everything, KVMESH_REPLICA_LISTEN and
-// KVMESH_REPLICA_NAME are the first replica's; every other KVMESH_ variable reaches
-// every process), healthy when the gateway is, stopped by SIGTERM. The end-to-end suites
+// KVMESH_REPLICA_NAME are the first replica's; every variable reaches every process,
+// each process's own settings over it), healthy when the gateway is, stopped by SIGTERM. The end-to-end suites
 // run against it as they run against the all-in-one (KVMESH_E2E_TOPOLOGY=mesh), so both
 // topologies answer the same tests.
 //
@@ -70,16 +70,9 @@ func run() error {
 		return err
 	}
 
-	// What every process gets: the caller's KVMESH_ variables but the four above.
-	var common []string
-	for _, kv := range os.Environ() {
-		k, _, _ := strings.Cut(kv, "=")
-		switch k {
-		case "KVMESH_REPLICA_DATA_DIR", "KVMESH_GATEWAY_LISTEN", "KVMESH_REPLICA_LISTEN", "KVMESH_REPLICA_NAME":
-			continue
-		}
-		common = append(common, kv)
-	}
+	// Every process gets the caller's environment, with its own settings after it
+	// (exec keeps the last value of a variable set twice).
+	common := os.Environ()
 	var urls, initial []string
 	for i, addr := range p.Replicas {
 		urls = append(urls, "http://"+addr)
