@@ -26,8 +26,10 @@ func New() *Mux {
 	return &Mux{services: make(map[string]http.Handler), exact: make(map[string]http.Handler)}
 }
 
-// Handle registers h for pattern: a service prefix ("/pkg.Service/", as returned by
-// the generated New…Handler functions), a prefix ending in "/", or an exact path.
+// Handle registers h for pattern: an exact path (a procedure, "/pkg.Service/Method",
+// or an endpoint), a service prefix ("/pkg.Service/", as returned by the generated
+// New…Handler functions: the service's procedures not registered exactly), or a prefix
+// ending in "/". An exact path wins over a prefix.
 func (m *Mux) Handle(pattern string, h http.Handler) {
 	switch {
 	case strings.HasSuffix(pattern, "/") && strings.Count(pattern, "/") == 2 && strings.Contains(pattern, "."):
@@ -47,15 +49,15 @@ func (m *Mux) HandleFunc(pattern string, f func(http.ResponseWriter, *http.Reque
 // ServeHTTP implements http.Handler.
 func (m *Mux) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p := r.URL.Path
+	if h, ok := m.exact[p]; ok {
+		h.ServeHTTP(w, r)
+		return
+	}
 	if i := strings.LastIndexByte(p, '/'); i > 0 {
 		if h, ok := m.services[p[:i+1]]; ok {
 			h.ServeHTTP(w, r)
 			return
 		}
-	}
-	if h, ok := m.exact[p]; ok {
-		h.ServeHTTP(w, r)
-		return
 	}
 	for _, pr := range m.prefixes {
 		if strings.HasPrefix(p, pr.prefix) {

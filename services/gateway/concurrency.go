@@ -14,9 +14,7 @@ import (
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 	"github.com/kvmesh/kvmesh/api/gen/v3electionpb"
-	"github.com/kvmesh/kvmesh/api/gen/v3electionpb/v3electionpbconnect"
 	"github.com/kvmesh/kvmesh/api/gen/v3lockpb"
-	"github.com/kvmesh/kvmesh/api/gen/v3lockpb/v3lockpbconnect"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
@@ -415,11 +413,11 @@ func (g *Gateway) Leader(ctx context.Context, r *v3electionpb.LeaderRequest) (*v
 	return &v3electionpb.LeaderResponse{Header: gr.GetHeader(), Kv: gr.GetKvs()[0]}, nil
 }
 
-// Observe is concurrency.Election.Observe: the leader, then each value it proclaims,
+// observe is concurrency.Election.Observe: the leader, then each value it proclaims,
 // then the next leader once it is gone, until the caller leaves. Where etcd's server
 // ends the stream without a word when a step fails (say, permission denied), the
 // gateway answers the step's error.
-func (g *Gateway) Observe(ctx context.Context, r *v3electionpb.LeaderRequest, send func(*v3electionpb.LeaderResponse) error) error {
+func (g *Gateway) observe(ctx context.Context, r *v3electionpb.LeaderRequest, send func(*v3electionpb.LeaderResponse) error) error {
 	pfx := recipePrefix(r.GetName())
 	for {
 		gr, err := g.Range(ctx, oldest(pfx))
@@ -477,86 +475,4 @@ func (g *Gateway) recipeWatch(ctx context.Context, rpc string, cr *pb.WatchCreat
 	w.Inc()
 	defer w.Dec()
 	return g.watchOne(ctx, cr, fn)
-}
-
-// The gRPC and Connect faces of Lock and Election.
-
-type grpcLock struct {
-	v3lockpb.UnimplementedLockServer
-	g *Gateway
-}
-
-func (s grpcLock) Lock(ctx context.Context, r *v3lockpb.LockRequest) (*v3lockpb.LockResponse, error) {
-	return grpcUnary(ctx, r, s.g.Lock)
-}
-
-func (s grpcLock) Unlock(ctx context.Context, r *v3lockpb.UnlockRequest) (*v3lockpb.UnlockResponse, error) {
-	return grpcUnary(ctx, r, s.g.Unlock)
-}
-
-type grpcElection struct {
-	v3electionpb.UnimplementedElectionServer
-	g *Gateway
-}
-
-func (s grpcElection) Campaign(ctx context.Context, r *v3electionpb.CampaignRequest) (*v3electionpb.CampaignResponse, error) {
-	return grpcUnary(ctx, r, s.g.Campaign)
-}
-
-func (s grpcElection) Proclaim(ctx context.Context, r *v3electionpb.ProclaimRequest) (*v3electionpb.ProclaimResponse, error) {
-	return grpcUnary(ctx, r, s.g.Proclaim)
-}
-
-func (s grpcElection) Leader(ctx context.Context, r *v3electionpb.LeaderRequest) (*v3electionpb.LeaderResponse, error) {
-	return grpcUnary(ctx, r, s.g.Leader)
-}
-
-func (s grpcElection) Resign(ctx context.Context, r *v3electionpb.ResignRequest) (*v3electionpb.ResignResponse, error) {
-	return grpcUnary(ctx, r, s.g.Resign)
-}
-
-func (s grpcElection) Observe(r *v3electionpb.LeaderRequest, stream v3electionpb.Election_ObserveServer) error {
-	return grpcStreamEnd(s.g.Observe(grpcContext(stream.Context()), r, stream.Send))
-}
-
-type connectLock struct {
-	v3lockpbconnect.UnimplementedLockHandler
-	g *Gateway
-}
-
-func (h connectLock) Lock(ctx context.Context, r *connect.Request[v3lockpb.LockRequest]) (*connect.Response[v3lockpb.LockResponse], error) {
-	return unary(ctx, r, h.g.Lock)
-}
-
-func (h connectLock) Unlock(ctx context.Context, r *connect.Request[v3lockpb.UnlockRequest]) (*connect.Response[v3lockpb.UnlockResponse], error) {
-	return unary(ctx, r, h.g.Unlock)
-}
-
-type connectElection struct {
-	v3electionpbconnect.UnimplementedElectionHandler
-	g *Gateway
-}
-
-func (h connectElection) Campaign(ctx context.Context, r *connect.Request[v3electionpb.CampaignRequest]) (*connect.Response[v3electionpb.CampaignResponse], error) {
-	return unary(ctx, r, h.g.Campaign)
-}
-
-func (h connectElection) Proclaim(ctx context.Context, r *connect.Request[v3electionpb.ProclaimRequest]) (*connect.Response[v3electionpb.ProclaimResponse], error) {
-	return unary(ctx, r, h.g.Proclaim)
-}
-
-func (h connectElection) Leader(ctx context.Context, r *connect.Request[v3electionpb.LeaderRequest]) (*connect.Response[v3electionpb.LeaderResponse], error) {
-	return unary(ctx, r, h.g.Leader)
-}
-
-func (h connectElection) Resign(ctx context.Context, r *connect.Request[v3electionpb.ResignRequest]) (*connect.Response[v3electionpb.ResignResponse], error) {
-	return unary(ctx, r, h.g.Resign)
-}
-
-func (h connectElection) Observe(ctx context.Context, r *connect.Request[v3electionpb.LeaderRequest], stream *connect.ServerStream[v3electionpb.LeaderResponse]) error {
-	if r.Header().Get(hasLeaderKey) == "true" {
-		ctx = withRequireLeader(ctx)
-	}
-	ctx = withCredentials(ctx, r.Header().Get)
-	return connectStreamEnd(h.g.Observe(ctx, r.Msg, stream.Send))
 }

@@ -20,11 +20,6 @@ import (
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
-	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
-	"github.com/kvmesh/kvmesh/api/gen/kvmesh/tenant/v1/tenantv1connect"
-	"github.com/kvmesh/kvmesh/api/gen/kvmesh/watch/v1/watchv1connect"
-	"github.com/kvmesh/kvmesh/api/gen/v3electionpb/v3electionpbconnect"
-	"github.com/kvmesh/kvmesh/api/gen/v3lockpb/v3lockpbconnect"
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
@@ -228,17 +223,7 @@ func (g *Gateway) seen() int64 { return g.seenRev.Load() }
 func (g *Gateway) Handler() http.Handler {
 	mux := rpcmux.New()
 	opts := append(g.tel.PublicHandler(), connect.WithReadMaxBytes(g.cfg.MaxRequestBytes+grpcOverheadBytes))
-	mux.Handle(etcdserverpbconnect.NewKVHandler(connectKV{g: g}, opts...))
-	mux.Handle(etcdserverpbconnect.NewClusterHandler(connectCluster{g: g}, opts...))
-	mux.Handle(etcdserverpbconnect.NewMaintenanceHandler(connectMaintenance{g: g}, opts...))
-	mux.Handle(etcdserverpbconnect.NewWatchHandler(connectWatch{g: g}, opts...))
-	mux.Handle(watchv1connect.NewWatchServiceHandler(connectWatchOne{g: g}, opts...))
-	mux.Handle(etcdserverpbconnect.NewLeaseHandler(connectLease{g: g}, opts...))
-	mux.Handle(etcdserverpbconnect.NewAuthHandler(connectAuth{g: g}, opts...))
-	mux.Handle(tenantv1connect.NewTenantServiceHandler(connectTenant{g: g}, opts...))
-	mux.Handle(v3lockpbconnect.NewLockHandler(connectLock{g: g}, opts...))
-	mux.Handle(v3electionpbconnect.NewElectionHandler(connectElection{g: g}, opts...))
-	mux.Handle(healthCheckPath, connect.NewUnaryHandler(healthCheckPath, g.connectHealthCheck, opts...))
+	g.connectRoutes(mux, opts)
 	mux.Handle("/metrics", g.tel.MetricsHandler())
 	g.healthEndpoints().Install(mux)
 	if g.cfg.EnablePprof {

@@ -3,8 +3,6 @@ package gateway
 import (
 	"context"
 
-	"connectrpc.com/connect"
-
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	tenantv1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/tenant/v1"
 )
@@ -20,27 +18,4 @@ func (g *Gateway) SetUserNamespace(ctx context.Context, r *tenantv1.SetUserNames
 func (g *Gateway) GetUserNamespace(ctx context.Context, r *tenantv1.GetUserNamespaceRequest) (*tenantv1.GetUserNamespaceResponse, error) {
 	resp, err := g.authCall(ctx, adminOrSelf(r.GetName()), &replicav1.AuthRequest{Request: &replicav1.AuthRequest_UserGetNamespace{UserGetNamespace: r}})
 	return resp.GetUserGetNamespace(), err
-}
-
-type connectTenant struct{ g *Gateway }
-
-func (h connectTenant) SetUserNamespace(ctx context.Context, r *connect.Request[tenantv1.SetUserNamespaceRequest]) (*connect.Response[tenantv1.SetUserNamespaceResponse], error) {
-	return unary(ctx, r, h.g.SetUserNamespace)
-}
-
-func (h connectTenant) GetUserNamespace(ctx context.Context, r *connect.Request[tenantv1.GetUserNamespaceRequest]) (*connect.Response[tenantv1.GetUserNamespaceResponse], error) {
-	return unary(ctx, r, h.g.GetUserNamespace)
-}
-
-type grpcTenant struct {
-	tenantv1.UnimplementedTenantServiceServer
-	g *Gateway
-}
-
-func (s grpcTenant) SetUserNamespace(ctx context.Context, r *tenantv1.SetUserNamespaceRequest) (*tenantv1.SetUserNamespaceResponse, error) {
-	return grpcUnary(ctx, r, s.g.SetUserNamespace)
-}
-
-func (s grpcTenant) GetUserNamespace(ctx context.Context, r *tenantv1.GetUserNamespaceRequest) (*tenantv1.GetUserNamespaceResponse, error) {
-	return grpcUnary(ctx, r, s.g.GetUserNamespace)
 }

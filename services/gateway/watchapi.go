@@ -8,7 +8,6 @@ import (
 	"connectrpc.com/connect"
 
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
-	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/services/gateway/watch"
 )
@@ -77,56 +76,8 @@ func (g *Gateway) monitorLeader(ctx context.Context, cancel context.CancelCauseF
 	}
 }
 
-type grpcWatch struct {
-	pb.UnimplementedWatchServer
-	g *Gateway
-}
-
-func (s grpcWatch) Watch(stream pb.Watch_WatchServer) error {
-	ctx := grpcContext(stream.Context())
-	sendRaw := func(b watch.EncodedMsg) error { return stream.SendMsg(b) }
-	return grpcStreamEnd(watchStreamError(s.g.watch(ctx, stream.Recv, stream.Send, sendRaw)))
-}
-
-// grpcStreamEnd is how a served stream ends over grpc-go: quietly when the client
-// left, with etcd's error otherwise.
-func grpcStreamEnd(err error) error {
-	if err == nil || errors.Is(err, context.Canceled) {
-		return nil
-	}
-	return etcderr.ToGRPC(err)
-}
-
-// connectStreamEnd is grpcStreamEnd over connect-go.
-func connectStreamEnd(err error) error {
-	if err == nil || errors.Is(err, context.Canceled) {
-		return nil
-	}
-	return etcderr.ToConnect(err)
-}
-
-type connectWatch struct {
-	etcdserverpbconnect.UnimplementedWatchHandler
-	g *Gateway
-}
-
-func (h connectWatch) Watch(ctx context.Context, stream *connect.BidiStream[pb.WatchRequest, pb.WatchResponse]) error {
-	if stream.RequestHeader().Get(hasLeaderKey) == "true" {
-		ctx = withRequireLeader(ctx)
-	}
-	ctx = withCredentials(ctx, stream.RequestHeader().Get)
-	return connectStreamEnd(watchStreamError(h.g.watch(ctx, stream.Receive, stream.Send, nil)))
-}
-
-// connectWatchOne serves kvmesh.watch.v1.WatchService: one watch per call.
-type connectWatchOne struct{ g *Gateway }
-
-func (h connectWatchOne) Watch(ctx context.Context, req *connect.Request[pb.WatchCreateRequest], stream *connect.ServerStream[pb.WatchResponse]) error {
-	if req.Header().Get(hasLeaderKey) == "true" {
-		ctx = withRequireLeader(ctx)
-	}
-	ctx = withCredentials(ctx, req.Header().Get)
-	cr := req.Msg
+// watchOneCall serves kvmesh.watch.v1.WatchService.Watch: one watch per call.
+func (g *Gateway) watchOneCall(ctx context.Context, cr *pb.WatchCreateRequest, stream *connect.ServerStream[pb.WatchResponse]) error {
 	cr.WatchId = 0
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -139,7 +90,7 @@ func (h connectWatchOne) Watch(ctx context.Context, req *connect.Request[pb.Watc
 		}
 		return nil
 	}
-	return connectStreamEnd(watchStreamError(h.g.watch(ctx, createOnce(ctx, cr), send, nil)))
+	return watchStreamError(g.watch(ctx, createOnce(ctx, cr), send, nil))
 }
 
 // createOnce reads the requests of a stream of one watch: its create, then nothing
