@@ -85,6 +85,12 @@ var (
 	ErrRequestTooLarge        = newError(connect.CodeInvalidArgument, "etcdserver: request is too large")
 	ErrRequestTooManyRequests = newError(connect.CodeResourceExhausted, "etcdserver: too many requests")
 
+	// ErrCorrupt refuses writes while a member's CORRUPT alarm is active.
+	ErrCorrupt = newError(connect.CodeDataLoss, "etcdserver: corrupt cluster")
+
+	ErrWrongDowngradeVersionFormat   = newError(connect.CodeInvalidArgument, "etcdserver: wrong downgrade target version format")
+	ErrInvalidDowngradeTargetVersion = newError(connect.CodeInvalidArgument, "etcdserver: invalid downgrade target version")
+
 	ErrNoLeader                   = newError(connect.CodeUnavailable, "etcdserver: no leader")
 	ErrNotLeader                  = newError(connect.CodeFailedPrecondition, "etcdserver: not leader")
 	ErrLeaderChanged              = newError(connect.CodeUnavailable, "etcdserver: leader changed")

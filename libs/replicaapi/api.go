@@ -37,6 +37,11 @@ type API interface {
 	HashKV(context.Context, *pb.HashKVRequest) (*pb.HashKVResponse, error)
 	Hash(context.Context, *pb.HashRequest) (*pb.HashResponse, error)
 	MoveLeader(context.Context, *pb.MoveLeaderRequest) (*pb.MoveLeaderResponse, error)
+	Alarm(context.Context, *pb.AlarmRequest) (*pb.AlarmResponse, error)
+	Defragment(context.Context, *pb.DefragmentRequest) (*pb.DefragmentResponse, error)
+	// Snapshot streams a snapshot of the replica's state: fn gets each blob, in order,
+	// until it fails, ctx ends or the snapshot is complete.
+	Snapshot(ctx context.Context, req *pb.SnapshotRequest, fn func(*pb.SnapshotResponse) error) error
 
 	LeaseGrant(context.Context, *pb.LeaseGrantRequest) (*pb.LeaseGrantResponse, error)
 	LeaseRevoke(context.Context, *pb.LeaseRevokeRequest) (*pb.LeaseRevokeResponse, error)

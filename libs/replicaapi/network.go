@@ -140,6 +140,22 @@ func (c *netConn) Hash(ctx context.Context, r *pb.HashRequest) (*pb.HashResponse
 func (c *netConn) MoveLeader(ctx context.Context, r *pb.MoveLeaderRequest) (*pb.MoveLeaderResponse, error) {
 	return unary(ctx, c.maint.MoveLeader, r)
 }
+func (c *netConn) Alarm(ctx context.Context, r *pb.AlarmRequest) (*pb.AlarmResponse, error) {
+	return unary(ctx, c.maint.Alarm, r)
+}
+func (c *netConn) Defragment(ctx context.Context, r *pb.DefragmentRequest) (*pb.DefragmentResponse, error) {
+	return unary(ctx, c.maint.Defragment, r)
+}
+
+func (c *netConn) Snapshot(ctx context.Context, r *pb.SnapshotRequest, fn func(*pb.SnapshotResponse) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	s, err := c.maint.Snapshot(outgoing(ctx), r)
+	if err != nil {
+		return fromGRPC(err)
+	}
+	return receiveAll(s.Recv, fn)
+}
 
 func (c *netConn) LeaseGrant(ctx context.Context, r *pb.LeaseGrantRequest) (*pb.LeaseGrantResponse, error) {
 	return unary(ctx, c.lease.LeaseGrant, r)
@@ -196,8 +212,13 @@ func (c *netConn) Feed(ctx context.Context, r *replicav1.FeedRequest, fn func(*r
 	if err != nil {
 		return fromGRPC(err)
 	}
+	return receiveAll(s.Recv, fn)
+}
+
+// receiveAll hands every message of a served stream to fn, until the stream ends.
+func receiveAll[T any](recv func() (*T, error), fn func(*T) error) error {
 	for {
-		m, err := s.Recv()
+		m, err := recv()
 		if errors.Is(err, io.EOF) {
 			return nil
 		}

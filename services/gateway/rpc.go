@@ -238,6 +238,14 @@ func (g *Gateway) connectRoutes(mux *rpcmux.Mux, opts []connect.HandlerOption) {
 	unary(mux, opts, etcdserverpbconnect.MaintenanceHashProcedure, g.Hash)
 	unary(mux, opts, etcdserverpbconnect.MaintenanceHashKVProcedure, g.HashKV)
 	unary(mux, opts, etcdserverpbconnect.MaintenanceMoveLeaderProcedure, g.MoveLeader)
+	unary(mux, opts, etcdserverpbconnect.MaintenanceAlarmProcedure, g.Alarm)
+	unary(mux, opts, etcdserverpbconnect.MaintenanceDefragmentProcedure, g.Defragment)
+	unary(mux, opts, etcdserverpbconnect.MaintenanceDowngradeProcedure, g.Downgrade)
+	mux.Handle(etcdserverpbconnect.MaintenanceSnapshotProcedure, connect.NewServerStreamHandlerSimple(
+		etcdserverpbconnect.MaintenanceSnapshotProcedure,
+		func(ctx context.Context, r *pb.SnapshotRequest, s *connect.ServerStream[pb.SnapshotResponse]) error {
+			return g.snapshot(ctx, r, s.Send)
+		}, opts...))
 
 	unary(mux, opts, etcdserverpbconnect.LeaseLeaseGrantProcedure, g.LeaseGrant)
 	unary(mux, opts, etcdserverpbconnect.LeaseLeaseRevokeProcedure, g.LeaseRevoke)
@@ -294,7 +302,6 @@ func (g *Gateway) connectRoutes(mux *rpcmux.Mux, opts []connect.HandlerOption) {
 
 	// The RPCs of these services not registered above answer Unimplemented.
 	mux.Handle(etcdserverpbconnect.NewKVHandler(etcdserverpbconnect.UnimplementedKVHandler{}, opts...))
-	mux.Handle(etcdserverpbconnect.NewMaintenanceHandler(etcdserverpbconnect.UnimplementedMaintenanceHandler{}, opts...))
 }
 
 // unary registers fn as the Connect handler of procedure.

@@ -3,6 +3,7 @@ package replica
 import (
 	"context"
 	"errors"
+	"fmt"
 
 	"go.etcd.io/raft/v3"
 
@@ -52,6 +53,9 @@ func (s *kvService) Put(ctx context.Context, req *pb.PutRequest) (*pb.PutRespons
 		return nil, err
 	}
 	if err := etcdcheck.PutRequest(req); err != nil {
+		return nil, err
+	}
+	if err := s.r.checkQuota(putCost(req)); err != nil {
 		return nil, err
 	}
 	resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Put{Put: req}})
@@ -108,6 +112,9 @@ func (s *kvService) Txn(ctx context.Context, req *pb.TxnRequest) (*pb.TxnRespons
 		}
 		out = resp
 	} else {
+		if err := s.r.checkQuota(txnCost(m)); err != nil {
+			return nil, err
+		}
 		resp, err := s.r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Txn{Txn: m}})
 		if err != nil {
 			return nil, err
@@ -166,30 +173,31 @@ type maintenanceService struct {
 // decide which features they may use.
 const serverVersion = "3.6.0"
 
-// defaultQuotaBytes is etcd's default backend quota, reported as dbSizeQuota.
-const defaultQuotaBytes = 2 << 30
-
 func (s *maintenanceService) Status(ctx context.Context, req *pb.StatusRequest) (*pb.StatusResponse, error) {
 	r := s.r
 	st := r.node.Status()
-	size := r.dbSize()
+	size, inUse := r.dbSizes()
 	resp := &pb.StatusResponse{
 		Header:           r.header(&pb.ResponseHeader{Revision: r.rev()}),
 		Version:          serverVersion,
 		DbSize:           size,
-		DbSizeInUse:      size,
+		DbSizeInUse:      inUse,
 		Leader:           st.Lead,
 		RaftIndex:        st.GetCommit(),
 		RaftTerm:         st.GetTerm(),
 		RaftAppliedIndex: r.applied.Load(),
 		StorageVersion:   serverVersion,
-		DbSizeQuota:      defaultQuotaBytes,
+		DbSizeQuota:      max(r.quotaBytes(), 0),
+		DowngradeInfo:    &pb.DowngradeInfo{},
 	}
 	if m := r.members.get(r.id); m != nil {
 		resp.IsLearner = m.GetIsLearner()
 	}
 	if st.Lead == raft.None {
 		resp.Errors = append(resp.Errors, etcderr.ErrNoLeader.Error())
+	}
+	for _, a := range r.alarms.all() {
+		resp.Errors = append(resp.Errors, fmt.Sprintf("memberID:%d alarm:%s", a.GetMemberID(), a.GetAlarm()))
 	}
 	return resp, nil
 }

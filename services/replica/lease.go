@@ -56,6 +56,9 @@ func (r *Replica) LeaseGrant(ctx context.Context, req *pb.LeaseGrantRequest) (*p
 	if req.GetTTL() > maxLeaseTTL {
 		return nil, etcderr.ErrLeaseTTLTooLarge
 	}
+	if err := r.checkQuota(leaseGrantCost); err != nil {
+		return nil, err
+	}
 	g := &pb.LeaseGrantRequest{TTL: max(req.GetTTL(), r.minLeaseTTL()), ID: req.GetID()}
 	for g.ID == 0 {
 		var b [8]byte

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"sync"
 
+	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/replicaapi"
 )
@@ -66,6 +67,10 @@ func (l *local) AuthState(ctx context.Context, r *replicav1.AuthStateRequest) (*
 
 func (l *local) AuthCall(ctx context.Context, r *replicav1.AuthRequest) (*replicav1.AuthResponse, error) {
 	return l.authService.Call(ctx, r)
+}
+
+func (l *local) Snapshot(ctx context.Context, _ *pb.SnapshotRequest, fn func(*pb.SnapshotResponse) error) error {
+	return l.maintenanceService.serveSnapshot(ctx, fn)
 }
 
 func (l *local) Feed(ctx context.Context, r *replicav1.FeedRequest, fn func(*replicav1.FeedResponse) error) error {

@@ -25,6 +25,13 @@ type metrics struct {
 	leasesRenewed prometheus.Counter
 
 	batchCalls prometheus.Counter
+
+	defrags        prometheus.Counter
+	snapshotsSaved prometheus.Counter
+	// backupLast and backupBytes are the time and size of the last scheduled backup.
+	backupLast  prometheus.Gauge
+	backupBytes prometheus.Gauge
+	backupFails prometheus.Counter
 }
 
 func newMetrics(r *Replica) *metrics {
@@ -76,8 +83,31 @@ func newMetrics(r *Replica) *metrics {
 		batchCalls: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kvmesh_replica_batch_calls_total", Help: "KV calls received on gateways' Batch streams.",
 		}),
+		defrags: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvmesh_replica_defragmentations_total", Help: "Defragmentations (Maintenance.Defragment) of this replica's databases.",
+		}),
+		snapshotsSaved: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvmesh_replica_snapshots_saved_total", Help: "Snapshots of the state streamed to clients (Maintenance.Snapshot).",
+		}),
+		backupLast: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kvmesh_replica_backup_last_success_timestamp_seconds", Help: "When the last scheduled backup (KVMESH_REPLICA_BACKUP_DIR) was written, as a Unix time.",
+		}),
+		backupBytes: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kvmesh_replica_backup_last_size_bytes", Help: "The size of the last scheduled backup.",
+		}),
+		backupFails: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvmesh_replica_backup_failures_total", Help: "Scheduled backups that failed.",
+		}),
 	}
 	reg := r.tel.Registry
+	reg.MustRegister(m.defrags, m.snapshotsSaved, m.backupLast, m.backupBytes, m.backupFails,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "etcd_mvcc_db_total_size_in_use_in_bytes", Help: "Total size of the underlying database logically in use in bytes.",
+		}, func() float64 { _, inUse := r.dbSizes(); return float64(inUse) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "etcd_server_quota_backend_bytes", Help: "Current backend storage quota size in bytes.",
+		}, func() float64 { return float64(r.quotaBytes()) }),
+	)
 	reg.MustRegister(m.hasLeader, m.leaderChanges, m.applied, m.pending, m.failed, m.walFsync, m.backendCommit,
 		m.snapshotsSent, m.snapshotsInstalled, m.feedRevisions, m.leasesGranted, m.leasesRevoked, m.leasesExpired, m.leasesRenewed, m.batchCalls,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{

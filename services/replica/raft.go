@@ -235,6 +235,10 @@ func (r *Replica) applyEntries(ents []*raftpb.Entry) uint64 {
 				res.err = err
 			} else if a := req.GetAuth(); a != nil {
 				res = r.applyAuth(b, a)
+			} else if a := req.GetAlarm(); a != nil {
+				res = r.applyAlarm(b, a)
+			} else if err := r.alarms.refuses(req); err != nil {
+				res.err = err
 			} else {
 				res = r.applyRequest(ctx, wr, req)
 				if res.err == nil {

@@ -97,6 +97,16 @@ type Config struct {
 	AuthBcryptCost int `env:"AUTH_BCRYPT_COST, default=10"`
 	// AuthTokenTTL is how long a token from Authenticate is valid (etcd's JWT ttl).
 	AuthTokenTTL time.Duration `env:"AUTH_TOKEN_TTL, default=5m"`
+	// QuotaBackendBytes is the state database size at which the member raises the
+	// NOSPACE alarm and refuses writes that add data (etcd's --quota-backend-bytes):
+	// 0 means etcd's default, 2 GiB; a negative value, no quota.
+	QuotaBackendBytes int64 `env:"QUOTA_BACKEND_BYTES, default=0"`
+
+	// BackupDir, set, is where the replica writes a snapshot file every
+	// BackupInterval, keeping the newest BackupKeep (backup.go).
+	BackupDir      string        `env:"BACKUP_DIR"`
+	BackupInterval time.Duration `env:"BACKUP_INTERVAL, default=1h"`
+	BackupKeep     int           `env:"BACKUP_KEEP, default=24"`
 
 	// EnableFaultInjection serves POST /debug/faults/isolate and /debug/faults/heal on
 	// the internal API, which cut this member's peer traffic both ways and restore it:
@@ -131,6 +141,10 @@ func (c *Config) Validate() error {
 		return errors.New("KVMESH_REPLICA_MAX_REQUEST_BYTES: must be positive")
 	case c.MaxTxnOps <= 0:
 		return errors.New("KVMESH_REPLICA_MAX_TXN_OPS: must be positive")
+	case c.BackupDir != "" && c.BackupInterval <= 0:
+		return errors.New("KVMESH_REPLICA_BACKUP_INTERVAL: must be positive")
+	case c.BackupDir != "" && c.BackupKeep < 1:
+		return errors.New("KVMESH_REPLICA_BACKUP_KEEP: must be at least 1")
 	case c.LeaseCheckpointInterval <= 0:
 		return errors.New("KVMESH_REPLICA_LEASE_CHECKPOINT_INTERVAL: must be positive")
 	case c.LeaseRevokeRate <= 0:
@@ -172,6 +186,11 @@ type Replica struct {
 	id, clusterID uint64
 	members       *memberTable
 	auth          authState
+	alarms        alarmTable
+	// dbSizeLast is the state database's size as measured at dbSizeAt (UnixNano), and
+	// dbSizeSince the cost of the writes admitted since, for the quota check
+	// (dbSizeRecent).
+	dbSizeLast, dbSizeAt, dbSizeSince atomic.Int64
 
 	term        atomic.Uint64
 	leader      atomic.Uint64
@@ -287,6 +306,11 @@ func (r *Replica) open() error {
 		return err
 	}
 	r.auth.install(a)
+	al, err := loadAlarms(r.st.db)
+	if err != nil {
+		return err
+	}
+	r.alarms.install(al)
 	id, err := loadIdentity(r.raftDB)
 	if err != nil {
 		return err
@@ -492,6 +516,10 @@ func (r *Replica) Listen() error {
 // (Connect: streams, the peer API, /metrics, health).
 func (r *Replica) Serve() error {
 	r.log.Info("serving internal API", "addr", r.lis.Addr().String())
+	if r.cfg.BackupDir != "" {
+		r.snaps.wg.Add(1)
+		go r.backupLoop()
+	}
 	split := grpcsplit.New(r.lis, r.log)
 	errc := make(chan error, 2)
 	go func() { errc <- r.grpc.Serve(split.GRPC()) }()

@@ -325,6 +325,10 @@ func (r *Replica) installSnapshot(snap *raftpb.Snapshot) {
 	if err != nil {
 		panic(fmt.Sprintf("load auth store of snapshot %d: %v", index, err))
 	}
+	alarms, err := loadAlarms(st.db)
+	if err != nil {
+		panic(fmt.Sprintf("load alarms of snapshot %d: %v", index, err))
+	}
 	if err := writeStateFile(r.cfg.DataDir, filepath.Base(in.dir)); err != nil {
 		panic(fmt.Sprintf("point %s at snapshot %d: %v", stateFileName, index, err))
 	}
@@ -333,6 +337,7 @@ func (r *Replica) installSnapshot(snap *raftpb.Snapshot) {
 	r.st = st
 	r.members.replace(members)
 	r.auth.install(auth)
+	r.alarms.install(alarms)
 	r.stateMu.Unlock()
 	r.applied.Store(pos.index)
 	r.appliedTerm.Store(pos.term)

@@ -66,9 +66,26 @@ func (r *Replica) rev() int64 {
 
 // dbSize is the state machine database's size on disk.
 func (r *Replica) dbSize() int64 {
+	size, _ := r.dbSizes()
+	return size
+}
+
+// dbSizes is the state machine database's size on disk and the part of it that holds
+// data: what compacting away deleted and superseded versions (Defragment) would not
+// give back, by Pebble's estimate. Like etcd's dbSizeInUse, it drops when a compaction
+// deletes history, and the size follows after a defragmentation.
+func (r *Replica) dbSizes() (size, inUse int64) {
 	st := r.acquire()
 	defer st.release()
-	return int64(st.db.Metrics().DiskSpaceUsage())
+	m := st.db.Metrics()
+	total := m.DiskSpaceUsage()
+	garbage := m.Table.Garbage.PointDeletionsBytesEstimate + m.Table.Garbage.RangeDeletionsBytesEstimate +
+		m.Table.Local.ObsoleteSize + m.Table.Local.ZombieSize + m.WAL.ObsoletePhysicalSize
+	used := total
+	if garbage < total {
+		used = total - garbage
+	}
+	return int64(total), int64(used)
 }
 
 // currentStateDir reads STATE (creating it for a new member) and removes state

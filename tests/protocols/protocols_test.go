@@ -166,14 +166,23 @@ func TestHealthAndUnbuiltServices(t *testing.T) {
 		t.Fatalf("health of an unknown service: %v, want NotFound", err)
 	}
 
-	// Not built yet: they say so, over every protocol.
-	if _, err := pb.NewMaintenanceClient(conn).Defragment(ctxT(t), &pb.DefragmentRequest{}); status.Code(err) != codes.Unimplemented {
-		t.Fatalf("gRPC Defragment: %v, want Unimplemented", err)
+	// Not built yet (etcd 3.7's streaming range): it says so, over every protocol.
+	rs, err := pb.NewKVClient(conn).RangeStream(ctxT(t), &pb.RangeRequest{Key: []byte("a")})
+	if err == nil {
+		_, err = rs.Recv()
 	}
-	_, err = etcdserverpbconnect.NewMaintenanceClient(h2c.NewClient(nil), srv.ClientURL()).Defragment(ctxT(t), connect.NewRequest(&pb.DefragmentRequest{}))
+	if status.Code(err) != codes.Unimplemented {
+		t.Fatalf("gRPC RangeStream: %v, want Unimplemented", err)
+	}
+	crs, err := etcdserverpbconnect.NewKVClient(h2c.NewClient(nil), srv.ClientURL()).RangeStream(ctxT(t), connect.NewRequest(&pb.RangeRequest{Key: []byte("a")}))
+	if err == nil {
+		for crs.Receive() {
+		}
+		err = crs.Err()
+	}
 	var ce *connect.Error
 	if !errors.As(err, &ce) || ce.Code() != connect.CodeUnimplemented {
-		t.Fatalf("Connect Defragment: %v, want Unimplemented", err)
+		t.Fatalf("Connect RangeStream: %v, want Unimplemented", err)
 	}
 	// Lock and Election are served over every protocol: a lock taken over gRPC holds
 	// its key; Connect JSON sees the election's errors as etcd's (Unknown); an Observe

@@ -42,6 +42,7 @@ type RaftRequest struct {
 	//	*RaftRequest_LeaseRevoke
 	//	*RaftRequest_LeaseCheckpoint
 	//	*RaftRequest_Auth
+	//	*RaftRequest_Alarm
 	Request isRaftRequest_Request `protobuf_oneof:"request"`
 	// lessor_term is set on what the leader's lessor proposes by itself (expiry revokes,
 	// checkpoints): the term in which it was leader. Such an entry is applied only when
@@ -193,6 +194,15 @@ func (x *RaftRequest) GetAuth() *AuthRequest {
 	return nil
 }
 
+func (x *RaftRequest) GetAlarm() *etcdserverpb.AlarmRequest {
+	if x != nil {
+		if x, ok := x.Request.(*RaftRequest_Alarm); ok {
+			return x.Alarm
+		}
+	}
+	return nil
+}
+
 func (x *RaftRequest) GetLessorTerm() uint64 {
 	if x != nil {
 		return x.LessorTerm
@@ -261,6 +271,11 @@ type RaftRequest_Auth struct {
 	Auth *AuthRequest `protobuf:"bytes,12,opt,name=auth,proto3,oneof"`
 }
 
+type RaftRequest_Alarm struct {
+	// alarm raises or clears a member's alarm (GET is answered without Raft).
+	Alarm *etcdserverpb.AlarmRequest `protobuf:"bytes,15,opt,name=alarm,proto3,oneof"`
+}
+
 func (*RaftRequest_Put) isRaftRequest_Request() {}
 
 func (*RaftRequest_DeleteRange) isRaftRequest_Request() {}
@@ -280,6 +295,8 @@ func (*RaftRequest_LeaseRevoke) isRaftRequest_Request() {}
 func (*RaftRequest_LeaseCheckpoint) isRaftRequest_Request() {}
 
 func (*RaftRequest_Auth) isRaftRequest_Request() {}
+
+func (*RaftRequest_Alarm) isRaftRequest_Request() {}
 
 // ConfChangeContext is the context of a Raft conf change entry: the member it adds or
 // promotes (as MemberList will show it) and the proposal waiting for it.
@@ -402,11 +419,58 @@ func (x *MemberAttributes) GetClientUrls() []string {
 	return nil
 }
 
+// AlarmState is the cluster's active alarms, in the state database: each member's
+// NOSPACE or CORRUPT, as etcd's alarm store.
+type AlarmState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// alarms are the active alarms, ordered by member ID, then alarm type.
+	Alarms        []*etcdserverpb.AlarmMember `protobuf:"bytes,1,rep,name=alarms,proto3" json:"alarms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AlarmState) Reset() {
+	*x = AlarmState{}
+	mi := &file_kvmesh_replica_v1_raft_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AlarmState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AlarmState) ProtoMessage() {}
+
+func (x *AlarmState) ProtoReflect() protoreflect.Message {
+	mi := &file_kvmesh_replica_v1_raft_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AlarmState.ProtoReflect.Descriptor instead.
+func (*AlarmState) Descriptor() ([]byte, []int) {
+	return file_kvmesh_replica_v1_raft_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *AlarmState) GetAlarms() []*etcdserverpb.AlarmMember {
+	if x != nil {
+		return x.Alarms
+	}
+	return nil
+}
+
 var File_kvmesh_replica_v1_raft_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\x1a\x1ckvmesh/replica/v1/auth.proto\"\xbb\x06\n" +
+	"\x1ckvmesh/replica/v1/raft.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\x1a\x1ckvmesh/replica/v1/auth.proto\"\xef\x06\n" +
 	"\vRaftRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12,\n" +
 	"\x03put\x18\x02 \x01(\v2\x18.etcdserverpb.PutRequestH\x00R\x03put\x12E\n" +
@@ -422,7 +486,8 @@ const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"\flease_revoke\x18\t \x01(\v2 .etcdserverpb.LeaseRevokeRequestH\x00R\vleaseRevoke\x12Q\n" +
 	"\x10lease_checkpoint\x18\n" +
 	" \x01(\v2$.etcdserverpb.LeaseCheckpointRequestH\x00R\x0fleaseCheckpoint\x124\n" +
-	"\x04auth\x18\f \x01(\v2\x1e.kvmesh.replica.v1.AuthRequestH\x00R\x04auth\x12\x1f\n" +
+	"\x04auth\x18\f \x01(\v2\x1e.kvmesh.replica.v1.AuthRequestH\x00R\x04auth\x122\n" +
+	"\x05alarm\x18\x0f \x01(\v2\x1a.etcdserverpb.AlarmRequestH\x00R\x05alarm\x12\x1f\n" +
 	"\vlessor_term\x18\v \x01(\x04R\n" +
 	"lessorTerm\x12;\n" +
 	"\n" +
@@ -437,7 +502,10 @@ const file_kvmesh_replica_v1_raft_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1f\n" +
 	"\vclient_urls\x18\x03 \x03(\tR\n" +
-	"clientUrlsB\xc6\x01\n" +
+	"clientUrls\"?\n" +
+	"\n" +
+	"AlarmState\x121\n" +
+	"\x06alarms\x18\x01 \x03(\v2\x19.etcdserverpb.AlarmMemberR\x06alarmsB\xc6\x01\n" +
 	"\x15com.kvmesh.replica.v1B\tRaftProtoP\x01Z<github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1;replicav1\xa2\x02\x03KRX\xaa\x02\x11Kvmesh.Replica.V1\xca\x02\x11Kvmesh\\Replica\\V1\xe2\x02\x1dKvmesh\\Replica\\V1\\GPBMetadata\xea\x02\x13Kvmesh::Replica::V1b\x06proto3"
 
 var (
@@ -452,41 +520,46 @@ func file_kvmesh_replica_v1_raft_proto_rawDescGZIP() []byte {
 	return file_kvmesh_replica_v1_raft_proto_rawDescData
 }
 
-var file_kvmesh_replica_v1_raft_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_kvmesh_replica_v1_raft_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
 var file_kvmesh_replica_v1_raft_proto_goTypes = []any{
 	(*RaftRequest)(nil),                         // 0: kvmesh.replica.v1.RaftRequest
 	(*ConfChangeContext)(nil),                   // 1: kvmesh.replica.v1.ConfChangeContext
 	(*MemberAttributes)(nil),                    // 2: kvmesh.replica.v1.MemberAttributes
-	(*etcdserverpb.PutRequest)(nil),             // 3: etcdserverpb.PutRequest
-	(*etcdserverpb.DeleteRangeRequest)(nil),     // 4: etcdserverpb.DeleteRangeRequest
-	(*etcdserverpb.TxnRequest)(nil),             // 5: etcdserverpb.TxnRequest
-	(*etcdserverpb.CompactionRequest)(nil),      // 6: etcdserverpb.CompactionRequest
-	(*etcdserverpb.MemberUpdateRequest)(nil),    // 7: etcdserverpb.MemberUpdateRequest
-	(*etcdserverpb.LeaseGrantRequest)(nil),      // 8: etcdserverpb.LeaseGrantRequest
-	(*etcdserverpb.LeaseRevokeRequest)(nil),     // 9: etcdserverpb.LeaseRevokeRequest
-	(*etcdserverpb.LeaseCheckpointRequest)(nil), // 10: etcdserverpb.LeaseCheckpointRequest
-	(*AuthRequest)(nil),                         // 11: kvmesh.replica.v1.AuthRequest
-	(*AuthStamp)(nil),                           // 12: kvmesh.replica.v1.AuthStamp
-	(*etcdserverpb.Member)(nil),                 // 13: etcdserverpb.Member
+	(*AlarmState)(nil),                          // 3: kvmesh.replica.v1.AlarmState
+	(*etcdserverpb.PutRequest)(nil),             // 4: etcdserverpb.PutRequest
+	(*etcdserverpb.DeleteRangeRequest)(nil),     // 5: etcdserverpb.DeleteRangeRequest
+	(*etcdserverpb.TxnRequest)(nil),             // 6: etcdserverpb.TxnRequest
+	(*etcdserverpb.CompactionRequest)(nil),      // 7: etcdserverpb.CompactionRequest
+	(*etcdserverpb.MemberUpdateRequest)(nil),    // 8: etcdserverpb.MemberUpdateRequest
+	(*etcdserverpb.LeaseGrantRequest)(nil),      // 9: etcdserverpb.LeaseGrantRequest
+	(*etcdserverpb.LeaseRevokeRequest)(nil),     // 10: etcdserverpb.LeaseRevokeRequest
+	(*etcdserverpb.LeaseCheckpointRequest)(nil), // 11: etcdserverpb.LeaseCheckpointRequest
+	(*AuthRequest)(nil),                         // 12: kvmesh.replica.v1.AuthRequest
+	(*etcdserverpb.AlarmRequest)(nil),           // 13: etcdserverpb.AlarmRequest
+	(*AuthStamp)(nil),                           // 14: kvmesh.replica.v1.AuthStamp
+	(*etcdserverpb.Member)(nil),                 // 15: etcdserverpb.Member
+	(*etcdserverpb.AlarmMember)(nil),            // 16: etcdserverpb.AlarmMember
 }
 var file_kvmesh_replica_v1_raft_proto_depIdxs = []int32{
-	3,  // 0: kvmesh.replica.v1.RaftRequest.put:type_name -> etcdserverpb.PutRequest
-	4,  // 1: kvmesh.replica.v1.RaftRequest.delete_range:type_name -> etcdserverpb.DeleteRangeRequest
-	5,  // 2: kvmesh.replica.v1.RaftRequest.txn:type_name -> etcdserverpb.TxnRequest
-	6,  // 3: kvmesh.replica.v1.RaftRequest.compaction:type_name -> etcdserverpb.CompactionRequest
+	4,  // 0: kvmesh.replica.v1.RaftRequest.put:type_name -> etcdserverpb.PutRequest
+	5,  // 1: kvmesh.replica.v1.RaftRequest.delete_range:type_name -> etcdserverpb.DeleteRangeRequest
+	6,  // 2: kvmesh.replica.v1.RaftRequest.txn:type_name -> etcdserverpb.TxnRequest
+	7,  // 3: kvmesh.replica.v1.RaftRequest.compaction:type_name -> etcdserverpb.CompactionRequest
 	2,  // 4: kvmesh.replica.v1.RaftRequest.member_attributes:type_name -> kvmesh.replica.v1.MemberAttributes
-	7,  // 5: kvmesh.replica.v1.RaftRequest.member_update:type_name -> etcdserverpb.MemberUpdateRequest
-	8,  // 6: kvmesh.replica.v1.RaftRequest.lease_grant:type_name -> etcdserverpb.LeaseGrantRequest
-	9,  // 7: kvmesh.replica.v1.RaftRequest.lease_revoke:type_name -> etcdserverpb.LeaseRevokeRequest
-	10, // 8: kvmesh.replica.v1.RaftRequest.lease_checkpoint:type_name -> etcdserverpb.LeaseCheckpointRequest
-	11, // 9: kvmesh.replica.v1.RaftRequest.auth:type_name -> kvmesh.replica.v1.AuthRequest
-	12, // 10: kvmesh.replica.v1.RaftRequest.auth_stamp:type_name -> kvmesh.replica.v1.AuthStamp
-	13, // 11: kvmesh.replica.v1.ConfChangeContext.member:type_name -> etcdserverpb.Member
-	12, // [12:12] is the sub-list for method output_type
-	12, // [12:12] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	8,  // 5: kvmesh.replica.v1.RaftRequest.member_update:type_name -> etcdserverpb.MemberUpdateRequest
+	9,  // 6: kvmesh.replica.v1.RaftRequest.lease_grant:type_name -> etcdserverpb.LeaseGrantRequest
+	10, // 7: kvmesh.replica.v1.RaftRequest.lease_revoke:type_name -> etcdserverpb.LeaseRevokeRequest
+	11, // 8: kvmesh.replica.v1.RaftRequest.lease_checkpoint:type_name -> etcdserverpb.LeaseCheckpointRequest
+	12, // 9: kvmesh.replica.v1.RaftRequest.auth:type_name -> kvmesh.replica.v1.AuthRequest
+	13, // 10: kvmesh.replica.v1.RaftRequest.alarm:type_name -> etcdserverpb.AlarmRequest
+	14, // 11: kvmesh.replica.v1.RaftRequest.auth_stamp:type_name -> kvmesh.replica.v1.AuthStamp
+	15, // 12: kvmesh.replica.v1.ConfChangeContext.member:type_name -> etcdserverpb.Member
+	16, // 13: kvmesh.replica.v1.AlarmState.alarms:type_name -> etcdserverpb.AlarmMember
+	14, // [14:14] is the sub-list for method output_type
+	14, // [14:14] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_kvmesh_replica_v1_raft_proto_init() }
@@ -506,6 +579,7 @@ func file_kvmesh_replica_v1_raft_proto_init() {
 		(*RaftRequest_LeaseRevoke)(nil),
 		(*RaftRequest_LeaseCheckpoint)(nil),
 		(*RaftRequest_Auth)(nil),
+		(*RaftRequest_Alarm)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -513,7 +587,7 @@ func file_kvmesh_replica_v1_raft_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kvmesh_replica_v1_raft_proto_rawDesc), len(file_kvmesh_replica_v1_raft_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   3,
+			NumMessages:   4,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -676,13 +676,17 @@ const file_kvmesh_replica_v1_replica_proto_rawDesc = "" +
 	"\tMemberAdd\x12\x1e.etcdserverpb.MemberAddRequest\x1a\x1f.etcdserverpb.MemberAddResponse\x12U\n" +
 	"\fMemberRemove\x12!.etcdserverpb.MemberRemoveRequest\x1a\".etcdserverpb.MemberRemoveResponse\x12U\n" +
 	"\fMemberUpdate\x12!.etcdserverpb.MemberUpdateRequest\x1a\".etcdserverpb.MemberUpdateResponse\x12X\n" +
-	"\rMemberPromote\x12\".etcdserverpb.MemberPromoteRequest\x1a#.etcdserverpb.MemberPromoteResponse2\xae\x02\n" +
+	"\rMemberPromote\x12\".etcdserverpb.MemberPromoteRequest\x1a#.etcdserverpb.MemberPromoteResponse2\x8e\x04\n" +
 	"\x12MaintenanceService\x12C\n" +
 	"\x06Status\x12\x1b.etcdserverpb.StatusRequest\x1a\x1c.etcdserverpb.StatusResponse\x12C\n" +
 	"\x06HashKV\x12\x1b.etcdserverpb.HashKVRequest\x1a\x1c.etcdserverpb.HashKVResponse\x12=\n" +
 	"\x04Hash\x12\x19.etcdserverpb.HashRequest\x1a\x1a.etcdserverpb.HashResponse\x12O\n" +
 	"\n" +
-	"MoveLeader\x12\x1f.etcdserverpb.MoveLeaderRequest\x1a .etcdserverpb.MoveLeaderResponse2\xc0\x03\n" +
+	"MoveLeader\x12\x1f.etcdserverpb.MoveLeaderRequest\x1a .etcdserverpb.MoveLeaderResponse\x12@\n" +
+	"\x05Alarm\x12\x1a.etcdserverpb.AlarmRequest\x1a\x1b.etcdserverpb.AlarmResponse\x12O\n" +
+	"\n" +
+	"Defragment\x12\x1f.etcdserverpb.DefragmentRequest\x1a .etcdserverpb.DefragmentResponse\x12K\n" +
+	"\bSnapshot\x12\x1d.etcdserverpb.SnapshotRequest\x1a\x1e.etcdserverpb.SnapshotResponse0\x012\xc0\x03\n" +
 	"\fLeaseService\x12O\n" +
 	"\n" +
 	"LeaseGrant\x12\x1f.etcdserverpb.LeaseGrantRequest\x1a .etcdserverpb.LeaseGrantResponse\x12R\n" +
@@ -732,24 +736,30 @@ var file_kvmesh_replica_v1_replica_proto_goTypes = []any{
 	(*etcdserverpb.HashKVRequest)(nil),           // 23: etcdserverpb.HashKVRequest
 	(*etcdserverpb.HashRequest)(nil),             // 24: etcdserverpb.HashRequest
 	(*etcdserverpb.MoveLeaderRequest)(nil),       // 25: etcdserverpb.MoveLeaderRequest
-	(*etcdserverpb.LeaseGrantRequest)(nil),       // 26: etcdserverpb.LeaseGrantRequest
-	(*etcdserverpb.LeaseRevokeRequest)(nil),      // 27: etcdserverpb.LeaseRevokeRequest
-	(*etcdserverpb.LeaseTimeToLiveRequest)(nil),  // 28: etcdserverpb.LeaseTimeToLiveRequest
-	(*etcdserverpb.LeaseLeasesRequest)(nil),      // 29: etcdserverpb.LeaseLeasesRequest
-	(*etcdserverpb.CompactionResponse)(nil),      // 30: etcdserverpb.CompactionResponse
-	(*etcdserverpb.MemberListResponse)(nil),      // 31: etcdserverpb.MemberListResponse
-	(*etcdserverpb.MemberAddResponse)(nil),       // 32: etcdserverpb.MemberAddResponse
-	(*etcdserverpb.MemberRemoveResponse)(nil),    // 33: etcdserverpb.MemberRemoveResponse
-	(*etcdserverpb.MemberUpdateResponse)(nil),    // 34: etcdserverpb.MemberUpdateResponse
-	(*etcdserverpb.MemberPromoteResponse)(nil),   // 35: etcdserverpb.MemberPromoteResponse
-	(*etcdserverpb.StatusResponse)(nil),          // 36: etcdserverpb.StatusResponse
-	(*etcdserverpb.HashKVResponse)(nil),          // 37: etcdserverpb.HashKVResponse
-	(*etcdserverpb.HashResponse)(nil),            // 38: etcdserverpb.HashResponse
-	(*etcdserverpb.MoveLeaderResponse)(nil),      // 39: etcdserverpb.MoveLeaderResponse
-	(*etcdserverpb.LeaseGrantResponse)(nil),      // 40: etcdserverpb.LeaseGrantResponse
-	(*etcdserverpb.LeaseRevokeResponse)(nil),     // 41: etcdserverpb.LeaseRevokeResponse
-	(*etcdserverpb.LeaseTimeToLiveResponse)(nil), // 42: etcdserverpb.LeaseTimeToLiveResponse
-	(*etcdserverpb.LeaseLeasesResponse)(nil),     // 43: etcdserverpb.LeaseLeasesResponse
+	(*etcdserverpb.AlarmRequest)(nil),            // 26: etcdserverpb.AlarmRequest
+	(*etcdserverpb.DefragmentRequest)(nil),       // 27: etcdserverpb.DefragmentRequest
+	(*etcdserverpb.SnapshotRequest)(nil),         // 28: etcdserverpb.SnapshotRequest
+	(*etcdserverpb.LeaseGrantRequest)(nil),       // 29: etcdserverpb.LeaseGrantRequest
+	(*etcdserverpb.LeaseRevokeRequest)(nil),      // 30: etcdserverpb.LeaseRevokeRequest
+	(*etcdserverpb.LeaseTimeToLiveRequest)(nil),  // 31: etcdserverpb.LeaseTimeToLiveRequest
+	(*etcdserverpb.LeaseLeasesRequest)(nil),      // 32: etcdserverpb.LeaseLeasesRequest
+	(*etcdserverpb.CompactionResponse)(nil),      // 33: etcdserverpb.CompactionResponse
+	(*etcdserverpb.MemberListResponse)(nil),      // 34: etcdserverpb.MemberListResponse
+	(*etcdserverpb.MemberAddResponse)(nil),       // 35: etcdserverpb.MemberAddResponse
+	(*etcdserverpb.MemberRemoveResponse)(nil),    // 36: etcdserverpb.MemberRemoveResponse
+	(*etcdserverpb.MemberUpdateResponse)(nil),    // 37: etcdserverpb.MemberUpdateResponse
+	(*etcdserverpb.MemberPromoteResponse)(nil),   // 38: etcdserverpb.MemberPromoteResponse
+	(*etcdserverpb.StatusResponse)(nil),          // 39: etcdserverpb.StatusResponse
+	(*etcdserverpb.HashKVResponse)(nil),          // 40: etcdserverpb.HashKVResponse
+	(*etcdserverpb.HashResponse)(nil),            // 41: etcdserverpb.HashResponse
+	(*etcdserverpb.MoveLeaderResponse)(nil),      // 42: etcdserverpb.MoveLeaderResponse
+	(*etcdserverpb.AlarmResponse)(nil),           // 43: etcdserverpb.AlarmResponse
+	(*etcdserverpb.DefragmentResponse)(nil),      // 44: etcdserverpb.DefragmentResponse
+	(*etcdserverpb.SnapshotResponse)(nil),        // 45: etcdserverpb.SnapshotResponse
+	(*etcdserverpb.LeaseGrantResponse)(nil),      // 46: etcdserverpb.LeaseGrantResponse
+	(*etcdserverpb.LeaseRevokeResponse)(nil),     // 47: etcdserverpb.LeaseRevokeResponse
+	(*etcdserverpb.LeaseTimeToLiveResponse)(nil), // 48: etcdserverpb.LeaseTimeToLiveResponse
+	(*etcdserverpb.LeaseLeasesResponse)(nil),     // 49: etcdserverpb.LeaseLeasesResponse
 }
 var file_kvmesh_replica_v1_replica_proto_depIdxs = []int32{
 	1,  // 0: kvmesh.replica.v1.KVCalls.calls:type_name -> kvmesh.replica.v1.KVCall
@@ -779,33 +789,39 @@ var file_kvmesh_replica_v1_replica_proto_depIdxs = []int32{
 	23, // 24: kvmesh.replica.v1.MaintenanceService.HashKV:input_type -> etcdserverpb.HashKVRequest
 	24, // 25: kvmesh.replica.v1.MaintenanceService.Hash:input_type -> etcdserverpb.HashRequest
 	25, // 26: kvmesh.replica.v1.MaintenanceService.MoveLeader:input_type -> etcdserverpb.MoveLeaderRequest
-	26, // 27: kvmesh.replica.v1.LeaseService.LeaseGrant:input_type -> etcdserverpb.LeaseGrantRequest
-	27, // 28: kvmesh.replica.v1.LeaseService.LeaseRevoke:input_type -> etcdserverpb.LeaseRevokeRequest
-	28, // 29: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:input_type -> etcdserverpb.LeaseTimeToLiveRequest
-	29, // 30: kvmesh.replica.v1.LeaseService.LeaseLeases:input_type -> etcdserverpb.LeaseLeasesRequest
-	4,  // 31: kvmesh.replica.v1.LeaseService.KeepAlive:input_type -> kvmesh.replica.v1.KeepAliveBatch
-	11, // 32: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
-	12, // 33: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
-	13, // 34: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
-	14, // 35: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
-	30, // 36: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
-	2,  // 37: kvmesh.replica.v1.KVService.Batch:output_type -> kvmesh.replica.v1.KVResults
-	31, // 38: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
-	32, // 39: kvmesh.replica.v1.ClusterService.MemberAdd:output_type -> etcdserverpb.MemberAddResponse
-	33, // 40: kvmesh.replica.v1.ClusterService.MemberRemove:output_type -> etcdserverpb.MemberRemoveResponse
-	34, // 41: kvmesh.replica.v1.ClusterService.MemberUpdate:output_type -> etcdserverpb.MemberUpdateResponse
-	35, // 42: kvmesh.replica.v1.ClusterService.MemberPromote:output_type -> etcdserverpb.MemberPromoteResponse
-	36, // 43: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
-	37, // 44: kvmesh.replica.v1.MaintenanceService.HashKV:output_type -> etcdserverpb.HashKVResponse
-	38, // 45: kvmesh.replica.v1.MaintenanceService.Hash:output_type -> etcdserverpb.HashResponse
-	39, // 46: kvmesh.replica.v1.MaintenanceService.MoveLeader:output_type -> etcdserverpb.MoveLeaderResponse
-	40, // 47: kvmesh.replica.v1.LeaseService.LeaseGrant:output_type -> etcdserverpb.LeaseGrantResponse
-	41, // 48: kvmesh.replica.v1.LeaseService.LeaseRevoke:output_type -> etcdserverpb.LeaseRevokeResponse
-	42, // 49: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:output_type -> etcdserverpb.LeaseTimeToLiveResponse
-	43, // 50: kvmesh.replica.v1.LeaseService.LeaseLeases:output_type -> etcdserverpb.LeaseLeasesResponse
-	5,  // 51: kvmesh.replica.v1.LeaseService.KeepAlive:output_type -> kvmesh.replica.v1.KeepAliveResults
-	32, // [32:52] is the sub-list for method output_type
-	12, // [12:32] is the sub-list for method input_type
+	26, // 27: kvmesh.replica.v1.MaintenanceService.Alarm:input_type -> etcdserverpb.AlarmRequest
+	27, // 28: kvmesh.replica.v1.MaintenanceService.Defragment:input_type -> etcdserverpb.DefragmentRequest
+	28, // 29: kvmesh.replica.v1.MaintenanceService.Snapshot:input_type -> etcdserverpb.SnapshotRequest
+	29, // 30: kvmesh.replica.v1.LeaseService.LeaseGrant:input_type -> etcdserverpb.LeaseGrantRequest
+	30, // 31: kvmesh.replica.v1.LeaseService.LeaseRevoke:input_type -> etcdserverpb.LeaseRevokeRequest
+	31, // 32: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:input_type -> etcdserverpb.LeaseTimeToLiveRequest
+	32, // 33: kvmesh.replica.v1.LeaseService.LeaseLeases:input_type -> etcdserverpb.LeaseLeasesRequest
+	4,  // 34: kvmesh.replica.v1.LeaseService.KeepAlive:input_type -> kvmesh.replica.v1.KeepAliveBatch
+	11, // 35: kvmesh.replica.v1.KVService.Range:output_type -> etcdserverpb.RangeResponse
+	12, // 36: kvmesh.replica.v1.KVService.Put:output_type -> etcdserverpb.PutResponse
+	13, // 37: kvmesh.replica.v1.KVService.DeleteRange:output_type -> etcdserverpb.DeleteRangeResponse
+	14, // 38: kvmesh.replica.v1.KVService.Txn:output_type -> etcdserverpb.TxnResponse
+	33, // 39: kvmesh.replica.v1.KVService.Compact:output_type -> etcdserverpb.CompactionResponse
+	2,  // 40: kvmesh.replica.v1.KVService.Batch:output_type -> kvmesh.replica.v1.KVResults
+	34, // 41: kvmesh.replica.v1.ClusterService.MemberList:output_type -> etcdserverpb.MemberListResponse
+	35, // 42: kvmesh.replica.v1.ClusterService.MemberAdd:output_type -> etcdserverpb.MemberAddResponse
+	36, // 43: kvmesh.replica.v1.ClusterService.MemberRemove:output_type -> etcdserverpb.MemberRemoveResponse
+	37, // 44: kvmesh.replica.v1.ClusterService.MemberUpdate:output_type -> etcdserverpb.MemberUpdateResponse
+	38, // 45: kvmesh.replica.v1.ClusterService.MemberPromote:output_type -> etcdserverpb.MemberPromoteResponse
+	39, // 46: kvmesh.replica.v1.MaintenanceService.Status:output_type -> etcdserverpb.StatusResponse
+	40, // 47: kvmesh.replica.v1.MaintenanceService.HashKV:output_type -> etcdserverpb.HashKVResponse
+	41, // 48: kvmesh.replica.v1.MaintenanceService.Hash:output_type -> etcdserverpb.HashResponse
+	42, // 49: kvmesh.replica.v1.MaintenanceService.MoveLeader:output_type -> etcdserverpb.MoveLeaderResponse
+	43, // 50: kvmesh.replica.v1.MaintenanceService.Alarm:output_type -> etcdserverpb.AlarmResponse
+	44, // 51: kvmesh.replica.v1.MaintenanceService.Defragment:output_type -> etcdserverpb.DefragmentResponse
+	45, // 52: kvmesh.replica.v1.MaintenanceService.Snapshot:output_type -> etcdserverpb.SnapshotResponse
+	46, // 53: kvmesh.replica.v1.LeaseService.LeaseGrant:output_type -> etcdserverpb.LeaseGrantResponse
+	47, // 54: kvmesh.replica.v1.LeaseService.LeaseRevoke:output_type -> etcdserverpb.LeaseRevokeResponse
+	48, // 55: kvmesh.replica.v1.LeaseService.LeaseTimeToLive:output_type -> etcdserverpb.LeaseTimeToLiveResponse
+	49, // 56: kvmesh.replica.v1.LeaseService.LeaseLeases:output_type -> etcdserverpb.LeaseLeasesResponse
+	5,  // 57: kvmesh.replica.v1.LeaseService.KeepAlive:output_type -> kvmesh.replica.v1.KeepAliveResults
+	35, // [35:58] is the sub-list for method output_type
+	12, // [12:35] is the sub-list for method input_type
 	12, // [12:12] is the sub-list for extension type_name
 	12, // [12:12] is the sub-list for extension extendee
 	0,  // [0:12] is the sub-list for field type_name

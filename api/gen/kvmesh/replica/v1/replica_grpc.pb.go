@@ -605,6 +605,9 @@ const (
 	MaintenanceService_HashKV_FullMethodName     = "/kvmesh.replica.v1.MaintenanceService/HashKV"
 	MaintenanceService_Hash_FullMethodName       = "/kvmesh.replica.v1.MaintenanceService/Hash"
 	MaintenanceService_MoveLeader_FullMethodName = "/kvmesh.replica.v1.MaintenanceService/MoveLeader"
+	MaintenanceService_Alarm_FullMethodName      = "/kvmesh.replica.v1.MaintenanceService/Alarm"
+	MaintenanceService_Defragment_FullMethodName = "/kvmesh.replica.v1.MaintenanceService/Defragment"
+	MaintenanceService_Snapshot_FullMethodName   = "/kvmesh.replica.v1.MaintenanceService/Snapshot"
 )
 
 // MaintenanceServiceClient is the client API for MaintenanceService service.
@@ -622,6 +625,15 @@ type MaintenanceServiceClient interface {
 	Hash(ctx context.Context, in *etcdserverpb.HashRequest, opts ...grpc.CallOption) (*etcdserverpb.HashResponse, error)
 	// MoveLeader transfers leadership to another voter; only the leader accepts it.
 	MoveLeader(ctx context.Context, in *etcdserverpb.MoveLeaderRequest, opts ...grpc.CallOption) (*etcdserverpb.MoveLeaderResponse, error)
+	// Alarm lists the cluster's active alarms, or raises or clears one through Raft.
+	Alarm(ctx context.Context, in *etcdserverpb.AlarmRequest, opts ...grpc.CallOption) (*etcdserverpb.AlarmResponse, error)
+	// Defragment compacts this replica's databases, giving back the space that deleted
+	// and compacted data held.
+	Defragment(ctx context.Context, in *etcdserverpb.DefragmentRequest, opts ...grpc.CallOption) (*etcdserverpb.DefragmentResponse, error)
+	// Snapshot streams a consistent copy of this replica's state machine in the kvmesh
+	// snapshot format (package snapshotfile), its SHA-256 last, as etcd frames a
+	// snapshot.
+	Snapshot(ctx context.Context, in *etcdserverpb.SnapshotRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[etcdserverpb.SnapshotResponse], error)
 }
 
 type maintenanceServiceClient struct {
@@ -672,6 +684,45 @@ func (c *maintenanceServiceClient) MoveLeader(ctx context.Context, in *etcdserve
 	return out, nil
 }
 
+func (c *maintenanceServiceClient) Alarm(ctx context.Context, in *etcdserverpb.AlarmRequest, opts ...grpc.CallOption) (*etcdserverpb.AlarmResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.AlarmResponse)
+	err := c.cc.Invoke(ctx, MaintenanceService_Alarm_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *maintenanceServiceClient) Defragment(ctx context.Context, in *etcdserverpb.DefragmentRequest, opts ...grpc.CallOption) (*etcdserverpb.DefragmentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(etcdserverpb.DefragmentResponse)
+	err := c.cc.Invoke(ctx, MaintenanceService_Defragment_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *maintenanceServiceClient) Snapshot(ctx context.Context, in *etcdserverpb.SnapshotRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[etcdserverpb.SnapshotResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &MaintenanceService_ServiceDesc.Streams[0], MaintenanceService_Snapshot_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[etcdserverpb.SnapshotRequest, etcdserverpb.SnapshotResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type MaintenanceService_SnapshotClient = grpc.ServerStreamingClient[etcdserverpb.SnapshotResponse]
+
 // MaintenanceServiceServer is the server API for MaintenanceService service.
 // All implementations must embed UnimplementedMaintenanceServiceServer
 // for forward compatibility.
@@ -687,6 +738,15 @@ type MaintenanceServiceServer interface {
 	Hash(context.Context, *etcdserverpb.HashRequest) (*etcdserverpb.HashResponse, error)
 	// MoveLeader transfers leadership to another voter; only the leader accepts it.
 	MoveLeader(context.Context, *etcdserverpb.MoveLeaderRequest) (*etcdserverpb.MoveLeaderResponse, error)
+	// Alarm lists the cluster's active alarms, or raises or clears one through Raft.
+	Alarm(context.Context, *etcdserverpb.AlarmRequest) (*etcdserverpb.AlarmResponse, error)
+	// Defragment compacts this replica's databases, giving back the space that deleted
+	// and compacted data held.
+	Defragment(context.Context, *etcdserverpb.DefragmentRequest) (*etcdserverpb.DefragmentResponse, error)
+	// Snapshot streams a consistent copy of this replica's state machine in the kvmesh
+	// snapshot format (package snapshotfile), its SHA-256 last, as etcd frames a
+	// snapshot.
+	Snapshot(*etcdserverpb.SnapshotRequest, grpc.ServerStreamingServer[etcdserverpb.SnapshotResponse]) error
 	mustEmbedUnimplementedMaintenanceServiceServer()
 }
 
@@ -708,6 +768,15 @@ func (UnimplementedMaintenanceServiceServer) Hash(context.Context, *etcdserverpb
 }
 func (UnimplementedMaintenanceServiceServer) MoveLeader(context.Context, *etcdserverpb.MoveLeaderRequest) (*etcdserverpb.MoveLeaderResponse, error) {
 	return nil, status.Errorf(codes.Unimplemented, "method MoveLeader not implemented")
+}
+func (UnimplementedMaintenanceServiceServer) Alarm(context.Context, *etcdserverpb.AlarmRequest) (*etcdserverpb.AlarmResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Alarm not implemented")
+}
+func (UnimplementedMaintenanceServiceServer) Defragment(context.Context, *etcdserverpb.DefragmentRequest) (*etcdserverpb.DefragmentResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method Defragment not implemented")
+}
+func (UnimplementedMaintenanceServiceServer) Snapshot(*etcdserverpb.SnapshotRequest, grpc.ServerStreamingServer[etcdserverpb.SnapshotResponse]) error {
+	return status.Errorf(codes.Unimplemented, "method Snapshot not implemented")
 }
 func (UnimplementedMaintenanceServiceServer) mustEmbedUnimplementedMaintenanceServiceServer() {}
 func (UnimplementedMaintenanceServiceServer) testEmbeddedByValue()                            {}
@@ -802,6 +871,53 @@ func _MaintenanceService_MoveLeader_Handler(srv interface{}, ctx context.Context
 	return interceptor(ctx, in, info, handler)
 }
 
+func _MaintenanceService_Alarm_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.AlarmRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MaintenanceServiceServer).Alarm(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MaintenanceService_Alarm_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MaintenanceServiceServer).Alarm(ctx, req.(*etcdserverpb.AlarmRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MaintenanceService_Defragment_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(etcdserverpb.DefragmentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(MaintenanceServiceServer).Defragment(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: MaintenanceService_Defragment_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(MaintenanceServiceServer).Defragment(ctx, req.(*etcdserverpb.DefragmentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _MaintenanceService_Snapshot_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(etcdserverpb.SnapshotRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(MaintenanceServiceServer).Snapshot(m, &grpc.GenericServerStream[etcdserverpb.SnapshotRequest, etcdserverpb.SnapshotResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type MaintenanceService_SnapshotServer = grpc.ServerStreamingServer[etcdserverpb.SnapshotResponse]
+
 // MaintenanceService_ServiceDesc is the grpc.ServiceDesc for MaintenanceService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -825,8 +941,22 @@ var MaintenanceService_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "MoveLeader",
 			Handler:    _MaintenanceService_MoveLeader_Handler,
 		},
+		{
+			MethodName: "Alarm",
+			Handler:    _MaintenanceService_Alarm_Handler,
+		},
+		{
+			MethodName: "Defragment",
+			Handler:    _MaintenanceService_Defragment_Handler,
+		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Snapshot",
+			Handler:       _MaintenanceService_Snapshot_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "kvmesh/replica/v1/replica.proto",
 }
 

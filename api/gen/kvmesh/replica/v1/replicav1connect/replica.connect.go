@@ -78,6 +78,15 @@ const (
 	// MaintenanceServiceMoveLeaderProcedure is the fully-qualified name of the MaintenanceService's
 	// MoveLeader RPC.
 	MaintenanceServiceMoveLeaderProcedure = "/kvmesh.replica.v1.MaintenanceService/MoveLeader"
+	// MaintenanceServiceAlarmProcedure is the fully-qualified name of the MaintenanceService's Alarm
+	// RPC.
+	MaintenanceServiceAlarmProcedure = "/kvmesh.replica.v1.MaintenanceService/Alarm"
+	// MaintenanceServiceDefragmentProcedure is the fully-qualified name of the MaintenanceService's
+	// Defragment RPC.
+	MaintenanceServiceDefragmentProcedure = "/kvmesh.replica.v1.MaintenanceService/Defragment"
+	// MaintenanceServiceSnapshotProcedure is the fully-qualified name of the MaintenanceService's
+	// Snapshot RPC.
+	MaintenanceServiceSnapshotProcedure = "/kvmesh.replica.v1.MaintenanceService/Snapshot"
 	// LeaseServiceLeaseGrantProcedure is the fully-qualified name of the LeaseService's LeaseGrant RPC.
 	LeaseServiceLeaseGrantProcedure = "/kvmesh.replica.v1.LeaseService/LeaseGrant"
 	// LeaseServiceLeaseRevokeProcedure is the fully-qualified name of the LeaseService's LeaseRevoke
@@ -506,6 +515,15 @@ type MaintenanceServiceClient interface {
 	Hash(context.Context, *connect.Request[etcdserverpb.HashRequest]) (*connect.Response[etcdserverpb.HashResponse], error)
 	// MoveLeader transfers leadership to another voter; only the leader accepts it.
 	MoveLeader(context.Context, *connect.Request[etcdserverpb.MoveLeaderRequest]) (*connect.Response[etcdserverpb.MoveLeaderResponse], error)
+	// Alarm lists the cluster's active alarms, or raises or clears one through Raft.
+	Alarm(context.Context, *connect.Request[etcdserverpb.AlarmRequest]) (*connect.Response[etcdserverpb.AlarmResponse], error)
+	// Defragment compacts this replica's databases, giving back the space that deleted
+	// and compacted data held.
+	Defragment(context.Context, *connect.Request[etcdserverpb.DefragmentRequest]) (*connect.Response[etcdserverpb.DefragmentResponse], error)
+	// Snapshot streams a consistent copy of this replica's state machine in the kvmesh
+	// snapshot format (package snapshotfile), its SHA-256 last, as etcd frames a
+	// snapshot.
+	Snapshot(context.Context, *connect.Request[etcdserverpb.SnapshotRequest]) (*connect.ServerStreamForClient[etcdserverpb.SnapshotResponse], error)
 }
 
 // NewMaintenanceServiceClient constructs a client for the kvmesh.replica.v1.MaintenanceService
@@ -543,6 +561,24 @@ func NewMaintenanceServiceClient(httpClient connect.HTTPClient, baseURL string, 
 			connect.WithSchema(maintenanceServiceMethods.ByName("MoveLeader")),
 			connect.WithClientOptions(opts...),
 		),
+		alarm: connect.NewClient[etcdserverpb.AlarmRequest, etcdserverpb.AlarmResponse](
+			httpClient,
+			baseURL+MaintenanceServiceAlarmProcedure,
+			connect.WithSchema(maintenanceServiceMethods.ByName("Alarm")),
+			connect.WithClientOptions(opts...),
+		),
+		defragment: connect.NewClient[etcdserverpb.DefragmentRequest, etcdserverpb.DefragmentResponse](
+			httpClient,
+			baseURL+MaintenanceServiceDefragmentProcedure,
+			connect.WithSchema(maintenanceServiceMethods.ByName("Defragment")),
+			connect.WithClientOptions(opts...),
+		),
+		snapshot: connect.NewClient[etcdserverpb.SnapshotRequest, etcdserverpb.SnapshotResponse](
+			httpClient,
+			baseURL+MaintenanceServiceSnapshotProcedure,
+			connect.WithSchema(maintenanceServiceMethods.ByName("Snapshot")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -552,6 +588,9 @@ type maintenanceServiceClient struct {
 	hashKV     *connect.Client[etcdserverpb.HashKVRequest, etcdserverpb.HashKVResponse]
 	hash       *connect.Client[etcdserverpb.HashRequest, etcdserverpb.HashResponse]
 	moveLeader *connect.Client[etcdserverpb.MoveLeaderRequest, etcdserverpb.MoveLeaderResponse]
+	alarm      *connect.Client[etcdserverpb.AlarmRequest, etcdserverpb.AlarmResponse]
+	defragment *connect.Client[etcdserverpb.DefragmentRequest, etcdserverpb.DefragmentResponse]
+	snapshot   *connect.Client[etcdserverpb.SnapshotRequest, etcdserverpb.SnapshotResponse]
 }
 
 // Status calls kvmesh.replica.v1.MaintenanceService.Status.
@@ -574,6 +613,21 @@ func (c *maintenanceServiceClient) MoveLeader(ctx context.Context, req *connect.
 	return c.moveLeader.CallUnary(ctx, req)
 }
 
+// Alarm calls kvmesh.replica.v1.MaintenanceService.Alarm.
+func (c *maintenanceServiceClient) Alarm(ctx context.Context, req *connect.Request[etcdserverpb.AlarmRequest]) (*connect.Response[etcdserverpb.AlarmResponse], error) {
+	return c.alarm.CallUnary(ctx, req)
+}
+
+// Defragment calls kvmesh.replica.v1.MaintenanceService.Defragment.
+func (c *maintenanceServiceClient) Defragment(ctx context.Context, req *connect.Request[etcdserverpb.DefragmentRequest]) (*connect.Response[etcdserverpb.DefragmentResponse], error) {
+	return c.defragment.CallUnary(ctx, req)
+}
+
+// Snapshot calls kvmesh.replica.v1.MaintenanceService.Snapshot.
+func (c *maintenanceServiceClient) Snapshot(ctx context.Context, req *connect.Request[etcdserverpb.SnapshotRequest]) (*connect.ServerStreamForClient[etcdserverpb.SnapshotResponse], error) {
+	return c.snapshot.CallServerStream(ctx, req)
+}
+
 // MaintenanceServiceHandler is an implementation of the kvmesh.replica.v1.MaintenanceService
 // service.
 type MaintenanceServiceHandler interface {
@@ -586,6 +640,15 @@ type MaintenanceServiceHandler interface {
 	Hash(context.Context, *connect.Request[etcdserverpb.HashRequest]) (*connect.Response[etcdserverpb.HashResponse], error)
 	// MoveLeader transfers leadership to another voter; only the leader accepts it.
 	MoveLeader(context.Context, *connect.Request[etcdserverpb.MoveLeaderRequest]) (*connect.Response[etcdserverpb.MoveLeaderResponse], error)
+	// Alarm lists the cluster's active alarms, or raises or clears one through Raft.
+	Alarm(context.Context, *connect.Request[etcdserverpb.AlarmRequest]) (*connect.Response[etcdserverpb.AlarmResponse], error)
+	// Defragment compacts this replica's databases, giving back the space that deleted
+	// and compacted data held.
+	Defragment(context.Context, *connect.Request[etcdserverpb.DefragmentRequest]) (*connect.Response[etcdserverpb.DefragmentResponse], error)
+	// Snapshot streams a consistent copy of this replica's state machine in the kvmesh
+	// snapshot format (package snapshotfile), its SHA-256 last, as etcd frames a
+	// snapshot.
+	Snapshot(context.Context, *connect.Request[etcdserverpb.SnapshotRequest], *connect.ServerStream[etcdserverpb.SnapshotResponse]) error
 }
 
 // NewMaintenanceServiceHandler builds an HTTP handler from the service implementation. It returns
@@ -619,6 +682,24 @@ func NewMaintenanceServiceHandler(svc MaintenanceServiceHandler, opts ...connect
 		connect.WithSchema(maintenanceServiceMethods.ByName("MoveLeader")),
 		connect.WithHandlerOptions(opts...),
 	)
+	maintenanceServiceAlarmHandler := connect.NewUnaryHandler(
+		MaintenanceServiceAlarmProcedure,
+		svc.Alarm,
+		connect.WithSchema(maintenanceServiceMethods.ByName("Alarm")),
+		connect.WithHandlerOptions(opts...),
+	)
+	maintenanceServiceDefragmentHandler := connect.NewUnaryHandler(
+		MaintenanceServiceDefragmentProcedure,
+		svc.Defragment,
+		connect.WithSchema(maintenanceServiceMethods.ByName("Defragment")),
+		connect.WithHandlerOptions(opts...),
+	)
+	maintenanceServiceSnapshotHandler := connect.NewServerStreamHandler(
+		MaintenanceServiceSnapshotProcedure,
+		svc.Snapshot,
+		connect.WithSchema(maintenanceServiceMethods.ByName("Snapshot")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/kvmesh.replica.v1.MaintenanceService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case MaintenanceServiceStatusProcedure:
@@ -629,6 +710,12 @@ func NewMaintenanceServiceHandler(svc MaintenanceServiceHandler, opts ...connect
 			maintenanceServiceHashHandler.ServeHTTP(w, r)
 		case MaintenanceServiceMoveLeaderProcedure:
 			maintenanceServiceMoveLeaderHandler.ServeHTTP(w, r)
+		case MaintenanceServiceAlarmProcedure:
+			maintenanceServiceAlarmHandler.ServeHTTP(w, r)
+		case MaintenanceServiceDefragmentProcedure:
+			maintenanceServiceDefragmentHandler.ServeHTTP(w, r)
+		case MaintenanceServiceSnapshotProcedure:
+			maintenanceServiceSnapshotHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -652,6 +739,18 @@ func (UnimplementedMaintenanceServiceHandler) Hash(context.Context, *connect.Req
 
 func (UnimplementedMaintenanceServiceHandler) MoveLeader(context.Context, *connect.Request[etcdserverpb.MoveLeaderRequest]) (*connect.Response[etcdserverpb.MoveLeaderResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.MaintenanceService.MoveLeader is not implemented"))
+}
+
+func (UnimplementedMaintenanceServiceHandler) Alarm(context.Context, *connect.Request[etcdserverpb.AlarmRequest]) (*connect.Response[etcdserverpb.AlarmResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.MaintenanceService.Alarm is not implemented"))
+}
+
+func (UnimplementedMaintenanceServiceHandler) Defragment(context.Context, *connect.Request[etcdserverpb.DefragmentRequest]) (*connect.Response[etcdserverpb.DefragmentResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.MaintenanceService.Defragment is not implemented"))
+}
+
+func (UnimplementedMaintenanceServiceHandler) Snapshot(context.Context, *connect.Request[etcdserverpb.SnapshotRequest], *connect.ServerStream[etcdserverpb.SnapshotResponse]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("kvmesh.replica.v1.MaintenanceService.Snapshot is not implemented"))
 }
 
 // LeaseServiceClient is a client for the kvmesh.replica.v1.LeaseService service.
