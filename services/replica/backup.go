@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -13,7 +14,9 @@ import (
 // every KVMESH_REPLICA_BACKUP_INTERVAL and keeps the newest KVMESH_REPLICA_BACKUP_KEEP.
 // Each is written atomically (saveSnapshot: a temporary file, synced, renamed, the
 // directory synced), so the directory only ever holds whole snapshots, which
-// `kvmesh-replica snapshot restore` takes as they are.
+// `kvmesh-replica snapshot restore` takes as they are. Files are named after the
+// member and the time (kvmesh-backup-<member ID>-<UTC time>.db), so members may share
+// a directory; each rotates its own.
 
 const (
 	backupPrefix = "kvmesh-backup-"
@@ -45,7 +48,7 @@ func (r *Replica) backupOnce(now time.Time) error {
 	if err := os.MkdirAll(r.cfg.BackupDir, 0o700); err != nil {
 		return err
 	}
-	path := filepath.Join(r.cfg.BackupDir, backupPrefix+now.UTC().Format(backupTimeFormat)+backupSuffix)
+	path := filepath.Join(r.cfg.BackupDir, r.backupPrefix()+now.UTC().Format(backupTimeFormat)+backupSuffix)
 	meta, size, err := r.saveSnapshot(path)
 	if err != nil {
 		return err
@@ -63,7 +66,7 @@ func (r *Replica) pruneBackups() error {
 	}
 	var names []string
 	for _, e := range ents {
-		if n := e.Name(); strings.HasPrefix(n, backupPrefix) && strings.HasSuffix(n, backupSuffix) {
+		if n := e.Name(); strings.HasPrefix(n, r.backupPrefix()) && strings.HasSuffix(n, backupSuffix) {
 			names = append(names, n)
 		}
 	}
@@ -76,3 +79,6 @@ func (r *Replica) pruneBackups() error {
 	}
 	return nil
 }
+
+// backupPrefix starts the names of this member's backups.
+func (r *Replica) backupPrefix() string { return fmt.Sprintf("%s%x-", backupPrefix, r.id) }

@@ -302,6 +302,21 @@ func (m *mesh) tlsConfig(user string) *tls.Config {
 // startMeshIn is startMesh, with every link over TLS when certs is set (see mesh.certs).
 func startMeshIn(t *testing.T, certs string, n int, env ...string) *mesh {
 	t.Helper()
+	return startMeshWith(t, meshOptions{certs: certs}, n, env...)
+}
+
+// meshOptions are how a mesh starts beyond its size and the replicas' environment.
+type meshOptions struct {
+	certs string // see mesh.certs
+	// restore, set, is a snapshot file every replica's data directory is restored
+	// from (kvmesh-replica snapshot restore) before it first starts.
+	restore string
+}
+
+// startMeshWith is startMesh with options.
+func startMeshWith(t *testing.T, o meshOptions, n int, env ...string) *mesh {
+	t.Helper()
+	certs := o.certs
 	bins := map[string]string{}
 	for _, pkg := range []string{
 		"github.com/kvmesh/kvmesh/services/replica/cmd/kvmesh-replica",
@@ -327,6 +342,12 @@ func startMeshIn(t *testing.T, certs string, n int, env ...string) *mesh {
 		m.replicas = append(m.replicas, m.replicaProc(name, addr, env...))
 	}
 	for _, r := range m.replicas {
+		if o.restore != "" {
+			out, err := exec.Command(m.replicaBin, "snapshot", "restore", o.restore, "--data-dir", filepath.Join(m.dir, r.name)).CombinedOutput()
+			if err != nil {
+				t.Fatalf("restore %s's data directory: %v\n%s", r.name, err, out)
+			}
+		}
 		r.env = append(r.env, "KVMESH_REPLICA_INITIAL_CLUSTER="+strings.Join(m.initial, ","))
 		r.start()
 	}
