@@ -1,9 +1,13 @@
 package replica
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash"
 	"os"
 	"path/filepath"
 	"sync"
@@ -161,7 +165,9 @@ func (t *transport) streamSnapshot(s *peerSender, m *raftpb.Message) (n, index u
 		return 0, 0, err
 	}
 	defer it.Close()
+	sum := newPairHash()
 	for it.First(); it.Valid(); it.Next() {
+		sum.add(it.Key(), it.Value())
 		chunk.Keys = append(chunk.Keys, append([]byte(nil), it.Key()...))
 		chunk.Values = append(chunk.Values, append([]byte(nil), it.Value()...))
 		n++
@@ -177,7 +183,7 @@ func (t *transport) streamSnapshot(s *peerSender, m *raftpb.Message) (n, index u
 	if err := it.Error(); err != nil {
 		return 0, 0, err
 	}
-	chunk.Last, chunk.Total = true, n
+	chunk.Last, chunk.Total, chunk.Sha256 = true, n, sum.sum()
 	if err := stream.Send(chunk); err != nil {
 		_, rerr := stream.CloseAndReceive()
 		return 0, 0, errors.Join(err, rerr)
@@ -250,6 +256,7 @@ func (r *Replica) receiveSnapshot(dir string, index uint64, chunk *peerv1.Snapsh
 		}
 	}()
 	var n uint64
+	sum := newPairHash()
 	for {
 		if len(chunk.GetKeys()) != len(chunk.GetValues()) {
 			return 0, connect.NewError(connect.CodeInvalidArgument, errors.New("snapshot chunk has unpaired keys and values"))
@@ -257,6 +264,7 @@ func (r *Replica) receiveSnapshot(dir string, index uint64, chunk *peerv1.Snapsh
 		if len(chunk.GetKeys()) > 0 {
 			b := db.NewBatch()
 			for i, k := range chunk.GetKeys() {
+				sum.add(k, chunk.GetValues()[i])
 				if err := b.Set(k, chunk.GetValues()[i], nil); err != nil {
 					b.Close()
 					return 0, err
@@ -272,6 +280,9 @@ func (r *Replica) receiveSnapshot(dir string, index uint64, chunk *peerv1.Snapsh
 		if chunk.GetLast() {
 			if chunk.GetTotal() != n {
 				return 0, connect.NewError(connect.CodeInvalidArgument, fmt.Errorf("snapshot holds %d pairs, %d announced", n, chunk.GetTotal()))
+			}
+			if !bytes.Equal(chunk.GetSha256(), sum.sum()) {
+				return 0, connect.NewError(connect.CodeDataLoss, errors.New("snapshot pairs do not match the sender's SHA-256"))
 			}
 			break
 		}
@@ -353,3 +364,22 @@ func (r *Replica) installSnapshot(snap *raftpb.Snapshot) {
 		os.RemoveAll(old.dir)
 	}()
 }
+
+// pairHash is the SHA-256 of a snapshot's pairs (peerv1.SnapshotChunk.sha256).
+type pairHash struct {
+	h   hash.Hash
+	buf []byte
+}
+
+func newPairHash() *pairHash { return &pairHash{h: sha256.New()} }
+
+func (p *pairHash) add(k, v []byte) {
+	p.buf = binary.AppendUvarint(p.buf[:0], uint64(len(k)))
+	p.h.Write(p.buf)
+	p.h.Write(k)
+	p.buf = binary.AppendUvarint(p.buf[:0], uint64(len(v)))
+	p.h.Write(p.buf)
+	p.h.Write(v)
+}
+
+func (p *pairHash) sum() []byte { return p.h.Sum(nil) }

@@ -140,7 +140,11 @@ type SnapshotChunk struct {
 	Last bool `protobuf:"varint,6,opt,name=last,proto3" json:"last,omitempty"`
 	// total is the number of pairs in the whole snapshot (final chunk), so a truncated
 	// stream is never installed.
-	Total         uint64 `protobuf:"varint,7,opt,name=total,proto3" json:"total,omitempty"`
+	Total uint64 `protobuf:"varint,7,opt,name=total,proto3" json:"total,omitempty"`
+	// sha256 is the SHA-256 of every pair in order, each as its key's length (uvarint),
+	// the key, its value's length and the value (final chunk): the receiver installs
+	// only what the sender read.
+	Sha256        []byte `protobuf:"bytes,8,opt,name=sha256,proto3" json:"sha256,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -224,6 +228,13 @@ func (x *SnapshotChunk) GetTotal() uint64 {
 	return 0
 }
 
+func (x *SnapshotChunk) GetSha256() []byte {
+	if x != nil {
+		return x.Sha256
+	}
+	return nil
+}
+
 // SnapshotResponse acknowledges a snapshot received and handed to Raft.
 type SnapshotResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -271,7 +282,7 @@ const file_kvmesh_peer_v1_peer_proto_rawDesc = "" +
 	"cluster_id\x18\x01 \x01(\x04R\tclusterId\x12\x12\n" +
 	"\x04from\x18\x02 \x01(\x04R\x04from\x12\x1a\n" +
 	"\bmessages\x18\x03 \x03(\fR\bmessages\"\x0e\n" +
-	"\fSendResponse\"\xb2\x01\n" +
+	"\fSendResponse\"\xca\x01\n" +
 	"\rSnapshotChunk\x12\x1d\n" +
 	"\n" +
 	"cluster_id\x18\x01 \x01(\x04R\tclusterId\x12\x12\n" +
@@ -280,7 +291,8 @@ const file_kvmesh_peer_v1_peer_proto_rawDesc = "" +
 	"\x04keys\x18\x04 \x03(\fR\x04keys\x12\x16\n" +
 	"\x06values\x18\x05 \x03(\fR\x06values\x12\x12\n" +
 	"\x04last\x18\x06 \x01(\bR\x04last\x12\x14\n" +
-	"\x05total\x18\a \x01(\x04R\x05total\"\x12\n" +
+	"\x05total\x18\a \x01(\x04R\x05total\x12\x16\n" +
+	"\x06sha256\x18\b \x01(\fR\x06sha256\"\x12\n" +
 	"\x10SnapshotResponse2\xa3\x01\n" +
 	"\vPeerService\x12E\n" +
 	"\x06Stream\x12\x1b.kvmesh.peer.v1.SendRequest\x1a\x1c.kvmesh.peer.v1.SendResponse(\x01\x12M\n" +
