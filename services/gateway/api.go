@@ -315,6 +315,18 @@ func (g *Gateway) healthEndpoints() *health.Endpoints {
 		}
 		return "", true
 	})
+	e.Ready("data_corruption", func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(internal(telemetry.Untraced(ctx)), 2*time.Second)
+		defer cancel()
+		al, err := g.Alarm(ctx, &pb.AlarmRequest{Action: pb.AlarmRequest_GET, Alarm: pb.AlarmType_CORRUPT})
+		if err != nil {
+			return err
+		}
+		if len(al.GetAlarms()) > 0 {
+			return errors.New("alarm activated: CORRUPT")
+		}
+		return nil
+	})
 	e.Ready("serializable_read", func(ctx context.Context) error { return g.healthRead(ctx, true) })
 	e.Ready("linearizable_read", func(ctx context.Context) error { return g.healthRead(ctx, false) })
 	return e

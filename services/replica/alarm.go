@@ -233,10 +233,7 @@ func (r *Replica) checkQuota(cost int64) error {
 		return nil
 	}
 	r.log.Warn("database size reached the backend quota; raising the NOSPACE alarm", "db_size", size, "quota", r.quotaBytes())
-	ctx, cancel := context.WithTimeout(context.Background(), r.cfg.RequestTimeout)
-	defer cancel()
-	if _, err := r.propose(ctx, &replicav1.RaftRequest{Request: &replicav1.RaftRequest_Alarm{Alarm: &pb.AlarmRequest{
-		Action: pb.AlarmRequest_ACTIVATE, MemberID: r.id, Alarm: pb.AlarmType_NOSPACE}}}); err != nil {
+	if err := r.raiseAlarm(context.Background(), pb.AlarmType_NOSPACE); err != nil {
 		r.log.Warn("raising the NOSPACE alarm failed", "err", err)
 	}
 	return etcderr.ErrNoSpace

@@ -258,6 +258,12 @@ func (r *Replica) healthEndpoints() *health.Endpoints {
 	})
 	serializable := func(ctx context.Context) error { return r.healthRead(ctx, true) }
 	e.Live("serializable_read", serializable)
+	e.Ready("data_corruption", func(context.Context) error {
+		if r.alarms.active(pb.AlarmType_CORRUPT) {
+			return errors.New("alarm activated: CORRUPT")
+		}
+		return nil
+	})
 	e.Ready("serializable_read", serializable)
 	e.Ready("linearizable_read", func(ctx context.Context) error { return r.healthRead(ctx, false) })
 	e.Ready("non_learner", func(context.Context) error {

@@ -27,7 +27,7 @@ const (
 
 // backupLoop writes the scheduled backups until Stop.
 func (r *Replica) backupLoop() {
-	defer r.snaps.wg.Done()
+	defer r.loops.Done()
 	t := time.NewTicker(r.cfg.BackupInterval)
 	defer t.Stop()
 	for {

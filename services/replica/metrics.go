@@ -32,6 +32,8 @@ type metrics struct {
 	backupLast  prometheus.Gauge
 	backupBytes prometheus.Gauge
 	backupFails prometheus.Counter
+
+	corruptChecks prometheus.Counter
 }
 
 func newMetrics(r *Replica) *metrics {
@@ -98,9 +100,12 @@ func newMetrics(r *Replica) *metrics {
 		backupFails: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "kvmesh_replica_backup_failures_total", Help: "Scheduled backups that failed.",
 		}),
+		corruptChecks: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kvmesh_replica_corruption_checks_total", Help: "Completed comparisons of this member's key history hash with the other members'.",
+		}),
 	}
 	reg := r.tel.Registry
-	reg.MustRegister(m.defrags, m.snapshotsSaved, m.backupLast, m.backupBytes, m.backupFails,
+	reg.MustRegister(m.defrags, m.snapshotsSaved, m.backupLast, m.backupBytes, m.backupFails, m.corruptChecks,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "etcd_mvcc_db_total_size_in_use_in_bytes", Help: "Total size of the underlying database logically in use in bytes.",
 		}, func() float64 { _, inUse := r.dbSizes(); return float64(inUse) }),

@@ -107,6 +107,10 @@ type Config struct {
 	BackupDir      string        `env:"BACKUP_DIR"`
 	BackupInterval time.Duration `env:"BACKUP_INTERVAL, default=1h"`
 	BackupKeep     int           `env:"BACKUP_KEEP, default=24"`
+	// CorruptCheckInterval is how often the member compares its key history's hash
+	// with the other members' (corrupt.go; it also checks once at start); 0 checks
+	// only at start.
+	CorruptCheckInterval time.Duration `env:"CORRUPT_CHECK_INTERVAL, default=5m"`
 
 	// EnableFaultInjection serves POST /debug/faults/isolate and /debug/faults/heal on
 	// the internal API, which cut this member's peer traffic both ways and restore it:
@@ -187,6 +191,8 @@ type Replica struct {
 	members       *memberTable
 	auth          authState
 	alarms        alarmTable
+	// loops are the background loops Serve starts (backups, corruption checks).
+	loops sync.WaitGroup
 	// dbSizeLast is the state database's size as measured at dbSizeAt (UnixNano), and
 	// dbSizeSince the cost of the writes admitted since, for the quota check
 	// (dbSizeRecent).
@@ -517,9 +523,11 @@ func (r *Replica) Listen() error {
 func (r *Replica) Serve() error {
 	r.log.Info("serving internal API", "addr", r.lis.Addr().String())
 	if r.cfg.BackupDir != "" {
-		r.snaps.wg.Add(1)
+		r.loops.Add(1)
 		go r.backupLoop()
 	}
+	r.loops.Add(1)
+	go r.corruptionLoop()
 	split := grpcsplit.New(r.lis, r.log)
 	errc := make(chan error, 2)
 	go func() { errc <- r.grpc.Serve(split.GRPC()) }()
@@ -574,6 +582,7 @@ func (r *Replica) Stop(ctx context.Context) error {
 	r.read.wait()
 	r.lessor.wait()
 	r.snaps.wait()
+	r.loops.Wait()
 	r.stateMu.Lock()
 	st := r.st
 	r.stateMu.Unlock()

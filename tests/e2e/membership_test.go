@@ -145,7 +145,7 @@ func TestMeshPartitionMembershipAndSnapshots(t *testing.T) {
 	expectHTTP(t, fURL+"/livez", 200, "ok\n")
 	expectHTTP(t, fURL+"/health?serializable=true", 200, `{"health":"true","reason":""}`)
 	expectHTTP(t, fURL+"/readyz/linearizable_read", 503, "[-]linearizable_read failed: etcdserver: request timed out\n\n")
-	expectHTTP(t, m.urls[lead]+"/readyz?verbose", 200, "[+]serializable_read ok\n[+]linearizable_read ok\n[+]non_learner ok\nok\n")
+	expectHTTP(t, m.urls[lead]+"/readyz?verbose", 200, "[+]data_corruption ok\n[+]serializable_read ok\n[+]linearizable_read ok\n[+]non_learner ok\nok\n")
 	post(fURL + "/debug/faults/heal")
 	cur, err := cli.Get(ctxT(t), "b/0049")
 	if err != nil {

@@ -229,7 +229,7 @@ func TestHealthAndUnbuiltServices(t *testing.T) {
 	for path, want := range map[string]string{
 		"/health":         `{"health":"true","reason":""}`,
 		"/livez":          "ok\n",
-		"/readyz?verbose": "[+]serializable_read ok\n[+]linearizable_read ok\nok\n",
+		"/readyz?verbose": "[+]data_corruption ok\n[+]serializable_read ok\n[+]linearizable_read ok\nok\n",
 		"/metrics":        "etcd_server_has_leader 1",
 	} {
 		resp, err := http.Get(srv.ClientURL() + path)
