@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -156,6 +157,22 @@ func TestDifferentialMaintenance(t *testing.T) {
 	same("etcdctl defrag", func(s *opsServer) string {
 		return strings.ReplaceAll(s.ctl("defrag"), s.srv.Endpoint(), "<endpoint>")
 	})
+	same("etcdctl defrag --cluster", func(s *opsServer) string {
+		ml, err := s.cli.MemberList(ctxT(t))
+		if err != nil {
+			return errDesc(err)
+		}
+		out, err := s.ctlOutput("defrag", "--cluster")
+		for _, m := range ml.Members {
+			for _, u := range m.ClientURLs {
+				out = strings.ReplaceAll(out, u, "<member>")
+			}
+		}
+		// One line per member: a mesh's three say the same.
+		lines := strings.Split(out, "\n")
+		slices.Sort(lines)
+		return fmt.Sprintf("%q (%v)", slices.Compact(lines), err)
+	})
 	same("dbSize after defrag", func(s *opsServer) string {
 		st, err := s.cli.Status(ctxT(t), s.srv.Endpoint())
 		if err != nil {
@@ -251,9 +268,18 @@ func (s *opsServer) alarms() string {
 	return fmt.Sprintf("%d alarms %v", len(r.Alarms), out)
 }
 
-// ctl runs Debian's etcdctl against the server and returns its output, stdout and
-// stderr, with a failure's exit status.
+// ctl runs Debian's etcdctl against the server and describes its output (stdout) and
+// a failure's exit status.
 func (s *opsServer) ctl(args ...string) string {
+	out, err := s.ctlOutput(args...)
+	if err != nil {
+		return fmt.Sprintf("%q (%v)", out, err)
+	}
+	return fmt.Sprintf("%q", out)
+}
+
+// ctlOutput runs Debian's etcdctl against the server and returns its trimmed stdout.
+func (s *opsServer) ctlOutput(args ...string) (string, error) {
 	bin, err := harness.EtcdctlBinary()
 	if err != nil {
 		harness.SkipOrFail(s.t, err)
@@ -264,8 +290,6 @@ func (s *opsServer) ctl(args ...string) string {
 	cmd.Env = append(cmd.Environ(), "ETCDCTL_API=3")
 	var stdout bytes.Buffer
 	cmd.Stdout = &stdout
-	if err := cmd.Run(); err != nil {
-		return fmt.Sprintf("%q (%v)", strings.TrimSpace(stdout.String()), err)
-	}
-	return fmt.Sprintf("%q", strings.TrimSpace(stdout.String()))
+	err = cmd.Run()
+	return strings.TrimSpace(stdout.String()), err
 }
