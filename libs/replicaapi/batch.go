@@ -14,6 +14,7 @@ import (
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
+	"github.com/kvmesh/kvmesh/libs/streammux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 
@@ -42,14 +43,8 @@ type batcher struct {
 
 // kvStream is one Batch stream and the calls on it.
 type kvStream struct {
-	wake   chan struct{}
+	mux    *streammux.Mux[*kvPending]
 	cancel context.CancelFunc // ends the stream
-
-	mu     sync.Mutex
-	queue  []*kvPending
-	sent   map[uint64]*kvPending
-	nextID uint64
-	dead   bool
 }
 
 // kvPending is a call waiting for its result.
@@ -91,25 +86,24 @@ func (b *batcher) stream() *kvStream {
 	if b.closed {
 		return deadStream
 	}
-	if s := b.cur; s != nil {
-		s.mu.Lock()
-		dead := s.dead
-		s.mu.Unlock()
-		if !dead {
-			return s
-		}
+	if s := b.cur; s != nil && !s.mux.Dead() {
+		return s
 	}
 	// The stream carries the calls of many clients for as long as it lasts: not a
 	// request of its own to trace (each call carries its own trace context).
 	ctx, cancel := context.WithCancel(telemetry.Untraced(context.Background()))
-	s := &kvStream{wake: make(chan struct{}, 1), cancel: cancel, sent: make(map[uint64]*kvPending)}
+	s := &kvStream{mux: streammux.New[*kvPending](), cancel: cancel}
 	b.cur = s
 	go s.run(ctx, b.client)
 	return s
 }
 
 // deadStream takes no calls: the batcher is closed.
-var deadStream = &kvStream{dead: true}
+var deadStream = func() *kvStream {
+	s := &kvStream{mux: streammux.New[*kvPending](), cancel: func() {}}
+	s.mux.Fail()
+	return s
+}()
 
 // close ends the stream; calls after it fail as never sent.
 func (b *batcher) close() {
@@ -123,20 +117,7 @@ func (b *batcher) close() {
 }
 
 // add queues p; false when the stream has failed.
-func (s *kvStream) add(p *kvPending) bool {
-	s.mu.Lock()
-	if s.dead {
-		s.mu.Unlock()
-		return false
-	}
-	s.queue = append(s.queue, p)
-	s.mu.Unlock()
-	select {
-	case s.wake <- struct{}{}:
-	default:
-	}
-	return true
-}
+func (s *kvStream) add(p *kvPending) bool { return s.mux.Add(p) }
 
 func (s *kvStream) run(ctx context.Context, client replicav1.KVServiceClient) {
 	st, err := client.Batch(ctx)
@@ -145,40 +126,16 @@ func (s *kvStream) run(ctx context.Context, client replicav1.KVServiceClient) {
 		return
 	}
 	go s.receive(st)
-	for {
-		<-s.wake
-		s.mu.Lock()
-		if s.dead {
-			s.mu.Unlock()
-			return
-		}
-		batch := s.queue
-		if len(batch) > batchMaxCalls {
-			batch, s.queue = batch[:batchMaxCalls], batch[batchMaxCalls:]
-			select {
-			case s.wake <- struct{}{}:
-			default:
-			}
-		} else {
-			s.queue = nil
-		}
-		if len(batch) == 0 {
-			s.mu.Unlock()
-			continue
-		}
+	err = s.mux.Run(ctx, batchMaxCalls, func(seq uint64, batch []*kvPending) error {
 		m := &replicav1.KVCalls{Calls: make([]*replicav1.KVCall, len(batch))}
 		for i, p := range batch {
-			s.nextID++
-			p.call.Id = s.nextID
-			s.sent[s.nextID] = p
+			p.call.Id = streammux.ItemID(seq, i)
 			m.Calls[i] = p.call
 		}
-		s.mu.Unlock()
-		if err := st.Send(m); err != nil {
-			// The real error comes from Recv; receive fails the stream with it.
-			s.fail(fromGRPC(err))
-			return
-		}
+		return st.Send(m)
+	})
+	if err != nil {
+		s.fail(fromGRPC(err))
 	}
 }
 
@@ -189,47 +146,33 @@ func (s *kvStream) receive(st grpc.BidiStreamingClient[replicav1.KVCalls, replic
 			s.fail(fromGRPC(err))
 			return
 		}
-		s.mu.Lock()
 		for _, r := range m.GetResults() {
-			if p := s.sent[r.GetId()]; p != nil {
-				delete(s.sent, r.GetId())
+			if p, ok := s.mux.TakeItem(r.GetId()); ok {
 				p.done <- kvOutcome{res: r}
 			}
 		}
-		s.mu.Unlock()
 	}
 }
 
 // fail ends the stream: calls not yet sent fail as never sent (call sends them to
 // the next replica), calls sent fail with err, Unavailable: their fate is unknown.
 func (s *kvStream) fail(err error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.dead {
+	queued, sent, first := s.mux.Fail()
+	if !first {
 		return
 	}
-	s.dead = true
-	for _, p := range s.queue {
+	for _, p := range queued {
 		p.done <- kvOutcome{err: errBatchNotSent}
 	}
-	if IsNotSent(err) {
-		// The stream was never opened: nothing was sent on it.
-		for _, p := range s.sent {
-			p.done <- kvOutcome{err: errBatchNotSent}
-		}
-	} else {
+	lost := error(errBatchNotSent) // the stream was never opened: nothing was sent on it
+	if !IsNotSent(err) {
 		_, msg := etcderr.CodeMessage(err)
-		lost := etcderr.FromWire(connect.CodeUnavailable, "kvmesh: lost the stream to the replica: "+msg)
-		for _, p := range s.sent {
-			p.done <- kvOutcome{err: lost}
-		}
+		lost = etcderr.FromWire(connect.CodeUnavailable, "kvmesh: lost the stream to the replica: "+msg)
 	}
-	s.queue, s.sent = nil, nil
+	for _, p := range sent {
+		p.done <- kvOutcome{err: lost}
+	}
 	s.cancel()
-	select {
-	case s.wake <- struct{}{}: // the sender sees dead and ends
-	default:
-	}
 }
 
 // batched sends one KV call over b with what the unary call would carry in its

@@ -148,13 +148,7 @@ func (c *netConn) Defragment(ctx context.Context, r *pb.DefragmentRequest) (*pb.
 }
 
 func (c *netConn) Snapshot(ctx context.Context, r *pb.SnapshotRequest, fn func(*pb.SnapshotResponse) error) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	s, err := c.maint.Snapshot(outgoing(ctx), r)
-	if err != nil {
-		return fromGRPC(err)
-	}
-	return receiveAll(s.Recv, fn)
+	return served(ctx, c.maint.Snapshot, r, fn)
 }
 
 func (c *netConn) LeaseGrant(ctx context.Context, r *pb.LeaseGrantRequest) (*pb.LeaseGrantResponse, error) {
@@ -206,19 +200,20 @@ func (c *netConn) AuthCall(ctx context.Context, r *replicav1.AuthRequest) (*repl
 }
 
 func (c *netConn) Feed(ctx context.Context, r *replicav1.FeedRequest, fn func(*replicav1.FeedResponse) error) error {
+	return served(ctx, c.feed.Feed, r, fn)
+}
+
+// served opens a server stream with open (a generated client's method) and hands
+// every message to fn, until the stream ends, fn fails or ctx ends.
+func served[Req, Res any](ctx context.Context, open func(context.Context, *Req, ...grpc.CallOption) (grpc.ServerStreamingClient[Res], error), r *Req, fn func(*Res) error) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	s, err := c.feed.Feed(outgoing(ctx), r)
+	s, err := open(outgoing(ctx), r)
 	if err != nil {
 		return fromGRPC(err)
 	}
-	return receiveAll(s.Recv, fn)
-}
-
-// receiveAll hands every message of a served stream to fn, until the stream ends.
-func receiveAll[T any](recv func() (*T, error), fn func(*T) error) error {
 	for {
-		m, err := recv()
+		m, err := s.Recv()
 		if errors.Is(err, io.EOF) {
 			return nil
 		}

@@ -14,6 +14,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/authz"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/libs/replicaapi"
+	"github.com/kvmesh/kvmesh/libs/streammux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/gateway/namespace"
 )
@@ -81,13 +82,7 @@ func (g *Gateway) leaseTimeToLive(ctx context.Context, r *pb.LeaseTimeToLiveRequ
 	}
 }
 
-func isNotLeader(err error) bool {
-	if err == nil {
-		return false
-	}
-	_, msg := etcderr.CodeMessage(err)
-	return msg == etcderr.ErrNotLeader.Error()
-}
+func isNotLeader(err error) bool { return errors.Is(err, etcderr.ErrNotLeader) }
 
 // keepAlive serves one client's keep-alive stream: each request is renewed on the
 // leader and answered when done, in whatever order they finish. A client that does
@@ -238,7 +233,7 @@ func (lr *leaseRouter) keeper(c *replicaConn) *keeper {
 	}
 	k := lr.keepers[c]
 	if k == nil {
-		k = &keeper{lr: lr, c: c, sent: make(map[uint64][]*renewal), wake: make(chan struct{}, 1)}
+		k = &keeper{lr: lr, c: c, mux: streammux.New[*renewal]()}
 		var ctx context.Context
 		ctx, k.cancel = context.WithCancel(context.Background())
 		lr.keepers[c] = k
@@ -271,30 +266,14 @@ type keeper struct {
 	lr     *leaseRouter
 	c      *replicaConn
 	cancel context.CancelFunc
-	wake   chan struct{}
-
-	mu    sync.Mutex
-	queue []*renewal
-	sent  map[uint64][]*renewal
-	seq   uint64
-	dead  bool
+	mux    *streammux.Mux[*renewal]
 }
 
 // add queues rn; false when the keeper's stream has failed (submit picks another).
-func (k *keeper) add(rn *renewal) bool {
-	k.mu.Lock()
-	if k.dead {
-		k.mu.Unlock()
-		return false
-	}
-	k.queue = append(k.queue, rn)
-	k.mu.Unlock()
-	select {
-	case k.wake <- struct{}{}:
-	default:
-	}
-	return true
-}
+func (k *keeper) add(rn *renewal) bool { return k.mux.Add(rn) }
+
+// keepAliveMaxBatch bounds the keep-alives of one message.
+const keepAliveMaxBatch = 4096
 
 func (k *keeper) run(ctx context.Context) {
 	// The keeper's stream carries the renewals of many clients for as long as the
@@ -305,33 +284,16 @@ func (k *keeper) run(ctx context.Context) {
 		return
 	}
 	go k.receive(stream)
-	for {
-		select {
-		case <-ctx.Done():
-			k.fail(ctx.Err())
-			return
-		case <-k.wake:
-		}
-		k.mu.Lock()
-		batch := k.queue
-		k.queue = nil
-		if len(batch) == 0 || k.dead {
-			k.mu.Unlock()
-			continue
-		}
-		k.seq++
-		seq := k.seq
-		k.sent[seq] = batch
-		k.mu.Unlock()
+	err = k.mux.Run(ctx, keepAliveMaxBatch, func(seq uint64, batch []*renewal) error {
 		ids := make([]int64, len(batch))
 		users := make([]string, len(batch))
 		for i, rn := range batch {
 			ids[i], users[i] = rn.id, rn.user
 		}
-		if err := stream.Send(&replicav1.KeepAliveBatch{Seq: seq, Ids: ids, Users: users}); err != nil {
-			k.fail(err)
-			return
-		}
+		return stream.Send(&replicav1.KeepAliveBatch{Seq: seq, Ids: ids, Users: users})
+	})
+	if err != nil {
+		k.fail(err)
 	}
 }
 
@@ -342,10 +304,7 @@ func (k *keeper) receive(stream replicaapi.KeepAliveStream) {
 			k.fail(err)
 			return
 		}
-		k.mu.Lock()
-		batch := k.sent[res.GetSeq()]
-		delete(k.sent, res.GetSeq())
-		k.mu.Unlock()
+		batch, _ := k.mux.TakeMessage(res.GetSeq())
 		if res.GetNotLeader() || len(res.GetTtls()) != len(batch) {
 			for _, rn := range batch {
 				k.lr.retry(rn)
@@ -371,18 +330,11 @@ func (k *keeper) receive(stream replicaapi.KeepAliveStream) {
 // fail ends the keeper: what it had queued or sent goes to the leader again (a
 // renewal sent twice is harmless).
 func (k *keeper) fail(err error) {
-	k.mu.Lock()
-	if k.dead {
-		k.mu.Unlock()
+	queued, sent, first := k.mux.Fail()
+	if !first {
 		return
 	}
-	k.dead = true
-	pending := k.queue
-	for _, b := range k.sent {
-		pending = append(pending, b...)
-	}
-	k.queue, k.sent = nil, nil
-	k.mu.Unlock()
+	pending := append(queued, sent...)
 	k.cancel()
 	k.lr.forget(k)
 	if replicaapi.IsNotSent(err) {

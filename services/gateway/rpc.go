@@ -241,29 +241,19 @@ func (g *Gateway) connectRoutes(mux *rpcmux.Mux, opts []connect.HandlerOption) {
 	unary(mux, opts, etcdserverpbconnect.MaintenanceAlarmProcedure, g.Alarm)
 	unary(mux, opts, etcdserverpbconnect.MaintenanceDefragmentProcedure, g.Defragment)
 	unary(mux, opts, etcdserverpbconnect.MaintenanceDowngradeProcedure, g.Downgrade)
-	mux.Handle(etcdserverpbconnect.MaintenanceSnapshotProcedure, connect.NewServerStreamHandlerSimple(
-		etcdserverpbconnect.MaintenanceSnapshotProcedure,
-		func(ctx context.Context, r *pb.SnapshotRequest, s *connect.ServerStream[pb.SnapshotResponse]) error {
-			return g.snapshot(ctx, r, s.Send)
-		}, opts...))
+	serverStream(mux, opts, etcdserverpbconnect.MaintenanceSnapshotProcedure, g.snapshot)
 
 	unary(mux, opts, etcdserverpbconnect.LeaseLeaseGrantProcedure, g.LeaseGrant)
 	unary(mux, opts, etcdserverpbconnect.LeaseLeaseRevokeProcedure, g.LeaseRevoke)
 	unary(mux, opts, etcdserverpbconnect.LeaseLeaseTimeToLiveProcedure, g.LeaseTimeToLive)
 	unary(mux, opts, etcdserverpbconnect.LeaseLeaseLeasesProcedure, g.LeaseLeases)
-	mux.Handle(etcdserverpbconnect.LeaseLeaseKeepAliveProcedure, connect.NewBidiStreamHandler(
-		etcdserverpbconnect.LeaseLeaseKeepAliveProcedure,
-		func(ctx context.Context, s *connect.BidiStream[pb.LeaseKeepAliveRequest, pb.LeaseKeepAliveResponse]) error {
-			return g.keepAlive(ctx, s.Receive, s.Send)
-		}, opts...))
+	bidiStream(mux, opts, etcdserverpbconnect.LeaseLeaseKeepAliveProcedure, g.keepAlive)
 
-	mux.Handle(etcdserverpbconnect.WatchWatchProcedure, connect.NewBidiStreamHandler(
-		etcdserverpbconnect.WatchWatchProcedure,
-		func(ctx context.Context, s *connect.BidiStream[pb.WatchRequest, pb.WatchResponse]) error {
-			return watchStreamError(g.watch(ctx, s.Receive, s.Send, nil))
-		}, opts...))
-	mux.Handle(watchv1connect.WatchServiceWatchProcedure, connect.NewServerStreamHandlerSimple(
-		watchv1connect.WatchServiceWatchProcedure, g.watchOneCall, opts...))
+	bidiStream(mux, opts, etcdserverpbconnect.WatchWatchProcedure,
+		func(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error) error {
+			return watchStreamError(g.watch(ctx, recv, send, nil))
+		})
+	serverStream(mux, opts, watchv1connect.WatchServiceWatchProcedure, g.watchOneCall)
 
 	unary(mux, opts, etcdserverpbconnect.AuthAuthenticateProcedure, g.Authenticate)
 	unary(mux, opts, etcdserverpbconnect.AuthAuthEnableProcedure, g.AuthEnable)
@@ -292,11 +282,7 @@ func (g *Gateway) connectRoutes(mux *rpcmux.Mux, opts []connect.HandlerOption) {
 	unary(mux, opts, v3electionpbconnect.ElectionProclaimProcedure, g.Proclaim)
 	unary(mux, opts, v3electionpbconnect.ElectionLeaderProcedure, g.Leader)
 	unary(mux, opts, v3electionpbconnect.ElectionResignProcedure, g.Resign)
-	mux.Handle(v3electionpbconnect.ElectionObserveProcedure, connect.NewServerStreamHandlerSimple(
-		v3electionpbconnect.ElectionObserveProcedure,
-		func(ctx context.Context, r *v3electionpb.LeaderRequest, s *connect.ServerStream[v3electionpb.LeaderResponse]) error {
-			return g.observe(ctx, r, s.Send)
-		}, opts...))
+	serverStream(mux, opts, v3electionpbconnect.ElectionObserveProcedure, g.observe)
 
 	unary(mux, opts, healthCheckProcedure, g.healthCheck)
 
@@ -307,6 +293,20 @@ func (g *Gateway) connectRoutes(mux *rpcmux.Mux, opts []connect.HandlerOption) {
 // unary registers fn as the Connect handler of procedure.
 func unary[Req, Res any](mux *rpcmux.Mux, opts []connect.HandlerOption, procedure string, fn func(context.Context, *Req) (*Res, error)) {
 	mux.Handle(procedure, connect.NewUnaryHandlerSimple(procedure, fn, opts...))
+}
+
+// serverStream registers fn, which sends its answers with send, as the Connect
+// handler of a server-streaming procedure.
+func serverStream[Req, Res any](mux *rpcmux.Mux, opts []connect.HandlerOption, procedure string, fn func(context.Context, *Req, func(*Res) error) error) {
+	mux.Handle(procedure, connect.NewServerStreamHandlerSimple(procedure,
+		func(ctx context.Context, r *Req, s *connect.ServerStream[Res]) error { return fn(ctx, r, s.Send) }, opts...))
+}
+
+// bidiStream registers fn, which reads requests with recv and answers with send, as
+// the Connect handler of a bidirectional procedure.
+func bidiStream[Req, Res any](mux *rpcmux.Mux, opts []connect.HandlerOption, procedure string, fn func(context.Context, func() (*Req, error), func(*Res) error) error) {
+	mux.Handle(procedure, connect.NewBidiStreamHandler(procedure,
+		func(ctx context.Context, s *connect.BidiStream[Req, Res]) error { return fn(ctx, s.Receive, s.Send) }, opts...))
 }
 
 const healthCheckProcedure = "/grpc.health.v1.Health/Check"

@@ -77,12 +77,12 @@ func (g *Gateway) monitorLeader(ctx context.Context, cancel context.CancelCauseF
 }
 
 // watchOneCall serves kvmesh.watch.v1.WatchService.Watch: one watch per call.
-func (g *Gateway) watchOneCall(ctx context.Context, cr *pb.WatchCreateRequest, stream *connect.ServerStream[pb.WatchResponse]) error {
+func (g *Gateway) watchOneCall(ctx context.Context, cr *pb.WatchCreateRequest, sendOne func(*pb.WatchResponse) error) error {
 	cr.WatchId = 0
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	send := func(resp *pb.WatchResponse) error {
-		if err := stream.Send(resp); err != nil {
+		if err := sendOne(resp); err != nil {
 			return err
 		}
 		if resp.GetCanceled() {
