@@ -220,7 +220,7 @@ func (s *wstream) handle(req *pb.WatchRequest) error {
 			return nil // etcd answers nothing for an unknown watch
 		}
 		s.remove(w)
-		return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: w.id, Canceled: true})
+		return s.send(&pb.WatchResponse{Header: s.header(s.latest()), WatchId: w.id, Canceled: true})
 	case *pb.WatchRequest_ProgressRequest:
 		s.progress = true
 	}
@@ -282,7 +282,7 @@ func (s *wstream) create(cr *pb.WatchCreateRequest) error {
 		w.next = headerRev + 1
 		return s.send(&pb.WatchResponse{Header: s.header(headerRev), WatchId: id, Created: true})
 	}
-	if err := s.send(&pb.WatchResponse{Header: s.header(max(s.h.current(), s.h.cluster.Seen())), WatchId: id, Created: true}); err != nil {
+	if err := s.send(&pb.WatchResponse{Header: s.header(s.latest()), WatchId: id, Created: true}); err != nil {
 		return err
 	}
 
@@ -357,8 +357,13 @@ func (s *wstream) settleRefusal() {
 // refuse answers a create that etcd refuses, for etcd's reason.
 func (s *wstream) refuse(reason string) error {
 	s.refusedAt = time.Now()
-	return s.send(&pb.WatchResponse{Header: s.header(s.h.current()), WatchId: invalidWatchID, Created: true, Canceled: true, CancelReason: reason})
+	return s.send(&pb.WatchResponse{Header: s.header(s.latest()), WatchId: invalidWatchID, Created: true, Canceled: true, CancelReason: reason})
 }
+
+// latest is the newest revision this gateway knows of: the stream's, or a later one a
+// client was answered with (its revision stream may lag a write's answer), as etcd
+// heads such answers with the store's current revision.
+func (s *wstream) latest() int64 { return max(s.h.current(), s.h.cluster.Seen()) }
 
 // compactedResponse is etcd's answer to a watcher whose history is compacted: no
 // revision in the header, no cancel reason.
