@@ -5,6 +5,7 @@ package config
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/url"
 	"reflect"
@@ -17,6 +18,31 @@ import (
 // variable name prefixed with prefix (for example "KVMESH_REPLICA_").
 func Load(ctx context.Context, prefix string, v any) error {
 	return LoadFrom(ctx, prefix, envconfig.OsLookuper(), v)
+}
+
+// Part is one struct of a process's configuration and the prefix of its variables.
+type Part struct {
+	Prefix string
+	Into   any // a pointer to a struct with `env` tags
+	// Validate, if set, checks the part once every part is loaded.
+	Validate func() error
+}
+
+// LoadAll loads every part (Load), then validates them all: a process checks its whole
+// configuration before it starts anything.
+func LoadAll(ctx context.Context, parts ...Part) error {
+	for _, p := range parts {
+		if err := Load(ctx, p.Prefix, p.Into); err != nil {
+			return err
+		}
+	}
+	var errs []error
+	for _, p := range parts {
+		if p.Validate != nil {
+			errs = append(errs, p.Validate())
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // LoadFrom is Load with the variables from l, for tests.

@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"net/http"
 	"net/url"
 	"strings"
 	"sync"
@@ -52,6 +53,22 @@ func New(l net.Listener, log *slog.Logger) *Listener {
 	s := &Listener{l: l, log: log, grpcL: newChanListener(l), httpL: newChanListener(l)}
 	go s.run()
 	return s
+}
+
+// Serve answers the connections l accepts, gRPC ones with g and the others with h,
+// until l is closed. The channel gets the first failure of either server; their being
+// stopped or closed is none.
+func Serve(l net.Listener, log *slog.Logger, g *grpc.Server, h *http.Server) <-chan error {
+	s := New(l, log)
+	errc := make(chan error, 2)
+	serve := func(fn func() error) {
+		if err := fn(); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, grpc.ErrServerStopped) && !errors.Is(err, net.ErrClosed) {
+			errc <- err
+		}
+	}
+	go serve(func() error { return g.Serve(s.GRPC()) })
+	go serve(func() error { return h.Serve(s.HTTP()) })
+	return errc
 }
 
 // GRPC is the listener of the connections for grpc-go.

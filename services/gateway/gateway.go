@@ -23,6 +23,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/libs/lifecycle"
 	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/revstream"
@@ -118,6 +119,7 @@ const grpcOverheadBytes = 512 * 1024
 // Gateway serves the public API.
 type Gateway struct {
 	cfg    Config
+	ready  chan struct{} // closed once Run serves
 	tel    *telemetry.Telemetry
 	log    *slog.Logger
 	tracer trace.Tracer
@@ -147,7 +149,6 @@ type Gateway struct {
 	namespace []byte
 
 	lis    net.Listener
-	split  *grpcsplit.Listener
 	server *http.Server
 	grpc   *grpc.Server
 }
@@ -181,6 +182,7 @@ func New(cfg Config, tel *telemetry.Telemetry, dial replicaapi.Dialer) (*Gateway
 	g.auth = newAuthCache(g)
 	g.registerMetrics()
 	g.background, g.stopBackground = context.WithCancel(context.Background())
+	g.ready = make(chan struct{})
 	return g, nil
 }
 
@@ -252,8 +254,9 @@ func (g *Gateway) Listen() error {
 // Addr is the bound client address.
 func (g *Gateway) Addr() string { return g.lis.Addr().String() }
 
-// Serve starts the background loops and answers clients until Stop.
-func (g *Gateway) Serve() error {
+// Run starts the background loops and answers clients (call Listen first) until ctx
+// ends or serving fails, then stops within lifecycle's StopTimeout.
+func (g *Gateway) Run(ctx context.Context) error {
 	// The refreshes are background polls, not traced; the hub traces each revision.
 	go g.view.run(telemetry.Untraced(g.background))
 	go g.auth.run(telemetry.Untraced(g.background))
@@ -261,19 +264,16 @@ func (g *Gateway) Serve() error {
 		go g.hub.Run(g.background)
 	}
 	g.log.Info("serving etcd API", "addr", g.Addr())
-	g.split = grpcsplit.New(g.lis, g.log)
-	errc := make(chan error, 2)
-	go func() { errc <- g.grpc.Serve(g.split.GRPC()) }()
-	go func() { errc <- g.server.Serve(g.split.HTTP()) }()
-	err := <-errc
-	if errors.Is(err, http.ErrServerClosed) || errors.Is(err, grpc.ErrServerStopped) || errors.Is(err, net.ErrClosed) {
-		return nil
-	}
-	return err
+	errc := grpcsplit.Serve(g.lis, g.log, g.grpc, g.server)
+	close(g.ready)
+	return lifecycle.Serving(ctx, errc, g.stop)
 }
 
-// Stop stops accepting requests and waits for those in flight until ctx ends.
-func (g *Gateway) Stop(ctx context.Context) error {
+// Ready is closed once Run serves.
+func (g *Gateway) Ready() <-chan struct{} { return g.ready }
+
+// stop stops accepting requests and waits for those in flight until ctx ends.
+func (g *Gateway) stop(ctx context.Context) error {
 	g.stopBackground()
 	defer g.view.close()
 	g.leases.stop()

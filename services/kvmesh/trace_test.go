@@ -20,6 +20,7 @@ import (
 	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb/etcdserverpbconnect"
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/libs/lifecycle"
 	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
@@ -65,8 +66,7 @@ func testRequestTrace(t *testing.T, rtel *telemetry.Telemetry, spans *tracetest.
 	if err := gw.Listen(); err != nil {
 		t.Fatal(err)
 	}
-	go gw.Serve()
-	t.Cleanup(func() { gw.Stop(context.Background()) })
+	runRole(t, gw)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -180,16 +180,12 @@ func TestAWatchedRevisionIsOneTraceFromFanoutToGateway(t *testing.T) {
 	if err := gw.Listen(); err != nil {
 		t.Fatal(err)
 	}
-	go gw.Serve()
-	t.Cleanup(func() { gw.Stop(context.Background()) })
+	runRole(t, gw)
 	fo, err := fanout.New(fcfg, ncfg, tel, dial, nc)
 	if err != nil {
 		t.Fatal(err)
 	}
-	foCtx, stopFanout := context.WithCancel(context.Background())
-	foDone := make(chan struct{})
-	go func() { defer close(foDone); fo.Run(foCtx) }()
-	t.Cleanup(func() { stopFanout(); <-foDone })
+	runRole(t, fo)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -323,7 +319,27 @@ func startReplica(t *testing.T, cfg replica.Config, tel *telemetry.Telemetry) *r
 	if err := rep.Listen(); err != nil {
 		t.Fatal(err)
 	}
-	go rep.Serve()
-	t.Cleanup(func() { rep.Stop(context.Background()) })
+	runRole(t, rep)
 	return rep
+}
+
+// runRole runs role until the test ends, once it is ready when it tells.
+func runRole(t *testing.T, role lifecycle.Role) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- role.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("stop: %v", err)
+		}
+	})
+	if r, ok := role.(lifecycle.Readier); ok {
+		select {
+		case <-r.Ready():
+		case err := <-done:
+			t.Fatalf("run: %v", err)
+		}
+	}
 }

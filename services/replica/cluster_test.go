@@ -24,7 +24,7 @@ type member struct {
 	kv   replicaapi.API
 	stat replicaapi.API
 	cl   replicaapi.API
-	errc chan error
+	run  *running
 }
 
 func freeAddr(t *testing.T) string {
@@ -50,8 +50,7 @@ func (m *member) start(t *testing.T) {
 	if err := r.Listen(); err != nil {
 		t.Fatalf("listen %s: %v", m.cfg.Name, err)
 	}
-	m.r, m.errc = r, make(chan error, 1)
-	go func() { m.errc <- r.Serve() }()
+	m.r, m.run = r, runReplica(t, r)
 	// The test calls each member as gateways do, over grpc-go.
 	c, err := replicaapi.Network{Options: tel.GRPCInternalClient()}.Dial("http://" + r.Addr())
 	if err != nil {
@@ -74,10 +73,9 @@ func (m *member) stop(t *testing.T) {
 	if m.r == nil {
 		return
 	}
-	if err := m.r.Stop(context.Background()); err != nil {
+	if err := m.run.stop(); err != nil {
 		t.Errorf("stop %s: %v", m.cfg.Name, err)
 	}
-	<-m.errc
 	m.r = nil
 }
 

@@ -41,6 +41,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/grpcsplit"
 	"github.com/kvmesh/kvmesh/libs/h2c"
+	"github.com/kvmesh/kvmesh/libs/lifecycle"
 	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/libs/notify"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
@@ -191,8 +192,12 @@ type Replica struct {
 	members       *memberTable
 	auth          authState
 	alarms        alarmTable
-	// loops are the background loops Serve starts (backups, corruption checks).
+	// loops are the background loops Run starts (backups, corruption checks).
 	loops sync.WaitGroup
+	// identity is the member's IDs as New found them in the data directory (nil for a
+	// member not bootstrapped yet: Run bootstraps or joins).
+	identity *identity
+	ready    chan struct{} // closed once Run has started the member
 	// dbSizeLast is the state database's size as measured at dbSizeAt (UnixNano), and
 	// dbSizeSince the cost of the writes admitted since, for the quota check
 	// (dbSizeRecent).
@@ -229,8 +234,8 @@ type Replica struct {
 	mesh *meshtls.Mesh
 }
 
-// New opens (or creates) the replica's data and starts its Raft node. Call Serve to
-// answer the internal API and Stop to shut down.
+// New opens (or creates) the replica's data; it starts nothing. Listen binds the
+// internal API's address, Run starts the member and serves until its context ends.
 func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
@@ -261,6 +266,7 @@ func New(cfg Config, tel *telemetry.Telemetry) (*Replica, error) {
 		quitc:    make(chan struct{}),
 		doneRaft: make(chan struct{}),
 		doneApp:  make(chan struct{}),
+		ready:    make(chan struct{}),
 	}
 	r.calls = newWorkers(batchWorkers, r.stopc)
 	if err := r.open(); err != nil {
@@ -332,7 +338,14 @@ func (r *Replica) open() error {
 		return err
 	}
 	r.m = newMetrics(r)
+	r.identity = id
+	return nil
+}
 
+// startRaft starts the Raft node (bootstrapping, joining or restarting the member)
+// and the loops that drive it: the first thing Run does.
+func (r *Replica) startRaft() error {
+	id, applied := r.identity, r.applied.Load()
 	rc := &raft.Config{
 		ElectionTick:    r.cfg.ElectionTicks,
 		HeartbeatTick:   1,
@@ -517,26 +530,44 @@ func (r *Replica) Listen() error {
 	return nil
 }
 
-// Serve answers the internal API until Stop; call Listen first. Connections whose
-// first request is gRPC go to grpc-go (the gateways' unary calls), the rest to net/http
-// (Connect: streams, the peer API, /metrics, health).
-func (r *Replica) Serve() error {
-	r.log.Info("serving internal API", "addr", r.lis.Addr().String())
+// Run starts the member (its Raft node and the loops around it), answers the internal
+// API when Listen was called, and stops when ctx ends or serving fails: the API, the
+// Raft node and the storage, within lifecycle's StopTimeout.
+func (r *Replica) Run(ctx context.Context) error {
+	if err := r.startRaft(); err != nil {
+		return errors.Join(err, r.Close())
+	}
+	var errc <-chan error
+	if r.lis != nil {
+		r.log.Info("serving internal API", "addr", r.lis.Addr().String())
+		errc = grpcsplit.Serve(r.lis, r.log, r.grpc, r.server)
+	}
 	if r.cfg.BackupDir != "" {
 		r.loops.Add(1)
 		go r.backupLoop()
 	}
 	r.loops.Add(1)
 	go r.corruptionLoop()
-	split := grpcsplit.New(r.lis, r.log)
-	errc := make(chan error, 2)
-	go func() { errc <- r.grpc.Serve(split.GRPC()) }()
-	go func() { errc <- r.server.Serve(split.HTTP()) }()
-	err := <-errc
-	if errors.Is(err, http.ErrServerClosed) || errors.Is(err, grpc.ErrServerStopped) || errors.Is(err, net.ErrClosed) {
-		return nil
+	close(r.ready)
+	return lifecycle.Serving(ctx, errc, r.stop)
+}
+
+// Ready is closed once Run has started the member.
+func (r *Replica) Ready() <-chan struct{} { return r.ready }
+
+// Close releases what New opened, for a replica never run (Run releases it itself).
+func (r *Replica) Close() error {
+	if r.lis != nil {
+		r.lis.Close()
 	}
-	return err
+	return r.closeStorage()
+}
+
+func (r *Replica) closeStorage() error {
+	r.stateMu.Lock()
+	st := r.st
+	r.stateMu.Unlock()
+	return errors.Join(st.close(), r.raftDB.Close())
 }
 
 // Addr is the internal API's listening address, once Serve has started.
@@ -547,12 +578,11 @@ func (r *Replica) Addr() string {
 	return r.lis.Addr().String()
 }
 
-// stopGrace is how long Stop lets requests under way finish.
+// stopGrace is how long stop lets requests under way finish.
 const stopGrace = 2 * time.Second
 
-// Stop shuts down the API, the Raft node and the storage.
-func (r *Replica) Stop(ctx context.Context) error {
-	var errs []error
+// stop shuts down the API, the Raft node and the storage.
+func (r *Replica) stop(ctx context.Context) error {
 	close(r.quitc)
 	if r.server != nil {
 		r.lis.Close()
@@ -583,12 +613,9 @@ func (r *Replica) Stop(ctx context.Context) error {
 	r.lessor.wait()
 	r.snaps.wait()
 	r.loops.Wait()
-	r.stateMu.Lock()
-	st := r.st
-	r.stateMu.Unlock()
-	errs = append(errs, st.close(), r.raftDB.Close())
+	err := r.closeStorage()
 	r.log.Info("stopped")
-	return errors.Join(errs...)
+	return err
 }
 
 // ID is this member's ID.

@@ -32,9 +32,36 @@ type testReplica struct {
 	t     *testing.T
 	cfg   Config
 	r     *Replica
+	run   *running
 	kv    replicaapi.API
 	maint replicaapi.API
 	spans *tracetest.InMemoryExporter
+}
+
+// running is a replica's Run under way.
+type running struct {
+	cancel context.CancelFunc
+	done   chan error
+}
+
+// runReplica runs r until stop, and waits until it has started.
+func runReplica(t *testing.T, r *Replica) *running {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	rn := &running{cancel: cancel, done: make(chan error, 1)}
+	go func() { rn.done <- r.Run(ctx) }()
+	select {
+	case <-r.Ready():
+	case err := <-rn.done:
+		t.Fatalf("run replica: %v", err)
+	}
+	return rn
+}
+
+// stop ends the Run and returns its error.
+func (rn *running) stop() error {
+	rn.cancel()
+	return <-rn.done
 }
 
 func startReplica(t *testing.T, cfg Config) *testReplica {
@@ -51,7 +78,7 @@ func startReplica(t *testing.T, cfg Config) *testReplica {
 	}
 	// The test calls the replica in process, as the all-in-one's gateway does.
 	api := r.services()
-	tr := &testReplica{t: t, cfg: cfg, r: r, spans: spans, kv: api, maint: api}
+	tr := &testReplica{t: t, cfg: cfg, r: r, run: runReplica(t, r), spans: spans, kv: api, maint: api}
 	t.Cleanup(func() { tr.stop() })
 	tr.waitLeader()
 	return tr
@@ -61,7 +88,7 @@ func (tr *testReplica) stop() {
 	if tr.r == nil {
 		return
 	}
-	if err := tr.r.Stop(context.Background()); err != nil {
+	if err := tr.run.stop(); err != nil {
 		tr.t.Errorf("stop replica: %v", err)
 	}
 	tr.r = nil
@@ -285,7 +312,7 @@ func TestLinearizableReadAfterRestartSeesEveryLoggedWrite(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer r.Stop(context.Background())
+	defer runReplica(t, r).stop()
 	slow.slow.Store(true)
 	kv := r.services()
 	for i := range 3 {

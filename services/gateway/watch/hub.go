@@ -196,6 +196,8 @@ func (h *Hub) consume(ctx context.Context) error {
 				return err
 			}
 			start = pos.GetHeader().GetRevision()
+		} else {
+			h.seedRing(ctx, tail)
 		}
 		h.start(start)
 	}
@@ -238,6 +240,78 @@ func (h *Hub) consume(ctx context.Context) error {
 			return err
 		}
 	}
+}
+
+// seedTimeout bounds reading the stream's newest revisions into the ring at start.
+const seedTimeout = 10 * time.Second
+
+// seedRing fills the ring of a hub that has not started with the stream's newest
+// revisions, up to tail (as many as the ring keeps), so that a gateway started after
+// them serves watches from the recent past from memory, as it would had it run all
+// along. Revisions it cannot read (a failure, a too-large marker) are left out: the
+// ring then starts after them, and older watches read the stream or a replica.
+func (h *Hub) seedRing(ctx context.Context, tail revstream.Tail) {
+	ctx, cancel := context.WithTimeout(ctx, seedTimeout)
+	defer cancel()
+	first := uint64(1)
+	if n := uint64(h.cfg.RingRevisions); tail.Seq > n {
+		first = tail.Seq - n + 1
+	}
+	c, err := h.js.OrderedConsumer(ctx, h.stream.Stream, jetstream.OrderedConsumerConfig{
+		FilterSubjects: []string{h.stream.Subject},
+		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
+		OptStartSeq:    first,
+	})
+	if err != nil {
+		return
+	}
+	it, err := c.Messages()
+	if err != nil {
+		return
+	}
+	defer it.Stop()
+	var ring []*hrev
+	size := 0
+	for {
+		msg, err := it.Next(jetstream.NextContext(ctx))
+		if err != nil {
+			h.log.Warn("reading the stream's recent revisions at start", "err", err)
+			return
+		}
+		md, err := msg.Metadata()
+		if err != nil || md.Sequence.Stream > tail.Seq {
+			break
+		}
+		r, err := revstream.Decode(msg.Headers(), msg.Data())
+		switch {
+		case err != nil || r.GetTooLarge() || (len(ring) > 0 && r.GetRevision() != ring[len(ring)-1].GetRevision()+1):
+			ring, size = ring[:0], 0 // the ring holds consecutive revisions only
+		default:
+			hr := newHrev(r)
+			ring = append(ring, hr)
+			size += hr.size
+			for size > h.cfg.RingBytes && len(ring) > 1 {
+				size -= ring[0].size
+				ring = ring[1:]
+			}
+		}
+		if md.Sequence.Stream == tail.Seq {
+			break
+		}
+	}
+	if len(ring) == 0 || ring[len(ring)-1].GetRevision() != tail.Rev {
+		return
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.rev != 0 {
+		return
+	}
+	h.ring, h.ringSize = ring, size
+	for _, r := range ring {
+		h.compactRev = max(h.compactRev, r.GetCompactRevision())
+	}
+	h.log.Info("seeded the watch history from the stream", "from", ring[0].GetRevision(), "to", tail.Rev)
 }
 
 // watchState follows the stream's state bucket (libs/revstream): the compacted

@@ -100,6 +100,13 @@ func testConfig() Config {
 // revision 1.
 func newFixture(t *testing.T, cfg Config, auth Authorizer) *fixture {
 	t.Helper()
+	return newFixtureAfter(t, cfg, auth, 0)
+}
+
+// newFixtureAfter is newFixture with n more revisions in the stream before the hub
+// starts.
+func newFixtureAfter(t *testing.T, cfg Config, auth Authorizer, n int) *fixture {
+	t.Helper()
 	tel, err := telemetry.New(context.Background(), "test", telemetry.Config{LogLevel: "warn", LogFormat: "text"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -132,11 +139,36 @@ func newFixture(t *testing.T, cfg Config, auth Authorizer) *fixture {
 		t.Fatal(err)
 	}
 	f.publish(f.put("init", "0")) // revision 2: the stream's first
+	for i := range n {
+		f.publish(f.put("before", fmt.Sprint(i)))
+	}
 	done := make(chan struct{})
 	go func() { f.hub.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-	f.waitHub(2)
+	f.waitHub(2 + int64(n))
 	return f
+}
+
+// A hub started after revisions were published takes the newest of them (as many as
+// its ring keeps) into memory: a watch from the recent past reads neither the stream
+// nor a replica.
+func TestHubSeedsItsHistoryFromTheStream(t *testing.T) {
+	f := newFixtureAfter(t, testConfig(), nil, 30) // revisions 3..32; the ring keeps 16
+	c := f.client(nil)
+	c.create(&pb.WatchCreateRequest{Key: []byte("before"), StartRevision: 20})
+	c.created()
+	if got := flat(c.revisions(32)); !slices.Equal(got, span(20, 32)) {
+		t.Fatalf("revisions %v, want 20..32", got)
+	}
+	f.hist.mu.Lock()
+	feeds := f.hist.feeds
+	f.hist.mu.Unlock()
+	if feeds != 0 {
+		t.Fatalf("%d Feed calls for a watch the seeded ring holds", feeds)
+	}
+	if first := f.hub.ringFrom(17, 32); len(first) != 16 {
+		t.Fatalf("the ring holds %d of revisions 17..32, want 16", len(first))
+	}
 }
 
 // put makes the next revision: a put of each key=value pair given.

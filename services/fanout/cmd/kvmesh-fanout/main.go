@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/lifecycle"
@@ -15,42 +14,20 @@ import (
 	"github.com/kvmesh/kvmesh/services/fanout"
 )
 
-func main() {
-	if err := run(); err != nil {
-		fmt.Fprintln(os.Stderr, "kvmesh-fanout:", err)
-		os.Exit(1)
-	}
-}
+func main() { lifecycle.Main("kvmesh-fanout", run) }
 
-func run() error {
-	lifecycle.TuneGC()
-	ctx, stop := lifecycle.SignalContext()
-	defer stop()
+func run(ctx context.Context, tel *telemetry.Telemetry) error {
 	var (
-		tcfg telemetry.Config
 		fcfg fanout.Config
 		ncfg revstream.Config
 	)
-	if err := config.Load(ctx, "KVMESH_", &tcfg); err != nil {
-		return err
-	}
-	if err := config.Load(ctx, "KVMESH_FANOUT_", &fcfg); err != nil {
-		return err
-	}
-	if err := config.Load(ctx, "KVMESH_NATS_", &ncfg); err != nil {
-		return err
-	}
-	if err := errors.Join(fcfg.Validate(), ncfg.Validate()); err != nil {
+	if err := config.LoadAll(ctx, config.Part{Prefix: "KVMESH_FANOUT_", Into: &fcfg, Validate: fcfg.Validate},
+		config.Part{Prefix: "KVMESH_NATS_", Into: &ncfg, Validate: ncfg.Validate}); err != nil {
 		return err
 	}
 	if ncfg.URL == "" {
 		return errors.New("KVMESH_NATS_URL: the fanout needs a NATS server")
 	}
-	tel, err := telemetry.New(ctx, "kvmesh-fanout", tcfg, os.Stderr)
-	if err != nil {
-		return err
-	}
-	defer tel.Shutdown(context.Background())
 	mesh, err := fcfg.MTLS.Load("KVMESH_FANOUT_")
 	if err != nil {
 		return err
@@ -67,14 +44,5 @@ func run() error {
 	if err := f.Listen(); err != nil {
 		return err
 	}
-	runCtx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	return lifecycle.Serve(ctx, tel.Log, func(context.Context) error {
-		cancel()
-		<-done
-		return nil
-	}, func() error {
-		defer close(done)
-		return f.Run(runCtx)
-	})
+	return lifecycle.Run(ctx, tel.Log, f)
 }

@@ -1,11 +1,11 @@
-// Command kvmesh-gateway runs one stateless gateway: etcd's API on
-// KVMESH_GATEWAY_LISTEN, forwarded to the replicas in KVMESH_GATEWAY_REPLICAS.
+// Command kvmesh-gateway serves etcd's client API (gRPC, gRPC-Web, Connect) on
+// KVMESH_GATEWAY_LISTEN, forwarding to the replicas in KVMESH_GATEWAY_REPLICAS and
+// serving watches from the revision stream at KVMESH_NATS_URL.
 package main
 
 import (
 	"context"
 	"fmt"
-	"os"
 
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/lifecycle"
@@ -14,39 +14,17 @@ import (
 	"github.com/kvmesh/kvmesh/services/gateway"
 )
 
-func main() {
-	if err := run(); err != nil {
-		fmt.Fprintln(os.Stderr, "kvmesh-gateway:", err)
-		os.Exit(1)
-	}
-}
+func main() { lifecycle.Main("kvmesh-gateway", run) }
 
-func run() error {
-	lifecycle.TuneGC()
-	ctx, stop := lifecycle.SignalContext()
-	defer stop()
+func run(ctx context.Context, tel *telemetry.Telemetry) error {
 	var (
-		tcfg telemetry.Config
 		gcfg gateway.Config
 		ncfg revstream.Config
 	)
-	if err := config.Load(ctx, "KVMESH_", &tcfg); err != nil {
+	if err := config.LoadAll(ctx, config.Part{Prefix: "KVMESH_GATEWAY_", Into: &gcfg, Validate: gcfg.Validate},
+		config.Part{Prefix: "KVMESH_NATS_", Into: &ncfg}); err != nil {
 		return err
 	}
-	if err := config.Load(ctx, "KVMESH_GATEWAY_", &gcfg); err != nil {
-		return err
-	}
-	if err := config.Load(ctx, "KVMESH_NATS_", &ncfg); err != nil {
-		return err
-	}
-	if err := gcfg.Validate(); err != nil {
-		return err
-	}
-	tel, err := telemetry.New(ctx, "kvmesh-gateway", tcfg, os.Stderr)
-	if err != nil {
-		return err
-	}
-	defer tel.Shutdown(context.Background())
 	mesh, err := gcfg.MTLS.Load("KVMESH_GATEWAY_")
 	if err != nil {
 		return err
@@ -70,5 +48,5 @@ func run() error {
 	if err := gw.Listen(); err != nil {
 		return err
 	}
-	return lifecycle.Serve(ctx, tel.Log, gw.Stop, gw.Serve)
+	return lifecycle.Run(ctx, tel.Log, gw)
 }

@@ -1,11 +1,11 @@
 // Command kvmesh-replica runs one replica of a kvmesh cluster: a Raft member with its
 // MVCC state in Pebble, serving the internal API (gateways) and the peer API (other
-// replicas) on KVMESH_REPLICA_LISTEN.
+// replicas) on KVMESH_REPLICA_LISTEN. `kvmesh-replica snapshot status|restore` reads
+// and restores snapshot files.
 package main
 
 import (
 	"context"
-	"fmt"
 	"os"
 
 	"github.com/kvmesh/kvmesh/libs/config"
@@ -16,46 +16,23 @@ import (
 
 func main() {
 	if len(os.Args) > 1 && os.Args[1] == "snapshot" {
-		if err := replica.SnapshotCommand(os.Args[2:], os.Stdout); err != nil {
-			fmt.Fprintln(os.Stderr, "kvmesh-replica:", err)
-			os.Exit(1)
-		}
+		lifecycle.Exit("kvmesh-replica", replica.SnapshotCommand(os.Args[2:], os.Stdout))
 		return
 	}
-	if err := run(); err != nil {
-		fmt.Fprintln(os.Stderr, "kvmesh-replica:", err)
-		os.Exit(1)
-	}
+	lifecycle.Main("kvmesh-replica", run)
 }
 
-func run() error {
-	lifecycle.TuneGC()
-	ctx, stop := lifecycle.SignalContext()
-	defer stop()
-	var (
-		tcfg telemetry.Config
-		rcfg replica.Config
-	)
-	if err := config.Load(ctx, "KVMESH_", &tcfg); err != nil {
+func run(ctx context.Context, tel *telemetry.Telemetry) error {
+	var rcfg replica.Config
+	if err := config.LoadAll(ctx, config.Part{Prefix: "KVMESH_REPLICA_", Into: &rcfg, Validate: rcfg.Validate}); err != nil {
 		return err
 	}
-	if err := config.Load(ctx, "KVMESH_REPLICA_", &rcfg); err != nil {
-		return err
-	}
-	if err := rcfg.Validate(); err != nil {
-		return err
-	}
-	tel, err := telemetry.New(ctx, "kvmesh-replica", tcfg, os.Stderr)
-	if err != nil {
-		return err
-	}
-	defer tel.Shutdown(context.Background())
 	rep, err := replica.New(rcfg, tel)
 	if err != nil {
 		return err
 	}
 	if err := rep.Listen(); err != nil {
-		rep.Stop(context.Background())
+		rep.Close()
 		return err
 	}
 	// A member removed from the cluster stops, as etcd's does.
@@ -68,5 +45,5 @@ func run() error {
 		case <-ctx.Done():
 		}
 	}()
-	return lifecycle.Serve(ctx, tel.Log, rep.Stop, rep.Serve)
+	return lifecycle.Run(ctx, tel.Log, rep)
 }
