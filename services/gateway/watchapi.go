@@ -55,10 +55,12 @@ func watchStreamError(err error) error {
 	return connect.NewError(connect.CodeUnavailable, errors.New(msg))
 }
 
-// monitorLeader cancels a watch stream that requires a leader once the cluster has
-// had none for a moment (etcd's watch server does the same for WithRequireLeader).
+// monitorLeader cancels a stream that requires a leader (a watch or keep-alive stream
+// under WithRequireLeader) once the cluster has had none for noLeaderChecks checks in
+// a row, one per election timeout, as etcd's monitorLeader: reconnecting a stream
+// costs far more than refusing a new request, and an election takes a timeout or two.
 func (g *Gateway) monitorLeader(ctx context.Context, cancel context.CancelCauseFunc) {
-	t := time.NewTicker(500 * time.Millisecond)
+	t := time.NewTicker(electionTimeout)
 	defer t.Stop()
 	misses := 0
 	for {
@@ -69,12 +71,19 @@ func (g *Gateway) monitorLeader(ctx context.Context, cancel context.CancelCauseF
 		}
 		if g.hasLeader(ctx) {
 			misses = 0
-		} else if misses++; misses >= 2 {
+		} else if misses++; misses >= noLeaderChecks {
 			cancel(etcderr.ErrNoLeader)
 			return
 		}
 	}
 }
+
+// electionTimeout is the replicas' default election timeout (10 ticks of 100 ms), and
+// noLeaderChecks etcd's maxNoLeaderCnt.
+const (
+	electionTimeout = time.Second
+	noLeaderChecks  = 3
+)
 
 // watchOneCall serves kvmesh.watch.v1.WatchService.Watch: one watch per call.
 func (g *Gateway) watchOneCall(ctx context.Context, cr *pb.WatchCreateRequest, sendOne func(*pb.WatchResponse) error) error {
