@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 
+	"connectrpc.com/connect"
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/libs/replicaapi"
@@ -93,7 +94,7 @@ func (g *Gateway) Downgrade(ctx context.Context, r *pb.DowngradeRequest) (*pb.Do
 		case pb.DowngradeRequest_CANCEL:
 			return resp, nil
 		}
-		return nil, etcderr.FromWire(etcderr.CodeOf(etcderr.ErrWrongDowngradeVersionFormat), "etcdserver: unknown downgrade action")
+		return nil, etcderr.FromWire(connect.CodeInvalidArgument, "etcdserver: unknown downgrade action")
 	})
 }
 

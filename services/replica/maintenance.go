@@ -75,19 +75,22 @@ func (s *maintenanceService) serveSnapshot(ctx context.Context, send func(*pb.Sn
 	if err := r.serving(true); err != nil {
 		return err
 	}
-	// Written whole first, so the size is known and the state is released at once. A
-	// leftover (a crash mid-stream) is removed at the next start (currentStateDir).
-	tmp := filepath.Join(r.cfg.DataDir, fmt.Sprintf("snap-send-%d", time.Now().UnixNano()))
-	defer os.Remove(tmp)
-	meta, size, err := r.saveSnapshot(tmp)
+	// Written whole first, so the size is known and the state is released at once;
+	// read back and removed (a leftover of a crash mid-stream is removed at the next
+	// start, see currentStateDir). It is never kept, so it is not synced.
+	f, err := os.CreateTemp(r.cfg.DataDir, "snap-send-")
 	if err != nil {
 		return err
 	}
-	f, err := os.Open(tmp)
-	if err != nil {
-		return err
-	}
+	defer os.Remove(f.Name())
 	defer f.Close()
+	meta, size, err := r.writeSnapshot(f)
+	if err == nil {
+		_, err = f.Seek(0, io.SeekStart)
+	}
+	if err != nil {
+		return err
+	}
 	body := size - sha256.Size
 	var sent int64
 	for sent < body {
@@ -112,10 +115,37 @@ func (s *maintenanceService) serveSnapshot(ctx context.Context, send func(*pb.Sn
 	return nil
 }
 
-// saveSnapshot writes the state machine, as of one moment, to path as a snapshot file:
-// written beside it, synced, renamed over it, the directory synced. Writes go on
-// meanwhile (a Pebble snapshot).
+// saveSnapshot writes a snapshot file to path durably: written beside it, synced,
+// renamed over it, the directory synced.
 func (r *Replica) saveSnapshot(path string) (snapfile.Meta, int64, error) {
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return snapfile.Meta{}, 0, err
+	}
+	meta, size, err := r.writeSnapshot(f)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err == nil {
+		err = syncDir(filepath.Dir(path))
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return snapfile.Meta{}, 0, err
+	}
+	return meta, size, nil
+}
+
+// writeSnapshot writes the state machine, as of one moment (a Pebble snapshot: writes
+// go on meanwhile), to w as a snapshot file, and returns its meta and size.
+func (r *Replica) writeSnapshot(w io.Writer) (snapfile.Meta, int64, error) {
 	st := r.acquire() // held until the end: a snapshot install closes the database it replaces
 	defer st.release()
 	ps := st.db.NewSnapshot()
@@ -128,24 +158,13 @@ func (r *Replica) saveSnapshot(path string) (snapfile.Meta, int64, error) {
 	if err != nil {
 		return snapfile.Meta{}, 0, err
 	}
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
-	if err != nil {
-		return snapfile.Meta{}, 0, err
-	}
-	defer func() {
-		if f != nil {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	w := snapfile.NewWriter(f)
+	sw := snapfile.NewWriter(w)
 	it, err := ps.NewIter(nil)
 	if err != nil {
 		return snapfile.Meta{}, 0, err
 	}
 	for it.First(); it.Valid(); it.Next() {
-		if err := w.Add(it.Key(), it.Value()); err != nil {
+		if err := sw.Add(it.Key(), it.Value()); err != nil {
 			it.Close()
 			return snapfile.Meta{}, 0, err
 		}
@@ -153,28 +172,10 @@ func (r *Replica) saveSnapshot(path string) (snapfile.Meta, int64, error) {
 	if err := errors.Join(it.Error(), it.Close()); err != nil {
 		return snapfile.Meta{}, 0, err
 	}
-	meta, size, err := w.Close(snapfile.Meta{
+	return sw.Close(snapfile.Meta{
 		Version: serverVersion, Revision: stats.Rev, CompactRevision: stats.CompactRev, TotalKey: stats.Keys,
 		RaftIndex: pos.index, RaftTerm: pos.term, MemberID: r.id, ClusterID: r.clusterID,
 	})
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	f = nil
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err == nil {
-		err = syncDir(filepath.Dir(path))
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return snapfile.Meta{}, 0, err
-	}
-	return meta, size, nil
 }
 
 // Restore builds the data directory of a member of a new cluster from a snapshot file:
