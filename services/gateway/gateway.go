@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
-	"github.com/nats-io/nats.go"
 	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc"
 
@@ -26,7 +25,6 @@ import (
 	"github.com/kvmesh/kvmesh/libs/lifecycle"
 	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/libs/replicaapi"
-	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/rpcmux"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/gateway/watch"
@@ -186,19 +184,17 @@ func New(cfg Config, tel *telemetry.Telemetry, dial replicaapi.Dialer) (*Gateway
 	return g, nil
 }
 
-// EnableWatch serves etcd's Watch from the revision stream that the fanout publishes
-// to NATS (package watch), from Serve on. Without it Watch answers Unimplemented.
-func (g *Gateway) EnableWatch(nc *nats.Conn, stream revstream.Config) error {
-	if err := stream.Validate(); err != nil {
-		return err
-	}
+// EnableWatch serves etcd's Watch from src (package watch: the revision stream the
+// fanout publishes to NATS, or the replica's feed in the all-in-one), from Serve on.
+// Without it Watch answers Unimplemented.
+func (g *Gateway) EnableWatch(src watch.Source) error {
 	h, err := watch.New(watch.Config{
 		RingRevisions:          g.cfg.WatchRingRevisions,
 		RingBytes:              g.cfg.WatchRingBytes,
 		StreamQueue:            g.cfg.WatchStreamQueue,
 		ProgressNotifyInterval: g.cfg.WatchProgressNotifyInterval,
 		FragmentBytes:          g.cfg.MaxRequestBytes + grpcOverheadBytes,
-	}, stream, nc, watch.Deps{
+	}, src, watch.Deps{
 		Replicas:   watchReplicas{view: g.view},
 		Authorizer: watchAuthorizer{g},
 		Cluster:    watchCluster{g},

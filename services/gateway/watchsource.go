@@ -8,6 +8,7 @@ import (
 
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 	"github.com/kvmesh/kvmesh/libs/etcderr"
 	"github.com/kvmesh/kvmesh/services/gateway/watch"
 )
@@ -66,6 +67,48 @@ func (r watchReplicas) feedFrom(ctx context.Context, c *replicaConn, from, to in
 		return &watch.CompactedError{Rev: compact}
 	}
 	return err
+}
+
+// Follow follows the feed of the first replica the view reads from.
+func (r watchReplicas) Follow(ctx context.Context, from int64, fn func(*replicav1.FeedResponse) error) error {
+	conns := r.view.forRead()
+	if len(conns) == 0 {
+		return etcderr.ErrNoLeader
+	}
+	return conns[0].api.Feed(ctx, &replicav1.FeedRequest{FromRevision: from, OmitPrevKv: true}, fn)
+}
+
+// beforeBatch is how many keys one read of Before asks for (under the replicas'
+// limit of operations per transaction).
+const beforeBatch = 64
+
+// Before reads the keys at revision rev - 1, with serializable reads (the replica
+// that fed rev has applied it), trying the replicas in turn.
+func (r watchReplicas) Before(ctx context.Context, rev int64, keys [][]byte) ([]*mvccpb.KeyValue, error) {
+	out := make([]*mvccpb.KeyValue, len(keys))
+	for start := 0; start < len(keys); start += beforeBatch {
+		part := keys[start:min(start+beforeBatch, len(keys))]
+		req := &pb.TxnRequest{Success: make([]*pb.RequestOp, len(part))}
+		for i, k := range part {
+			req.Success[i] = &pb.RequestOp{Request: &pb.RequestOp_RequestRange{RequestRange: &pb.RangeRequest{Key: k, Revision: rev - 1, Serializable: true}}}
+		}
+		var resp *pb.TxnResponse
+		var err error = etcderr.ErrNoLeader
+		for _, c := range r.view.forRead() {
+			if resp, err = c.api.Txn(ctx, req); err == nil {
+				break
+			}
+		}
+		if err != nil {
+			return nil, err
+		}
+		for i, op := range resp.GetResponses() {
+			if kvs := op.GetResponseRange().GetKvs(); len(kvs) > 0 {
+				out[start+i] = kvs[0]
+			}
+		}
+	}
+	return out, nil
 }
 
 // Position asks a replica for its current and compacted revisions.

@@ -1,6 +1,8 @@
 // Command kvmesh is the all-in-one kvmesh: one replica (a single-member Raft cluster
-// over Pebble), a gateway serving etcd's API, the fanout and an embedded NATS server
-// with JetStream, in one process. It is what a new user starts: `go run
+// over Pebble) and a gateway serving etcd's API, in one process; the gateway serves
+// watches from the replica's feed. With KVMESH_NATS_URL or KVMESH_NATS_EMBEDDED_LISTEN
+// (for other gateways to share the revision stream) it runs the fanout too, and an
+// embedded NATS server with JetStream unless the URL names another. It is what a new user starts: `go run
 // ./services/kvmesh` serves etcd clients on 127.0.0.1:2379. `kvmesh snapshot
 // status|restore` reads and restores snapshot files.
 package main
@@ -15,11 +17,13 @@ import (
 
 	"github.com/kvmesh/kvmesh/libs/config"
 	"github.com/kvmesh/kvmesh/libs/lifecycle"
+	"github.com/kvmesh/kvmesh/libs/meshtls"
 	"github.com/kvmesh/kvmesh/libs/replicaapi"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/fanout"
 	"github.com/kvmesh/kvmesh/services/gateway"
+	"github.com/kvmesh/kvmesh/services/gateway/watch"
 	"github.com/kvmesh/kvmesh/services/replica"
 )
 
@@ -72,46 +76,38 @@ func run(ctx context.Context, tel *telemetry.Telemetry) error {
 		rep.Close()
 		return err
 	}
-	// NATS: the embedded server (its store beside the replica's data) unless a URL
-	// names another.
-	var nc *nats.Conn
-	if ncfg.URL == "" {
-		embedded, err := revstream.StartEmbedded(filepath.Join(rcfg.DataDir, "nats"), ncfg.EmbeddedListen, mesh.ServerConfig(), rcfg.MTLS.AllowPlaintext, tel.Log)
-		if err != nil {
-			rep.Close()
-			return fmt.Errorf("nats: %w", err)
-		}
-		defer embedded.Stop()
-		nc, err = nats.Connect("", nats.InProcessServer(embedded), nats.Name("kvmesh"), nats.MaxReconnects(-1))
-		if err != nil {
-			rep.Close()
-			return fmt.Errorf("nats: %w", err)
-		}
-	} else if nc, err = revstream.Connect(ncfg.URL, "kvmesh", mesh.ClientConfig()); err != nil {
-		rep.Close()
-		return fmt.Errorf("nats: %w", err)
-	}
-	defer nc.Close()
-
-	// The gateway and the fanout call the replica's internal API in process: the
+	// The gateway (and the fanout) call the replica's internal API in process: the
 	// methods its grpc-go server serves, called directly (any other member, should one
 	// be added, over the network).
 	dial := rep.Dialer(replicaapi.Network{TLS: mesh.ClientConfig(), Options: tel.GRPCInternalClient()})
 	gcfg.Replicas = []string{"http://" + rep.Addr()}
 	fcfg.Replicas = gcfg.Replicas
 	gw, err := gateway.New(gcfg, tel, dial)
-	if err == nil {
-		err = gw.EnableWatch(nc, ncfg)
+	if err != nil {
+		rep.Close()
+		return err
+	}
+	roles := []lifecycle.Role{rep, gw}
+	if ncfg.URL == "" && ncfg.EmbeddedListen == "" {
+		// The only gateway is this one: it follows the replica's feed itself. A
+		// revision stream would be written to JetStream's disk and read back by the
+		// same process, for no other reader (BENCHMARKS.md: a fifth of the CPU of a
+		// put).
+		err = gw.EnableWatch(watch.ReplicaFeed())
+	} else {
+		// Other gateways share the revision stream: the fanout publishes it to NATS,
+		// the embedded server (its store beside the replica's data) unless a URL names
+		// another.
+		var fo *fanout.Fanout
+		var stop func()
+		fo, stop, err = startStream(rcfg, fcfg, ncfg, mesh, tel, dial, gw)
+		if stop != nil {
+			defer stop()
+		}
+		roles = append(roles, fo)
 	}
 	if err == nil {
 		err = gw.Listen()
-	}
-	var fo *fanout.Fanout
-	if err == nil {
-		fo, err = fanout.New(fcfg, ncfg, tel, dial, nc)
-	}
-	if err == nil {
-		err = fo.Listen()
 	}
 	if err != nil {
 		rep.Close()
@@ -119,5 +115,43 @@ func run(ctx context.Context, tel *telemetry.Telemetry) error {
 	}
 	// The replica first: the gateway and the fanout call it from their start on.
 	// Stopped in the reverse order.
-	return lifecycle.Run(ctx, tel.Log, rep, gw, fo)
+	return lifecycle.Run(ctx, tel.Log, roles...)
+}
+
+// startStream connects to NATS (starting the embedded server when ncfg names none),
+// makes gw's hub consume the revision stream, and builds the fanout that publishes it
+// (the fanout's Listen done). stop, when not nil, closes what it started.
+func startStream(rcfg replica.Config, fcfg fanout.Config, ncfg revstream.Config, mesh *meshtls.Mesh, tel *telemetry.Telemetry,
+	dial replicaapi.Dialer, gw *gateway.Gateway) (fo *fanout.Fanout, stop func(), err error) {
+	var nc *nats.Conn
+	var closers []func()
+	stop = func() {
+		for i := len(closers) - 1; i >= 0; i-- {
+			closers[i]()
+		}
+	}
+	if ncfg.URL == "" {
+		embedded, err := revstream.StartEmbedded(filepath.Join(rcfg.DataDir, "nats"), ncfg.EmbeddedListen, mesh.ServerConfig(), rcfg.MTLS.AllowPlaintext, tel.Log)
+		if err != nil {
+			return nil, nil, fmt.Errorf("nats: %w", err)
+		}
+		closers = append(closers, embedded.Stop)
+		if nc, err = nats.Connect("", nats.InProcessServer(embedded), nats.Name("kvmesh"), nats.MaxReconnects(-1)); err != nil {
+			return nil, stop, fmt.Errorf("nats: %w", err)
+		}
+	} else if nc, err = revstream.Connect(ncfg.URL, "kvmesh", mesh.ClientConfig()); err != nil {
+		return nil, nil, fmt.Errorf("nats: %w", err)
+	}
+	closers = append(closers, nc.Close)
+	src, err := watch.JetStream(nc, ncfg)
+	if err == nil {
+		err = gw.EnableWatch(src)
+	}
+	if err == nil {
+		fo, err = fanout.New(fcfg, ncfg, tel, dial, nc)
+	}
+	if err == nil {
+		err = fo.Listen()
+	}
+	return fo, stop, err
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/fanout"
 	"github.com/kvmesh/kvmesh/services/gateway"
+	"github.com/kvmesh/kvmesh/services/gateway/watch"
 	"github.com/kvmesh/kvmesh/services/replica"
 )
 
@@ -174,7 +175,11 @@ func TestAWatchedRevisionIsOneTraceFromFanoutToGateway(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := gw.EnableWatch(nc, ncfg); err != nil {
+	src, err := watch.JetStream(nc, ncfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := gw.EnableWatch(src); err != nil {
 		t.Fatal(err)
 	}
 	if err := gw.Listen(); err != nil {

@@ -49,7 +49,7 @@ func (s *feedService) serveFeed(ctx context.Context, req *replicav1.FeedRequest,
 		if from == 0 {
 			from = st.kv.Rev() + 1
 		}
-		chs, pos, err := st.kv.Changes(ctx, from, feedBatchBytes)
+		chs, pos, err := st.kv.Changes(ctx, from, feedBatchBytes, !req.GetOmitPrevKv())
 		st.release()
 		if err != nil && !errors.Is(err, etcderr.ErrCompacted) {
 			return err
@@ -70,7 +70,7 @@ func (s *feedService) serveFeed(ctx context.Context, req *replicav1.FeedRequest,
 			}
 			resp.Header.Revision = pos.Rev
 			for i, c := range chs {
-				resp.Revisions[i] = &replicav1.Revision{Revision: c.Rev, Events: c.Events, CompactRevision: pos.CompactRev}
+				resp.Revisions[i] = &replicav1.Revision{Revision: c.Rev, Events: c.Events, CompactRevision: pos.CompactRev, PrevKvOmitted: req.GetOmitPrevKv()}
 			}
 			if err := send(resp); err != nil {
 				return err

@@ -268,7 +268,7 @@ func (s *Server) env() []string {
 	for _, kv := range os.Environ() {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
-		case "KVMESH_REPLICA_DATA_DIR", "KVMESH_GATEWAY_LISTEN", "KVMESH_REPLICA_LISTEN", "KVMESH_REPLICA_NAME":
+		case "KVMESH_REPLICA_DATA_DIR", "KVMESH_GATEWAY_LISTEN", "KVMESH_REPLICA_LISTEN", "KVMESH_REPLICA_PEER_URLS", "KVMESH_REPLICA_NAME":
 			continue
 		}
 		if strings.HasPrefix(k, "ETCD_") || strings.HasPrefix(k, "ETCDCTL_") {
@@ -281,6 +281,7 @@ func (s *Server) env() []string {
 			"KVMESH_REPLICA_DATA_DIR="+s.dataDir,
 			"KVMESH_GATEWAY_LISTEN="+s.clientAddr,
 			"KVMESH_REPLICA_LISTEN="+s.innerAddr,
+			"KVMESH_REPLICA_PEER_URLS=http://"+s.innerAddr, // what MemberList shows
 			"KVMESH_REPLICA_NAME="+s.name,
 		)
 	}

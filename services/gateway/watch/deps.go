@@ -1,9 +1,9 @@
-// Package watch serves etcd's Watch from the revision stream: the Hub consumes the
-// stream the fanout publishes to NATS JetStream once per gateway, keeps the recent
-// revisions in memory, and fans each revision out to the client streams that watch
-// one of its keys (stream.go); a watcher that starts in the past catches up from
-// memory, from the stream, or from a replica's history, and joins the live revisions
-// with no gap and no duplicate. What it needs of the gateway it is given as the small
+// Package watch serves etcd's Watch from the revision stream: the Hub consumes its
+// Source once per gateway (the stream the fanout publishes to NATS JetStream, or in the
+// all-in-one its replica's feed), keeps the recent revisions in memory, and fans each
+// revision out to the client streams that watch one of its keys (stream.go); a watcher
+// that starts in the past catches up from memory, from the stream, or from a replica's
+// history, and joins the live revisions with no gap and no duplicate. What it needs of the gateway it is given as the small
 // interfaces below; it never calls a replica to create a watch.
 package watch
 
@@ -14,6 +14,7 @@ import (
 
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
+	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 )
 
 // Config is the hub's configuration (the gateway's KVMESH_GATEWAY_WATCH_… variables).
@@ -64,6 +65,13 @@ type Replicas interface {
 	// feed after another until all are read; a *CompactedError when the replicas have
 	// compacted from.
 	Feed(ctx context.Context, from, to int64, fn func(*replicav1.Revision) error) error
+	// Follow calls fn with each answer of one replica's feed from revision from (0:
+	// after the replica's current revision), without prev_kv, until ctx ends or the
+	// feed fails; the answers carry the compacted and auth revisions (see ReplicaFeed).
+	Follow(ctx context.Context, from int64, fn func(*replicav1.FeedResponse) error) error
+	// Before reads each key's version at revision rev - 1 (nil where it did not
+	// exist): prev_kv for a revision whose feed left it out (prev_kv_omitted).
+	Before(ctx context.Context, rev int64, keys [][]byte) ([]*mvccpb.KeyValue, error)
 	// Position is a replica's current and compacted revisions, and its auth store's.
 	Position(ctx context.Context) (*replicav1.PositionResponse, error)
 }

@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
@@ -23,7 +22,6 @@ import (
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
 	"github.com/kvmesh/kvmesh/libs/notify"
-	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
 
@@ -42,6 +40,12 @@ type hrev struct {
 	span   trace.SpanContext // the hub's watch.deliver span, when it is traced
 	once   sync.Once
 	noPrev []*mvccpb.Event // the events without prev_kv, made on first use
+
+	// withPrev are the events with prev_kv read from a replica, for a revision whose
+	// feed left it out (PrevKvOmitted), read on first use by a watcher that asked for
+	// it; prevMu guards it (a failed read is tried again by the next such watcher).
+	prevMu   sync.Mutex
+	withPrev []*mvccpb.Event
 }
 
 func newHrev(r *replicav1.Revision) *hrev { return &hrev{Revision: r, size: proto.Size(r)} }
@@ -62,16 +66,51 @@ func (r *hrev) eventsWithoutPrev() []*mvccpb.Event {
 	return r.noPrev
 }
 
+// prevTimeout bounds reading a revision's prev_kv from a replica.
+const prevTimeout = 5 * time.Second
+
+// eventsWithPrev returns the events with prev_kv, for watchers that asked for it. A
+// revision whose feed left prev_kv out reads it from a replica once, as etcd reads it
+// from its backend for each such watcher; when that fails, the events go without it
+// (as etcd's do when its read fails), and the failure is logged.
+func (r *hrev) eventsWithPrev(h *Hub) []*mvccpb.Event {
+	if !r.GetPrevKvOmitted() {
+		return r.Events
+	}
+	r.prevMu.Lock()
+	defer r.prevMu.Unlock()
+	if r.withPrev != nil {
+		return r.withPrev
+	}
+	keys := make([][]byte, len(r.Events))
+	for i, ev := range r.Events {
+		keys[i] = ev.Kv.Key
+	}
+	// Shared by every watcher of the revision: not bound to the one that asks first.
+	ctx, cancel := context.WithTimeout(context.Background(), prevTimeout)
+	defer cancel()
+	prevs, err := h.replicas.Before(ctx, r.GetRevision(), keys)
+	if err != nil {
+		h.log.Warn("reading prev_kv of a revision failed; its events go without", "revision", r.GetRevision(), "err", err)
+		return r.Events
+	}
+	evs := make([]*mvccpb.Event, len(r.Events))
+	for i, ev := range r.Events {
+		evs[i] = &mvccpb.Event{Type: ev.Type, Kv: ev.Kv, PrevKv: prevs[i]}
+	}
+	r.withPrev = evs
+	return evs
+}
+
 // Hub serves etcd's Watch from the revision stream. It starts nothing until Run.
 type Hub struct {
 	cfg      Config
-	stream   revstream.Config
+	src      Source
 	replicas Replicas
 	auth     Authorizer
 	cluster  Cluster
 	tel      *telemetry.Telemetry
 	log      *slog.Logger
-	js       jetstream.JetStream
 	tracer   trace.Tracer
 
 	mu         sync.Mutex
@@ -83,11 +122,9 @@ type Hub struct {
 	ranges     intervals              // the range watchers, by range
 	changed    notify.Notifier        // at every revision
 	ready      chan struct{}          // closed once rev is known
-	stateReady chan struct{}          // closed once the stream's state has been read (see watchState)
+	stateReady chan struct{}          // closed once the source's state has been read (see applyState)
 	stateOnce  sync.Once
 
-	offset   atomic.Int64 // stream sequence = revision - offset
-	offsetOK atomic.Bool
 	lastMove atomic.Int64 // unix nanos of the last revision handed out
 
 	m struct {
@@ -100,22 +137,18 @@ type Hub struct {
 	}
 }
 
-// New builds a hub reading the stream through nc; deps are what it needs of the
+// New builds a hub taking its revisions from src; deps are what it needs of the
 // gateway, none of them optional: without an Authorizer no watch could be decided.
-func New(cfg Config, stream revstream.Config, nc *nats.Conn, deps Deps, tel *telemetry.Telemetry) (*Hub, error) {
-	if err := errors.Join(cfg.Validate(), stream.Validate()); err != nil {
+func New(cfg Config, src Source, deps Deps, tel *telemetry.Telemetry) (*Hub, error) {
+	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	if deps.Replicas == nil || deps.Authorizer == nil || deps.Cluster == nil {
-		return nil, errors.New("watch: a hub needs its replicas, an authorizer and the cluster's identity")
-	}
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return nil, err
+	if src == nil || deps.Replicas == nil || deps.Authorizer == nil || deps.Cluster == nil {
+		return nil, errors.New("watch: a hub needs a source, its replicas, an authorizer and the cluster's identity")
 	}
 	h := &Hub{
-		cfg: cfg, stream: stream, replicas: deps.Replicas, auth: deps.Authorizer, cluster: deps.Cluster, tel: tel,
-		log: tel.Log.With("role", "gateway", "component", "watch"), js: js, tracer: tel.Tracer.Tracer("kvmesh/gateway"),
+		cfg: cfg, src: src, replicas: deps.Replicas, auth: deps.Authorizer, cluster: deps.Cluster, tel: tel,
+		log: tel.Log.With("role", "gateway", "component", "watch"), tracer: tel.Tracer.Tracer("kvmesh/gateway"),
 		keys:       make(map[string][]streamRef),
 		ready:      make(chan struct{}),
 		stateReady: make(chan struct{}),
@@ -139,23 +172,23 @@ func (h *Hub) current() int64 {
 	return h.rev
 }
 
-// Run consumes the stream until ctx ends, starting over (from where it is) after any
+// Run consumes the source until ctx ends, starting over (from where it is) after any
 // failure.
 func (h *Hub) Run(ctx context.Context) error {
 	ctx = telemetry.Untraced(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { h.watchdog(ctx) })
-	wg.Go(func() { h.watchState(ctx) })
+	wg.Go(func() { h.src.followState(ctx, h) })
 	for ctx.Err() == nil {
-		err := h.consume(ctx)
+		err := h.src.consume(ctx, h)
 		if ctx.Err() != nil {
 			return nil
 		}
 		if err == nil {
 			continue
 		}
-		h.log.Warn("revision stream consumer stopped; restarting", "err", err)
+		h.log.Warn("revision source stopped; restarting", "err", err)
 		select {
 		case <-ctx.Done():
 		case <-time.After(500 * time.Millisecond):
@@ -164,177 +197,7 @@ func (h *Hub) Run(ctx context.Context) error {
 	return nil
 }
 
-// consume reads the stream from just after the hub's revision.
-func (h *Hub) consume(ctx context.Context) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	s, err := h.js.Stream(ctx, h.stream.Stream)
-	if errors.Is(err, jetstream.ErrStreamNotFound) {
-		h.log.Info("waiting for the fanout to create the revision stream", "stream", h.stream.Stream)
-		select {
-		case <-ctx.Done():
-		case <-time.After(time.Second):
-		}
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("stream %s: %w", h.stream.Stream, err)
-	}
-	tail, err := revstream.LastOf(ctx, s)
-	if err != nil {
-		return err
-	}
-	if tail.Rev > 0 {
-		h.offset.Store(tail.Offset())
-		h.offsetOK.Store(true)
-	}
-	if h.current() == 0 {
-		start := tail.Rev
-		if start == 0 {
-			pos, err := h.replicas.Position(ctx)
-			if err != nil {
-				return err
-			}
-			start = pos.GetHeader().GetRevision()
-		} else {
-			h.seedRing(ctx, tail)
-		}
-		h.start(start)
-	}
-	// Start at the sequence just after the hub's revision when the stream still has
-	// it; otherwise at the stream's end (what lies between is repaired from a replica).
-	startSeq := tail.Seq + 1
-	if cur := h.current(); h.offsetOK.Load() {
-		if seq := cur + 1 - h.offset.Load(); seq >= 1 && uint64(seq) <= tail.Seq+1 {
-			startSeq = uint64(seq)
-		}
-	}
-	c, err := h.js.OrderedConsumer(ctx, h.stream.Stream, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{h.stream.Subject},
-		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
-		OptStartSeq:    startSeq,
-	})
-	if err != nil {
-		return err
-	}
-	it, err := c.Messages()
-	if err != nil {
-		return err
-	}
-	defer it.Stop()
-	for {
-		msg, err := it.Next(jetstream.NextContext(ctx))
-		if err != nil {
-			return err
-		}
-		r, err := revstream.Decode(msg.Headers(), msg.Data())
-		if err != nil {
-			h.log.Error("undecodable message in the revision stream", "err", err)
-			continue
-		}
-		if md, err := msg.Metadata(); err == nil {
-			h.offset.Store(r.GetRevision() - int64(md.Sequence.Stream))
-			h.offsetOK.Store(true)
-		}
-		if err := h.ingestTraced(ctx, r, msg.Headers()); err != nil {
-			return err
-		}
-	}
-}
-
-// seedTimeout bounds reading the stream's newest revisions into the ring at start.
-const seedTimeout = 10 * time.Second
-
-// seedRing fills the ring of a hub that has not started with the stream's newest
-// revisions, up to tail (as many as the ring keeps), so that a gateway started after
-// them serves watches from the recent past from memory, as it would had it run all
-// along. Revisions it cannot read (a failure, a too-large marker) are left out: the
-// ring then starts after them, and older watches read the stream or a replica.
-func (h *Hub) seedRing(ctx context.Context, tail revstream.Tail) {
-	ctx, cancel := context.WithTimeout(ctx, seedTimeout)
-	defer cancel()
-	first := uint64(1)
-	if n := uint64(h.cfg.RingRevisions); tail.Seq > n {
-		first = tail.Seq - n + 1
-	}
-	c, err := h.js.OrderedConsumer(ctx, h.stream.Stream, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{h.stream.Subject},
-		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
-		OptStartSeq:    first,
-	})
-	if err != nil {
-		return
-	}
-	it, err := c.Messages()
-	if err != nil {
-		return
-	}
-	defer it.Stop()
-	var ring []*hrev
-	size := 0
-	for {
-		msg, err := it.Next(jetstream.NextContext(ctx))
-		if err != nil {
-			h.log.Warn("reading the stream's recent revisions at start", "err", err)
-			return
-		}
-		md, err := msg.Metadata()
-		if err != nil || md.Sequence.Stream > tail.Seq {
-			break
-		}
-		r, err := revstream.Decode(msg.Headers(), msg.Data())
-		switch {
-		case err != nil || r.GetTooLarge() || (len(ring) > 0 && r.GetRevision() != ring[len(ring)-1].GetRevision()+1):
-			ring, size = ring[:0], 0 // the ring holds consecutive revisions only
-		default:
-			hr := newHrev(r)
-			ring = append(ring, hr)
-			size += hr.size
-			for size > h.cfg.RingBytes && len(ring) > 1 {
-				size -= ring[0].size
-				ring = ring[1:]
-			}
-		}
-		if md.Sequence.Stream == tail.Seq {
-			break
-		}
-	}
-	if len(ring) == 0 || ring[len(ring)-1].GetRevision() != tail.Rev {
-		return
-	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.rev != 0 {
-		return
-	}
-	h.ring, h.ringSize = ring, size
-	for _, r := range ring {
-		h.compactRev = max(h.compactRev, r.GetCompactRevision())
-	}
-	h.log.Info("seeded the watch history from the stream", "from", ring[0].GetRevision(), "to", tail.Rev)
-}
-
-// watchState follows the stream's state bucket (libs/revstream): the compacted
-// revision and the auth store's revision, which make no revision of their own. With
-// them, and the revisions, the gateway decides every watch creation alone.
-func (h *Hub) watchState(ctx context.Context) {
-	for ctx.Err() == nil {
-		kv, err := revstream.EnsureState(ctx, h.js, h.stream)
-		if err == nil {
-			err = revstream.WatchState(ctx, kv, h.applyState)
-		}
-		if ctx.Err() != nil {
-			return
-		}
-		h.log.Warn("stream state watch stopped; restarting", "err", err)
-		select {
-		case <-ctx.Done():
-		case <-time.After(500 * time.Millisecond):
-		}
-	}
-}
-
-// applyState takes what the stream's state tells (nil: all it held has been told).
+// applyState takes what the source's state tells (nil: all it held has been told).
 func (h *Hub) applyState(st *replicav1.StreamState) {
 	defer h.stateOnce.Do(func() { close(h.stateReady) })
 	if st == nil {
@@ -491,7 +354,7 @@ func (h *Hub) history(ctx context.Context, from, to int64, fn func(*hrev) error)
 			from = rs[len(rs)-1].GetRevision() + 1
 			continue
 		}
-		n, err := h.fromStream(ctx, from, to, fn)
+		n, err := h.src.read(ctx, h, from, to, fn)
 		if err != nil {
 			return err
 		}
@@ -518,62 +381,6 @@ func (h *Hub) history(ctx context.Context, from, to int64, fn func(*hrev) error)
 		}
 	}
 	return nil
-}
-
-// fromStream reads revisions from the JetStream stream, from from on, up to to, and
-// returns how many it delivered (0 when the stream does not have from).
-func (h *Hub) fromStream(ctx context.Context, from, to int64, fn func(*hrev) error) (int64, error) {
-	if !h.offsetOK.Load() {
-		return 0, nil
-	}
-	seq := from - h.offset.Load()
-	if seq < 1 {
-		return 0, nil
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	c, err := h.js.OrderedConsumer(ctx, h.stream.Stream, jetstream.OrderedConsumerConfig{
-		FilterSubjects: []string{h.stream.Subject},
-		DeliverPolicy:  jetstream.DeliverByStartSequencePolicy,
-		OptStartSeq:    uint64(seq),
-	})
-	if err != nil {
-		return 0, nil // the stream is not there now: a replica will do
-	}
-	info, err := c.Info(ctx)
-	if err != nil || info.NumPending == 0 {
-		return 0, nil
-	}
-	it, err := c.Messages()
-	if err != nil {
-		return 0, nil
-	}
-	defer it.Stop()
-	var n int64
-	for next := from; next <= to; {
-		msg, err := it.Next(jetstream.NextContext(ctx), jetstream.NextMaxWait(2*time.Second))
-		if err != nil {
-			return n, nil // stop here; the caller goes on from elsewhere
-		}
-		r, err := revstream.Decode(msg.Headers(), msg.Data())
-		if err != nil || r.GetRevision() != next {
-			return n, nil // not the revision expected at this sequence
-		}
-		hr := newHrev(r)
-		if r.GetTooLarge() {
-			var got *hrev
-			if err := h.fromReplica(ctx, next, next, func(x *hrev) error { got = x; return nil }); err != nil {
-				return n, err
-			}
-			hr = got
-		}
-		if err := fn(hr); err != nil {
-			return n, err
-		}
-		n++
-		next++
-	}
-	return n, nil
 }
 
 // CompactedError is a history read that started below the replicas' compacted

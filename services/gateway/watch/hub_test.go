@@ -2,6 +2,7 @@ package watch
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"slices"
@@ -16,6 +17,7 @@ import (
 	pb "github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 	replicav1 "github.com/kvmesh/kvmesh/api/gen/kvmesh/replica/v1"
 	"github.com/kvmesh/kvmesh/api/gen/mvccpb"
+	"github.com/kvmesh/kvmesh/libs/notify"
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 )
@@ -29,7 +31,68 @@ type history struct {
 	mu      sync.Mutex
 	revs    map[int64]*replicav1.Revision
 	compact int64
+	auth    uint64
 	feeds   int // Feed calls
+	follows int // Follow calls
+	befores int // Before calls
+	// breakFollow fails the feed being followed at its next answer.
+	breakFollow bool
+	changed     notify.Notifier // a revision or the state changed (see changeState)
+}
+
+// last is the newest revision; the caller holds mu.
+func (h *history) last() int64 {
+	var last int64 = 1
+	for r := range h.revs {
+		last = max(last, r)
+	}
+	return last
+}
+
+// Follow answers as a replica's feed does: the revisions from from (0: after the
+// newest), then every new revision and state as it comes, each answer with the state.
+func (h *history) Follow(ctx context.Context, from int64, fn func(*replicav1.FeedResponse) error) error {
+	h.mu.Lock()
+	h.follows++
+	h.mu.Unlock()
+	for {
+		h.mu.Lock()
+		changed := h.changed.C()
+		last := h.last()
+		if from == 0 {
+			from = last + 1
+		}
+		if from < h.compact {
+			h.mu.Unlock()
+			return &CompactedError{Rev: h.compact}
+		}
+		resp := &replicav1.FeedResponse{Header: &pb.ResponseHeader{Revision: last}, CompactRevision: h.compact, AuthRevision: h.auth}
+		for r := from; r <= last; r++ {
+			if x := h.revs[r]; x != nil {
+				// As a replica's feed asked to omit prev_kv answers.
+				bare := &replicav1.Revision{Revision: x.Revision, CompactRevision: x.CompactRevision, PrevKvOmitted: true}
+				for _, ev := range x.Events {
+					bare.Events = append(bare.Events, &mvccpb.Event{Type: ev.Type, Kv: ev.Kv})
+				}
+				resp.Revisions = append(resp.Revisions, bare)
+			}
+		}
+		broken := h.breakFollow
+		h.breakFollow = false
+		h.mu.Unlock()
+		if broken {
+			return errors.New("the feed broke")
+		}
+		if err := fn(resp); err != nil {
+			return err
+		}
+		from = last + 1
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 func (h *history) Feed(ctx context.Context, from, to int64, fn func(*replicav1.Revision) error) error {
@@ -54,14 +117,31 @@ func (h *history) Feed(ctx context.Context, from, to int64, fn func(*replicav1.R
 	return nil
 }
 
+// Before replays the history up to rev - 1 for each key.
+func (h *history) Before(_ context.Context, rev int64, keys [][]byte) ([]*mvccpb.KeyValue, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.befores++
+	out := make([]*mvccpb.KeyValue, len(keys))
+	for i, k := range keys {
+		for r := int64(1); r < rev; r++ {
+			for _, ev := range h.revs[r].GetEvents() {
+				if string(ev.Kv.Key) == string(k) {
+					out[i] = ev.Kv
+					if ev.Type == mvccpb.Event_DELETE {
+						out[i] = nil
+					}
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
 func (h *history) Position(context.Context) (*replicav1.PositionResponse, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	var last int64 = 1
-	for r := range h.revs {
-		last = max(last, r)
-	}
-	return &replicav1.PositionResponse{Header: &pb.ResponseHeader{Revision: last}, CompactRevision: h.compact}, nil
+	return &replicav1.PositionResponse{Header: &pb.ResponseHeader{Revision: h.last()}, CompactRevision: h.compact, AuthRevision: h.auth}, nil
 }
 
 // permitAll permits every watch, or refuses those of the key it refuses.
@@ -86,7 +166,7 @@ type fixture struct {
 	t      *testing.T
 	hub    *Hub
 	hist   *history
-	js     jetstream.JetStream
+	js     jetstream.JetStream // nil when the hub follows the history's feed (ReplicaFeed)
 	stream revstream.Config
 	seq    uint64
 	rev    int64
@@ -111,6 +191,7 @@ func newFixtureAfter(t *testing.T, cfg Config, auth Authorizer, n int) *fixture 
 	if err != nil {
 		t.Fatal(err)
 	}
+	f := &fixture{t: t, hist: &history{revs: map[int64]*replicav1.Revision{}}, rev: 1}
 	srv, err := revstream.StartEmbedded(t.TempDir(), "", nil, false, tel.Log)
 	if err != nil {
 		t.Fatal(err)
@@ -131,11 +212,40 @@ func newFixtureAfter(t *testing.T, cfg Config, auth Authorizer, n int) *fixture 
 	if _, err := revstream.Ensure(ctx, js, stream); err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{t: t, hist: &history{revs: map[int64]*replicav1.Revision{}}, js: js, stream: stream, rev: 1}
+	f.js, f.stream = js, stream
+	src, err := JetStream(nc, stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.start(ctx, cancel, cfg, src, auth, n, tel)
+	return f
+}
+
+// newFeedFixture is newFixture with a hub that follows the history's feed
+// (ReplicaFeed), as the all-in-one's does: no NATS.
+func newFeedFixture(t *testing.T, cfg Config, auth Authorizer) *fixture {
+	t.Helper()
+	tel, err := telemetry.New(context.Background(), "test", telemetry.Config{LogLevel: "warn", LogFormat: "text"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{t: t, hist: &history{revs: map[int64]*replicav1.Revision{}}, rev: 1}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	f.start(ctx, cancel, cfg, ReplicaFeed(), auth, 0, tel)
+	return f
+}
+
+// start builds the hub over src, makes revision 2 and n more, and runs the hub until
+// the test ends.
+func (f *fixture) start(ctx context.Context, cancel context.CancelFunc, cfg Config, src Source, auth Authorizer, n int, tel *telemetry.Telemetry) {
+	t := f.t
+	t.Helper()
 	if auth == nil {
 		auth = permitAll{}
 	}
-	if f.hub, err = New(cfg, stream, nc, Deps{Replicas: f.hist, Authorizer: auth, Cluster: cluster{}}, tel); err != nil {
+	var err error
+	if f.hub, err = New(cfg, src, Deps{Replicas: f.hist, Authorizer: auth, Cluster: cluster{}}, tel); err != nil {
 		t.Fatal(err)
 	}
 	f.publish(f.put("init", "0")) // revision 2: the stream's first
@@ -146,7 +256,6 @@ func newFixtureAfter(t *testing.T, cfg Config, auth Authorizer, n int) *fixture 
 	go func() { f.hub.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
 	f.waitHub(2 + int64(n))
-	return f
 }
 
 // A hub started after revisions were published takes the newest of them (as many as
@@ -160,9 +269,7 @@ func TestHubSeedsItsHistoryFromTheStream(t *testing.T) {
 	if got := flat(c.revisions(32)); !slices.Equal(got, span(20, 32)) {
 		t.Fatalf("revisions %v, want 20..32", got)
 	}
-	f.hist.mu.Lock()
-	feeds := f.hist.feeds
-	f.hist.mu.Unlock()
+	feeds := f.feedReads()
 	if feeds != 0 {
 		t.Fatalf("%d Feed calls for a watch the seeded ring holds", feeds)
 	}
@@ -184,9 +291,13 @@ func (f *fixture) put(kvs ...string) *replicav1.Revision {
 	return r
 }
 
-// publish puts r in the stream, as the fanout does.
+// publish puts r in the stream, as the fanout does (with no stream: wakes the feed).
 func (f *fixture) publish(r *replicav1.Revision) {
 	f.t.Helper()
+	if f.js == nil {
+		f.hist.changed.Notify()
+		return
+	}
 	msg, _, err := revstream.Message(f.stream.Subject, r, 1<<20)
 	if err != nil {
 		f.t.Fatal(err)
@@ -195,6 +306,29 @@ func (f *fixture) publish(r *replicav1.Revision) {
 		f.t.Fatalf("publish revision %d: %v", r.GetRevision(), err)
 	}
 	f.seq++
+}
+
+// feedReads is how many history reads the replicas have served.
+func (f *fixture) feedReads() int {
+	f.hist.mu.Lock()
+	defer f.hist.mu.Unlock()
+	return f.hist.feeds
+}
+
+// publishPuts puts n revisions of k=v and publishes each.
+func (f *fixture) publishPuts(n int) {
+	f.t.Helper()
+	for range n {
+		f.publish(f.put("k", "v"))
+	}
+}
+
+// watchKey opens a client with a created watch of k from start (0: now).
+func (f *fixture) watchKey(start int64) *client {
+	c := f.client(nil)
+	c.create(&pb.WatchCreateRequest{Key: []byte("k"), StartRevision: start})
+	c.created()
+	return c
 }
 
 func (f *fixture) waitHub(rev int64) {
@@ -355,9 +489,7 @@ func TestHubDeliversInOrder(t *testing.T) {
 // it is delivered.
 func TestHubRepairsAGap(t *testing.T) {
 	f := newFixture(t, testConfig(), nil)
-	c := f.client(nil)
-	c.create(&pb.WatchCreateRequest{Key: []byte("k")})
-	c.created()
+	c := f.watchKey(0)
 	f.publish(f.put("k", "1"))
 	f.put("k", "2") // revision 4: only the replicas have it
 	f.publish(f.put("k", "3"))
@@ -372,9 +504,7 @@ func TestHubRepairsAGap(t *testing.T) {
 // per thousand revisions, under the hub's revision.
 func TestHubCatchesUpThenGoesLive(t *testing.T) {
 	f := newFixture(t, testConfig(), nil)
-	for range 60 {
-		f.publish(f.put("k", "v"))
-	}
+	f.publishPuts(60)
 	f.waitHub(62)
 	for _, start := range []int64{55, 10, 3} { // ring, stream, stream from its start
 		c := f.client(nil)
@@ -385,12 +515,8 @@ func TestHubCatchesUpThenGoesLive(t *testing.T) {
 			t.Fatalf("from %d: catch-up of %d events at header revision %d, want %d at 62", start, n, catchUp.Header.Revision, 62-start+1)
 		}
 	}
-	c := f.client(nil)
-	c.create(&pb.WatchCreateRequest{Key: []byte("k"), StartRevision: 40})
-	c.created()
-	for range 5 {
-		f.publish(f.put("k", "v"))
-	}
+	c := f.watchKey(40)
+	f.publishPuts(5)
 	if got := flat(c.revisions(67)); !slices.Equal(got, span(40, 67)) {
 		t.Fatalf("catch-up then live: %v", got)
 	}
@@ -402,18 +528,12 @@ func TestHubCatchesUpThenGoesLive(t *testing.T) {
 	if err := st.Purge(context.Background(), jetstream.WithPurgeSequence(30)); err != nil {
 		t.Fatal(err)
 	}
-	f.hist.mu.Lock()
-	feeds := f.hist.feeds
-	f.hist.mu.Unlock()
-	c = f.client(nil)
-	c.create(&pb.WatchCreateRequest{Key: []byte("k"), StartRevision: 3})
-	c.created()
+	feeds := f.feedReads()
+	c = f.watchKey(3)
 	if got := flat(c.revisions(67)); !slices.Equal(got, span(3, 67)) {
 		t.Fatalf("from before the stream: %v", got)
 	}
-	f.hist.mu.Lock()
-	defer f.hist.mu.Unlock()
-	if f.hist.feeds == feeds {
+	if f.feedReads() == feeds {
 		t.Fatal("history older than the stream was not read from the replicas")
 	}
 }
@@ -431,9 +551,7 @@ func TestHubSlowClient(t *testing.T) {
 	fast.create(&pb.WatchCreateRequest{Key: []byte("k")})
 	fast.created()
 	slow.gate = gate // set before any event is sent to it
-	for range 40 {
-		f.publish(f.put("k", "v"))
-	}
+	f.publishPuts(40)
 	if got := flat(fast.revisions(42)); !slices.Equal(got, span(3, 42)) {
 		t.Fatalf("the fast client: %v", got)
 	}
@@ -517,9 +635,7 @@ func TestHubCancelCompactionRefusal(t *testing.T) {
 		t.Fatalf("after the cancel: %+v (only the other watch's event is due)", r)
 	}
 
-	for range 5 {
-		f.publish(f.put("k", "v"))
-	}
+	f.publishPuts(5)
 	kv, err := revstream.EnsureState(context.Background(), f.js, f.stream)
 	if err != nil {
 		t.Fatal(err)
@@ -557,8 +673,7 @@ func TestHubNeedsAnAuthorizer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	stream := revstream.Config{Stream: "S", Subject: "s", MaxMsgs: 1, MaxBytes: 1, MaxAge: time.Hour}
-	if _, err := New(testConfig(), stream, nil, Deps{Replicas: &history{}, Cluster: cluster{}}, tel); err == nil {
+	if _, err := New(testConfig(), ReplicaFeed(), Deps{Replicas: &history{}, Cluster: cluster{}}, tel); err == nil {
 		t.Fatal("a hub was built without an authorizer")
 	}
 }

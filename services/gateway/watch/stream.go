@@ -517,6 +517,8 @@ func (w *watcher) take(r *hrev) []*mvccpb.Event {
 	evs := r.Events
 	if !w.prevKV || r.GetRevision()-1 < w.compactRev {
 		evs = r.eventsWithoutPrev()
+	} else if r.GetPrevKvOmitted() {
+		evs = r.eventsWithPrev(w.s.h)
 	}
 	// Compacting at C removes the tombstones written at C, so etcd never shows a
 	// watcher a deletion at the compacted revision.

@@ -29,11 +29,11 @@ type Position struct {
 // and every revision (one without events, such as the initial revision 1, comes
 // without events),
 // until about maxBytes of events are read (at least one revision when there is one).
-// Each event carries prev_kv as etcd's watch fills it: the key's version at the
-// revision before, unless the key did not exist then or that revision is compacted.
-// A from below the compacted revision fails with ErrCompacted, as a watch starting
-// there does in etcd; a from beyond the current revision reads nothing.
-func (s *Store) Changes(ctx context.Context, from int64, maxBytes int) ([]Change, Position, error) {
+// With withPrev each event carries prev_kv as etcd's watch fills it: the key's
+// version at the revision before, unless the key did not exist then or that revision
+// is compacted. A from below the compacted revision fails with ErrCompacted, as a
+// watch starting there does in etcd; a from beyond the current revision reads nothing.
+func (s *Store) Changes(ctx context.Context, from int64, maxBytes int, withPrev bool) ([]Change, Position, error) {
 	v, err := s.snapshot()
 	if err != nil {
 		return nil, Position{}, err
@@ -86,7 +86,7 @@ func (s *Store) Changes(ctx context.Context, from int64, maxBytes int) ([]Change
 		if val[0] == kindDelete {
 			ev.Type = mvccpb.Event_DELETE
 		}
-		if main-1 >= v.compactRev {
+		if withPrev && main-1 >= v.compactRev {
 			if ev.PrevKv, err = versionAt(prevIt, kv.GetKey(), main-1); err != nil {
 				return nil, pos, err
 			}

@@ -41,7 +41,7 @@ func TestChangesMatchRangesAtEachRevision(t *testing.T) {
 	ctx := context.Background()
 	var all []Change
 	for from := int64(1); ; {
-		chs, pos, err := e.s.Changes(ctx, from, 1024)
+		chs, pos, err := e.s.Changes(ctx, from, 1024, true)
 		if err != nil {
 			t.Fatalf("Changes(%d): %v", from, err)
 		}
@@ -56,6 +56,21 @@ func TestChangesMatchRangesAtEachRevision(t *testing.T) {
 	}
 	if len(all) != int(e.s.Rev()) || len(all[0].Events) != 0 {
 		t.Fatalf("%d changes for revisions 1..%d, the first with %d events", len(all), e.s.Rev(), len(all[0].Events))
+	}
+	// Without prev_kv: the same events, none with prev_kv.
+	bare, _, err := e.s.Changes(ctx, 1, 1<<30, false)
+	if err != nil || len(bare) != len(all) {
+		t.Fatalf("Changes without prev_kv: %d changes, %v; want %d", len(bare), err, len(all))
+	}
+	for i, c := range bare {
+		if c.Rev != all[i].Rev || len(c.Events) != len(all[i].Events) {
+			t.Fatalf("revision %d without prev_kv: %d events, want %d", c.Rev, len(c.Events), len(all[i].Events))
+		}
+		for j, ev := range c.Events {
+			if ev.PrevKv != nil || ev.Type != all[i].Events[j].Type || !proto.Equal(ev.Kv, all[i].Events[j].Kv) {
+				t.Fatalf("revision %d event %d without prev_kv: %v, want %v without prev_kv", c.Rev, j, ev, all[i].Events[j])
+			}
+		}
 	}
 	all = all[1:]
 	state := func(rev int64) map[string]*mvccpb.KeyValue {
@@ -120,10 +135,10 @@ func TestChangesAroundCompaction(t *testing.T) {
 	e.mustCompact(4)
 	e.waitCompacted(4)
 	ctx := context.Background()
-	if _, pos, err := e.s.Changes(ctx, 3, 1<<20); !errors.Is(err, etcderr.ErrCompacted) || pos.CompactRev != 4 {
+	if _, pos, err := e.s.Changes(ctx, 3, 1<<20, true); !errors.Is(err, etcderr.ErrCompacted) || pos.CompactRev != 4 {
 		t.Fatalf("Changes(3) after compaction at 4: %v, %+v", err, pos)
 	}
-	chs, pos, err := e.s.Changes(ctx, 4, 1<<20)
+	chs, pos, err := e.s.Changes(ctx, 4, 1<<20, true)
 	if err != nil || pos.Rev != 5 || len(chs) != 2 {
 		t.Fatalf("Changes(4): %v, %+v, %d changes", err, pos, len(chs))
 	}

@@ -61,7 +61,7 @@ func TestLeaseAttachAndRevoke(t *testing.T) {
 	if got := resp.(*pb.LeaseRevokeResponse).GetHeader().GetRevision(); got != before+1 || e.s.Rev() != before+1 {
 		t.Fatalf("revoke answered revision %d, store at %d; want %d", got, e.s.Rev(), before+1)
 	}
-	changes, _, err := e.s.Changes(t.Context(), before+1, 1<<20)
+	changes, _, err := e.s.Changes(t.Context(), before+1, 1<<20, true)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,6 +12,7 @@ import (
 	"github.com/kvmesh/kvmesh/libs/revstream"
 	"github.com/kvmesh/kvmesh/libs/telemetry"
 	"github.com/kvmesh/kvmesh/services/gateway"
+	"github.com/kvmesh/kvmesh/services/gateway/watch"
 )
 
 func main() { lifecycle.Main("kvmesh-gateway", run) }
@@ -41,7 +42,11 @@ func run(ctx context.Context, tel *telemetry.Telemetry) error {
 			return fmt.Errorf("KVMESH_NATS_URL: %w", err)
 		}
 		defer nc.Close()
-		if err := gw.EnableWatch(nc, ncfg); err != nil {
+		src, err := watch.JetStream(nc, ncfg)
+		if err == nil {
+			err = gw.EnableWatch(src)
+		}
+		if err != nil {
 			return err
 		}
 	}

@@ -29,7 +29,11 @@ type FeedRequest struct {
 	// from_revision is the first revision sent; 0 means the next revision applied.
 	FromRevision int64 `protobuf:"varint,1,opt,name=from_revision,json=fromRevision,proto3" json:"from_revision,omitempty"`
 	// to_revision, when not 0, ends the stream after that revision.
-	ToRevision    int64 `protobuf:"varint,2,opt,name=to_revision,json=toRevision,proto3" json:"to_revision,omitempty"`
+	ToRevision int64 `protobuf:"varint,2,opt,name=to_revision,json=toRevision,proto3" json:"to_revision,omitempty"`
+	// omit_prev_kv leaves prev_kv out of the events (each revision says so): for a
+	// reader in the replica's process, which reads a key's previous version only when a
+	// watcher asks for it, as etcd does.
+	OmitPrevKv    bool `protobuf:"varint,3,opt,name=omit_prev_kv,json=omitPrevKv,proto3" json:"omit_prev_kv,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -76,6 +80,13 @@ func (x *FeedRequest) GetToRevision() int64 {
 		return x.ToRevision
 	}
 	return 0
+}
+
+func (x *FeedRequest) GetOmitPrevKv() bool {
+	if x != nil {
+		return x.OmitPrevKv
+	}
+	return false
 }
 
 // FeedResponse is a batch of consecutive revisions.
@@ -159,13 +170,16 @@ type Revision struct {
 	// revision is the store revision of every event.
 	Revision int64 `protobuf:"varint,1,opt,name=revision,proto3" json:"revision,omitempty"`
 	// events carry prev_kv: the key's version at revision - 1, when it existed and is
-	// not compacted (as etcd's watch fills prev_kv).
+	// not compacted (as etcd's watch fills prev_kv), unless prev_kv_omitted.
 	Events []*mvccpb.Event `protobuf:"bytes,2,rep,name=events,proto3" json:"events,omitempty"`
 	// compact_revision is the store's compacted revision when the revision was read.
 	CompactRevision int64 `protobuf:"varint,3,opt,name=compact_revision,json=compactRevision,proto3" json:"compact_revision,omitempty"`
 	// too_large marks a revision whose events did not fit in one NATS message; readers
 	// fetch it from a replica's Feed. It has no events then.
-	TooLarge      bool `protobuf:"varint,4,opt,name=too_large,json=tooLarge,proto3" json:"too_large,omitempty"`
+	TooLarge bool `protobuf:"varint,4,opt,name=too_large,json=tooLarge,proto3" json:"too_large,omitempty"`
+	// prev_kv_omitted: the events carry no prev_kv (FeedRequest.omit_prev_kv); a reader
+	// that needs it reads the key at revision - 1.
+	PrevKvOmitted bool `protobuf:"varint,5,opt,name=prev_kv_omitted,json=prevKvOmitted,proto3" json:"prev_kv_omitted,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -224,6 +238,13 @@ func (x *Revision) GetCompactRevision() int64 {
 func (x *Revision) GetTooLarge() bool {
 	if x != nil {
 		return x.TooLarge
+	}
+	return false
+}
+
+func (x *Revision) GetPrevKvOmitted() bool {
+	if x != nil {
+		return x.PrevKvOmitted
 	}
 	return false
 }
@@ -391,21 +412,24 @@ var File_kvmesh_replica_v1_feed_proto protoreflect.FileDescriptor
 
 const file_kvmesh_replica_v1_feed_proto_rawDesc = "" +
 	"\n" +
-	"\x1ckvmesh/replica/v1/feed.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\x1a\x0fmvccpb/kv.proto\"S\n" +
+	"\x1ckvmesh/replica/v1/feed.proto\x12\x11kvmesh.replica.v1\x1a\x16etcdserverpb/rpc.proto\x1a\x0fmvccpb/kv.proto\"u\n" +
 	"\vFeedRequest\x12#\n" +
 	"\rfrom_revision\x18\x01 \x01(\x03R\ffromRevision\x12\x1f\n" +
 	"\vto_revision\x18\x02 \x01(\x03R\n" +
-	"toRevision\"\xcf\x01\n" +
+	"toRevision\x12 \n" +
+	"\fomit_prev_kv\x18\x03 \x01(\bR\n" +
+	"omitPrevKv\"\xcf\x01\n" +
 	"\fFeedResponse\x124\n" +
 	"\x06header\x18\x01 \x01(\v2\x1c.etcdserverpb.ResponseHeaderR\x06header\x12)\n" +
 	"\x10compact_revision\x18\x02 \x01(\x03R\x0fcompactRevision\x129\n" +
 	"\trevisions\x18\x03 \x03(\v2\x1b.kvmesh.replica.v1.RevisionR\trevisions\x12#\n" +
-	"\rauth_revision\x18\x04 \x01(\x04R\fauthRevision\"\x95\x01\n" +
+	"\rauth_revision\x18\x04 \x01(\x04R\fauthRevision\"\xbd\x01\n" +
 	"\bRevision\x12\x1a\n" +
 	"\brevision\x18\x01 \x01(\x03R\brevision\x12%\n" +
 	"\x06events\x18\x02 \x03(\v2\r.mvccpb.EventR\x06events\x12)\n" +
 	"\x10compact_revision\x18\x03 \x01(\x03R\x0fcompactRevision\x12\x1b\n" +
-	"\ttoo_large\x18\x04 \x01(\bR\btooLarge\"\x11\n" +
+	"\ttoo_large\x18\x04 \x01(\bR\btooLarge\x12&\n" +
+	"\x0fprev_kv_omitted\x18\x05 \x01(\bR\rprevKvOmitted\"\x11\n" +
 	"\x0fPositionRequest\"\x98\x01\n" +
 	"\x10PositionResponse\x124\n" +
 	"\x06header\x18\x01 \x01(\v2\x1c.etcdserverpb.ResponseHeaderR\x06header\x12)\n" +
