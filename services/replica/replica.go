@@ -646,14 +646,18 @@ func statePebbleOptions(log *slog.Logger) *pebble.Options {
 	return o
 }
 
-// raftPebbleOptions tunes Pebble for the Raft log: entries are appended, read back
-// once or twice from the tail cache, and deleted (log truncation) within seconds, so a
-// large memtable lets most of them die before they are flushed and compacted.
+// raftPebbleOptions tunes Pebble for the Raft log, where every write is a synced
+// append that a client waits for. A small memtable rotates the WAL every 2 MiB, and
+// Pebble then reuses the obsolete WAL files: an fdatasync that overwrites blocks
+// already written does not commit the file's growth to the filesystem's journal. On
+// this machine's ext4 a synced commit took 147–150 µs that way against 207 µs in a
+// growing WAL (a 64 MiB memtable, never rotated under a benchmark's load); the price
+// is flushing live entries to small tables that truncation soon deletes.
 func raftPebbleOptions(log *slog.Logger) *pebble.Options {
 	return &pebble.Options{
 		Logger:       pebbleLogger{log.With("component", "pebble", "db", "raft")},
 		CacheSize:    16 << 20,
-		MemTableSize: 64 << 20,
+		MemTableSize: 2 << 20,
 	}
 }
 
