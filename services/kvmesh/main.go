@@ -2,9 +2,9 @@
 // over Pebble) and a gateway serving etcd's API, in one process; the gateway serves
 // watches from the replica's feed. With KVMESH_NATS_URL or KVMESH_NATS_EMBEDDED_LISTEN
 // (for other gateways to share the revision stream) it runs the fanout too, and an
-// embedded NATS server with JetStream unless the URL names another. It is what a new user starts: `go run
-// ./services/kvmesh` serves etcd clients on 127.0.0.1:2379. `kvmesh snapshot
-// status|restore` reads and restores snapshot files.
+// embedded NATS server with JetStream unless the URL names another. It is what a new
+// user starts: `go run ./services/kvmesh` serves etcd clients on 127.0.0.1:2379.
+// `kvmesh snapshot status|restore` reads and restores snapshot files.
 package main
 
 import (
