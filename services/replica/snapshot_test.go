@@ -37,7 +37,7 @@ func TestFollowerBehindTruncatedLogCatchesUpBySnapshot(t *testing.T) {
 	// Keep a copy of the follower's raft log as it is now, for the crash below.
 	f.stop(t)
 	backup := t.TempDir()
-	if err := os.CopyFS(backup, os.DirFS(filepath.Join(f.cfg.DataDir, raftDirName))); err != nil {
+	if err := os.CopyFS(backup, os.DirFS(filepath.Join(f.cfg.DataDir, walDirName))); err != nil {
 		t.Fatal(err)
 	}
 	f.start(t)
@@ -68,7 +68,7 @@ func TestFollowerBehindTruncatedLogCatchesUpBySnapshot(t *testing.T) {
 
 	// The crash window: STATE names the installed snapshot, the log is the old one.
 	f.stop(t)
-	raftDir := filepath.Join(f.cfg.DataDir, raftDirName)
+	raftDir := filepath.Join(f.cfg.DataDir, walDirName)
 	if err := os.RemoveAll(raftDir); err != nil {
 		t.Fatal(err)
 	}

@@ -13,9 +13,11 @@ import (
 	"github.com/kvmesh/kvmesh/services/replica/mvcc"
 )
 
-// The data directory holds two Pebble databases:
+// The data directory holds the Raft log and two Pebble databases:
 //
-//	raft/          the Raft log, HardState, truncation point and the member's identity
+//	wal/           the Raft log, HardState and truncation point (package raftlog)
+//	raft/          the member's identity (and, before the log had its own files,
+//	               the log: raftlog.ImportPebble moves it into wal/ at start)
 //	state-…/       the state machine: MVCC keys, members, applied index
 //	STATE          names the state directory in use
 //
@@ -25,6 +27,7 @@ import (
 // other state directory is a leftover and removed at start.
 const (
 	raftDirName   = "raft"
+	walDirName    = "wal"
 	stateFileName = "STATE"
 	stateDirInit  = "state-0"
 )
