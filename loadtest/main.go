@@ -6,6 +6,7 @@
 //	loadtest [global flags] range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]
 //	loadtest [global flags] watch [--watchers=100000] [--streams=100] [--hot] [--rates=1000] [--step=10s] [--server-pids=PID,…]
 //	loadtest [global flags] lease-keepalive [--total=10000] [--ttl=100] [--leases-per-client=1] [--once]
+//	loadtest [global flags] mixed [--total=10000] [--key-space-size=1000] [--get=50] [--put=25] [--cas=15] [--delete=10]
 //
 // Global flags may also be given after the subcommand.
 package main
@@ -56,6 +57,7 @@ const usage = `Usage:
   loadtest [global flags] range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]
   loadtest [global flags] watch [--watchers=100000] [--streams=100] [--hot] [--rates=1000] [--step=10s] [--server-pids=PID,…]
   loadtest [global flags] lease-keepalive [--total=10000] [--ttl=100] [--leases-per-client=1] [--once]
+  loadtest [global flags] mixed [--total=10000] [--key-space-size=1000] [--get=50] [--put=25] [--cas=15] [--delete=10]
 
 Run "loadtest COMMAND -h" for the subcommand flags.
 
@@ -105,6 +107,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		rep, err = runRange(ctx, &g, rest, stderr)
 	case "lease-keepalive":
 		rep, err = runLeaseKeepAlive(ctx, &g, rest, stderr)
+	case "mixed":
+		rep, err = runMixed(ctx, &g, rest, stderr)
 	default:
 		fmt.Fprintf(stderr, "loadtest: unknown command %q\n\n", cmd)
 		root.Usage()
@@ -281,6 +285,30 @@ func runRange(ctx context.Context, g *globalFlags, args []string, stderr io.Writ
 		opts.RangeEnd = pos[1]
 	}
 	return bench.Range(ctx, cfg, opts)
+}
+
+func runMixed(ctx context.Context, g *globalFlags, args []string, stderr io.Writer) (*bench.Report, error) {
+	fs := newSubFlagSet("mixed",
+		"mixed [--total=10000] [--key-space-size=1000] [--get=50] [--put=25] [--cas=15] [--delete=10]", g, stderr)
+	total := fs.Int64("total", 10000, "total number of requests")
+	var opts bench.MixedOptions
+	fs.IntVar(&opts.KeySize, "key-size", 8, "key size in bytes")
+	fs.IntVar(&opts.ValSize, "val-size", 256, "value size in bytes")
+	fs.Int64Var(&opts.KeySpaceSize, "key-space-size", 1000, "keys are drawn from [0, key-space-size)")
+	fs.IntVar(&opts.Get, "get", 50, "weight of gets (linearizable ranges of one key)")
+	fs.IntVar(&opts.Put, "put", 25, "weight of puts")
+	fs.IntVar(&opts.CAS, "cas", 15, "weight of CAS txns (put if the key holds the benchmark's value)")
+	fs.IntVar(&opts.Delete, "delete", 10, "weight of deletes")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	if len(pos) != 0 {
+		fmt.Fprintf(stderr, "loadtest mixed: unexpected arguments %q\n", pos)
+		fs.Usage()
+		return nil, usageError{errors.New("unexpected arguments")}
+	}
+	return bench.Mixed(ctx, g.config(*total, isSet(fs, "total"), stderr), opts)
 }
 
 func runLeaseKeepAlive(ctx context.Context, g *globalFlags, args []string, stderr io.Writer) (*bench.Report, error) {

@@ -105,6 +105,7 @@ workloads=(
 	"range linearizable, 100 / 1000|--conns=100 --clients=1000 range foo --consistency=l --total=100000"
 	"lease-keepalive, 100 / 1000, one stream per client|--conns=100 --clients=1000 lease-keepalive --leases-per-client=10 --total=200000"
 	"lease-keepalive once (etcd's benchmark), 100 / 1000|--conns=100 --clients=1000 lease-keepalive --once --total=50000"
+	"mixed: get 50%, put 25%, CAS 15%, delete 10%, 8 conns / 8 clients|--conns=8 --clients=8 mixed --key-space-size=1000 --total=20000"
 )
 results="$dir/results.tsv"
 : >"$results"

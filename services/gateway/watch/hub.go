@@ -130,6 +130,7 @@ type Hub struct {
 	m struct {
 		revisions prometheus.Counter
 		repaired  prometheus.Counter
+		skipped   prometheus.Counter
 		overflows prometheus.Counter
 		watchers  prometheus.Gauge
 		streams   prometheus.Gauge
@@ -155,11 +156,12 @@ func New(cfg Config, src Source, deps Deps, tel *telemetry.Telemetry) (*Hub, err
 	}
 	h.m.revisions = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_revisions_total", Help: "Revisions the gateway received from the stream (or repaired) and fanned out."})
 	h.m.repaired = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_repaired_revisions_total", Help: "Revisions missing from the stream that the gateway read from a replica instead."})
+	h.m.skipped = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_skipped_revisions_total", Help: "Revisions a replica had compacted before the stream brought them to the gateway (their watchers were canceled as compacted)."})
 	h.m.overflows = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_stream_overflows_total", Help: "Times a slow client stream fell behind its queue and was caught up from history."})
 	h.m.events = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_events_sent_total", Help: "Events sent to watchers."})
 	h.m.watchers = prometheus.NewGauge(prometheus.GaugeOpts{Name: "etcd_debugging_mvcc_watcher_total", Help: "Total number of watchers."})
 	h.m.streams = prometheus.NewGauge(prometheus.GaugeOpts{Name: "etcd_debugging_mvcc_watch_stream_total", Help: "Total number of watch streams."})
-	tel.Registry.MustRegister(h.m.revisions, h.m.repaired, h.m.overflows, h.m.events, h.m.watchers, h.m.streams,
+	tel.Registry.MustRegister(h.m.revisions, h.m.repaired, h.m.skipped, h.m.overflows, h.m.events, h.m.watchers, h.m.streams,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvmesh_gateway_watch_revision", Help: "The last revision fanned out to watchers."},
 			func() float64 { return float64(h.current()) }))
 	return h, nil
@@ -273,13 +275,48 @@ func (h *Hub) repair(ctx context.Context, to int64) error {
 		return nil
 	}
 	h.log.Info("repairing revisions missing from the stream", "from", from, "to", to)
-	return h.fromReplica(ctx, from, to, func(r *hrev) error {
+	err := h.fromReplica(ctx, from, to, func(r *hrev) error {
 		if r.GetRevision() == h.current()+1 {
 			h.m.repaired.Inc()
 			h.publish(r)
 		}
 		return nil
 	})
+	var ce *CompactedError
+	if errors.As(err, &ce) && ce.Rev > h.current() {
+		// Compacted before the hub had them: nobody can be given them any more.
+		h.skipTo(ce.Rev)
+		return h.repair(ctx, to)
+	}
+	return err
+}
+
+// skipTo moves the hub to rev past revisions it can no longer read (a replica
+// compacted them before the stream brought them). Every stream catches up from
+// history, which cancels the watchers that needed them as etcd cancels a watcher that
+// fell behind a compaction.
+func (h *Hub) skipTo(rev int64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if rev <= h.rev {
+		return
+	}
+	h.log.Warn("revisions were compacted before the stream brought them; watchers that needed them are canceled",
+		"from", h.rev+1, "to", rev)
+	from := h.rev + 1
+	h.rev = rev
+	h.compactRev = max(h.compactRev, rev)
+	clear(h.ring)
+	h.ring, h.ringSize = h.ring[:0], 0
+	for _, refs := range h.keys {
+		for _, ref := range refs {
+			ref.s.behind(from)
+		}
+	}
+	h.ranges.each(func(w *watcher) { w.s.behind(from) })
+	h.m.skipped.Add(float64(rev - from + 1))
+	h.lastMove.Store(time.Now().UnixNano())
+	h.changed.Notify()
 }
 
 // publish makes r the hub's revision and queues it to the streams it concerns.

@@ -8,7 +8,10 @@ import (
 	"slices"
 	"sync"
 	"testing"
+
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -707,5 +710,32 @@ func BenchmarkHubPublishPrefixWatchers(b *testing.B) {
 				match.qmu.Unlock()
 			}
 		})
+	}
+}
+
+// Revisions missing from the stream that a replica compacted before the hub could read
+// them: the hub moves past them, and a watcher that needed them is canceled with the
+// compacted revision (as etcd cancels a watcher that fell behind a compaction), never
+// left waiting for them and never silently served what came after.
+func TestHubSkipsACompactedGap(t *testing.T) {
+	f := newFixture(t, testConfig(), nil)
+	c := f.watchKey(0) // from revision 3
+	f.put("k", "1")    // revisions 3 and 4: only the replicas had them,
+	f.put("k", "2")
+	f.hist.mu.Lock()
+	f.hist.compact = 4 // and compacted them
+	f.hist.mu.Unlock()
+	f.publish(f.put("k", "3"))
+	if r := c.next(); !r.Canceled || r.CompactRevision != 4 {
+		t.Fatalf("the watcher behind the compacted gap got %+v, want a cancel at compaction 4", r)
+	}
+	f.waitHub(5)
+	live := f.watchKey(0)
+	f.publish(f.put("k", "4"))
+	if got := flat(live.revisions(6)); !slices.Equal(got, []int64{6}) {
+		t.Fatalf("a watch after the gap got revisions %v, want 6", got)
+	}
+	if got := testutil.ToFloat64(f.hub.m.skipped); got != 2 {
+		t.Errorf("%v revisions counted as skipped, want 2", got)
 	}
 }

@@ -119,6 +119,16 @@ func (ix *intervals) remove(w *watcher) {
 // len is the number of watchers indexed.
 func (ix *intervals) len() int { return ix.n }
 
+// each calls fn with every watcher in the index.
+func (ix *intervals) each(fn func(*watcher)) { each(ix.root, fn) }
+
+func each(n *ivNode, fn func(*watcher)) {
+	for ; n != nil; n = n.right {
+		each(n.left, fn)
+		fn(n.w)
+	}
+}
+
 // stab calls fn with every watcher whose range holds key.
 func (ix *intervals) stab(key []byte, fn func(*watcher)) { stab(ix.root, key, fn) }
 

@@ -117,6 +117,21 @@ func (s *wstream) enqueue(r *hrev) {
 	}
 }
 
+// behind tells the stream, under the hub's lock, that the hub moved past revisions
+// from on without queueing them: the stream catches up from history (see drain), as
+// after an overflow.
+func (s *wstream) behind(from int64) {
+	s.qmu.Lock()
+	defer s.qmu.Unlock()
+	if s.overflow == 0 || from < s.overflow {
+		s.overflow = from
+	}
+	select {
+	case s.notify <- struct{}{}:
+	default:
+	}
+}
+
 // Serve runs one client Watch stream: recv reads the client's requests, send writes
 // responses (only ever from one goroutine). sendRaw, when not nil, writes a response
 // already in wire form (see Codec: the gRPC face).
