@@ -365,8 +365,9 @@ func (s *Store) fail(err error) error {
 	return s.failed
 }
 
-// recycle removes segments whose entries are all truncated, keeping a few as spares.
-// Writers only, after the mark that truncated them is synced.
+// recycle removes segments whose entries are all truncated, keeping a few as spares,
+// once the mark that truncated them is synced. It runs outside wmu: the next Save does
+// not wait for its renames and directory sync.
 func (s *Store) recycle(dead []*segment) error {
 	if len(dead) == 0 {
 		return nil
@@ -636,6 +637,15 @@ func (s *Store) Truncate(index uint64, cs *pb.ConfState) error {
 	if err != nil {
 		return fmt.Errorf("raftlog: truncate at %d: %w", index, err)
 	}
+	gone, err := s.mark(index, term, cs)
+	if err != nil {
+		return err
+	}
+	return s.recycle(gone)
+}
+
+// mark writes the truncation at index and returns the segments it leaves with no entry.
+func (s *Store) mark(index, term uint64, cs *pb.ConfState) ([]*segment, error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	s.mu.Lock()
@@ -646,18 +656,18 @@ func (s *Store) Truncate(index uint64, cs *pb.ConfState) error {
 	}
 	s.mu.Unlock()
 	if index < first {
-		return nil
+		return nil, nil
 	}
 	meta := &pb.SnapshotMetadata{Index: proto.Uint64(index), Term: proto.Uint64(term), ConfState: cs}
 	b, err := appendMark(appendRecordHeader(s.buf[:0]), meta, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	s.buf = b
 	// Synced only when segments go: otherwise a lost mark leaves the entries it
 	// truncated in place, and the next synced write makes it durable anyway.
 	if _, err := s.write(b, recMark, dead > 0); err != nil {
-		return err
+		return nil, err
 	}
 	s.mu.Lock()
 	s.pos = append([]position(nil), s.pos[index+1-first:]...)
@@ -668,7 +678,7 @@ func (s *Store) Truncate(index uint64, cs *pb.ConfState) error {
 	gone := append([]*segment(nil), s.segs[:dead]...)
 	s.segs = s.segs[dead:]
 	s.mu.Unlock()
-	return s.recycle(gone)
+	return gone, nil
 }
 
 // ApplySnapshot makes the log start after a snapshot of the state machine: every entry
@@ -680,6 +690,15 @@ func (s *Store) ApplySnapshot(meta *pb.SnapshotMetadata) error {
 	if meta.ConfState == nil {
 		meta.ConfState = &pb.ConfState{}
 	}
+	gone, err := s.reset(meta)
+	if err != nil {
+		return err
+	}
+	return s.recycle(gone)
+}
+
+// reset writes the reset to meta and returns the segments before the one holding it.
+func (s *Store) reset(meta *pb.SnapshotMetadata) ([]*segment, error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
 	s.mu.Lock()
@@ -693,11 +712,11 @@ func (s *Store) ApplySnapshot(meta *pb.SnapshotMetadata) error {
 	}
 	b, err := appendMark(appendRecordHeader(s.buf[:0]), meta, hs)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	s.buf = b
 	if _, err := s.write(b, recReset, true); err != nil {
-		return err
+		return nil, err
 	}
 	s.mu.Lock()
 	s.snap = meta
@@ -708,7 +727,7 @@ func (s *Store) ApplySnapshot(meta *pb.SnapshotMetadata) error {
 	gone := append([]*segment(nil), s.segs[:len(s.segs)-1]...)
 	s.segs = s.segs[len(s.segs)-1:]
 	s.mu.Unlock()
-	return s.recycle(gone)
+	return gone, nil
 }
 
 // EnsureCommitted raises the stored commit index to index, an entry known to be
