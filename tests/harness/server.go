@@ -497,7 +497,18 @@ func launch(kind Kind, bin string, opts Options, tempDir func() (string, error))
 		if !s.logMentionsAddrInUse() {
 			break
 		}
-		// A port got taken in the meantime; try fresh ports.
+		// A port got taken in the meantime; try fresh ports, on a fresh data directory
+		// when it is the harness's own: what the failed start wrote names the old ports
+		// (a mesh keeps its other ports and its members' IDs there, which would then
+		// disagree with the new first replica's).
+		if opts.DataDir == "" {
+			if err := os.RemoveAll(s.dataDir); err != nil {
+				return s, err
+			}
+			if err := os.MkdirAll(s.dataDir, 0o700); err != nil {
+				return s, err
+			}
+		}
 	}
 	return s, lastErr
 }
