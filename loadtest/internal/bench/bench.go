@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/cheggaaa/pb/v3"
 	"github.com/kvmesh/kvmesh/api/gen/etcdserverpb"
 )
 
@@ -194,10 +195,15 @@ type requestFunc func(ctx context.Context, c *conn, i int64) error
 // the leases it will keep alive).
 type prepareFunc func(ctx context.Context, client int, c *conn) error
 
-// clientResult is what one client goroutine collected.
+// clientResult is what one client goroutine collected, on its own (no lock per
+// request): the latency of each successful request and when it completed (ends[i]
+// for lats[i]), when each failed one completed, and the failures by error. The
+// completion times, measured from the start of the run, make the timeline.
 type clientResult struct {
-	lats []time.Duration
-	errs map[errKey]int64
+	lats     []time.Duration
+	ends     []time.Duration
+	failEnds []time.Duration
+	errs     map[errKey]int64
 }
 
 // run dials the connections, then has cfg.Clients goroutines pull request
@@ -216,9 +222,8 @@ func run(ctx context.Context, cfg Config, op string, params map[string]any, prep
 	defer closeConns(conns)
 
 	var (
-		next     atomic.Int64 // next request number to hand out
-		finished atomic.Int64 // requests completed, for the progress bar
-		stop     atomic.Bool
+		next atomic.Int64 // next request number to hand out
+		stop atomic.Bool
 	)
 	reqCtx := context.WithoutCancel(ctx)
 	results := make([]clientResult, cfg.Clients)
@@ -232,9 +237,9 @@ func run(ctx context.Context, cfg Config, op string, params map[string]any, prep
 		}
 	}
 
-	var prog *progress
+	var bar *pb.ProgressBar
 	if cfg.Progress != nil {
-		prog = startProgress(cfg.Progress, cfg.Total, cfg.Duration, &finished)
+		bar = startProgress(cfg.Progress, cfg.Total, cfg.Duration)
 	}
 	start := time.Now()
 	var timer *time.Timer
@@ -254,7 +259,9 @@ func run(ctx context.Context, cfg Config, op string, params map[string]any, prep
 			res.errs = map[errKey]int64{}
 			if cfg.Total > 0 {
 				// Preallocate (bounded) so appends stay off the hot path.
-				res.lats = make([]time.Duration, 0, min(cfg.Total/int64(cfg.Clients)+1, 1<<18))
+				n := min(cfg.Total/int64(cfg.Clients)+1, 1<<18)
+				res.lats = make([]time.Duration, 0, n)
+				res.ends = make([]time.Duration, 0, n)
 			}
 			for !stop.Load() {
 				i := next.Add(1) - 1
@@ -266,12 +273,17 @@ func run(ctx context.Context, cfg Config, op string, params map[string]any, prep
 				err := send(rctx, cn, i)
 				d := time.Since(t0)
 				cancel()
+				end := t0.Sub(start) + d
 				if err != nil {
 					res.errs[classify(err)]++
+					res.failEnds = append(res.failEnds, end)
 				} else {
 					res.lats = append(res.lats, d)
+					res.ends = append(res.ends, end)
 				}
-				finished.Add(1)
+				if bar != nil {
+					bar.Increment()
+				}
 			}
 		}()
 	}
@@ -281,23 +293,32 @@ func run(ctx context.Context, cfg Config, op string, params map[string]any, prep
 		timer.Stop()
 	}
 	wasInterrupted := !interrupted() // AfterFunc already ran => ctx was cancelled
-	if prog != nil {
-		prog.finish()
+	if bar != nil {
+		bar.Finish()
 	}
 
-	var n int
+	var n, nf int
 	for _, r := range results {
 		n += len(r.lats)
+		nf += len(r.failEnds)
 	}
 	lats := make([]time.Duration, 0, n)
+	ends := make([]time.Duration, 0, n)
+	failEnds := make([]time.Duration, 0, nf)
 	errs := map[errKey]int64{}
 	for _, r := range results {
 		lats = append(lats, r.lats...)
+		ends = append(ends, r.ends...)
+		failEnds = append(failEnds, r.failEnds...)
 		for k, v := range r.errs {
 			errs[k] += v
 		}
 	}
+	// The timeline first: newReport sorts lats, which ends no longer match then.
+	iv, timeline := newTimeline(lats, ends, failEnds, elapsed)
 	rep := newReport(lats, errs, elapsed)
+	rep.TimelineInterval = iv.Seconds()
+	rep.Timeline = timeline
 	rep.Target = cfg.TargetName
 	rep.Op = op
 	rep.Params = params

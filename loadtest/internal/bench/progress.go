@@ -1,84 +1,36 @@
 package bench
 
 import (
-	"fmt"
 	"io"
-	"strings"
-	"sync/atomic"
 	"time"
+
+	"github.com/cheggaaa/pb/v3"
 )
 
-// progress draws a one-line progress bar, redrawn in place with '\r'. It is
-// only meant for a terminal; the caller decides whether to enable it.
-type progress struct {
-	w        io.Writer
-	total    int64         // 0 if unbounded
-	duration time.Duration // 0 if unbounded
-	start    time.Time
-	done     *atomic.Int64
-	stop     chan struct{}
-	stopped  chan struct{}
-}
+// Progress bar templates (github.com/cheggaaa/pb/v3). With a request count the bar
+// fills with the completed requests; with --duration alone the count is unbounded,
+// so the bar shows the count, the rate and the time against the duration.
+const (
+	progressCounted   = `{{counters . }} {{bar . }} {{percent . }} {{speed . "%s req/s"}} {{etime . }}{{with string . "limit"}} / {{.}}{{end}}`
+	progressUncounted = `{{counters . }} requests {{speed . "%s req/s"}} {{etime . }} / {{string . "limit"}}`
+)
 
-func startProgress(w io.Writer, total int64, duration time.Duration, done *atomic.Int64) *progress {
-	p := &progress{
-		w: w, total: total, duration: duration, start: time.Now(), done: done,
-		stop: make(chan struct{}), stopped: make(chan struct{}),
-	}
-	go p.loop()
-	return p
-}
-
-func (p *progress) loop() {
-	defer close(p.stopped)
-	t := time.NewTicker(200 * time.Millisecond)
-	defer t.Stop()
-	for {
-		select {
-		case <-t.C:
-			p.draw()
-		case <-p.stop:
-			p.draw()
-			fmt.Fprintln(p.w)
-			return
-		}
-	}
-}
-
-func (p *progress) finish() {
-	close(p.stop)
-	<-p.stopped
-}
-
-const barWidth = 40
-
-func (p *progress) draw() {
-	n := p.done.Load()
-	elapsed := time.Since(p.start)
-	frac := -1.0
-	if p.total > 0 {
-		frac = float64(n) / float64(p.total)
-	}
-	if p.duration > 0 {
-		// With both limits, whichever is closer to completion wins.
-		frac = max(frac, elapsed.Seconds()/p.duration.Seconds())
-	}
-	var count string
-	if p.total > 0 {
-		count = fmt.Sprintf("%d / %d", n, p.total)
+// startProgress draws a progress bar on w, redrawn in place. It is only meant for
+// a terminal; the caller decides whether to enable it. The run counts completed
+// requests with Increment (an atomic add, no lock) and calls Finish at the end.
+func startProgress(w io.Writer, total int64, duration time.Duration) *pb.ProgressBar {
+	bar := pb.New64(total)
+	if total > 0 {
+		bar.SetTemplateString(progressCounted)
 	} else {
-		count = fmt.Sprintf("%d", n)
+		bar.SetTemplateString(progressUncounted)
 	}
-	rate := 0.0
-	if s := elapsed.Seconds(); s > 0 {
-		rate = float64(n) / s
+	if duration > 0 {
+		bar.Set("limit", duration.String())
 	}
-	var bar string
-	if frac >= 0 {
-		frac = min(frac, 1)
-		filled := int(frac * barWidth)
-		bar = "[" + strings.Repeat("=", filled) + strings.Repeat(" ", barWidth-filled) + "]" +
-			fmt.Sprintf(" %6.2f%%", frac*100)
-	}
-	fmt.Fprintf(p.w, "\r%s %s %s %.0f req/s   ", count, bar, elapsed.Truncate(time.Second), rate)
+	bar.SetWriter(w)
+	bar.Set(pb.Terminal, true)
+	bar.SetMaxWidth(100)
+	bar.SetRefreshRate(200 * time.Millisecond)
+	return bar.Start()
 }

@@ -73,6 +73,11 @@ type Report struct {
 	Histogram      []Bucket     `json:"histogram"`
 	Errors         []ErrorCount `json:"errors"`
 
+	// TimelineInterval is the length of the timeline's intervals, seconds (see
+	// TimelineInterval); Timeline has one point per interval, in order.
+	TimelineInterval float64         `json:"timeline_interval_seconds"`
+	Timeline         []TimelinePoint `json:"timeline"`
+
 	// Sorted latencies of successful requests.
 	lats []time.Duration
 }
@@ -87,6 +92,7 @@ func newReport(lats []time.Duration, errs map[errKey]int64, total time.Duration)
 		TotalSeconds: total.Seconds(),
 		Histogram:    []Bucket{},
 		Errors:       []ErrorCount{},
+		Timeline:     []TimelinePoint{},
 		lats:         lats,
 	}
 	for k, n := range errs {
