@@ -5,8 +5,13 @@
 # Workloads alternate between the two servers, ROUNDS times, and the report gives the
 # median of each and the kvmesh/etcd ratio.
 #
-#   BENCH_CLUSTER=3 scripts/bench.sh …  runs a 3-member etcd cluster against 3 kvmesh
-#                                        replicas behind one gateway instead
+#   BENCH_CLUSTER=3 scripts/bench.sh …  runs a 3-member etcd cluster against the mesh
+#                                        of docker-compose.yml instead: 3 replicas, a
+#                                        NATS server, the fanout and 2 gateways, each a
+#                                        process; the clients are spread over both
+#                                        gateways (over the 3 members for etcd) and the
+#                                        CPU is that of every process
+#   BENCH_GATEWAYS=1                     the mesh with one gateway
 #   BENCH_RULER=benchmark scripts/bench.sh …
 #                                        measures with etcd's own benchmark tool
 #                                        (tools/etcd-benchmark, the same arguments)
@@ -45,6 +50,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 members=${BENCH_CLUSTER:-1}
 etcd_pids=() kvmesh_pids=() etcd_eps=() etcd_cluster="" kv_cluster="" kv_urls=""
 declare -a ecp eip kip
+declare -A role # process id → what it is (etcd, kvmesh, replica, gateway, fanout, nats)
 for i in $(seq 0 $((members - 1))); do
 	ecp[i]=$(free_port) eip[i]=$(free_port) kip[i]=$(free_port)
 	etcd_cluster+="${etcd_cluster:+,}e$i=http://127.0.0.1:${eip[i]}"
@@ -57,7 +63,7 @@ for i in $(seq 0 $((members - 1))); do
 		--listen-client-urls "http://127.0.0.1:${ecp[i]}" --advertise-client-urls "http://127.0.0.1:${ecp[i]}" \
 		--listen-peer-urls "http://127.0.0.1:${eip[i]}" --initial-advertise-peer-urls "http://127.0.0.1:${eip[i]}" \
 		--initial-cluster "$etcd_cluster" >"$dir/etcd$i.log" 2>&1 &
-	etcd_pids+=($!)
+	etcd_pids+=($!) role[$!]=etcd
 	pids+=($!)
 done
 ep=$(IFS=,; echo "${etcd_eps[*]}")
@@ -65,33 +71,53 @@ kp=$(free_port)
 if ((members == 1)); then
 	KVMESH_REPLICA_DATA_DIR="$dir/kvmesh" KVMESH_GATEWAY_LISTEN="127.0.0.1:$kp" KVMESH_REPLICA_LISTEN="127.0.0.1:${kip[0]}" \
 		KVMESH_REPLICA_PEER_URLS="http://127.0.0.1:${kip[0]}" KVMESH_LOG_LEVEL=warn .bin/kvmesh >"$dir/kvmesh.log" 2>&1 &
-	kvmesh_pids+=($!)
+	kvmesh_pids+=($!) role[$!]=kvmesh
 	pids+=($!)
+	kv_eps=127.0.0.1:$kp
+	kv_ports=("$kp")
 else
 	go build -o .bin/kvmesh-replica ./services/replica/cmd/kvmesh-replica
 	go build -o .bin/kvmesh-gateway ./services/gateway/cmd/kvmesh-gateway
+	go build -o .bin/kvmesh-fanout ./services/fanout/cmd/kvmesh-fanout
+	(cd libs && go build -o ../.bin/nats-server github.com/nats-io/nats-server/v2)
+	np=$(free_port)
+	mkdir -p "$dir/nats"
+	printf 'host: 127.0.0.1\nport: %s\nmax_payload: 8MB\njetstream { store_dir: "%s" }\n' "$np" "$dir/nats" >"$dir/nats.conf"
+	.bin/nats-server -c "$dir/nats.conf" >"$dir/nats.log" 2>&1 &
+	kvmesh_pids+=($!) role[$!]=nats
+	pids+=($!)
+	for _ in $(seq 100); do (echo >"/dev/tcp/127.0.0.1/$np") 2>/dev/null && break; sleep 0.1; done
 	for i in $(seq 0 $((members - 1))); do
 		KVMESH_REPLICA_NAME="k$i" KVMESH_REPLICA_DATA_DIR="$dir/kvmesh$i" KVMESH_REPLICA_LISTEN="127.0.0.1:${kip[i]}" \
 			KVMESH_REPLICA_PEER_URLS="http://127.0.0.1:${kip[i]}" KVMESH_REPLICA_INITIAL_CLUSTER="$kv_cluster" \
 			KVMESH_LOG_LEVEL=warn .bin/kvmesh-replica >"$dir/kvmesh$i.log" 2>&1 &
-		kvmesh_pids+=($!)
+		kvmesh_pids+=($!) role[$!]=replica
 		pids+=($!)
 	done
-	KVMESH_GATEWAY_LISTEN="127.0.0.1:$kp" KVMESH_GATEWAY_REPLICAS="$kv_urls" KVMESH_LOG_LEVEL=warn \
-		.bin/kvmesh-gateway >"$dir/gateway.log" 2>&1 &
-	kvmesh_pids+=($!)
+	KVMESH_FANOUT_LISTEN="127.0.0.1:$(free_port)" KVMESH_FANOUT_REPLICAS="$kv_urls" KVMESH_NATS_URL="nats://127.0.0.1:$np" \
+		KVMESH_LOG_LEVEL=warn .bin/kvmesh-fanout >"$dir/fanout.log" 2>&1 &
+	kvmesh_pids+=($!) role[$!]=fanout
 	pids+=($!)
+	kv_ports=("$kp")
+	for _ in $(seq 2 "${BENCH_GATEWAYS:-2}"); do kv_ports+=("$(free_port)"); done
+	kv_eps=""
+	for i in "${!kv_ports[@]}"; do
+		KVMESH_GATEWAY_LISTEN="127.0.0.1:${kv_ports[i]}" KVMESH_GATEWAY_REPLICAS="$kv_urls" KVMESH_NATS_URL="nats://127.0.0.1:$np" \
+			KVMESH_LOG_LEVEL=warn .bin/kvmesh-gateway >"$dir/gateway$i.log" 2>&1 &
+		kvmesh_pids+=($!) role[$!]=gateway
+		pids+=($!)
+		kv_eps+="${kv_eps:+,}127.0.0.1:${kv_ports[i]}"
+	done
 fi
-for port in "${ecp[0]}" "$kp"; do
+for port in "${ecp[0]}" "${kv_ports[@]}"; do
 	for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
 	curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "server on $port did not start" >&2; exit 1; }
 done
 
-# CPU time (user+system, clock ticks) the processes have used so far.
+# CPU time (user+system, clock ticks) each process has used so far: "pid ticks" lines.
 cpu_ticks() {
-	local sum=0 p
-	for p in "$@"; do sum=$((sum + $(awk '{print $14+$15}' "/proc/$p/stat"))); done
-	echo "$sum"
+	local p
+	for p in "$@"; do echo "$p $(awk '{print $14+$15}' "/proc/$p/stat")"; done
 }
 # The range workloads read the key "foo", present on both.
 curl -sf -H 'Content-Type: application/json' -d '{"key":"Zm9v","value":"YmFy"}' "http://${etcd_eps[0]}/v3/kv/put" >/dev/null
@@ -108,7 +134,9 @@ workloads=(
 	"mixed: get 50%, put 25%, CAS 15%, delete 10%, 8 conns / 8 clients|--conns=8 --clients=8 mixed --key-space-size=1000 --total=20000"
 )
 results="$dir/results.tsv"
+cpu_by_role="$dir/cpu-by-role.tsv" # round, workload, target, role, CPU µs per request
 : >"$results"
+: >"$cpu_by_role"
 for round in $(seq "$rounds"); do
 	for w in "${workloads[@]}"; do
 		name=${w%%|*}
@@ -117,7 +145,7 @@ for round in $(seq "$rounds"); do
 		[[ $ruler == loadtest || $name == put* || $name == range* ]] || continue
 		for target in etcd kvmesh; do
 			endpoints=$ep procs=("${etcd_pids[@]}")
-			[[ $target == kvmesh ]] && endpoints="127.0.0.1:$kp" procs=("${kvmesh_pids[@]}")
+			[[ $target == kvmesh ]] && endpoints=$kv_eps procs=("${kvmesh_pids[@]}")
 			before=$(cpu_ticks "${procs[@]}")
 			if [[ $ruler == loadtest ]]; then
 				# shellcheck disable=SC2086
@@ -140,19 +168,28 @@ print(json.dumps({"requests_per_sec": rps, "succeeded": round(rps * total), "fai
     "latency_seconds": {"average": int(clients.group(1)) / rps if clients and rps else num(r"Average:\s+([0-9.]+)"), "p99": num(r"99% in ([0-9.]+)")}}))')
 			fi
 			after=$(cpu_ticks "${procs[@]}")
-			python3 - "$round" "$name" "$target" "$json" "$((after - before))" "$(getconf CLK_TCK)" >>"$results" <<'PY'
+			roles=$(for p in "${procs[@]}"; do echo "$p ${role[$p]}"; done)
+			python3 - "$round" "$name" "$target" "$json" "$before" "$after" "$roles" "$(getconf CLK_TCK)" "$cpu_by_role" >>"$results" <<'PY'
 import json, sys
 r = json.loads(sys.argv[4])
 l = r["latency_seconds"]
-cpu_us = int(sys.argv[5]) / int(sys.argv[6]) * 1e6 / max(r["succeeded"], 1)
-print("\t".join([sys.argv[1], sys.argv[2], sys.argv[3], str(r["requests_per_sec"]), str(l["average"]), str(l["p99"]), str(r["failed"]), str(cpu_us)]))
+ticks = lambda s: dict(line.split() for line in s.splitlines())
+before, after, roles = ticks(sys.argv[5]), ticks(sys.argv[6]), ticks(sys.argv[7])
+per_req = lambda t: t / int(sys.argv[8]) * 1e6 / max(r["succeeded"], 1)
+by_role = {}
+for p in after:
+    by_role[roles[p]] = by_role.get(roles[p], 0) + int(after[p]) - int(before[p])
+with open(sys.argv[9], "a") as f:
+    for role, t in sorted(by_role.items()):
+        f.write("\t".join([sys.argv[1], sys.argv[2], sys.argv[3], role, str(per_req(t))]) + "\n")
+print("\t".join([sys.argv[1], sys.argv[2], sys.argv[3], str(r["requests_per_sec"]), str(l["average"]), str(l["p99"]), str(r["failed"]), str(per_req(sum(by_role.values())))]))
 PY
 			echo "round $round: $name: $target done" >&2
 		done
 	done
 done
 
-python3 - "$results" "$rounds" "$ruler" <<'PY'
+python3 - "$results" "$rounds" "$ruler" "$cpu_by_role" <<'PY'
 import statistics, sys
 from collections import defaultdict
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
@@ -172,4 +209,14 @@ for n in names:
     e, k = m(qps[n, "etcd"]), m(qps[n, "kvmesh"])
     ea, ka = m(avg[n, "etcd"]), m(avg[n, "kvmesh"])
     print(f"| {n} | {e:,.0f} | {k:,.0f} | **{k/e:.2f}×** | {ea*1000:.2f} ms | {ka*1000:.2f} ms | **{ka/ea:.2f}×** | {m(p99[n,'etcd'])*1000:.1f} ms | {m(p99[n,'kvmesh'])*1000:.1f} ms | {m(cpu[n,'etcd']):.0f} µs | {m(cpu[n,'kvmesh']):.0f} µs | **{m(cpu[n,'kvmesh'])/m(cpu[n,'etcd']):.2f}×** | {failed[n,'etcd']}/{failed[n,'kvmesh']} |")
+roles = defaultdict(list)
+for _, name, target, role, us in (l.rstrip("\n").split("\t") for l in open(sys.argv[4])):
+    roles[name, target, role].append(float(us))
+rs = sorted({r for _, t, r in roles if t == "kvmesh"})
+if len(rs) > 1:
+    print("\nServer CPU per request by process kind (medians, µs; all processes of a kind together):\n")
+    print("| workload | etcd | " + " | ".join("kvmesh " + r for r in rs) + " |")
+    print("|---|---|" + "---|" * len(rs))
+    for n in names:
+        print(f"| {n} | {m(roles[n, 'etcd', 'etcd']):.0f} | " + " | ".join(f"{m(roles[n, 'kvmesh', r]):.0f}" if roles[n, 'kvmesh', r] else "" for r in rs) + " |")
 PY

@@ -344,7 +344,10 @@ func (p *publisher) publish(ctx context.Context, m *replicav1.FeedResponse) erro
 			f.m.tooLarge.Inc()
 		}
 		span := f.publishSpan(ctx, msg, r)
-		fut, err := f.js.PublishMsgAsync(msg, jetstream.WithExpectLastSequence(p.seq), jetstream.WithMsgID(f.stream.Stream+"-"+fmt.Sprint(r.GetRevision())))
+		// The expected last sequence makes each revision land once, at its place (a
+		// second publisher, or a retry, is refused): no message ids for JetStream to
+		// deduplicate on, which would cost it a record per revision.
+		fut, err := f.js.PublishMsgAsync(msg, jetstream.WithExpectLastSequence(p.seq))
 		if err != nil {
 			span.SetStatus(codes.Error, err.Error())
 			span.End()

@@ -52,6 +52,10 @@ type Config struct {
 	// WatchStreamQueue is how many revisions wait for one slow client stream before it
 	// is caught up from history instead.
 	WatchStreamQueue int `env:"WATCH_STREAM_QUEUE, default=1024"`
+	// WatchIdleAfter is how long a gateway of the mesh goes on following the revision
+	// stream once no watch stream is open; then it stops until one opens, and costs
+	// nothing per revision (0: always follow). The all-in-one always follows.
+	WatchIdleAfter time.Duration `env:"WATCH_IDLE_AFTER, default=30s"`
 
 	// Namespace prefixes every key of every request (etcd's grpc-proxy --namespace):
 	// clients of this gateway see only the keys under it, without the prefix. A user's
@@ -92,6 +96,9 @@ func (c *Config) Validate() error {
 	}
 	if c.WatchRingBytes < 1<<20 {
 		return errors.New("KVMESH_GATEWAY_WATCH_RING_BYTES: must be at least 1 MiB")
+	}
+	if c.WatchIdleAfter < 0 {
+		return errors.New("KVMESH_GATEWAY_WATCH_IDLE_AFTER: must not be negative")
 	}
 	if c.WatchStreamQueue < 1 {
 		return errors.New("KVMESH_GATEWAY_WATCH_STREAM_QUEUE: must be positive")
@@ -194,6 +201,7 @@ func (g *Gateway) EnableWatch(src watch.Source) error {
 		StreamQueue:            g.cfg.WatchStreamQueue,
 		ProgressNotifyInterval: g.cfg.WatchProgressNotifyInterval,
 		FragmentBytes:          g.cfg.MaxRequestBytes + grpcOverheadBytes,
+		IdleAfter:              g.cfg.WatchIdleAfter,
 	}, src, watch.Deps{
 		Replicas:   watchReplicas{view: g.view},
 		Authorizer: watchAuthorizer{g},

@@ -32,6 +32,11 @@ type Config struct {
 	// FragmentBytes is the response size above which a watch that asked for fragments
 	// gets its events in pieces (etcd: the request limit plus gRPC's allowance).
 	FragmentBytes int
+	// IdleAfter is how long the hub goes on following its source once no client
+	// stream is open; then it stops until one opens (0: it always follows). Only a
+	// source that keeps history for it can idle (JetStream; not a replica's feed,
+	// which also carries the state watch creations are decided on).
+	IdleAfter time.Duration
 }
 
 // Validate checks the configuration.
@@ -47,6 +52,8 @@ func (c Config) Validate() error {
 		return errors.New("watch: the progress interval must not be negative")
 	case c.FragmentBytes <= 0:
 		return errors.New("watch: the fragment size must be positive")
+	case c.IdleAfter < 0:
+		return errors.New("watch: the idle time must not be negative")
 	}
 	return nil
 }

@@ -121,13 +121,22 @@ type Hub struct {
 	keys       map[string][]streamRef // the streams with watchers of a key, and how many
 	ranges     intervals              // the range watchers, by range
 	changed    notify.Notifier        // at every revision
-	ready      chan struct{}          // closed once rev is known
+	ready      chan struct{}          // closed once rev is known (a new one when the hub idles)
 	stateReady chan struct{}          // closed once the source's state has been read (see applyState)
 	stateOnce  sync.Once
 
 	lastMove atomic.Int64 // unix nanos of the last revision handed out
 
+	// Following the source only while someone watches (Config.IdleAfter): open counts
+	// the client streams being served, closedAt is when the last one ended, idle tells
+	// that the hub stopped following (its revision forgotten), demand wakes it (mu).
+	open     int
+	closedAt time.Time
+	idle     bool
+	demand   chan struct{}
+
 	m struct {
+		following prometheus.Gauge
 		revisions prometheus.Counter
 		repaired  prometheus.Counter
 		skipped   prometheus.Counter
@@ -153,7 +162,9 @@ func New(cfg Config, src Source, deps Deps, tel *telemetry.Telemetry) (*Hub, err
 		keys:       make(map[string][]streamRef),
 		ready:      make(chan struct{}),
 		stateReady: make(chan struct{}),
+		demand:     make(chan struct{}, 1),
 	}
+	h.m.following = prometheus.NewGauge(prometheus.GaugeOpts{Name: "kvmesh_gateway_watch_following", Help: "1 while the gateway follows the revision stream, 0 while it idles because nobody watches (KVMESH_GATEWAY_WATCH_IDLE_AFTER)."})
 	h.m.revisions = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_revisions_total", Help: "Revisions the gateway received from the stream (or repaired) and fanned out."})
 	h.m.repaired = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_repaired_revisions_total", Help: "Revisions missing from the stream that the gateway read from a replica instead."})
 	h.m.skipped = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_skipped_revisions_total", Help: "Revisions a replica had compacted before the stream brought them to the gateway (their watchers were canceled as compacted)."})
@@ -161,7 +172,7 @@ func New(cfg Config, src Source, deps Deps, tel *telemetry.Telemetry) (*Hub, err
 	h.m.events = prometheus.NewCounter(prometheus.CounterOpts{Name: "kvmesh_gateway_watch_events_sent_total", Help: "Events sent to watchers."})
 	h.m.watchers = prometheus.NewGauge(prometheus.GaugeOpts{Name: "etcd_debugging_mvcc_watcher_total", Help: "Total number of watchers."})
 	h.m.streams = prometheus.NewGauge(prometheus.GaugeOpts{Name: "etcd_debugging_mvcc_watch_stream_total", Help: "Total number of watch streams."})
-	tel.Registry.MustRegister(h.m.revisions, h.m.repaired, h.m.skipped, h.m.overflows, h.m.events, h.m.watchers, h.m.streams,
+	tel.Registry.MustRegister(h.m.following, h.m.revisions, h.m.repaired, h.m.skipped, h.m.overflows, h.m.events, h.m.watchers, h.m.streams,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "kvmesh_gateway_watch_revision", Help: "The last revision fanned out to watchers."},
 			func() float64 { return float64(h.current()) }))
 	return h, nil
@@ -175,19 +186,28 @@ func (h *Hub) current() int64 {
 }
 
 // Run consumes the source until ctx ends, starting over (from where it is) after any
-// failure.
+// failure. With Config.IdleAfter, and a source that can, it stops consuming once no
+// client stream has been open for that long, and starts again (at the source's newest
+// revision) when one opens: a gateway nobody watches through costs nothing per
+// revision.
 func (h *Hub) Run(ctx context.Context) error {
 	ctx = telemetry.Untraced(ctx)
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { h.watchdog(ctx) })
 	wg.Go(func() { h.src.followState(ctx, h) })
+	h.mu.Lock()
+	h.closedAt = time.Now() // a gateway just started may soon be watched through (restarted clients)
+	h.mu.Unlock()
 	for ctx.Err() == nil {
-		err := h.src.consume(ctx, h)
+		if !h.awaitDemand(ctx) {
+			return nil
+		}
+		err := h.consumeUntilIdle(ctx)
 		if ctx.Err() != nil {
 			return nil
 		}
-		if err == nil {
+		if err == nil || h.isIdle() {
 			continue
 		}
 		h.log.Warn("revision source stopped; restarting", "err", err)
@@ -197,6 +217,100 @@ func (h *Hub) Run(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// consumeUntilIdle consumes the source until ctx ends, it fails, or the hub goes idle.
+func (h *Hub) consumeUntilIdle(ctx context.Context) error {
+	if h.cfg.IdleAfter <= 0 || !h.src.canIdle() {
+		return h.src.consume(ctx, h)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		t := time.NewTicker(max(h.cfg.IdleAfter/4, 10*time.Millisecond))
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			if h.goIdle() {
+				cancel()
+				return
+			}
+		}
+	}()
+	return h.src.consume(ctx, h)
+}
+
+// goIdle stops the hub following when no stream has been open for IdleAfter: it
+// forgets its revision and memory (nobody holds a position in them), so that the next
+// stream starts it again where the source then is.
+func (h *Hub) goIdle() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.idle || h.open > 0 || time.Since(h.closedAt) < h.cfg.IdleAfter {
+		return false
+	}
+	h.idle = true
+	if h.rev != 0 {
+		h.rev = 0
+		clear(h.ring)
+		h.ring, h.ringSize = h.ring[:0], 0
+		h.ready = make(chan struct{})
+	}
+	h.m.following.Set(0)
+	h.log.Info("no watch streams: the gateway stops following the revision stream until one opens", "idle_after", h.cfg.IdleAfter)
+	return true
+}
+
+// isIdle tells whether the hub stopped following.
+func (h *Hub) isIdle() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.idle
+}
+
+// awaitDemand returns at once when the hub follows; an idle hub waits for a stream to
+// open. False when ctx ended.
+func (h *Hub) awaitDemand(ctx context.Context) bool {
+	for {
+		h.mu.Lock()
+		if !h.idle || h.open > 0 {
+			h.idle = false
+			h.m.following.Set(1)
+			h.mu.Unlock()
+			return true
+		}
+		h.mu.Unlock()
+		select {
+		case <-h.demand:
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
+// opened counts a client stream in (and wakes an idle hub); the returned function
+// counts it out.
+func (h *Hub) opened() (closed func()) {
+	h.mu.Lock()
+	h.open++
+	if h.idle {
+		select {
+		case h.demand <- struct{}{}:
+		default:
+		}
+	}
+	h.mu.Unlock()
+	return func() {
+		h.mu.Lock()
+		if h.open--; h.open == 0 {
+			h.closedAt = time.Now()
+		}
+		h.mu.Unlock()
+	}
 }
 
 // applyState takes what the source's state tells (nil: all it held has been told).
@@ -221,7 +335,7 @@ func (h *Hub) Compacted(rev int64) {
 func (h *Hub) start(rev int64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if h.rev == 0 {
+	if h.rev == 0 && !h.idle {
 		h.rev = rev
 		h.lastMove.Store(time.Now().UnixNano())
 		close(h.ready)
@@ -249,6 +363,9 @@ func (h *Hub) ingestTraced(ctx context.Context, r *replicav1.Revision, headers n
 // ingest hands r to the streams, first repairing any revisions missing before it.
 func (h *Hub) ingest(ctx context.Context, r *replicav1.Revision) error {
 	cur := h.current()
+	if cur == 0 {
+		return nil // not started, or gone idle: nothing to hand out to
+	}
 	if r.GetRevision() <= cur {
 		return nil // already handed out (a replay, or repaired from a replica)
 	}
@@ -323,7 +440,7 @@ func (h *Hub) skipTo(rev int64) {
 func (h *Hub) publish(r *hrev) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if r.GetRevision() != h.rev+1 {
+	if h.rev == 0 || r.GetRevision() != h.rev+1 {
 		return
 	}
 	h.rev = r.GetRevision()
@@ -454,7 +571,7 @@ func (h *Hub) watchdog(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if time.Since(time.Unix(0, h.lastMove.Load())) < staleAfter {
+		if time.Since(time.Unix(0, h.lastMove.Load())) < staleAfter || h.isIdle() {
 			continue
 		}
 		pos, err := h.replicas.Position(ctx)
@@ -500,7 +617,10 @@ func (h *Hub) reach(ctx context.Context, rev int64, limit time.Duration) {
 
 // waitReady waits until the hub knows where the history is, and the stream's state.
 func (h *Hub) waitReady(ctx context.Context) error {
-	for _, c := range []chan struct{}{h.ready, h.stateReady} {
+	h.mu.Lock()
+	ready := h.ready
+	h.mu.Unlock()
+	for _, c := range []chan struct{}{ready, h.stateReady} {
 		select {
 		case <-c:
 		case <-ctx.Done():

@@ -739,3 +739,78 @@ func TestHubSkipsACompactedGap(t *testing.T) {
 		t.Errorf("%v revisions counted as skipped, want 2", got)
 	}
 }
+
+// waitFollowing waits until the hub follows the stream (1) or idles (0).
+func (f *fixture) waitFollowing(want float64) {
+	f.t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for testutil.ToFloat64(f.hub.m.following) != want {
+		if time.Now().After(deadline) {
+			f.t.Fatalf("kvmesh_gateway_watch_following is not %v after 10 s", want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// A hub nobody watches through stops following the stream after IdleAfter, and costs
+// nothing per revision while idle; the next stream starts it again at the stream's
+// newest revision, a watch from a revision published while it idled catches up from
+// the stream with no gap, and a watch from now sees only what follows.
+func TestHubIdlesWithoutStreams(t *testing.T) {
+	cfg := testConfig()
+	cfg.IdleAfter = 300 * time.Millisecond
+	f := newFixture(t, cfg, nil)
+	f.waitFollowing(0)
+	if cur := f.hub.current(); cur != 0 {
+		t.Fatalf("an idle hub keeps revision %d", cur)
+	}
+	handed := testutil.ToFloat64(f.hub.m.revisions)
+	f.publishPuts(10) // revisions 3..12, while idle
+	time.Sleep(200 * time.Millisecond)
+	if got := testutil.ToFloat64(f.hub.m.revisions); got != handed {
+		t.Fatalf("an idle hub handed out %v revisions", got-handed)
+	}
+
+	past := f.watchKey(5) // published while the hub idled
+	f.waitFollowing(1)
+	now := f.watchKey(0)
+	f.publishPuts(2) // 13, 14
+	if got := flat(past.revisions(14)); !slices.Equal(got, span(5, 14)) {
+		t.Fatalf("a watch from revision 5 after idling: %v, want 5..14", got)
+	}
+	if got := flat(now.revisions(14)); !slices.Equal(got, span(13, 14)) {
+		t.Fatalf("a watch from now after idling: %v, want 13..14", got)
+	}
+	if f.feedReads() != 0 {
+		t.Fatal("the catch-up after idling read a replica, not the stream")
+	}
+
+	// Both streams end: the hub idles again, and follows again for the next one.
+	past.cancel()
+	now.cancel()
+	<-past.done
+	<-now.done
+	past.done <- nil // for the cleanups
+	now.done <- nil
+	f.waitFollowing(0)
+	f.publishPuts(1) // 15
+	again := f.watchKey(14)
+	f.publishPuts(1) // 16
+	if got := flat(again.revisions(16)); !slices.Equal(got, span(14, 16)) {
+		t.Fatalf("a watch after the second idle: %v, want 14..16", got)
+	}
+}
+
+// A hub whose source cannot idle (a replica's feed: it carries the state watch
+// creations are decided on) follows it with no stream open.
+func TestReplicaFeedHubNeverIdles(t *testing.T) {
+	cfg := testConfig()
+	cfg.IdleAfter = 50 * time.Millisecond
+	f := newFeedFixture(t, cfg, nil)
+	time.Sleep(300 * time.Millisecond)
+	f.publishPuts(3)
+	f.waitHub(5)
+	if got := testutil.ToFloat64(f.hub.m.following); got != 1 {
+		t.Fatalf("kvmesh_gateway_watch_following = %v with a feed source", got)
+	}
+}

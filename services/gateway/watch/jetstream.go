@@ -35,6 +35,7 @@ type jetStream struct {
 
 	offset   atomic.Int64 // stream sequence = revision - offset
 	offsetOK atomic.Bool
+	seeded   atomic.Bool // the ring was seeded once (at the gateway's start, not after idling)
 }
 
 // consume reads the stream from just after the hub's revision.
@@ -69,7 +70,7 @@ func (s *jetStream) consume(ctx context.Context, h *Hub) error {
 				return err
 			}
 			start = pos.GetHeader().GetRevision()
-		} else {
+		} else if !s.seeded.Swap(true) {
 			s.seedRing(ctx, h, tail)
 		}
 		h.start(start)
@@ -187,6 +188,9 @@ func (s *jetStream) seedRing(ctx context.Context, h *Hub, tail revstream.Tail) {
 	h.log.Info("seeded the watch history from the stream", "from", ring[0].GetRevision(), "to", tail.Rev)
 }
 
+// canIdle: the state bucket is followed on its own, and the stream keeps history.
+func (s *jetStream) canIdle() bool { return true }
+
 // followState follows the stream's state bucket (libs/revstream): the compacted
 // revision and the auth store's revision, which make no revision of their own. With
 // them, and the revisions, the gateway decides every watch creation alone.
@@ -238,7 +242,10 @@ func (s *jetStream) read(ctx context.Context, h *Hub, from, to int64, fn func(*h
 	defer it.Stop()
 	var n int64
 	for next := from; next <= to; {
-		msg, err := it.Next(jetstream.NextContext(ctx), jetstream.NextMaxWait(2*time.Second))
+		// (NextMaxWait cannot go with NextContext: the wait is the context's.)
+		nctx, ncancel := context.WithTimeout(ctx, 2*time.Second)
+		msg, err := it.Next(jetstream.NextContext(nctx))
+		ncancel()
 		if err != nil {
 			return n, nil // stop here; the caller goes on from elsewhere
 		}

@@ -21,6 +21,9 @@ type Source interface {
 	// read calls fn with the revisions [from, to] that the source still keeps, in
 	// order from from, and returns how many (0 when it does not keep from).
 	read(ctx context.Context, h *Hub, from, to int64, fn func(*hrev) error) (int64, error)
+	// canIdle tells whether the hub may stop consuming while nobody watches: the
+	// state goes on being followed, and history can be read, without it.
+	canIdle() bool
 }
 
 // ReplicaFeed is the source of a gateway in the same process as its replica (the
@@ -60,6 +63,9 @@ func (replicaFeed) consume(ctx context.Context, h *Hub) error {
 
 // followState: the feed's answers carry the state (see consume).
 func (replicaFeed) followState(ctx context.Context, h *Hub) {}
+
+// canIdle: the state comes with the feed's answers (see consume).
+func (replicaFeed) canIdle() bool { return false }
 
 // read: the feed keeps nothing; the hub reads history from a replica.
 func (replicaFeed) read(context.Context, *Hub, int64, int64, func(*hrev) error) (int64, error) {

@@ -136,6 +136,7 @@ func (s *wstream) behind(from int64) {
 // responses (only ever from one goroutine). sendRaw, when not nil, writes a response
 // already in wire form (see Codec: the gRPC face).
 func (h *Hub) Serve(ctx context.Context, recv func() (*pb.WatchRequest, error), send func(*pb.WatchResponse) error, sendRaw func(EncodedMsg) error) error {
+	defer h.opened()()
 	if err := h.waitReady(ctx); err != nil {
 		return err
 	}
