@@ -7,14 +7,16 @@
 //	loadtest [global flags] watch [--watchers=100000] [--streams=100] [--hot] [--rates=1000] [--step=10s] [--server-pids=PID,…]
 //	loadtest [global flags] lease-keepalive [--total=10000] [--ttl=100] [--leases-per-client=1] [--once]
 //	loadtest [global flags] mixed [--total=10000] [--key-space-size=1000] [--get=50] [--put=25] [--cas=15] [--delete=10]
+//	loadtest chart --out DIR [--prefix=P] [--title=T] RESULTS.tsv
 //
-// Global flags may also be given after the subcommand.
+// Global flags may also be given after the subcommand, and flags may come before
+// or after the positional arguments. The command line is parsed by
+// github.com/spf13/cobra.
 package main
 
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -24,8 +26,20 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/kvmesh/kvmesh/loadtest/internal/bench"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"golang.org/x/term"
+
+	"github.com/kvmesh/kvmesh/loadtest/internal/bench"
+	"github.com/kvmesh/kvmesh/loadtest/internal/charts"
+)
+
+// Exit codes.
+const (
+	exitOK          = 0
+	exitRunError    = 1 // the run (or writing its results) failed
+	exitUsage       = 2 // the command line is wrong; nothing was run
+	exitInterrupted = 130
 )
 
 type globalFlags struct {
@@ -38,9 +52,10 @@ type globalFlags struct {
 	timeout    time.Duration
 	targetName string
 	user       string
+	plot       string
 }
 
-func (g *globalFlags) register(fs *flag.FlagSet) {
+func (g *globalFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&g.endpoints, "endpoints", "127.0.0.1:2379", "comma-separated host:port list; connections are spread over them")
 	fs.IntVar(&g.conns, "conns", 1, "number of TCP connections")
 	fs.IntVar(&g.clients, "clients", 1, "number of concurrent clients, spread over the connections")
@@ -50,19 +65,8 @@ func (g *globalFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&g.timeout, "timeout", 10*time.Second, "per-request timeout")
 	fs.StringVar(&g.targetName, "target-name", "", "label for the target printed in the report, e.g. kvmesh or etcd")
 	fs.StringVar(&g.user, "user", "", "name:password to authenticate each connection with (auth enabled on the server)")
+	fs.StringVar(&g.plot, "plot", "", "write a chart of the run's throughput and latency over time to this file (.svg or .png; put, range, lease-keepalive, mixed)")
 }
-
-const usage = `Usage:
-  loadtest [global flags] put   [--key-size=8] [--val-size=256] [--total=10000] [--sequential-keys] [--key-space-size=1]
-  loadtest [global flags] range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]
-  loadtest [global flags] watch [--watchers=100000] [--streams=100] [--hot] [--rates=1000] [--step=10s] [--server-pids=PID,…]
-  loadtest [global flags] lease-keepalive [--total=10000] [--ttl=100] [--leases-per-client=1] [--once]
-  loadtest [global flags] mixed [--total=10000] [--key-space-size=1000] [--get=50] [--put=25] [--cas=15] [--delete=10]
-
-Run "loadtest COMMAND -h" for the subcommand flags.
-
-Global flags (also accepted after the subcommand):
-`
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -75,138 +79,109 @@ func main() {
 	os.Exit(run(ctx, os.Args[1:], os.Stdout, os.Stderr))
 }
 
+// runError is a failure after the command line was accepted (exit status 1). Any
+// other error out of the command tree is a usage error (exit status 2).
+type runError struct{ error }
+
+var errNoCommand = errors.New("a command is required")
+
+func (e runError) Unwrap() error { return e.error }
+
+// app is one invocation of the CLI.
+type app struct {
+	g              globalFlags
+	stdout, stderr io.Writer
+	code           int // exit status of a command that returned no error
+
+	// The benchmarks; tests replace them to see what the command line asked for.
+	bench func(ctx context.Context, cfg bench.Config, opts any) (*bench.Report, error)
+	watch func(ctx context.Context, cfg bench.Config, opts bench.WatchOptions) (*bench.WatchReport, error)
+}
+
+// runBench runs the request-driven benchmark that opts configures.
+func runBench(ctx context.Context, cfg bench.Config, opts any) (*bench.Report, error) {
+	switch o := opts.(type) {
+	case bench.PutOptions:
+		return bench.Put(ctx, cfg, o)
+	case bench.RangeOptions:
+		return bench.Range(ctx, cfg, o)
+	case bench.LeaseOptions:
+		return bench.LeaseKeepAlive(ctx, cfg, o)
+	case bench.MixedOptions:
+		return bench.Mixed(ctx, cfg, o)
+	}
+	return nil, fmt.Errorf("unknown benchmark options %T", opts)
+}
+
 // run executes the CLI and returns the process exit code.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	var g globalFlags
-	root := flag.NewFlagSet("loadtest", flag.ContinueOnError)
-	root.SetOutput(stderr)
-	g.register(root)
-	root.Usage = func() {
-		fmt.Fprint(stderr, usage)
-		root.PrintDefaults()
-	}
-	if err := root.Parse(args); err != nil {
-		return exitCode(err)
-	}
-	if root.NArg() == 0 {
-		root.Usage()
-		return 2
-	}
-	cmd, rest := root.Arg(0), root.Args()[1:]
-
-	var (
-		rep *bench.Report
-		err error
-	)
-	switch cmd {
-	case "watch":
-		return runWatch(ctx, &g, rest, stdout, stderr)
-	case "put":
-		rep, err = runPut(ctx, &g, rest, stderr)
-	case "range":
-		rep, err = runRange(ctx, &g, rest, stderr)
-	case "lease-keepalive":
-		rep, err = runLeaseKeepAlive(ctx, &g, rest, stderr)
-	case "mixed":
-		rep, err = runMixed(ctx, &g, rest, stderr)
-	default:
-		fmt.Fprintf(stderr, "loadtest: unknown command %q\n\n", cmd)
-		root.Usage()
-		return 2
-	}
-	if err != nil {
-		var ue usageError
-		if errors.As(err, &ue) || errors.Is(err, flag.ErrHelp) {
-			return exitCode(err)
-		}
-		fmt.Fprintf(stderr, "loadtest %s: %v\n", cmd, err)
-		return 1
-	}
-
-	return printReport(&g, stdout, stderr, func(w io.Writer) error { return rep.WriteText(w, g.precise) }, rep.WriteJSON, rep.Interrupted)
+	return (&app{stdout: stdout, stderr: stderr, bench: runBench, watch: bench.Watch}).run(ctx, args)
 }
 
-// printReport writes a report's text (to stderr when --json puts the JSON object on
-// stdout) and JSON, and returns the exit code: 130 when the run was interrupted (the
-// partial report was printed).
-func printReport(g *globalFlags, stdout, stderr io.Writer, text, json func(io.Writer) error, interrupted bool) int {
-	tw := stdout
-	if g.json {
-		tw = stderr
+func (a *app) run(ctx context.Context, args []string) int {
+	root := a.commands()
+	root.SetArgs(args)
+	root.SetOut(a.stdout)
+	root.SetErr(a.stderr)
+	cmd, err := root.ExecuteContextC(ctx)
+	if err == nil {
+		return a.code
 	}
-	if err := text(tw); err != nil {
-		fmt.Fprintf(stderr, "loadtest: %v\n", err)
-		return 1
+	if re := (runError{}); errors.As(err, &re) {
+		fmt.Fprintf(a.stderr, "%s: %v\n", cmd.CommandPath(), re.error)
+		return exitRunError
 	}
-	if g.json {
-		if err := json(stdout); err != nil {
-			fmt.Fprintf(stderr, "loadtest: %v\n", err)
-			return 1
-		}
+	if errors.Is(err, errNoCommand) {
+		fmt.Fprintf(a.stderr, "%s: %v\n\n%s", cmd.CommandPath(), err, cmd.UsageString())
+	} else {
+		fmt.Fprintf(a.stderr, "%s: %v\nRun \"%s --help\" for usage.\n", cmd.CommandPath(), err, cmd.CommandPath())
 	}
-	if interrupted {
-		return 130
-	}
-	return 0
+	return exitUsage
 }
 
-// usageError is a command-line error whose message was already printed.
-type usageError struct{ error }
-
-func exitCode(err error) int {
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
+func (a *app) commands() *cobra.Command {
+	root := &cobra.Command{
+		Use:   "loadtest [global flags] COMMAND [flags] [ARGS]",
+		Short: "A load generator for the etcd v3 API, modelled on etcd's benchmark tool",
+		Long: `loadtest drives an etcd v3 API server (kvmesh or etcd) over gRPC and prints a
+report like etcd's benchmark tool: throughput, a latency histogram and
+percentiles, errors by code. Global flags may come before or after the command,
+and flags before or after positional arguments.`,
+		SilenceErrors:     true,
+		SilenceUsage:      true,
+		CompletionOptions: cobra.CompletionOptions{DisableDefaultCmd: true},
+		// Without a command: the usage, and exit status 2. (cobra rejects an
+		// unknown command before this runs.)
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return errNoCommand
+		},
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			if a.g.plot != "" {
+				if _, err := charts.PlotFormat(a.g.plot); err != nil {
+					return fmt.Errorf("--plot: %w", err)
+				}
+			}
+			return nil
+		},
 	}
-	return 2
-}
-
-// parseInterleaved parses flags that may appear before, between or after
-// positional arguments (the standard flag package stops at the first
-// positional one). Everything after "--" is positional.
-func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			return nil, err
-		}
-		rest := fs.Args()
-		if len(rest) == 0 {
-			return pos, nil
-		}
-		if consumed := len(args) - len(rest); consumed > 0 && args[consumed-1] == "--" {
-			return append(pos, rest...), nil
-		}
-		pos = append(pos, rest[0])
-		args = rest[1:]
+	a.g.register(root.PersistentFlags())
+	root.AddCommand(a.putCommand(), a.rangeCommand(), a.watchCommand(), a.leaseCommand(), a.mixedCommand(), a.chartCommand())
+	root.DisableFlagsInUseLine = true
+	for _, c := range root.Commands() {
+		c.DisableFlagsInUseLine = true // each Use lists its flags
 	}
+	return root
 }
 
-func newSubFlagSet(name, synopsis string, g *globalFlags, stderr io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet("loadtest "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage:\n  loadtest [global flags] %s\n\nFlags (subcommand and global):\n", synopsis)
-		fs.PrintDefaults()
+// noArgs rejects positional arguments.
+func noArgs(cmd *cobra.Command, args []string) error {
+	if len(args) > 0 {
+		return fmt.Errorf("unexpected arguments %q", args)
 	}
-	// Registering resets the variables to their defaults; keep whatever
-	// was already parsed before the subcommand name.
-	saved := *g
-	g.register(fs)
-	*g = saved
-	return fs
+	return nil
 }
 
-func isSet(fs *flag.FlagSet, name string) bool {
-	set := false
-	fs.Visit(func(f *flag.Flag) {
-		if f.Name == name {
-			set = true
-		}
-	})
-	return set
-}
-
-func (g *globalFlags) config(total int64, totalSet bool, stderr io.Writer) bench.Config {
+func (g *globalFlags) config(cmd *cobra.Command, total int64, stderr io.Writer) bench.Config {
 	var eps []string
 	for _, ep := range strings.Split(g.endpoints, ",") {
 		if ep = strings.TrimSpace(ep); ep != "" {
@@ -225,7 +200,7 @@ func (g *globalFlags) config(total int64, totalSet bool, stderr io.Writer) bench
 	if g.user != "" {
 		cfg.User, cfg.Password, _ = strings.Cut(g.user, ":")
 	}
-	if g.duration > 0 && !totalSet {
+	if g.duration > 0 && (cmd.Flags().Lookup("total") == nil || !cmd.Flags().Changed("total")) {
 		cfg.Total = 0 // --duration alone: unbounded count
 	}
 	if f, ok := stderr.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
@@ -234,64 +209,123 @@ func (g *globalFlags) config(total int64, totalSet bool, stderr io.Writer) bench
 	return cfg
 }
 
-func runPut(ctx context.Context, g *globalFlags, args []string, stderr io.Writer) (*bench.Report, error) {
-	fs := newSubFlagSet("put",
-		"put [--key-size=8] [--val-size=256] [--total=10000] [--sequential-keys] [--key-space-size=1]", g, stderr)
-	keySize := fs.Int("key-size", 8, "key size in bytes")
-	valSize := fs.Int("val-size", 256, "value size in bytes")
-	total := fs.Int64("total", 10000, "total number of put requests")
-	seq := fs.Bool("sequential-keys", false, "use sequential keys: the i-th put writes key i (modulo --key-space-size if that is given)")
-	keySpace := fs.Int64("key-space-size", 1, "random keys are drawn from [0, key-space-size)")
-	pos, err := parseInterleaved(fs, args)
+// runReport runs a request-driven benchmark, prints its report and writes its
+// chart (--plot).
+func (a *app) runReport(cmd *cobra.Command, total int64, opts any) error {
+	rep, err := a.bench(cmd.Context(), a.g.config(cmd, total, a.stderr), opts)
 	if err != nil {
-		return nil, usageError{err}
+		return runError{err}
 	}
-	if len(pos) != 0 {
-		fmt.Fprintf(stderr, "loadtest put: unexpected arguments %q\n", pos)
-		fs.Usage()
-		return nil, usageError{errors.New("unexpected arguments")}
+	if err := a.printReport(func(w io.Writer) error { return rep.WriteText(w, a.g.precise) }, rep.WriteJSON); err != nil {
+		return err
 	}
-	cfg := g.config(*total, isSet(fs, "total"), stderr)
-	opts := bench.PutOptions{
-		KeySize:        *keySize,
-		ValSize:        *valSize,
-		KeySpaceSize:   *keySpace,
-		SequentialKeys: *seq,
+	if a.g.plot != "" {
+		if err := charts.WriteTimeline(a.g.plot, rep); err != nil {
+			return runError{fmt.Errorf("--plot: %w", err)}
+		}
 	}
-	if *seq && !isSet(fs, "key-space-size") {
-		opts.KeySpaceSize = 0 // unbounded: the i-th put writes key i
-	}
-	return bench.Put(ctx, cfg, opts)
+	a.setCode(rep.Interrupted)
+	return nil
 }
 
-func runRange(ctx context.Context, g *globalFlags, args []string, stderr io.Writer) (*bench.Report, error) {
-	fs := newSubFlagSet("range",
-		"range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]", g, stderr)
-	total := fs.Int64("total", 10000, "total number of range requests")
-	consistency := fs.String("consistency", "l", "linearizable (l) or serializable (s)")
-	limit := fs.Int64("limit", 0, "maximum number of keys returned per request (0 = no limit)")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return nil, usageError{err}
+// printReport writes a report's text (to stderr when --json puts the JSON object on
+// stdout) and JSON.
+func (a *app) printReport(text, json func(io.Writer) error) error {
+	tw := a.stdout
+	if a.g.json {
+		tw = a.stderr
 	}
-	if len(pos) < 1 || len(pos) > 2 {
-		fmt.Fprintln(stderr, "loadtest range: expected KEY [RANGE_END]")
-		fs.Usage()
-		return nil, usageError{errors.New("bad arguments")}
+	if err := text(tw); err != nil {
+		return runError{err}
 	}
-	cfg := g.config(*total, isSet(fs, "total"), stderr)
-	opts := bench.RangeOptions{Key: pos[0], Consistency: *consistency, Limit: *limit}
-	if len(pos) == 2 {
-		opts.RangeEnd = pos[1]
+	if a.g.json {
+		if err := json(a.stdout); err != nil {
+			return runError{err}
+		}
 	}
-	return bench.Range(ctx, cfg, opts)
+	return nil
 }
 
-func runMixed(ctx context.Context, g *globalFlags, args []string, stderr io.Writer) (*bench.Report, error) {
-	fs := newSubFlagSet("mixed",
-		"mixed [--total=10000] [--key-space-size=1000] [--get=50] [--put=25] [--cas=15] [--delete=10]", g, stderr)
-	total := fs.Int64("total", 10000, "total number of requests")
-	var opts bench.MixedOptions
+// setCode sets the exit status of a run whose report was printed: 130 when it was
+// interrupted (the report is partial).
+func (a *app) setCode(interrupted bool) {
+	a.code = exitOK
+	if interrupted {
+		a.code = exitInterrupted
+	}
+}
+
+func (a *app) putCommand() *cobra.Command {
+	var (
+		total int64
+		opts  bench.PutOptions
+	)
+	cmd := &cobra.Command{
+		Use:   "put [--key-size=8] [--val-size=256] [--total=10000] [--sequential-keys] [--key-space-size=1]",
+		Short: "Benchmark KV.Put",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if opts.SequentialKeys && !cmd.Flags().Changed("key-space-size") {
+				opts.KeySpaceSize = 0 // unbounded: the i-th put writes key i
+			}
+			return a.runReport(cmd, total, opts)
+		},
+	}
+	fs := cmd.Flags()
+	fs.IntVar(&opts.KeySize, "key-size", 8, "key size in bytes")
+	fs.IntVar(&opts.ValSize, "val-size", 256, "value size in bytes")
+	fs.Int64Var(&total, "total", 10000, "total number of put requests")
+	fs.BoolVar(&opts.SequentialKeys, "sequential-keys", false, "use sequential keys: the i-th put writes key i (modulo --key-space-size if that is given)")
+	fs.Int64Var(&opts.KeySpaceSize, "key-space-size", 1, "random keys are drawn from [0, key-space-size)")
+	return cmd
+}
+
+func (a *app) rangeCommand() *cobra.Command {
+	var (
+		total int64
+		opts  bench.RangeOptions
+	)
+	cmd := &cobra.Command{
+		Use:   "range KEY [RANGE_END] [--total=10000] [--consistency=l|s] [--limit=0]",
+		Short: "Benchmark KV.Range of KEY (to RANGE_END)",
+		Long: `Benchmark KV.Range of KEY, or of [KEY, RANGE_END). Use -- before a key that
+starts with a dash.`,
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) < 1 || len(args) > 2 {
+				return fmt.Errorf("expected KEY [RANGE_END], got %d arguments", len(args))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			opts.Key = args[0]
+			if len(args) == 2 {
+				opts.RangeEnd = args[1]
+			}
+			return a.runReport(cmd, total, opts)
+		},
+	}
+	fs := cmd.Flags()
+	fs.Int64Var(&total, "total", 10000, "total number of range requests")
+	fs.StringVar(&opts.Consistency, "consistency", "l", "linearizable (l) or serializable (s)")
+	fs.Int64Var(&opts.Limit, "limit", 0, "maximum number of keys returned per request (0 = no limit)")
+	return cmd
+}
+
+func (a *app) mixedCommand() *cobra.Command {
+	var (
+		total int64
+		opts  bench.MixedOptions
+	)
+	cmd := &cobra.Command{
+		Use:   "mixed [--total=10000] [--key-space-size=1000] [--get=50] [--put=25] [--cas=15] [--delete=10]",
+		Short: "Benchmark a mix of gets, puts, CAS txns and deletes of random keys",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return a.runReport(cmd, total, opts)
+		},
+	}
+	fs := cmd.Flags()
+	fs.Int64Var(&total, "total", 10000, "total number of requests")
 	fs.IntVar(&opts.KeySize, "key-size", 8, "key size in bytes")
 	fs.IntVar(&opts.ValSize, "val-size", 256, "value size in bytes")
 	fs.Int64Var(&opts.KeySpaceSize, "key-space-size", 1000, "keys are drawn from [0, key-space-size)")
@@ -299,101 +333,153 @@ func runMixed(ctx context.Context, g *globalFlags, args []string, stderr io.Writ
 	fs.IntVar(&opts.Put, "put", 25, "weight of puts")
 	fs.IntVar(&opts.CAS, "cas", 15, "weight of CAS txns (put if the key holds the benchmark's value)")
 	fs.IntVar(&opts.Delete, "delete", 10, "weight of deletes")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return nil, usageError{err}
-	}
-	if len(pos) != 0 {
-		fmt.Fprintf(stderr, "loadtest mixed: unexpected arguments %q\n", pos)
-		fs.Usage()
-		return nil, usageError{errors.New("unexpected arguments")}
-	}
-	return bench.Mixed(ctx, g.config(*total, isSet(fs, "total"), stderr), opts)
+	return cmd
 }
 
-func runLeaseKeepAlive(ctx context.Context, g *globalFlags, args []string, stderr io.Writer) (*bench.Report, error) {
-	fs := newSubFlagSet("lease-keepalive", "lease-keepalive [--total=10000] [--ttl=100] [--leases-per-client=1] [--once]", g, stderr)
-	total := fs.Int64("total", 10000, "total number of keep-alives")
-	var opts bench.LeaseOptions
+func (a *app) leaseCommand() *cobra.Command {
+	var (
+		total int64
+		opts  bench.LeaseOptions
+	)
+	cmd := &cobra.Command{
+		Use:   "lease-keepalive [--total=10000] [--ttl=100] [--leases-per-client=1] [--once]",
+		Short: "Benchmark lease keep-alives",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return a.runReport(cmd, total, opts)
+		},
+	}
+	fs := cmd.Flags()
+	fs.Int64Var(&total, "total", 10000, "total number of keep-alives")
 	fs.Int64Var(&opts.TTL, "ttl", 100, "TTL of the granted leases, seconds")
 	fs.IntVar(&opts.LeasesPerClient, "leases-per-client", 1, "leases each client grants before the run and keeps alive in turn")
 	fs.BoolVar(&opts.Once, "once", false, "a new LeaseKeepAlive stream per keep-alive (clientv3's KeepAliveOnce, etcd's benchmark) instead of one stream per client")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return nil, usageError{err}
-	}
-	if len(pos) != 0 {
-		fmt.Fprintln(stderr, "loadtest lease-keepalive: takes no arguments")
-		fs.Usage()
-		return nil, usageError{errors.New("bad arguments")}
-	}
-	return bench.LeaseKeepAlive(ctx, g.config(*total, isSet(fs, "total"), stderr), opts)
+	return cmd
 }
 
-func runWatch(ctx context.Context, g *globalFlags, args []string, stdout, stderr io.Writer) int {
-	fs := newSubFlagSet("watch",
-		"watch [--watchers=100000] [--streams=100] [--hot] [--rates=1000] [--step=10s] [--server-pids=PID,…]", g, stderr)
-	var opts bench.WatchOptions
+func (a *app) watchCommand() *cobra.Command {
+	var (
+		opts                            bench.WatchOptions
+		rates, pids, coreMetrics, cores string
+	)
+	cmd := &cobra.Command{
+		Use:   "watch [--watchers=100000] [--streams=100] [--hot] [--rates=1000] [--step=10s] [--server-pids=PID,…]",
+		Short: "Benchmark the delivery of watch events",
+		Args:  noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if a.g.plot != "" {
+				return errors.New("--plot: watch records no timeline (only put, range, lease-keepalive and mixed do)")
+			}
+			for _, f := range strings.Split(rates, ",") {
+				r, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+				if err != nil {
+					return fmt.Errorf("--rates: %v", err)
+				}
+				opts.Rates = append(opts.Rates, r)
+			}
+			var err error
+			if opts.ServerPIDs, err = parsePIDs(pids); err != nil {
+				return fmt.Errorf("--server-pids: %v", err)
+			}
+			if coreMetrics != "" {
+				opts.CoreMetrics = strings.Split(coreMetrics, ",")
+			}
+			if opts.CorePIDs, err = parsePIDs(cores); err != nil {
+				return fmt.Errorf("--core-pids: %v", err)
+			}
+			rep, err := a.watch(cmd.Context(), a.g.config(cmd, 0, a.stderr), opts)
+			if err != nil {
+				return runError{err}
+			}
+			if err := a.printReport(rep.WriteText, rep.WriteJSON); err != nil {
+				return err
+			}
+			a.setCode(rep.Interrupted)
+			return nil
+		},
+	}
+	fs := cmd.Flags()
 	fs.IntVar(&opts.Watchers, "watchers", 100000, "number of watches")
 	fs.IntVar(&opts.Streams, "streams", 100, "number of Watch streams the watches are spread over (round-robin over the conns)")
 	fs.BoolVar(&opts.Hot, "hot", false, "watch one key with every watch (otherwise each watch has its own key and each put writes a random watched key)")
 	fs.StringVar(&opts.Prefix, "prefix", "/loadtest/watch/", "prefix of the watched keys")
 	fs.IntVar(&opts.ValSize, "val-size", 64, "value size in bytes")
 	fs.IntVar(&opts.Writers, "writers", 32, "concurrent put loops sharing the rate")
-	rates := fs.String("rates", "1000", "comma-separated put rates (puts/s), one step each, in order")
+	fs.StringVar(&rates, "rates", "1000", "comma-separated put rates (puts/s), one step each, in order")
 	fs.DurationVar(&opts.Step, "step", 10*time.Second, "how long each step puts")
 	fs.DurationVar(&opts.Drain, "drain", 10*time.Second, "how long to wait after a step for its events")
 	fs.DurationVar(&opts.Settle, "settle", 5*time.Second, "idle time after the watches are created before the servers' memory is read")
 	fs.DurationVar(&opts.MaxP99, "max-p99", 0, "stop after the first step whose p99 delivery latency exceeds this (0: run every step)")
-	pids := fs.String("server-pids", "", "comma-separated server process ids whose resident memory is read (Linux)")
+	fs.StringVar(&pids, "server-pids", "", "comma-separated server process ids whose resident memory is read (Linux)")
 	fs.BoolVar(&opts.FromPast, "from-past", false, "create every watch with a start revision (the revision before the run), as Kubernetes reflectors do")
-	coreMetrics := fs.String("core-metrics", "", "comma-separated /metrics URLs of the core (kvmesh's replicas) whose RPCs are counted over an idle window and over the creation")
-	corePIDs := fs.String("core-pids", "", "comma-separated process ids of the core whose CPU is read over the same windows (Linux)")
+	fs.StringVar(&coreMetrics, "core-metrics", "", "comma-separated /metrics URLs of the core (kvmesh's replicas) whose RPCs are counted over an idle window and over the creation")
+	fs.StringVar(&cores, "core-pids", "", "comma-separated process ids of the core whose CPU is read over the same windows (Linux)")
 	fs.DurationVar(&opts.IdleWindow, "idle-window", 10*time.Second, "the idle window before the creation, with --core-metrics or --core-pids")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return exitCode(err)
+	return cmd
+}
+
+// parsePIDs parses a comma-separated list of process ids ("" is none).
+func parsePIDs(s string) ([]int, error) {
+	if s == "" {
+		return nil, nil
 	}
-	if len(pos) != 0 {
-		fmt.Fprintf(stderr, "loadtest watch: unexpected arguments %q\n", pos)
-		fs.Usage()
-		return 2
-	}
-	for _, f := range strings.Split(*rates, ",") {
-		r, err := strconv.ParseFloat(strings.TrimSpace(f), 64)
+	var pids []int
+	for _, f := range strings.Split(s, ",") {
+		pid, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil {
-			fmt.Fprintf(stderr, "loadtest watch: --rates: %v\n", err)
-			return 2
+			return nil, err
 		}
-		opts.Rates = append(opts.Rates, r)
+		pids = append(pids, pid)
 	}
-	if *pids != "" {
-		for _, f := range strings.Split(*pids, ",") {
-			pid, err := strconv.Atoi(strings.TrimSpace(f))
-			if err != nil {
-				fmt.Fprintf(stderr, "loadtest watch: --server-pids: %v\n", err)
-				return 2
+	return pids, nil
+}
+
+func (a *app) chartCommand() *cobra.Command {
+	var out, prefix, title string
+	cmd := &cobra.Command{
+		Use:   "chart --out DIR [--prefix=P] [--title=T] RESULTS.tsv",
+		Short: "Render comparison charts from the results.tsv of scripts/bench.sh",
+		Long: `Render comparison charts from a results file of scripts/bench.sh: one line per
+measurement, tab-separated: round, workload, target, requests/s, average latency
+(s), p99 latency (s), failed requests, server CPU per request (µs).
+
+It writes three SVG files into DIR: throughput.svg, latency.svg (average) and
+cpu.svg (server CPU per request), each named with --prefix in front. Each has one
+group of bars per workload, one bar per target at the median over the rounds,
+with every round's value drawn as a dot on its bar.`,
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) != 1 {
+				return fmt.Errorf("expected one RESULTS.tsv file, got %d arguments", len(args))
 			}
-			opts.ServerPIDs = append(opts.ServerPIDs, pid)
-		}
-	}
-	if *coreMetrics != "" {
-		opts.CoreMetrics = strings.Split(*coreMetrics, ",")
-	}
-	if *corePIDs != "" {
-		for _, f := range strings.Split(*corePIDs, ",") {
-			pid, err := strconv.Atoi(strings.TrimSpace(f))
-			if err != nil {
-				fmt.Fprintf(stderr, "loadtest watch: --core-pids: %v\n", err)
-				return 2
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if out == "" {
+				return errors.New("--out DIR is required")
 			}
-			opts.CorePIDs = append(opts.CorePIDs, pid)
-		}
+			rs, err := charts.ReadResultsFile(args[0])
+			if err != nil {
+				return runError{err}
+			}
+			files, err := charts.WriteComparison(out, prefix, title, rs)
+			if err != nil {
+				return runError{err}
+			}
+			for _, f := range files {
+				fmt.Fprintln(a.stderr, "wrote", f)
+			}
+			return nil
+		},
 	}
-	rep, err := bench.Watch(ctx, g.config(0, false, stderr), opts)
-	if err != nil {
-		fmt.Fprintf(stderr, "loadtest watch: %v\n", err)
-		return 1
-	}
-	return printReport(g, stdout, stderr, rep.WriteText, rep.WriteJSON, rep.Interrupted)
+	// Only the chart's own flags in its usage: the global ones configure runs.
+	cmd.SetUsageFunc(func(c *cobra.Command) error {
+		fmt.Fprintf(c.OutOrStderr(), "Usage:\n  %s\n\nFlags:\n%s", c.UseLine(), c.LocalFlags().FlagUsages())
+		return nil
+	})
+	cmd.DisableFlagsInUseLine = true
+	fs := cmd.Flags()
+	fs.StringVar(&out, "out", "", "directory to write the charts into (created if missing)")
+	fs.StringVar(&prefix, "prefix", "", "prefix of the file names, e.g. allinone- for allinone-throughput.svg")
+	fs.StringVar(&title, "title", "", "title above each chart's metric (default: the targets, e.g. \"etcd vs kvmesh\")")
+	return cmd
 }
