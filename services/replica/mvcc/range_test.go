@@ -3,6 +3,7 @@ package mvcc
 import (
 	"bytes"
 	"fmt"
+	"hash/maphash"
 	"math/rand/v2"
 	"slices"
 	"sort"
@@ -451,5 +452,57 @@ func TestRangeEveryRevisionMatchesModel(t *testing.T) {
 				t.Fatalf("seed %d: %q at %d:%s", seed, k, rev, protoDiff(got, want))
 			}
 		}
+	}
+}
+
+// A read of one key at the current revision answers from Store.recent until the next
+// commit: the same answer as Pebble's, a fresh message each time (changing one answer
+// changes no other), and after a put or a delete the new state, never the cached one.
+func TestRecentReads(t *testing.T) {
+	e := newEnv(t)
+	get := func(key string) *pb.RangeResponse {
+		t.Helper()
+		resp, err := e.rangeReq(&pb.RangeRequest{Key: []byte(key)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp
+	}
+	value := func(resp *pb.RangeResponse) string {
+		if len(resp.Kvs) == 0 {
+			return "<none>"
+		}
+		return string(resp.Kvs[0].Value)
+	}
+	e.mustPut("a", "1")
+	first := get("a")
+	slot := e.s.recent[maphash.Bytes(e.s.recentSeed, []byte("a"))&(recentSlots-1)].Load()
+	if slot == nil || string(slot.key) != "a" || string(slot.kv.GetValue()) != "1" {
+		t.Fatalf("the read was not kept: %+v", slot)
+	}
+	first.Kvs[0].Value, first.Kvs[0].Key = []byte("changed"), []byte("changed")
+	if second := get("a"); value(second) != "1" || string(second.Kvs[0].Key) != "a" || second.Header.Revision != first.Header.Revision {
+		t.Fatalf("a kept read answered %+v", second)
+	}
+	if got := get("missing"); len(got.Kvs) != 0 || got.Count != 0 {
+		t.Fatalf("a missing key: %+v", got)
+	}
+	if got := get("missing"); len(got.Kvs) != 0 || got.Count != 0 {
+		t.Fatalf("a missing key, kept: %+v", got)
+	}
+	e.mustPut("missing", "now")
+	if got := get("missing"); value(got) != "now" {
+		t.Fatalf("after a put of a key kept as missing: %s", value(got))
+	}
+	put := e.mustPut("a", "2")
+	if got := get("a"); value(got) != "2" || got.Header.Revision != put.Header.Revision {
+		t.Fatalf("after a put: %s at %d, want 2 at %d", value(got), got.Header.Revision, put.Header.Revision)
+	}
+	e.mustDelete("a", "")
+	if got := get("a"); value(got) != "<none>" {
+		t.Fatalf("after a delete: %s", value(got))
+	}
+	if got, err := e.rangeReq(&pb.RangeRequest{Key: []byte("missing"), CountOnly: true}); err != nil || got.Count != 1 || len(got.Kvs) != 0 {
+		t.Fatalf("count only: %+v, %v", got, err)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"hash/maphash"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -50,6 +51,13 @@ type Store struct {
 	// iterator holds exactly the data of rev (a seqlock).
 	commits atomic.Uint64
 
+	// recent holds getNow's latest answers, direct-mapped by key: each is the key's
+	// value (or its absence) as of the commits count it was read at, and answers again
+	// until the next commit, without a Pebble lookup. Readers only; commits never
+	// touch it, a later commit makes every entry stale at once.
+	recent     [recentSlots]atomic.Pointer[recentRead]
+	recentSeed maphash.Seed
+
 	compactc    chan int64
 	compactMu   sync.Mutex
 	compacted   int64           // finished compaction revision
@@ -64,9 +72,10 @@ type Store struct {
 func Open(db *pebble.DB, log *slog.Logger) (*Store, error) {
 	s := &Store{
 		db: db, log: log,
-		compactc: make(chan int64, 64),
-		stop:     make(chan struct{}),
-		stopped:  make(chan struct{}),
+		recentSeed: maphash.MakeSeed(),
+		compactc:   make(chan int64, 64),
+		stop:       make(chan struct{}),
+		stopped:    make(chan struct{}),
 	}
 	rev, err := getInt(db, metaRevKey, 1)
 	if err != nil {
@@ -191,6 +200,26 @@ func (s *Store) Range(ctx context.Context, r *pb.RangeRequest) (*pb.RangeRespons
 	return executeRange(ctx, v.it, v.rev, v.compactRev, r)
 }
 
+// recentSlots is the size of Store.recent (a power of two).
+const recentSlots = 1024
+
+// recentRead is one of Store.recent's entries: key's value (nil: no such key) read
+// while the commits count was gen.
+type recentRead struct {
+	key []byte
+	kv  *mvccpb.KeyValue
+	gen uint64
+}
+
+// fresh is a copy of kv for one answer (callers may change the message, never its
+// bytes); nil stays nil.
+func fresh(kv *mvccpb.KeyValue) *mvccpb.KeyValue {
+	if kv == nil {
+		return nil
+	}
+	return &mvccpb.KeyValue{Key: kv.Key, CreateRevision: kv.CreateRevision, ModRevision: kv.ModRevision, Version: kv.Version, Value: kv.Value, Lease: kv.Lease}
+}
+
 // getNow answers the commonest read, one key at the current revision, with a point
 // lookup instead of an iterator over every level. It is valid only when no commit
 // overlapped it (see commits); ok is false otherwise, and the caller reads through an
@@ -201,6 +230,13 @@ func (s *Store) getNow(r *pb.RangeRequest) (resp *pb.RangeResponse, ok bool, err
 		return nil, false, nil
 	}
 	rev := s.rev.Load()
+	slot := &s.recent[maphash.Bytes(s.recentSeed, r.GetKey())&(recentSlots-1)]
+	if e := slot.Load(); e != nil && e.gen == before && bytes.Equal(e.key, r.GetKey()) {
+		kv := fresh(e.kv)
+		if s.commits.Load() == before {
+			return finishGet(kv, rev, r), true, nil
+		}
+	}
 	var kv *mvccpb.KeyValue
 	val, closer, err := s.db.Get(currentKey(r.GetKey()))
 	switch {
@@ -218,6 +254,12 @@ func (s *Store) getNow(r *pb.RangeRequest) (resp *pb.RangeResponse, ok bool, err
 	if s.commits.Load() != before {
 		return nil, false, nil
 	}
+	slot.Store(&recentRead{key: bytes.Clone(r.GetKey()), kv: fresh(kv), gen: before})
+	return finishGet(kv, rev, r), true, nil
+}
+
+// finishGet is the answer to a read of one key at rev that found kv (nil: nothing).
+func finishGet(kv *mvccpb.KeyValue, rev int64, r *pb.RangeRequest) *pb.RangeResponse {
 	var kvs []*mvccpb.KeyValue
 	var count int64
 	if kv != nil {
@@ -226,7 +268,7 @@ func (s *Store) getNow(r *pb.RangeRequest) (resp *pb.RangeResponse, ok bool, err
 			kvs = []*mvccpb.KeyValue{kv}
 		}
 	}
-	return finishRange(kvs, count, rev, r), true, nil
+	return finishRange(kvs, count, rev, r)
 }
 
 // ReadTxn answers a transaction that only reads (see IsTxnReadOnly) from the
