@@ -12,6 +12,11 @@
 #                                        gateways (over the 3 members for etcd) and the
 #                                        CPU is that of every process
 #   BENCH_GATEWAYS=1                     the mesh with one gateway
+#   BENCH_CHARTS=DIR [BENCH_CHART_PREFIX=P]
+#                                        also writes the run's measurements
+#                                        (Presults.tsv, Pcpu-by-role.tsv) and their
+#                                        charts (Pthroughput.svg, Platency.svg,
+#                                        Pcpu.svg: loadtest chart) into DIR
 #   BENCH_RULER=benchmark scripts/bench.sh …
 #                                        measures with etcd's own benchmark tool
 #                                        (tools/etcd-benchmark, the same arguments)
@@ -113,6 +118,18 @@ for port in "${ecp[0]}" "${kv_ports[@]}"; do
 	for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
 	curl -sf "http://127.0.0.1:$port/health" >/dev/null || { echo "server on $port did not start" >&2; exit 1; }
 done
+
+if ((members > 1)); then
+	# Nobody watches during these workloads: wait until the gateways have stopped
+	# following the revision stream (KVMESH_GATEWAY_WATCH_IDLE_AFTER after their start),
+	# as in a deployment whose clients do not watch; the fanout and NATS go on.
+	for port in "${kv_ports[@]}"; do
+		for _ in $(seq 600); do
+			curl -sf "http://127.0.0.1:$port/metrics" | grep -q '^kvmesh_gateway_watch_following 0' && break
+			sleep 0.1
+		done
+	done
+fi
 
 # CPU time (user+system, clock ticks) each process has used so far: "pid ticks" lines.
 cpu_ticks() {
@@ -220,3 +237,13 @@ if len(rs) > 1:
     for n in names:
         print(f"| {n} | {m(roles[n, 'etcd', 'etcd']):.0f} | " + " | ".join(f"{m(roles[n, 'kvmesh', r]):.0f}" if roles[n, 'kvmesh', r] else "" for r in rs) + " |")
 PY
+
+if [[ -n ${BENCH_CHARTS:-} ]]; then
+	mkdir -p "$BENCH_CHARTS"
+	prefix=${BENCH_CHART_PREFIX:-}
+	cp "$results" "$BENCH_CHARTS/${prefix}results.tsv"
+	cp "$cpu_by_role" "$BENCH_CHARTS/${prefix}cpu-by-role.tsv"
+	topology="all-in-one vs etcd (1 member)"
+	((members == 1)) || topology="mesh (${#kv_ports[@]} gateways) vs etcd ($members members)"
+	.bin/loadtest chart --out "$BENCH_CHARTS" --prefix "$prefix" --title "$topology, measured by $ruler, medians of $rounds rounds" "$results"
+fi
