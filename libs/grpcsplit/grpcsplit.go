@@ -287,13 +287,22 @@ func Dial(base string, tlsCfg *tls.Config, opts ...grpc.DialOption) (*grpc.Clien
 	return grpc.NewClient("passthrough:///"+u.Host, append(opts,
 		grpc.WithTransportCredentials(creds),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32)),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}))...)
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 10 * time.Second, Timeout: 5 * time.Second, PermitWithoutStream: true}),
+		grpc.WithInitialWindowSize(linkWindow), grpc.WithInitialConnWindowSize(linkWindow))...)
 }
+
+// linkWindow is the HTTP/2 flow-control window of the mesh's links, both ways, per
+// stream and per connection. Set, it turns off grpc-go's window estimation, whose
+// pings and window updates are frames (and often writes) of their own on every link
+// that carries a request at a time; 8 MiB covers a link's bandwidth-delay product
+// many times over on a LAN.
+const linkWindow = 8 << 20
 
 // ServerOptions are what a grpc-go server behind a Listener needs for the links Dial
 // makes: their pings allowed.
 func ServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
+		grpc.InitialWindowSize(linkWindow), grpc.InitialConnWindowSize(linkWindow),
 	}
 }
