@@ -299,7 +299,10 @@ func (f *Fanout) tail(ctx context.Context) error {
 	p := &publisher{f: f, base: base, state: state, maxPayload: maxPayload, acks: acks, seq: end.Seq, next: from}
 	// The feed's answers go to p; its failure ends the feed.
 	var failed error
-	err = f.replicas[idx].Feed(ctx, &replicav1.FeedRequest{FromRevision: from}, func(m *replicav1.FeedResponse) error {
+	// Without prev_kv: reading each event's previous version cost the tailed replica a
+	// lookup per event whether or not anyone watches with prev_kv. A gateway reads
+	// them for a revision (once, for all its watchers) when one of its watchers asks.
+	err = f.replicas[idx].Feed(ctx, &replicav1.FeedRequest{FromRevision: from, OmitPrevKv: true}, func(m *replicav1.FeedResponse) error {
 		failed = p.publish(ctx, m)
 		return failed
 	})
