@@ -243,7 +243,7 @@ if [[ -n ${BENCH_CHARTS:-} ]]; then
 	prefix=${BENCH_CHART_PREFIX:-}
 	cp "$results" "$BENCH_CHARTS/${prefix}results.tsv"
 	cp "$cpu_by_role" "$BENCH_CHARTS/${prefix}cpu-by-role.tsv"
-	topology="all-in-one vs etcd (1 member)"
-	((members == 1)) || topology="mesh (${#kv_ports[@]} gateways) vs etcd ($members members)"
-	.bin/loadtest chart --out "$BENCH_CHARTS" --prefix "$prefix" --title "$topology, measured by $ruler, medians of $rounds rounds" "$results"
+	topology="all-in-one vs etcd"
+	((members == 1)) || topology="mesh vs etcd, $members members"
+	.bin/loadtest chart --out "$BENCH_CHARTS" --prefix "$prefix" --title "$topology, $ruler" "$results"
 fi
